@@ -1,0 +1,84 @@
+"""Helpers shared by the losses: dtype promotion, batch access, log-space divergences.
+
+Everything is computed in log space from ``log_softmax`` so that extreme logits (±1e4) and fp16/bf16
+inputs give finite losses and gradients: no ``log(softmax(...))`` and no ``0 * log 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Batch = Mapping[str, Any]
+LossDict = dict[str, Tensor]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for fp16/bf16/fp32 inputs, float64 stays float64 (so gradcheck works)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def student_and_labels(student_logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Validate and upcast. Returns student logits [B, C] in the compute dtype and labels [B] int64."""
+    if student_logits.ndim != 2:
+        raise ValueError(f"student_logits must be [B, C], got shape {tuple(student_logits.shape)}")
+    if "label" not in batch:
+        raise ValueError("batch has no 'label' key (expected int64 labels of shape [B])")
+    z = student_logits.to(compute_dtype(student_logits))
+    y = batch["label"]
+    if y.shape != z.shape[:1]:
+        raise ValueError(f"batch['label'] must be [B]={z.shape[0]}, got shape {tuple(y.shape)}")
+    return z, y.to(device=z.device, dtype=torch.long)
+
+
+def teacher_logits(batch: Batch, student: Tensor, loss_name: str) -> Tensor:
+    """All teachers' logits [B, T, C], cast to ``student``'s (compute) dtype and device."""
+    if batch.get("teacher_logits") is None:
+        raise ValueError(f"loss {loss_name!r} needs batch['teacher_logits'] of shape [B, T, C]")
+    t = batch["teacher_logits"]
+    b, c = student.shape
+    if t.ndim != 3 or t.shape[0] != b or t.shape[2] != c:
+        raise ValueError(
+            f"batch['teacher_logits'] must be [B, T, C] = [{b}, T, {c}], got shape {tuple(t.shape)}"
+        )
+    return t.to(device=student.device, dtype=student.dtype)
+
+
+def mean_teacher(batch: Batch, student: Tensor, loss_name: str) -> Tensor:
+    """Single-teacher view [B, C]: the mean of the T teachers' logits (identity when T = 1)."""
+    return teacher_logits(batch, student, loss_name).mean(dim=1)
+
+
+def kl_rows(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
+    """KL(p_t || p_s) per row, [..., C] -> [...]; from log-probabilities (finite for p_t -> 0)."""
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+
+
+def soft_ce_rows(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
+    """Soft cross-entropy H(p_t, p_s) = -sum_k p_t[k] log p_s[k] per row, [..., C] -> [...]."""
+    return -(log_p_t.exp() * log_p_s).sum(dim=-1)
+
+
+def check_choice(loss_name: str, param: str, value: Any, choices: Iterable[str]) -> None:
+    """One-line ValueError when a string hparam is not one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"loss {loss_name!r}: {param} must be one of {valid}; got {value!r}")
+
+
+def loss_dict(loss: Tensor, **parts: Tensor | float) -> LossDict:
+    """``{"loss": loss, **parts}`` with the logging parts detached."""
+    out: LossDict = {"loss": loss}
+    for key, value in parts.items():
+        out[key] = value.detach() if isinstance(value, Tensor) else loss.new_tensor(float(value)).detach()
+    return out
+
+
+def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
+    """Hard-label CE, mean over the batch. z [B, C], y [B] -> scalar."""
+    return F.cross_entropy(z, y)

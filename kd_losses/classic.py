@@ -1,0 +1,84 @@
+"""Label-only baselines (CE, label smoothing) and Hinton KD.
+
+Reductions are explicit: per-sample terms are summed over classes and averaged over the batch
+("batchmean"). ``T`` is always the temperature (not the number of teachers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd_losses._common import (
+    Batch,
+    LossDict,
+    check_choice,
+    cross_entropy,
+    kl_rows,
+    loss_dict,
+    mean_teacher,
+    student_and_labels,
+)
+from kd_losses.registry import register_loss
+
+
+@register_loss("ce", needs_teacher=False)
+def ce(student_logits: Tensor, batch: Batch) -> LossDict:
+    """Cross-entropy with hard labels: L = mean_i -log softmax(z_s)_i[y_i].
+
+    student_logits [B, C], batch['label'] [B]. Parts: ``ce``.
+    """
+    z, y = student_and_labels(student_logits, batch)
+    loss = cross_entropy(z, y)
+    return loss_dict(loss, ce=loss)
+
+
+@register_loss("ls", needs_teacher=False)
+def ls(
+    student_logits: Tensor,
+    batch: Batch,
+    eps: float = 0.1,
+    convention: Literal["uniform", "tfkd"] = "uniform",
+) -> LossDict:
+    """Label smoothing: L = mean_i H(q_i, softmax(z_s)_i), K classes.
+
+    - ``convention="uniform"`` (PyTorch ``label_smoothing``): q = (1-eps)·onehot(y) + eps/K.
+    - ``convention="tfkd"`` (Yuan et al., CVPR 2020 released code): q = 1-eps on y, eps/(K-1) elsewhere.
+
+    student_logits [B, C], batch['label'] [B]. Defaults eps=0.1, convention="uniform".
+    Parts: ``ce`` (plain hard-label CE, logged only).
+    """
+    check_choice("ls", "convention", convention, ("uniform", "tfkd"))
+    z, y = student_and_labels(student_logits, batch)
+    k = z.shape[1]
+    onehot = F.one_hot(y, k).to(z.dtype)
+    if convention == "uniform":
+        q = (1.0 - eps) * onehot + eps / k
+    else:
+        q = (1.0 - eps) * onehot + (1.0 - onehot) * (eps / (k - 1))
+    log_p = F.log_softmax(z, dim=1)
+    loss = -(q * log_p).sum(dim=1).mean()
+    return loss_dict(loss, ce=F.nll_loss(log_p, y))
+
+
+@register_loss("kd", needs_teacher=True)
+def kd(
+    student_logits: Tensor,
+    batch: Batch,
+    alpha: float = 0.9,
+    T: float = 4.0,
+) -> LossDict:
+    """Hinton KD (Hinton et al., 2015): L = (1-alpha)·CE + alpha·T²·KL(p_t^T || p_s^T), batchmean.
+
+    student_logits [B, C], batch['label'] [B], batch['teacher_logits'] [B, T_teachers, C]; several
+    teachers are merged by averaging their logits. Defaults alpha=0.9, T=4.
+    Parts: ``ce``; ``kd`` = T²·KL (unweighted by alpha).
+    """
+    z, y = student_and_labels(student_logits, batch)
+    zt = mean_teacher(batch, z, "kd")
+    ce_term = cross_entropy(z, y)
+    kd_term = T * T * kl_rows(F.log_softmax(zt / T, dim=1), F.log_softmax(z / T, dim=1)).mean()
+    loss = (1.0 - alpha) * ce_term + alpha * kd_term
+    return loss_dict(loss, ce=ce_term, kd=kd_term)

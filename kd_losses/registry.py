@@ -1,0 +1,171 @@
+"""Loss registry: ``register_loss`` / ``get_loss`` / ``available_losses`` / ``build_loss``.
+
+A loss is either a function ``fn(student_logits, batch, **hparams) -> dict[str, Tensor]`` or an
+``nn.Module`` subclass whose ``forward(student_logits, batch)`` returns the same dict (SL-Enc, which has
+parameters). ``build_loss`` binds and validates hparams and always returns an ``nn.Module``, so the
+training loop can call ``.to(device)`` and ``.parameters()`` without knowing which kind it got.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from kd_losses._common import Batch, LossDict, check_choice
+
+# Leading positional parameters of a loss function that are inputs, not hparams.
+_INPUT_PARAMS = ("student_logits", "batch")
+# Constructor arguments of module losses that build_loss fills in itself.
+_BUILD_ARGS = ("num_classes",)
+
+
+class UnknownLossError(KeyError, ValueError):
+    """Unknown loss name. ``str`` is one line: ``unknown loss 'foo'; valid: ce, dist, ...``."""
+
+    def __str__(self) -> str:  # KeyError.__str__ would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registry entry: the loss callable (function or ``nn.Module`` class) and its needs."""
+
+    name: str
+    fn: Callable[..., Any]
+    needs_teacher: bool
+
+    @property
+    def is_module(self) -> bool:
+        return isinstance(self.fn, type) and issubclass(self.fn, nn.Module)
+
+    def _signature_target(self) -> Callable[..., Any]:
+        return self.fn.__init__ if self.is_module else self.fn
+
+    def hparam_names(self) -> list[str]:
+        """Names ``build_loss`` accepts as hparams, in signature order."""
+        params = list(inspect.signature(self._signature_target()).parameters.values())
+        skip = {"self", *_BUILD_ARGS} if self.is_module else set(_INPUT_PARAMS)
+        return [
+            p.name
+            for p in params
+            if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    def accepts(self, arg: str) -> bool:
+        return arg in inspect.signature(self._signature_target()).parameters
+
+    def check_choices(self, hparams: dict[str, Any]) -> None:
+        """Validate hparams annotated ``Literal[...]`` (e.g. ``convention``, ``form``)."""
+        hints = typing.get_type_hints(self._signature_target())
+        for key, value in hparams.items():
+            hint = hints.get(key)
+            if typing.get_origin(hint) is typing.Literal:
+                check_choice(self.name, key, value, typing.get_args(hint))
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, needs_teacher: bool = True) -> Callable[[Any], Any]:
+    """Decorator registering a loss function or ``nn.Module`` class under ``name``.
+
+    ``needs_teacher`` says whether ``batch['teacher_logits']`` must be present; it is also set as an
+    attribute on the decorated object. Registering a name twice raises ``ValueError``.
+    """
+
+    def decorator(obj: Any) -> Any:
+        if name in _REGISTRY:
+            raise ValueError(f"loss {name!r} is already registered (by {_REGISTRY[name].fn!r})")
+        _REGISTRY[name] = LossSpec(name=name, fn=obj, needs_teacher=needs_teacher)
+        obj.needs_teacher = needs_teacher
+        return obj
+
+    return decorator
+
+
+def available_losses() -> list[str]:
+    """Sorted names of all registered losses."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> LossSpec:
+    """Registry entry for ``name``; ``UnknownLossError`` (a ``KeyError``) listing valid names if absent."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownLossError(
+            f"unknown loss {name!r}; valid: {', '.join(available_losses())}"
+        ) from None
+
+
+def get_loss(name: str) -> Callable[..., Any]:
+    """The registered function or ``nn.Module`` class (unbound hparams)."""
+    return get_spec(name).fn
+
+
+def needs_teacher(name: str) -> bool:
+    """Whether loss ``name`` reads ``batch['teacher_logits']``."""
+    return get_spec(name).needs_teacher
+
+
+class BoundLoss(nn.Module):
+    """A loss function with its hparams bound; ``forward(student_logits [B, C], batch) -> dict``.
+
+    Holds no parameters; it exists so every built loss is an ``nn.Module``.
+    """
+
+    def __init__(
+        self,
+        spec: LossSpec,
+        hparams: dict[str, Any],
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = spec.name
+        self.fn = spec.fn
+        self.hparams = dict(hparams)
+        self.needs_teacher = spec.needs_teacher
+        self.num_classes = num_classes
+
+    def forward(self, student_logits: Tensor, batch: Batch) -> LossDict:
+        if self.num_classes is not None and student_logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"loss {self.name!r} built for num_classes={self.num_classes}, "
+                f"got student_logits of shape {tuple(student_logits.shape)}"
+            )
+        return self.fn(student_logits, batch, **self.hparams)
+
+    def extra_repr(self) -> str:
+        return ", ".join([repr(self.name), *(f"{k}={v!r}" for k, v in self.hparams.items())])
+
+
+def build_loss(name: str, *, num_classes: int | None = None, **hparams: Any) -> nn.Module:
+    """Build loss ``name`` with ``hparams`` bound; always returns an ``nn.Module``.
+
+    - Unknown hparam names raise ``TypeError`` listing the valid ones (from the signature).
+    - ``Literal`` hparams (``convention``, ``form``) are checked here, not at the first batch.
+    - ``num_classes`` goes to losses whose constructor takes it (``sl_enc``); for the others it only
+      checks the class dimension of ``student_logits`` at call time.
+    """
+    spec = get_spec(name)
+    valid = spec.hparam_names()
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"unknown hparam(s) for loss {name!r}: {', '.join(unknown)}; "
+            f"valid: {', '.join(valid) if valid else '(none)'}"
+        )
+    spec.check_choices(hparams)
+    if not spec.is_module:
+        return BoundLoss(spec, hparams, num_classes)
+    kwargs = dict(hparams)
+    if spec.accepts("num_classes"):
+        if num_classes is None:
+            raise TypeError(f"loss {name!r} needs num_classes")
+        kwargs["num_classes"] = num_classes
+    return spec.fn(**kwargs)

@@ -1,0 +1,92 @@
+"""The embedded default dataset: Fashion-MNIST (Debian package ``dataset-fashion-mnist``), written once as a
+JPEG ImageNet-style tree so the demo exercises the very same DALI path as ImageNet.
+
+Everything goes through :func:`prepare_default_dataset`; replacing the embedded set means changing this module only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = (
+    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
+)
+DEFAULT_DATA_DIR = Path("data/fashion-mnist")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic 0x0000 | dtype 0x08 | ndim, then big-endian dims."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UsageError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UsageError(f"{path} is truncated")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """-> images [N, 28, 28] uint8, labels [N] uint8."""
+    prefix = "train" if split == "train" else "t10k"
+    img = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    lab = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not img.is_file():
+        raise UsageError(
+            f"Fashion-MNIST not found at {FASHION_MNIST_DIR}: install Debian's dataset-fashion-mnist "
+            "(make setup does) or set FASHION_MNIST_DIR"
+        )
+    return read_idx(img), read_idx(lab)
+
+
+def prepare_default_dataset(out: str | Path = DEFAULT_DATA_DIR, per_class: dict[str, int] | None = None,
+                            quality: int = 95) -> Path:
+    """Write the embedded dataset as ``out/{train,val}/<class>/<NNNNN>.jpg`` (RGB JPEG). Idempotent.
+
+    Args:
+        per_class: optional cap of images per class per split (``{"train": 1000, "val": 200}``), taking the
+            first ones in the original order so the subset is deterministic.
+    """
+    from PIL import Image
+
+    out = Path(out)
+    marker = out / ".complete"
+    want = repr(sorted((per_class or {}).items())) + f" q{quality}"
+    if marker.is_file() and marker.read_text() == want:
+        log.info("embedded dataset ready at %s", out)
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split in ("train", "val"):
+        images, labels = load_fashion_mnist(split)
+        cap = (per_class or {}).get(split)
+        counts = np.zeros(len(FASHION_MNIST_CLASSES), int)
+        for c in FASHION_MNIST_CLASSES:
+            (tmp / split / c).mkdir(parents=True, exist_ok=True)
+        for i in tqdm(range(len(labels)), desc=f"writing {split}", unit="img", mininterval=1.0):
+            y = int(labels[i])
+            if cap is not None and counts[y] >= cap:
+                continue
+            counts[y] += 1
+            rgb = np.repeat(images[i][:, :, None], 3, axis=2)
+            Image.fromarray(rgb).save(tmp / split / FASHION_MNIST_CLASSES[y] / f"{i:05d}.jpg", quality=quality)
+    tmp.rename(out)
+    marker.write_text(want)
+    log.info("wrote embedded dataset to %s", out)
+    return out

@@ -1,0 +1,53 @@
+"""Preprocessing presets: the exact eval and train transforms per dataset family.
+
+The preset is part of a bank's cache key and attrs: a bank dumped with one preset is only exact for
+students evaluated with the same eval transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval: resize shorter side to ``resize`` then center-crop ``crop``. Train: ``train`` augmentation.
+
+    ``mean``/``std`` are in [0, 1] pixel units (multiplied by 255 for DALI).
+    ``train``: ``rrc`` = random-resized-crop(crop, scale, ratio) + flip (ImageNet);
+    ``pad_crop`` = pad ``pad`` pixels, random crop ``crop`` + flip (CIFAR).
+    """
+
+    name: str
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: str = "rrc"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pad: int = 4
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PRESETS: dict[str, Preprocess] = {
+    "imagenet": Preprocess("imagenet", 256, 224, IMAGENET_MEAN, IMAGENET_STD, "rrc"),
+    "cifar": Preprocess("cifar", 32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "pad_crop"),
+    # Fashion-MNIST (28 px) resized to 32 px so the CIFAR-style models apply unchanged.
+    "demo": Preprocess("demo", 32, 32, (0.286, 0.286, 0.286), (0.353, 0.353, 0.353), "pad_crop"),
+    # Tiny images for fast tests on generated trees.
+    "tiny": Preprocess("tiny", 20, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "rrc", (0.25, 1.0)),
+}
+
+
+def get_preset(name: str) -> Preprocess:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preprocessing preset '{name}'; valid: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

@@ -1,0 +1,48 @@
+"""User-facing errors: every entry point turns these into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable, Sequence
+
+log = logging.getLogger("pipeline")
+
+
+class UsageError(Exception):
+    """Bad input from the user (unknown name, wrong path, mismatched bank, bad config key).
+
+    The message is a single line; entry points print it and exit with code 2.
+    """
+
+
+class BankError(UsageError):
+    """A label bank is missing, incomplete, corrupt or does not match the dataset."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure root logging once for an entry point (libraries only use ``logging.getLogger``)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """Wrap ``main(argv)``: UsageError -> one line on stderr, return 2 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Sequence[str] | None = None) -> int:
+        try:
+            return fn(argv)
+        except UsageError as e:
+            msg = " ".join(str(e).split("\n"))
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper

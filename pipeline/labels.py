@@ -1,0 +1,141 @@
+"""Label-bank tools: ``python -m pipeline.labels {info,verify} BANK``.
+
+- ``info``: shape, teachers, views, metrics, format, size on disk, bytes per sample and per view.
+- ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
+
+Subcommands register themselves in ``COMMANDS`` (name -> (add_arguments, run)); the bank-tools commands
+(ensemble, compact, stats) live in :mod:`pipeline.bank.tools`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipeline.errors import cli_entry, setup_logging
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def disk_size(path: str) -> int:
+    if "://" in path:
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return int(sum(fs.du(p, total=False).values())) if fs.exists(p) else 0
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def bank_info(path: str) -> dict:
+    """Summary of a bank as a dict (what ``labels info`` prints)."""
+    from pipeline.bank.reader import LabelBank
+
+    bank = LabelBank(path)
+    n, t, v, c = bank.shape
+    size = disk_size(path)
+    a = bank.attrs
+    info = {
+        "path": path,
+        "format": bank.format,
+        "shape": {"N": n, "T": t, "V": v, "C": c},
+        "dtype": a.get("dtype"),
+        "complete": bank.complete,
+        "teachers": a.get("teachers"),
+        "dataset": {k: a.get("dataset", {}).get(k) for k in ("name", "split", "layout", "num_samples",
+                                                             "num_classes", "fingerprint")},
+        "views": a.get("views"),
+        "preprocessing": a.get("preprocessing", {}).get("name"),
+        "metrics": a.get("metrics"),
+        "rows_per_chunk": a.get("rows_per_chunk"),
+        "bytes_on_disk": size,
+        "bytes_per_sample": round(size / max(n, 1), 2),
+        "bytes_per_view": round(size / max(n * v, 1), 2),
+        "skipped": int(bank.skipped().sum()),
+    }
+    if "fidelity" in a:
+        info["fidelity"] = a["fidelity"]
+    if "sources" in a:
+        info["sources"] = a["sources"]
+    return info
+
+
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bank")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    info = bank_info(args.bank)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    s = info["shape"]
+    print(f"bank        {info['path']}")
+    print(f"format      {info['format']}  dtype {info['dtype']}  complete {info['complete']}")
+    print(f"shape       N={s['N']} T={s['T']} V={s['V']} C={s['C']}  rows/chunk {info['rows_per_chunk']}")
+    ds = info["dataset"]
+    print(f"dataset     {ds['name']} / {ds['split']} ({ds['layout']})  fingerprint {str(ds['fingerprint'])[:16]}")
+    print(f"views       {info['views']}")
+    for k, t in enumerate(info["teachers"] or []):
+        w = t.get("weights")
+        print(f"teacher {k}   {t['arch']}  weights {w}" + (f"  sha256 {t['sha256'][:12]}" if "sha256" in t else ""))
+    for name, m in (info["metrics"] or {}).items():
+        print(f"metrics     {name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}")
+    print(f"size        {info['bytes_on_disk'] / 1e6:.2f} MB  {info['bytes_per_sample']} B/sample  "
+          f"{info['bytes_per_view']} B/view  skipped {info['skipped']}")
+    if "fidelity" in info:
+        print(f"fidelity    {info['fidelity']}")
+    return 0
+
+
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bank")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from pipeline.bank.reader import verify_bank
+
+    problems = verify_bank(args.bank)
+    if problems:
+        for pr in problems:
+            print(f"FAIL {args.bank}: {pr}", file=sys.stderr)
+        return 1
+    print(f"OK {args.bank}")
+    return 0
+
+
+COMMANDS["info"] = (_add_info, _run_info, "shape, teachers, metrics, size of a bank")
+COMMANDS["verify"] = (_add_verify, _run_verify, "read every chunk; exit 1 on any problem")
+
+
+def _load_tools() -> None:
+    try:
+        import pipeline.bank.tools  # noqa: F401  (registers ensemble, compact, stats)
+    except ModuleNotFoundError as e:
+        if e.name != "pipeline.bank.tools":
+            raise
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_tools()
+    parser = argparse.ArgumentParser(prog="python -m pipeline.labels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, (add, _, help_) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_))
+    args = parser.parse_args(argv)
+    setup_logging()
+    return COMMANDS[args.cmd][1](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
