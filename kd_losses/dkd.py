@@ -73,7 +73,7 @@ def dkd(
     log_pt = F.log_softmax(zt / T, dim=1)
     tckd = T * T * kl_rows(_binary_log_probs(log_pt, gt_mask), _binary_log_probs(log_ps, gt_mask)).mean()
 
-    log_qs = F.log_softmax(z / T - 1000.0 * gt_mask, dim=1)[~gt_mask].view(z.shape[0], -1)
+    log_qs = F.log_softmax(_non_target(z, gt_mask) / T, dim=1)
     log_qt = F.log_softmax(_non_target(zt, gt_mask) / T, dim=1)
     nckd = T * T * kl_rows(log_qt, log_qs).mean()
 

@@ -33,7 +33,7 @@ def make_image_tree(root: Path, classes=("zebra", "apple", "mango"), per_class: 
         for k in range(per_class):
             h, w = sizes[(k + len(c)) % len(sizes)]
             arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-            arr[: h // 2] = (hash(c) % 200)  # class-dependent structure so teachers can tell classes apart
+            arr[: h // 2] = sum(map(ord, c)) % 200  # class-dependent structure so teachers can tell classes apart
             if k == 1:
                 Image.fromarray(arr[:, :, 0], "L").save(d / f"img_{k}.jpg", quality=90)
             elif k == 2:
