@@ -39,8 +39,8 @@ def wsld(
     z, y = student_and_labels(student_logits, batch)
     zt = mean_teacher(batch, z, "wsld")
     ce_term = cross_entropy(z, y)
-    if True:
-        ce_s = -F.log_softmax(z, dim=1).gather(1, y[:, None]).squeeze(1)
+    with torch.no_grad():
+        ce_s = -F.log_softmax(z.detach(), dim=1).gather(1, y[:, None]).squeeze(1)
         ce_t = -F.log_softmax(zt.detach(), dim=1).gather(1, y[:, None]).squeeze(1)
         w = 1.0 - torch.exp(-torch.clamp_min(ce_s / (ce_t + 1e-7), 0.0))
     h = soft_ce_rows(F.log_softmax(zt / T, dim=1), F.log_softmax(z / T, dim=1))
