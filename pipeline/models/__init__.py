@@ -10,5 +10,7 @@ from pipeline.models.registry import (
     weights_identity,
 )
 
-__all__ = ["available_models", "create_model", "file_sha256", "load_checkpoint_state", "register_model",
+from pipeline.models.ensemble import TeacherEnsemble, build_ensemble  # noqa: E402
+
+__all__ = ["TeacherEnsemble", "build_ensemble", "available_models", "create_model", "file_sha256", "load_checkpoint_state", "register_model",
            "weights_identity"]
