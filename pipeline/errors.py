@@ -13,7 +13,7 @@ log = logging.getLogger("pipeline")
 class UsageError(Exception):
     """Bad input from the user (unknown name, wrong path, mismatched bank, bad config key).
 
-    The message is a single line; entry points print it and exit with code 2.
+    The message is a single line; entry points print it and exit with code 2 (or the subclass's ``exit_code``).
     """
 
 
@@ -40,7 +40,7 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         except UsageError as e:
             msg = " ".join(str(e).split("\n"))
             print(f"error: {msg}", file=sys.stderr)
-            return 2
+            return int(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -20,7 +20,7 @@ def bank_key(teachers: list[dict[str, Any]], fingerprint: str, preprocessing: di
     """sha256 hex of a canonical JSON of the inputs (teacher order matters: it is the T axis)."""
     payload = {
         "schema_version": SCHEMA_VERSION,
-        "teachers": [{k: t[k] for k in sorted(t) if k in ("arch", "weights", "sha256")} for t in teachers],
+        "teachers": [{k: t[k] for k in sorted(t) if k in ("arch", "weights", "sha256", "init_seed")} for t in teachers],
         "fingerprint": fingerprint,
         "preprocessing": preprocessing,
         "views": views,

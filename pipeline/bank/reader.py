@@ -25,12 +25,19 @@ def _is_url(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def storage_options(path: str | Path) -> dict | None:
+    """fsspec options for a bank URL: local ``file://`` stores must create the chunk folders they write."""
+    if _is_url(path) and str(path).split("://", 1)[0] in ("file", "local"):
+        return {"auto_mkdir": True}
+    return None
+
+
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     """Open a zarr group at a local path or fsspec URL; a missing or non-zarr path is a BankError."""
     if not _is_url(path) and not Path(path).exists():
         raise BankError(f"label bank not found: {path}")
     try:
-        return zarr.open_group(str(path), mode=mode)
+        return zarr.open_group(str(path), mode=mode, storage_options=storage_options(path))
     except Exception as e:
         raise BankError(f"cannot open label bank {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
 

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.bank.reader import _is_url
+from pipeline.bank.reader import _is_url, storage_options
 from pipeline.bank.schema import SCHEMA_VERSION, create_bank_arrays
 from pipeline.errors import BankError
 
@@ -30,7 +30,7 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
                 rows_per_chunk: int) -> zarr.Group:
     """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, chunking, version added)."""
     n, t, v, c = shape
-    g = zarr.open_group(str(path), mode="w")
+    g = zarr.open_group(str(path), mode="w", storage_options=storage_options(path))
     create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk)
     full = {
         **attrs,

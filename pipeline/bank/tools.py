@@ -1,0 +1,397 @@
+"""Label-bank tools on dask: ``python -m pipeline.labels {ensemble,compact,stats} …``.
+
+- ``ensemble A B … -o OUT --mode mean-logits|mean-probs|stack``: combine banks of the same samples, views and
+  classes. ``mean-logits``: mean of the logits of all teachers of all inputs (each teacher weighs the same) -> T=1;
+  ``mean-probs``: log of the mean of their probabilities (log-probabilities are valid logits) -> T=1;
+  ``stack``: concatenate on the teacher axis. The result is a normal dense, complete bank.
+- ``compact SRC -o OUT --format topk --topk K`` | ``--format int8``: a compact bank (see
+  :mod:`pipeline.bank.compact`), read back transparently by :class:`pipeline.bank.reader.LabelBank`; its
+  attrs carry ``fidelity`` (mean KL(p || p^) at T=1 and T=4, top-1 agreement) against the source.
+- ``stats BANK --plots DIR``: teacher metrics, entropy distribution, per-class accuracy, reliability diagram,
+  confusion matrix (PNG), agreement between teachers; ``stats.json`` in DIR and a summary on stdout.
+
+All three run as dask graphs over the zarr chunks (:mod:`pipeline.bank.daskio`): threaded by default,
+``--scheduler tcp://HOST:PORT`` for a dask.distributed cluster, ``--scheduler local-cluster`` for a 2-process
+LocalCluster. Outputs are built under ``<OUT>.tmp-<pid>`` and renamed when complete; an existing OUT is only
+replaced with ``--overwrite``. Bad input (missing / incomplete / mismatched banks, bad mode, format or K) exits 2
+with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+from pipeline import __version__
+from pipeline.bank import compact as cp
+from pipeline.bank import daskio, stats as st
+from pipeline.bank.reader import LabelBank
+from pipeline.bank.schema import SCHEMA_VERSION, compressors, create_bank_arrays
+from pipeline.errors import BankError, UsageError
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_MODES = ("mean-logits", "mean-probs", "stack")
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _open_complete(path: str) -> LabelBank:
+    bank = LabelBank(path)
+    bank.require_complete()
+    return bank
+
+
+def _abs(path: str) -> str:
+    return path if "://" in str(path) else str(Path(path).resolve())
+
+
+def _source_record(bank: LabelBank) -> dict[str, Any]:
+    return {"path": _abs(bank.path), "key": bank.attrs.get("key"), "format": bank.format,
+            "teachers": [t.get("name", t.get("arch")) for t in bank.teachers]}
+
+
+def _derived_key(kind: str, params: dict[str, Any], sources: list[dict[str, Any]]) -> str:
+    payload = {"schema_version": SCHEMA_VERSION, "tool": kind, "params": params,
+               "sources": [s.get("key") for s in sources]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --- ensemble -----------------------------------------------------------------------------------------------
+def check_compatible(banks: list[LabelBank]) -> None:
+    """Refuse banks that do not describe the same samples, classes and views (one line naming the field)."""
+    ref = banks[0]
+    ds0 = ref.attrs.get("dataset", {})
+    for b in banks[1:]:
+        ds = b.attrs.get("dataset", {})
+        checks = [
+            ("num_samples", ref.num_samples, b.num_samples),
+            ("num_classes", ref.num_classes, b.num_classes),
+            ("classes", ds0.get("classes"), ds.get("classes")),
+            ("fingerprint", ds0.get("fingerprint"), ds.get("fingerprint")),
+            ("num_views", ref.num_views, b.num_views),
+            ("views", ref.attrs.get("views"), b.attrs.get("views")),
+        ]
+        for field, a, c in checks:
+            if a != c:
+                sa, sc = _short(a), _short(c)
+                if field == "classes":
+                    sa, sc = f"{len(a or [])} names", f"{len(c or [])} names"
+                    diff = next((i for i, (x, y) in enumerate(zip(a or [], c or [])) if x != y), None)
+                    if diff is not None:
+                        sa, sc = f"{a[diff]!r} at {diff}", f"{c[diff]!r} at {diff}"
+                raise BankError(f"cannot combine banks: field '{field}' differs: {sa} in {ref.path}, {sc} in {b.path}")
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return s if len(s) <= 70 else s[:67] + "..."
+
+
+def _combine(x: np.ndarray, mode: str) -> np.ndarray:
+    """x [r, T, V, C] float32 -> combined logits."""
+    if mode == "stack":
+        return x
+    if mode == "mean-logits":
+        return x.mean(axis=1, keepdims=True)
+    m = x.max(axis=-1, keepdims=True)  # mean-probs: log(mean_t softmax(x_t)), computed in log space
+    lp = x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    top = lp.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        return top + np.log(np.exp(lp - top).mean(axis=1, keepdims=True))
+
+
+def _ensemble_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
+                    skipped: np.ndarray, out: daskio.Output, mode: str, j: int | None = None,
+                    fp16: bool = True) -> np.ndarray:
+    y = _combine(np.asarray(x, np.float32), mode)
+    sk = np.asarray(skipped).reshape(len(y), -1).any(axis=1)
+    y[sk] = np.nan
+    if fp16:
+        y = np.clip(y, -FP16_MAX, FP16_MAX)
+    out.write("logits", start, stop, y)
+    out.write("labels", start, stop, labels)
+    out.write("views", start, stop, views)
+    out.write("skipped", start, stop, sk)
+    return st.metric_states(y, labels, sk)
+
+
+def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", overwrite: bool = False,
+                   scheduler: str | None = None, dtype: str | None = None, rows_per_chunk: int | None = None,
+                   progress: bool = True) -> str:
+    """Combine the banks at ``paths`` into a new complete dense bank at ``out``; returns ``out``."""
+    if mode not in ENSEMBLE_MODES:
+        raise UsageError(f"unknown --mode '{mode}'; valid: {', '.join(ENSEMBLE_MODES)}")
+    if not paths:
+        raise UsageError("ensemble needs at least one input bank")
+    if dtype not in (None, "float16", "float32"):
+        raise UsageError(f"unknown --dtype '{dtype}'; valid: float16, float32")
+    banks = [_open_complete(p) for p in paths]
+    check_compatible(banks)
+    daskio.check_output(out, overwrite)
+    ref = banks[0]
+    n, _, v, c = ref.shape
+    t_all = sum(b.num_teachers for b in banks)
+    t_out = t_all if mode == "stack" else 1
+    dtype = dtype or ("float32" if any(b.attrs.get("dtype") == "float32" for b in banks) else "float16")
+    rows = int(rows_per_chunk or ref.attrs.get("rows_per_chunk") or 1024)
+    if rows < 1:
+        raise UsageError("--rows-per-chunk must be >= 1")
+    members = [{**t, "source": i} for i, b in enumerate(banks) for t in b.teachers]
+    if mode == "stack":
+        teachers = members
+    else:
+        label = f"{mode}({'+'.join(t.get('name', t.get('arch', '?')) for t in members)})"
+        teachers = [{"name": label, "arch": label, "weights": "ensemble", "mode": mode, "members": members}]
+    sources = [_source_record(b) for b in banks]
+    key = _derived_key("ensemble", {"mode": mode, "dtype": dtype}, sources)
+
+    import dask.array as da
+
+    with daskio.atomic_output(out, overwrite) as tmp:
+        attrs = {k: val for k, val in ref.attrs.items()
+                 if k not in ("format", "compact_arrays", "topk", "fidelity", "metrics", "source_metrics")}
+        attrs.update({"key": key, "teachers": teachers, "sources": sources,
+                      "ensemble": {"mode": mode, "num_members": t_all},
+                      "config": {"tool": "ensemble", "mode": mode, "inputs": [s["path"] for s in sources]}})
+        from pipeline.bank.writer import create_bank, mark_complete
+
+        g = create_bank(tmp, attrs, (n, t_out, v, c), dtype, rows)
+        rows = daskio.block_rows(g["logits"])
+        x = da.concatenate([daskio.logits_array(b, rows) for b in banks], axis=1)
+        skipped = da.stack([daskio.rows_array(b.group["skipped"], rows) for b in banks], axis=1)
+        job = daskio.block_job(_ensemble_block, {"x": x, "labels": daskio.rows_array(ref.group["labels"], rows),
+                                                 "views": daskio.rows_array(ref.group["views"], rows),
+                                                 "skipped": skipped}, rows, n,
+                               out=daskio.Output(tmp), mode=mode, fp16=dtype == "float16")
+        with daskio.scheduler(scheduler) as client:
+            try:
+                (vec,) = daskio.compute([job], client, progress, desc=f"ensemble ({mode}) of {len(banks)} banks")
+            except (BankError, UsageError):
+                raise
+            except Exception as e:
+                raise daskio.job_error(f"ensemble into {out}", e) from None
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            g["done"][:] = True
+        metrics = st.metrics_from_states(vec, st.entry_names(teachers, t_out))
+        mark_complete(g, {"metrics": metrics})
+    log.info("ensemble (%s) of %d banks -> %s  %s", mode, len(banks), out, metrics)
+    return out
+
+
+# --- compact ------------------------------------------------------------------------------------------------
+def _compact_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
+                   skipped: np.ndarray, out: daskio.Output, fmt: str, k: int | None, c: int) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    arrays = cp.unpack(cp.encode_packed(x, fmt, k), fmt, c, k)
+    for name, a in arrays.items():
+        out.write(name, start, stop, a)
+    out.write("labels", start, stop, labels)
+    out.write("views", start, stop, views)
+    out.write("skipped", start, stop, skipped)
+    approx = cp.decode(arrays, fmt, c)
+    return np.concatenate([cp.fidelity_sums(x, approx), st.metric_states(approx, labels, skipped)])
+
+
+def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: int) -> zarr.Group:
+    n, t, v, c = src.shape
+    g = zarr.open_group(str(path), mode="w")
+    create_bank_arrays(g, n, t, v, c, "float16", rows)
+    del g["logits"]  # the compact arrays replace it
+    r = int(g["labels"].chunks[0])
+    specs = cp.array_specs(fmt, (n, t, v, c), k)
+    for name, (shape, dt) in specs.items():
+        g.create_array(name, shape=shape, chunks=(r,) + tuple(shape[1:]), dtype=dt, compressors=compressors(dt),
+                       fill_value=0)
+    return g
+
+
+def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, overwrite: bool = False,
+                 scheduler: str | None = None, rows_per_chunk: int | None = None, progress: bool = True) -> str:
+    """Write a compact copy of the dense bank ``src`` at ``out``; returns ``out``."""
+    if fmt not in cp.FORMATS:
+        raise UsageError(f"unknown --format '{fmt}'; valid: {', '.join(cp.FORMATS)}")
+    bank = _open_complete(src)
+    n, t, v, c = bank.shape
+    if bank.format != "dense":
+        raise BankError(f"{src} is already compact (format {bank.format}); compact its dense source instead")
+    if fmt == "topk":
+        if k is None:
+            raise UsageError("--format topk needs --topk K")
+        if not 1 <= int(k) <= c:
+            raise UsageError(f"--topk {k} out of range: 1 <= K <= {c} (the number of classes)")
+        k = int(k)
+    elif k is not None:
+        raise UsageError(f"--topk applies to --format topk only, not {fmt}")
+    daskio.check_output(out, overwrite)
+    rows = int(rows_per_chunk or bank.attrs.get("rows_per_chunk") or 1024)
+    if rows < 1:
+        raise UsageError("--rows-per-chunk must be >= 1")
+    sources = [_source_record(bank)]
+    params = {"format": fmt, **({"topk": k} if fmt == "topk" else {})}
+    names = list(cp.array_specs(fmt, bank.shape, k))
+    t_names = st.entry_names(bank.teachers, t)
+
+    with daskio.atomic_output(out, overwrite) as tmp:
+        g = _create_compact(tmp, bank, fmt, k, rows)
+        rows = daskio.block_rows(g[names[0]])
+        job = daskio.block_job(_compact_block, {"x": daskio.logits_array(bank, rows),
+                                                "labels": daskio.rows_array(bank.group["labels"], rows),
+                                                "views": daskio.rows_array(bank.group["views"], rows),
+                                                "skipped": daskio.rows_array(bank.group["skipped"], rows)},
+                               rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c)
+        with daskio.scheduler(scheduler) as client:
+            try:
+                (vec,) = daskio.compute([job], client, progress, desc=f"compact ({fmt}) {src}")
+            except (BankError, UsageError):
+                raise
+            except Exception as e:
+                raise daskio.job_error(f"compact into {out}", e) from None
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            g["done"][:] = True
+        fidelity = cp.fidelity_from_sums(vec[:4])
+        metrics = st.metrics_from_states(vec[4:], t_names)
+        attrs = {key: val for key, val in bank.attrs.items() if key not in ("metrics", "complete", "created")}
+        attrs.update({
+            "schema_version": SCHEMA_VERSION, "format": fmt, "compact_arrays": names, **params,
+            "shape": [n, t, v, c], "rows_per_chunk": int(g["labels"].chunks[0]),
+            "key": _derived_key("compact", params, sources), "sources": sources,
+            "source_metrics": bank.attrs.get("metrics"), "fidelity": fidelity,
+            "raw_bytes_per_vector": _raw_bytes(fmt, c, k),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "package_version": __version__, "complete": False,
+        })
+        g.attrs.update(attrs)
+        from pipeline.bank.writer import mark_complete
+
+        mark_complete(g, {"metrics": metrics})
+    log.info("compact (%s) %s -> %s  fidelity %s", fmt, src, out, fidelity)
+    return out
+
+
+def _raw_bytes(fmt: str, c: int, k: int | None) -> int:
+    return 4 * int(k) if fmt == "topk" else c + 2
+
+
+# --- stats --------------------------------------------------------------------------------------------------
+def _stats_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, skipped: np.ndarray,
+                 view: int) -> np.ndarray:
+    return st.block_stats(np.asarray(x, np.float32), labels, skipped, view)
+
+
+def bank_stats(path: str, plots: str, overwrite: bool = False, scheduler: str | None = None, view: int = 0,
+               progress: bool = True) -> dict[str, Any]:
+    """Statistics of the bank at ``path``: PNGs and ``stats.json`` written into the directory ``plots``."""
+    bank = _open_complete(path)
+    n, t, v, c = bank.shape
+    if not 0 <= view < v:
+        raise UsageError(f"--view {view} out of range: the bank has {v} view(s)")
+    daskio.check_output(plots, overwrite)
+    rows = int(bank.attrs.get("rows_per_chunk") or 1024)
+    job = daskio.block_job(_stats_block, {"x": daskio.logits_array(bank, rows),
+                                          "labels": daskio.rows_array(bank.group["labels"], rows),
+                                          "skipped": daskio.rows_array(bank.group["skipped"], rows)},
+                           rows, n, view=view)
+    with daskio.atomic_output(plots, overwrite) as tmp:
+        with daskio.scheduler(scheduler) as client:
+            try:
+                (vec,) = daskio.compute([job], client, progress, desc=f"stats {path}")
+            except (BankError, UsageError):
+                raise
+            except Exception as e:
+                raise daskio.job_error(f"stats of {path}", e) from None
+        names = st.entry_names(bank.teachers, t)
+        s = st.summarize(vec, names, t, c, bank.attrs.get("dataset", {}).get("classes"), view)
+        s["bank"] = _abs(path)
+        s["format"] = bank.format
+        Path(tmp).mkdir(parents=True)
+        s["plots"] = st.plot_stats(s, tmp)
+        if c > 100:  # keep stats.json readable: big confusion matrices go to .npy files
+            for name, e in s["entries"].items():
+                f = f"confusion_{st._slug(name)}.npy"
+                np.save(Path(tmp) / f, np.asarray(e["confusion"], np.int64))
+                e["confusion"] = f
+        st.write_json(s, Path(tmp) / "stats.json")
+    return s
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, out_flag: bool = True) -> None:
+    if out_flag:
+        p.add_argument("-o", "--out", required=True, help="output bank (path or fsspec URL)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--scheduler", default="threads",
+                   help="threads (default), sync, local-cluster (2 worker processes) or tcp://HOST:PORT")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _add_ensemble(p: argparse.ArgumentParser) -> None:
+    p.add_argument("banks", nargs="+", help="input banks (same samples, classes and views)")
+    p.add_argument("--mode", default="mean-logits", help="mean-logits (default), mean-probs or stack")
+    p.add_argument("--dtype", default=None, help="float16 or float32 (default: float32 if any input is)")
+    p.add_argument("--rows-per-chunk", type=int, default=None, dest="rows_per_chunk",
+                   help="row chunk of the output (default: the first input's)")
+    _common(p)
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    out = ensemble_banks(args.banks, args.out, args.mode, args.overwrite, args.scheduler, args.dtype,
+                         args.rows_per_chunk, args.progress)
+    print(out)
+    return 0
+
+
+def _add_compact(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="dense source bank")
+    p.add_argument("--format", default=None, help="topk or int8 (default: topk when --topk is given)")
+    p.add_argument("--topk", type=int, default=None, help="K classes kept per vector (format topk)")
+    p.add_argument("--rows-per-chunk", type=int, default=None, dest="rows_per_chunk",
+                   help="row chunk of the output (default: the source's)")
+    _common(p)
+
+
+def _run_compact(args: argparse.Namespace) -> int:
+    fmt = args.format or ("topk" if args.topk is not None else None)
+    if fmt is None:
+        raise UsageError("give --format topk --topk K or --format int8")
+    out = compact_bank(args.src, args.out, fmt, args.topk, args.overwrite, args.scheduler, args.rows_per_chunk,
+                       args.progress)
+    info = LabelBank(out).attrs
+    f = info["fidelity"]
+    print(f"{out}\nformat {fmt}  fidelity: KL(T=1) {f['kl_t1']:.3g}  KL(T=4) {f['kl_t4']:.3g}  "
+          f"top-1 agreement {f['top1_agreement']:.4f}")
+    return 0
+
+
+def _add_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bank")
+    p.add_argument("--plots", required=True, help="output directory for the PNGs and stats.json")
+    p.add_argument("--view", type=int, default=0, help="view measured (default 0)")
+    _common(p, out_flag=False)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    s = bank_stats(args.bank, args.plots, args.overwrite, args.scheduler, args.view, args.progress)
+    print(st.format_summary(s))
+    print(f"wrote {len(s['plots'])} plots and stats.json to {args.plots}")
+    return 0
+
+
+def register(commands: dict) -> None:
+    commands["ensemble"] = (_add_ensemble, _run_ensemble, "combine banks: mean-logits, mean-probs or stack")
+    commands["compact"] = (_add_compact, _run_compact, "compact copy of a bank: top-k or int8")
+    commands["stats"] = (_add_stats, _run_stats, "teacher statistics and plots of a bank")
+
+
+from pipeline.labels import COMMANDS  # noqa: E402  (pipeline.labels imports this module lazily)
+
+register(COMMANDS)

@@ -1,0 +1,70 @@
+"""``python -m pipeline.report runs/*``: a comparison table of finished runs (method, bank, top-1, top-5, ECE, time).
+
+Runs that reused one bank line up side by side. ``--markdown`` prints a Markdown table; ``--json`` the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.errors import UsageError, cli_entry
+
+COLUMNS = ("run", "method", "student", "teacher", "bank", "epochs", "top1", "top5", "ece", "nll", "time_s")
+
+
+def collect(paths: Sequence[str]) -> list[dict]:
+    rows = []
+    for p in paths:
+        f = Path(p) / "final.json"
+        if not f.is_file():
+            continue
+        d = json.loads(f.read_text())
+        bank = d.get("bank") or "-"
+        rows.append({
+            "run": Path(p).name, "method": d.get("method"), "student": d.get("student"),
+            "teacher": d.get("teacher") or "-", "bank": Path(bank).name if bank not in ("-", "live") else bank,
+            "epochs": d.get("epochs"), "top1": d.get("top1"), "top5": d.get("top5"), "ece": d.get("ece"),
+            "nll": d.get("nll"), "time_s": d.get("train_time_s"),
+        })
+    rows.sort(key=lambda r: (str(r["bank"]), str(r["method"]), str(r["run"])))
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    cells = [[_fmt(r[c]) for c in COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__)
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    rows = collect(args.runs)
+    if not rows:
+        raise UsageError(f"no finished runs (final.json) among {len(args.runs)} path(s)")
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Stage-2 configuration: frozen dataclasses, YAML recipes in ``configs/``, dotted overrides.
+
+Precedence: dataclass defaults < ``--config`` YAML < CLI flags < ``key=value`` overrides. Unknown keys
+are errors. The resolved config is written to ``<output_dir>/config.yaml`` and stored in checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """``name``: sgd | adamw. ``no_wd_bn_bias``: no weight decay on BN weights and biases (1-D params)."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    no_wd_bn_bias: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """``name``: step | multistep | cosine | constant; linear warm-up over ``warmup_epochs`` (may be fractional)."""
+
+    name: str = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_start: float = 0.1
+    step_size: int = 30
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One student run. ``loss`` holds the method's hyperparameters (validated against the loss signature)."""
+
+    method: str = "ce"
+    loss: dict[str, Any] = field(default_factory=dict)
+    student: str = "resnet18"
+    student_weights: str | None = None
+    # Bank lookup: --labels paths (several = ensemble on the T axis), or --teacher names found in the cache.
+    labels: tuple[str, ...] = ()
+    teacher: tuple[str, ...] = ()
+    teacher_weights: tuple[str, ...] = ()
+    # Live-teacher mode (comparisons only): the same batch key filled by running the teacher each step.
+    live_teacher: tuple[str, ...] = ()
+    live_teacher_weights: tuple[str, ...] = ()
+    data: str = ""
+    preset: str = "imagenet"
+    train_split: str = "train"
+    val_split: str = "val"
+    augment: bool = True
+    replay_views: bool = False
+    # Train on a seeded random subset of this many training samples (0 = all); the bank still covers all.
+    train_subset: int = 0
+    epochs: int = 90
+    batch_size: int = 256
+    workers: int = 4
+    device: str = "cpu"
+    seed: int = 0
+    amp: str = "none"
+    channels_last: bool = False
+    max_steps_per_epoch: int = 0
+    log_every: int = 50
+    output_dir: str = ""
+    resume: bool = False
+    overwrite: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
