@@ -113,7 +113,7 @@ def run_dump(cfg: DumpConfig) -> str:
     info = init_distributed(cfg.device)
     manifest = build_manifest(cfg.data, cfg.split)
     preset = get_preset(cfg.preset)
-    specs = parse_teachers(cfg.teacher, cfg.weights)
+    specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
     teachers = [s.identity() for s in specs]
     preprocessing = {**preset.to_dict(), "teacher_amp": cfg.amp and cfg.device == "cuda"}
     views = view_policy_record(cfg.view_policy, cfg.views, cfg.view_seed, preset)
@@ -248,6 +248,13 @@ def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, ro
             idx = int(order[bad])
             fname = Path(manifest.root) / manifest.files[idx]
             if not cfg.skip_corrupt:
+                # DALI prefetch can fail before the chunks ahead of the bad file were written: finish those
+                # clean chunks first, so every chunk before the bad file's chunk is done.
+                bad_start = _chunk_start(chunk_of_pos, bad)
+                if bad_start > chunk_start:
+                    del it, pipe
+                    _run_from(cfg, g, manifest, model, sampler, order[:bad_start], chunk_of_pos[:bad_start],
+                              chunk_start, bs, rows, skip, pbar)
                 raise BankError(f"cannot decode {fname} (sample {idx}); fix or remove it, or pass --skip-corrupt") from None
             log.warning("skipping corrupt file %s (sample %d)", fname, idx)
             skip.add(idx)
@@ -262,6 +269,7 @@ def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, ro
                 out = model(images)[:, :, None, :]
         out = out.float().cpu().numpy()
         index = batch.index.numpy()
+        _check_finite(out, index, skip, manifest)
         for k in range(len(index)):
             p = done_pos + k
             j = int(chunk_of_pos[p])
@@ -273,10 +281,12 @@ def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, ro
             buf["logits"][r] = out[k]
             buf["labels"][r] = manifest.labels[int(order[p])]
             buf["views"][r] = boxes[p - pos] if boxes is not None else np.nan
-        _check_finite(out, index, skip, manifest)
+            if p + 1 == len(chunk_of_pos) or chunk_of_pos[p + 1] != j:  # chunk filled: write it now, so a
+                _flush(g, cur, buf, skip)                                # later decode error cannot lose it
+                cur, buf = None, None
         done_pos += len(index)
         pbar.update(len(index))
-        pbar.set_postfix_str(f"chunk {cur}")
+        pbar.set_postfix_str(f"chunk {int(chunk_of_pos[done_pos - 1])}")
     if buf is not None:
         _flush(g, cur, buf, skip)
     return len(order)

@@ -20,21 +20,28 @@ class TeacherSpec:
 
     arch: str
     weights: str | None = "DEFAULT"
+    init_seed: int | None = None  # random-init seed when weights are none (part of the identity then)
 
     def identity(self) -> dict[str, Any]:
-        """Name, arch and weights identity (checkpoint sha256) as stored in bank attrs and the cache key."""
+        """Name, arch and weights identity (checkpoint sha256; init seed for random weights) as stored in bank
+        attrs and the cache key."""
         ident = {"name": self.arch, "arch": self.arch, **weights_identity(self.weights)}
+        if ident["weights"] == "none" and self.init_seed is not None:
+            ident["init_seed"] = self.init_seed
         return ident
 
 
-def parse_teachers(names: tuple[str, ...] | list[str], weights: tuple[str, ...] | list[str]) -> list[TeacherSpec]:
-    """Pair ``--teacher`` and ``--weights`` flags (one weights per teacher, or none for all-DEFAULT)."""
+def parse_teachers(names: tuple[str, ...] | list[str], weights: tuple[str, ...] | list[str],
+                   seed: int = 0) -> list[TeacherSpec]:
+    """Pair ``--teacher`` and ``--weights`` flags (one weights per teacher, or none for all-DEFAULT).
+
+    Teacher i with weights ``none`` is initialised from ``seed + i`` (as :func:`build_teachers` does)."""
     if not names:
         raise UsageError("no teacher given: use --teacher NAME (repeatable)")
     if weights and len(weights) != len(names):
         raise UsageError(f"{len(names)} --teacher flags but {len(weights)} --weights flags: give one per teacher")
     ws = list(weights) if weights else ["DEFAULT"] * len(names)
-    return [TeacherSpec(n, w) for n, w in zip(names, ws)]
+    return [TeacherSpec(n, w, seed + i) for i, (n, w) in enumerate(zip(names, ws))]
 
 
 def build_teachers(specs: list[TeacherSpec], num_classes: int, device: str = "cpu", seed: int = 0) -> TeacherEnsemble:

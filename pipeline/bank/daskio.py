@@ -139,7 +139,7 @@ class Output:
     def array(self, name: str) -> zarr.Array:
         if self._g is None:
             self._g = zarr.open_group(self.path, mode="r+")
-        return self._g[name].with_config(write_empty_chunks=True)
+        return self._g[name].with_config({"write_empty_chunks": True})
 
     def write(self, name: str, start: int, stop: int, value: np.ndarray) -> None:
         a = self.array(name)

@@ -159,7 +159,7 @@ def verify_bank(path: str | Path) -> list[str]:
     expected = {"logits": (n, t, v, c), "labels": (n,), "views": (n, v, 5), "skipped": (n,)}
     if bank.format != "dense":
         expected.pop("logits")
-    for name in ARRAYS:
+    for name in (*ARRAYS, *bank.attrs.get("compact_arrays", [])):
         if name not in g:
             if name == "logits" and bank.format != "dense":
                 continue

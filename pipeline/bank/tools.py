@@ -111,8 +111,7 @@ def _combine(x: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _ensemble_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                    skipped: np.ndarray, out: daskio.Output, mode: str, j: int | None = None,
-                    fp16: bool = True) -> np.ndarray:
+                    skipped: np.ndarray, out: daskio.Output, mode: str, fp16: bool = True) -> np.ndarray:
     y = _combine(np.asarray(x, np.float32), mode)
     sk = np.asarray(skipped).reshape(len(y), -1).any(axis=1)
     y[sk] = np.nan
@@ -392,6 +391,18 @@ def register(commands: dict) -> None:
     commands["stats"] = (_add_stats, _run_stats, "teacher statistics and plots of a bank")
 
 
-from pipeline.labels import COMMANDS  # noqa: E402  (pipeline.labels imports this module lazily)
+def _register_everywhere() -> None:
+    """Register into ``pipeline.labels.COMMANDS`` and, under ``python -m pipeline.labels`` (where the running
+    module is ``__main__``, a second copy of pipeline/labels.py), into that module's ``COMMANDS`` too."""
+    import sys
 
-register(COMMANDS)
+    from pipeline import labels
+
+    register(labels.COMMANDS)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if main is not None and spec is not None and spec.name == "pipeline.labels" and hasattr(main, "COMMANDS"):
+        register(main.COMMANDS)
+
+
+_register_everywhere()

@@ -79,8 +79,8 @@ def _decoded_images(manifest: Manifest, order: np.ndarray, batch_size: int, deco
 
     if manifest.layout == "cifar":
         images, index = fn.external_source(
-            source=_ArraySource(manifest, order, batch_size), num_outputs=2, batch=True, name=name,
-        )
+            source=_ArraySource(manifest, order, batch_size), num_outputs=2, batch=True,
+        )  # no name: DALI refuses a named external_source with num_outputs
         if decode_device == "mixed":
             images = images.gpu()
         return images, index

@@ -42,6 +42,8 @@ PRESETS: dict[str, Preprocess] = {
     "cifar": Preprocess("cifar", 32, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "pad_crop"),
     # Fashion-MNIST (28 px) resized to 32 px so the CIFAR-style models apply unchanged.
     "demo": Preprocess("demo", 32, 32, (0.286, 0.286, 0.286), (0.353, 0.353, 0.353), "pad_crop"),
+    # The demo set with ImageNet-style random-resized-crop training (view-replay experiments).
+    "demo_rrc": Preprocess("demo_rrc", 32, 32, (0.286, 0.286, 0.286), (0.353, 0.353, 0.353), "rrc", (0.25, 1.0)),
     # Tiny images for fast tests on generated trees.
     "tiny": Preprocess("tiny", 20, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "rrc", (0.25, 1.0)),
 }
