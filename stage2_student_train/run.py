@@ -98,6 +98,7 @@ def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: st
              boxes: np.ndarray | None = None, max_steps: int = 0) -> Iterator[Batch]:
     if max_steps:
         order = order[: max_steps * cfg.batch_size]
+        boxes = boxes[: len(order)] if boxes is not None else None
     pipe = build_pipeline(manifest, order, preset, mode, cfg.batch_size, cfg.workers, cfg.device, seed, boxes=boxes)
     yield from iterate(pipe, len(order), cfg.batch_size, cfg.device)
 
