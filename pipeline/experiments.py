@@ -333,9 +333,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--cache", default=None, help="label-bank cache directory (sets KD_CACHE; default ./label_banks)")
     args = p.parse_args(argv)
+    setup_logging()
+    old = os.environ.get("KD_CACHE")
     if args.cache:
         os.environ["KD_CACHE"] = args.cache
-    setup_logging()
+    try:
+        return _run_suites(args)
+    finally:
+        if args.cache:
+            if old is None:
+                os.environ.pop("KD_CACHE", None)
+            else:
+                os.environ["KD_CACHE"] = old
+
+
+def _run_suites(args: argparse.Namespace) -> int:
     scale = SCALES[args.scale]
     names = list(suites(scale)) if args.suite == ["all"] else args.suite
     for n in names:
