@@ -81,14 +81,17 @@ def _effective_batch(batch_size: int, rows_per_chunk: int) -> int:
     return b
 
 
-def find_corrupt(manifest: Manifest, order: np.ndarray, start: int) -> int | None:
-    """First position >= start in ``order`` whose file cannot be read or decoded (None if all decode)."""
+def find_corrupt(manifest: Manifest, order: np.ndarray, start: int, known: set[int] = frozenset()) -> int | None:
+    """First position >= start in ``order`` whose file cannot be read or decoded (None if all decode),
+    ignoring samples already in ``known`` (skipped ones)."""
     from PIL import Image
 
     if manifest.layout == "cifar":
         return None
     root = Path(manifest.root)
     for pos in range(start, len(order)):
+        if int(order[pos]) in known:
+            continue
         p = root / manifest.files[int(order[pos])]
         try:
             if p.stat().st_size == 0:
@@ -212,9 +215,11 @@ def _dump_chunks(cfg: DumpConfig, info: DistInfo, manifest: Manifest, model, pat
                 mininterval=1.0)
     pos = 0
     t0 = time.time()
-    while pos < len(order):
-        pos = _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar)
-    pbar.close()
+    try:
+        while pos < len(order):
+            pos = _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar)
+    finally:
+        pbar.close()  # ends the progress line, so an error message starts on its own line
     log.info("rank %d dumped %d samples in %.1fs", info.rank, len(order), time.time() - t0)
 
 
@@ -242,7 +247,7 @@ def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, ro
             if "pipeline" not in str(e).lower():
                 raise
             chunk_start = _chunk_start(chunk_of_pos, done_pos)
-            bad = find_corrupt(manifest, order, done_pos)
+            bad = find_corrupt(manifest, order, done_pos, skip)
             if bad is None:
                 raise BankError(f"decoding failed after sample {int(order[done_pos])}: {' '.join(str(e).split())[:200]}") from None
             idx = int(order[bad])

@@ -133,7 +133,14 @@ class LabelBank:
         out = torch.empty(self.shape, dtype=dtype)
         step = max(1, int(self.attrs.get("rows_per_chunk", 1024)))
         for s in range(0, n, step):
-            out[s:s + step] = torch.from_numpy(np.ascontiguousarray(self.read_logits(s, min(n, s + step))))
+            try:
+                rows = self.read_logits(s, min(n, s + step))
+            except BankError:
+                raise
+            except Exception as e:  # checksum mismatch, truncated chunk, ...: never train on a damaged bank
+                raise BankError(f"label bank {self.path} is damaged: rows {s}-{min(n, s + step) - 1} (chunk "
+                                f"{s // step}) unreadable ({type(e).__name__}); run python -m pipeline.labels verify") from None
+            out[s:s + step] = torch.from_numpy(np.ascontiguousarray(rows))
         return out
 
 
