@@ -132,6 +132,7 @@ class LabelBank:
         n = self.num_samples
         out = torch.empty(self.shape, dtype=dtype)
         step = max(1, int(self.attrs.get("rows_per_chunk", 1024)))
+        skipped = self.skipped()
         for s in range(0, n, step):
             try:
                 rows = self.read_logits(s, min(n, s + step))
@@ -140,6 +141,10 @@ class LabelBank:
             except Exception as e:  # checksum mismatch, truncated chunk, ...: never train on a damaged bank
                 raise BankError(f"label bank {self.path} is damaged: rows {s}-{min(n, s + step) - 1} (chunk "
                                 f"{s // step}) unreadable ({type(e).__name__}); run python -m pipeline.labels verify") from None
+            bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) & ~skipped[s:s + len(rows)]
+            if bad.any():  # a missing chunk file reads back as the NaN fill value
+                raise BankError(f"label bank {self.path} is damaged: non-finite logits in rows "
+                                f"{(s + np.flatnonzero(bad)[:5]).tolist()} (chunk {s // step}); run python -m pipeline.labels verify")
             out[s:s + step] = torch.from_numpy(np.ascontiguousarray(rows))
         return out
 
