@@ -1,10 +1,11 @@
-"""Label-bank tools: ``python -m pipeline.labels {info,verify} BANK``.
+"""Label-bank tools: ``python -m pipeline.labels {info,verify,ensemble,compact,stats} ...``.
 
 - ``info``: shape, teachers, views, metrics, format, size on disk, bytes per sample and per view.
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
+- ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
-Subcommands register themselves in ``COMMANDS`` (name -> (add_arguments, run)); the bank-tools commands
-(ensemble, compact, stats) live in :mod:`pipeline.bank.tools`.
+Subcommands live in ``COMMANDS`` (name -> (add_arguments, run, help)); the bank-tools commands
+(``ensemble``, ``compact``, ``stats``) come from :mod:`pipeline.bank.tools`.
 """
 
 from __future__ import annotations
@@ -117,11 +118,13 @@ COMMANDS["verify"] = (_add_verify, _run_verify, "read every chunk; exit 1 on any
 
 
 def _load_tools() -> None:
-    try:
-        import pipeline.bank.tools  # noqa: F401  (registers ensemble, compact, stats)
-    except ModuleNotFoundError as e:
-        if e.name != "pipeline.bank.tools":
-            raise
+    """Register the bank-tools commands (ensemble, compact, stats) into this module's ``COMMANDS``.
+
+    Registration is explicit (not an import side effect) because under ``python -m pipeline.labels`` this
+    module runs as ``__main__``, a second copy with its own ``COMMANDS``."""
+    from pipeline.bank.tools import register
+
+    register(COMMANDS)
 
 
 @cli_entry

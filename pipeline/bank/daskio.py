@@ -55,7 +55,8 @@ def scheduler(spec: str | None) -> Iterator[Any]:
         try:
             client = Client(spec, timeout=15)
         except (OSError, TimeoutError) as e:
-            raise UsageError(f"cannot connect to the dask scheduler at {spec}: {' '.join(str(e).split())[:160]}") from None
+            msg = " ".join(str(e).split())[:160]
+            raise UsageError(f"cannot connect to the dask scheduler at {spec}: {msg}") from None
         try:
             log.info("dask cluster %s: %d workers", spec, len(client.scheduler_info().get("workers", {})))
             yield client
@@ -66,23 +67,57 @@ def scheduler(spec: str | None) -> Iterator[Any]:
 
 
 def compute(objs: Sequence[Any], client: Any = None, progress: bool = True, desc: str = "") -> list[Any]:
-    """Compute dask collections on the active scheduler, with a progress bar on stderr for long jobs."""
+    """Compute dask collections on the active scheduler, with a progress bar on stderr for long jobs.
+
+    On failure, tasks still in flight are waited for (threads) or cancelled and waited for (cluster) before the
+    exception propagates, so that the caller's clean-up of a temporary output is not raced by late writes.
+    """
     if client is not None:
         futures = client.compute(list(objs))
+        try:
+            if progress:
+                from distributed import progress as dprogress
+
+                dprogress(futures)
+                print(file=sys.stderr)
+            return client.gather(futures)
+        except BaseException:
+            keys = {k for o in objs for k in o.__dask_graph__().keys()}
+            _settle_cluster(client, futures, keys)
+            raise
+    if dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded"):
+        return list(dask.compute(*objs))
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
         if progress:
-            from distributed import progress as dprogress
+            from dask.diagnostics import ProgressBar
 
-            dprogress(futures)
-            print(file=sys.stderr)
-        return client.gather(futures)
-    if progress:
-        from dask.diagnostics import ProgressBar
+            if desc:
+                log.info("%s", desc)
+            with ProgressBar(minimum=2.0, dt=0.5, out=sys.stderr):
+                return list(dask.compute(*objs, scheduler="threads", pool=pool))
+        return list(dask.compute(*objs, scheduler="threads", pool=pool))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no task of this job still writes after we return
 
-        if desc:
-            log.info("%s", desc)
-        with ProgressBar(minimum=2.0, dt=0.5, out=sys.stderr):
-            return list(dask.compute(*objs))
-    return list(dask.compute(*objs))
+
+def _settle_cluster(client: Any, futures: list, keys: set, timeout: float = 60.0) -> None:
+    """Cancel a failed job's futures and wait until no worker still executes one of its tasks (``keys``)."""
+    import time
+
+    try:
+        client.cancel(futures)
+
+        def executing(dask_worker, keys=keys) -> int:
+            return sum(1 for ts in dask_worker.state.executing if ts.key in keys)
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and sum(client.run(executing).values()) > 0:
+            time.sleep(0.1)
+    except Exception as e:  # best effort: the cluster may be gone
+        log.debug("could not settle cluster after failure: %s", e)
 
 
 # --- dask views of banks ------------------------------------------------------------------------------------
@@ -278,4 +313,5 @@ def atomic_output(out: str, overwrite: bool) -> Iterator[str]:
 def job_error(what: str, e: BaseException) -> BankError:
     """A failed dask job as a one-line BankError (corrupt or unreadable input chunk, disk full, ...)."""
     msg = " ".join(str(e).split())[:240]
-    return BankError(f"{what} failed, nothing written: {type(e).__name__}: {msg}")
+    return BankError(f"{what} failed, nothing written: {type(e).__name__}: {msg} "
+                     "(`python -m pipeline.labels verify BANK` locates a corrupt input chunk)")

@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
-from pipeline.metrics import MetricAccumulator
 
 NUM_BINS = 15  # calibration bins (MetricAccumulator's default)
 ENTROPY_BINS = 50
-_STATE = 4 + 3 * NUM_BINS  # MetricAccumulator.state() length
+_STATE = 4 + 3 * NUM_BINS  # MetricAccumulator(15).state() length (torch is imported lazily: workers stay light)
 
 
 def entry_names(teachers: list[dict[str, Any]], t: int) -> list[str]:
@@ -48,21 +45,50 @@ def _select(logits: np.ndarray, labels: np.ndarray, skipped: np.ndarray, view: i
 
 
 # --- metrics only (ensemble / compact attrs) ------------------------------------------------------------------
+def _softmax_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [r, C] float32 -> (z = x - max, e = exp(z), s = sum e) (one exp pass, reused by every statistic)."""
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return z, e, e.sum(axis=1)
+
+
+def metric_state(x: np.ndarray, y: np.ndarray, parts=None) -> np.ndarray:
+    """``MetricAccumulator(15).state()`` of logits x [r, C] and labels y [r], in numpy (~10x faster here).
+
+    Same definitions: top-1 = argmax (first index on ties) is the label; top-5 = fewer than 5 classes rank
+    before the label (greater logit, or equal logit and smaller index); NLL = -log_softmax at the label;
+    confidence = max softmax, binned as ``min(int(conf * 15), 14)``.
+    """
+    r = len(y)
+    head = np.zeros(4, np.float64)
+    bins = np.zeros((3, NUM_BINS), np.float64)
+    if r:
+        z, e, s = parts if parts is not None else _softmax_parts(x)
+        rows = np.arange(r)
+        zl = z[rows, y]
+        rank = (z > zl[:, None]).sum(axis=1) + ((z == zl[:, None]) & (np.arange(x.shape[1]) < y[:, None])).sum(axis=1)
+        pred = z.argmax(axis=1)
+        conf = (1.0 / s).astype(np.float32)  # exp(max - logsumexp) = 1 / sum exp(z)
+        b = np.minimum((conf * NUM_BINS).astype(np.int64), NUM_BINS - 1)
+        head[:] = [r, (rank == 0).sum(), (rank < 5).sum(), float((np.log(s) - zl).astype(np.float64).sum())]
+        bins[0] = np.bincount(b, minlength=NUM_BINS)
+        bins[1] = np.bincount(b, weights=conf.astype(np.float64), minlength=NUM_BINS)
+        bins[2] = np.bincount(b, weights=(pred == y).astype(np.float64), minlength=NUM_BINS)
+    return np.concatenate([head, bins.reshape(-1)])
+
+
 def metric_states(logits: np.ndarray, labels: np.ndarray, skipped: np.ndarray, view: int = 0) -> np.ndarray:
-    """MetricAccumulator states of every entry of a block (logits [r, T, V, C]), concatenated (float64)."""
+    """Metric states (:func:`metric_state`) of every entry of a block (logits [r, T, V, C]), concatenated."""
     x, y = _select(logits, labels, skipped, view)
-    yt = torch.from_numpy(y)
-    out = []
-    for e in _entries(x):
-        acc = MetricAccumulator(NUM_BINS)
-        if len(y):
-            acc.update(torch.from_numpy(np.ascontiguousarray(e)), yt)
-        out.append(acc.state().numpy())
-    return np.concatenate(out)
+    return np.concatenate([metric_state(np.ascontiguousarray(e), y) for e in _entries(x)])
 
 
 def metrics_from_states(vec: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
     """The ``metrics`` attr (same form as stage 1's teacher_metrics) from summed :func:`metric_states`."""
+    import torch
+
+    from pipeline.metrics import MetricAccumulator
+
     out = {}
     for k, name in enumerate(names):
         acc = MetricAccumulator(NUM_BINS)
@@ -105,24 +131,25 @@ def block_stats(logits: np.ndarray, labels: np.ndarray, skipped: np.ndarray, vie
         vec[off:off + int(np.prod(shape))] += np.asarray(value, np.float64).reshape(-1)
 
     x, y = _select(logits, labels, skipped, view)
-    put("metric", metric_states(logits, labels, skipped, view))
     put("n", [len(y)])
     if not len(y):
+        put("metric", metric_states(logits, labels, skipped, view))
         return vec
-    ents = _entries(x)
     edges = np.linspace(0.0, math.log(c), ENTROPY_BINS + 1)
-    hist, esum, corr, conf = [], [], [], []
+    states, hist, esum, corr, conf = [], [], [], [], []
     preds = []
-    for e in ents:
-        z = e - e.max(axis=1, keepdims=True)
-        lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        h = -(np.exp(lp) * lp).sum(axis=1)
+    for ent in _entries(x):
+        ent = np.ascontiguousarray(ent)
+        z, ex, sm = parts = _softmax_parts(ent)
+        states.append(metric_state(ent, y, parts))
+        h = np.log(sm) - (ex * z).sum(axis=1) / sm  # entropy: log S - sum(e^z z) / S
         hist.append(np.histogram(np.clip(h, 0, edges[-1]), bins=edges)[0])
         esum.append(h.sum())
-        pred = e.argmax(axis=1)
+        pred = z.argmax(axis=1)
         preds.append(pred)
         corr.append(np.bincount(y[pred == y], minlength=c))
         conf.append(np.bincount(y * c + pred, minlength=c * c))
+    put("metric", np.concatenate(states))
     put("entropy_hist", hist)
     put("entropy_sum", esum)
     put("class_correct", corr)
@@ -135,6 +162,10 @@ def block_stats(logits: np.ndarray, labels: np.ndarray, skipped: np.ndarray, vie
 def summarize(vec: np.ndarray, names: list[str], t: int, c: int, class_names: list[str] | None = None,
               view: int = 0) -> dict[str, Any]:
     """The ``stats.json`` dict from summed :func:`block_stats`."""
+    import torch
+
+    from pipeline.metrics import MetricAccumulator
+
     lay = _layout(t, c)
 
     def get(name):
@@ -208,7 +239,7 @@ def plot_stats(s: dict[str, Any], out_dir: str | Path) -> list[str]:
     edges = np.asarray(s["entropy_bin_edges"])
     for name in names:
         h = np.asarray(s["entries"][name]["entropy_hist"], float)
-        ax.step(edges[:-1], h / max(h.sum(), 1), where="post", label=name)
+        ax.stairs(h / max(h.sum(), 1), edges, label=name)
     ax.set_xlabel("predictive entropy (nats, T = 1)")
     ax.set_ylabel("fraction of samples")
     ax.axvline(math.log(c), color="gray", ls=":", lw=1)

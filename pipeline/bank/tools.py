@@ -24,8 +24,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +32,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.bank import compact as cp
-from pipeline.bank import daskio, stats as st
+from pipeline.bank import daskio, jobs, stats as st
 from pipeline.bank.reader import LabelBank
 from pipeline.bank.schema import SCHEMA_VERSION, compressors, create_bank_arrays
 from pipeline.errors import BankError, UsageError
@@ -42,7 +40,6 @@ from pipeline.errors import BankError, UsageError
 log = logging.getLogger(__name__)
 
 ENSEMBLE_MODES = ("mean-logits", "mean-probs", "stack")
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def _open_complete(path: str) -> LabelBank:
@@ -97,33 +94,6 @@ def _short(v: Any) -> str:
     return s if len(s) <= 70 else s[:67] + "..."
 
 
-def _combine(x: np.ndarray, mode: str) -> np.ndarray:
-    """x [r, T, V, C] float32 -> combined logits."""
-    if mode == "stack":
-        return x
-    if mode == "mean-logits":
-        return x.mean(axis=1, keepdims=True)
-    m = x.max(axis=-1, keepdims=True)  # mean-probs: log(mean_t softmax(x_t)), computed in log space
-    lp = x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-    top = lp.max(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        return top + np.log(np.exp(lp - top).mean(axis=1, keepdims=True))
-
-
-def _ensemble_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                    skipped: np.ndarray, out: daskio.Output, mode: str, fp16: bool = True) -> np.ndarray:
-    y = _combine(np.asarray(x, np.float32), mode)
-    sk = np.asarray(skipped).reshape(len(y), -1).any(axis=1)
-    y[sk] = np.nan
-    if fp16:
-        y = np.clip(y, -FP16_MAX, FP16_MAX)
-    out.write("logits", start, stop, y)
-    out.write("labels", start, stop, labels)
-    out.write("views", start, stop, views)
-    out.write("skipped", start, stop, sk)
-    return st.metric_states(y, labels, sk)
-
-
 def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", overwrite: bool = False,
                    scheduler: str | None = None, dtype: str | None = None, rows_per_chunk: int | None = None,
                    progress: bool = True) -> str:
@@ -142,9 +112,9 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
     t_all = sum(b.num_teachers for b in banks)
     t_out = t_all if mode == "stack" else 1
     dtype = dtype or ("float32" if any(b.attrs.get("dtype") == "float32" for b in banks) else "float16")
+    if rows_per_chunk is not None and rows_per_chunk < 1:
+        raise UsageError(f"--rows-per-chunk {rows_per_chunk} must be >= 1")
     rows = int(rows_per_chunk or ref.attrs.get("rows_per_chunk") or 1024)
-    if rows < 1:
-        raise UsageError("--rows-per-chunk must be >= 1")
     members = [{**t, "source": i} for i, b in enumerate(banks) for t in b.teachers]
     if mode == "stack":
         teachers = members
@@ -158,7 +128,8 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
 
     with daskio.atomic_output(out, overwrite) as tmp:
         attrs = {k: val for k, val in ref.attrs.items()
-                 if k not in ("format", "compact_arrays", "topk", "fidelity", "metrics", "source_metrics")}
+                 if k not in ("format", "compact_arrays", "topk", "fidelity", "metrics", "source_metrics",
+                              "raw_bytes_per_vector")}
         attrs.update({"key": key, "teachers": teachers, "sources": sources,
                       "ensemble": {"mode": mode, "num_members": t_all},
                       "config": {"tool": "ensemble", "mode": mode, "inputs": [s["path"] for s in sources]}})
@@ -168,10 +139,10 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
         rows = daskio.block_rows(g["logits"])
         x = da.concatenate([daskio.logits_array(b, rows) for b in banks], axis=1)
         skipped = da.stack([daskio.rows_array(b.group["skipped"], rows) for b in banks], axis=1)
-        job = daskio.block_job(_ensemble_block, {"x": x, "labels": daskio.rows_array(ref.group["labels"], rows),
-                                                 "views": daskio.rows_array(ref.group["views"], rows),
-                                                 "skipped": skipped}, rows, n,
-                               out=daskio.Output(tmp), mode=mode, fp16=dtype == "float16")
+        inputs = {"x": x, "labels": daskio.rows_array(ref.group["labels"], rows),
+                  "views": daskio.rows_array(ref.group["views"], rows), "skipped": skipped}
+        job = daskio.block_job(jobs.ensemble_block, inputs, rows, n, out=daskio.Output(tmp), mode=mode,
+                               fp16=dtype == "float16")
         with daskio.scheduler(scheduler) as client:
             try:
                 (vec,) = daskio.compute([job], client, progress, desc=f"ensemble ({mode}) of {len(banks)} banks")
@@ -188,19 +159,6 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
 
 
 # --- compact ------------------------------------------------------------------------------------------------
-def _compact_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                   skipped: np.ndarray, out: daskio.Output, fmt: str, k: int | None, c: int) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    arrays = cp.unpack(cp.encode_packed(x, fmt, k), fmt, c, k)
-    for name, a in arrays.items():
-        out.write(name, start, stop, a)
-    out.write("labels", start, stop, labels)
-    out.write("views", start, stop, views)
-    out.write("skipped", start, stop, skipped)
-    approx = cp.decode(arrays, fmt, c)
-    return np.concatenate([cp.fidelity_sums(x, approx), st.metric_states(approx, labels, skipped)])
-
-
 def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: int) -> zarr.Group:
     n, t, v, c = src.shape
     g = zarr.open_group(str(path), mode="w")
@@ -208,9 +166,10 @@ def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: in
     del g["logits"]  # the compact arrays replace it
     r = int(g["labels"].chunks[0])
     specs = cp.array_specs(fmt, (n, t, v, c), k)
-    for name, (shape, dt) in specs.items():
+    for name, (shape, dt) in specs.items():  # float arrays fill with NaN: a missing chunk decodes to NaN rows,
+        fill = float("nan") if np.dtype(dt).kind == "f" else 0  # which LabelBank.load refuses
         g.create_array(name, shape=shape, chunks=(r,) + tuple(shape[1:]), dtype=dt, compressors=compressors(dt),
-                       fill_value=0)
+                       fill_value=fill)
     return g
 
 
@@ -232,9 +191,9 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
     elif k is not None:
         raise UsageError(f"--topk applies to --format topk only, not {fmt}")
     daskio.check_output(out, overwrite)
+    if rows_per_chunk is not None and rows_per_chunk < 1:
+        raise UsageError(f"--rows-per-chunk {rows_per_chunk} must be >= 1")
     rows = int(rows_per_chunk or bank.attrs.get("rows_per_chunk") or 1024)
-    if rows < 1:
-        raise UsageError("--rows-per-chunk must be >= 1")
     sources = [_source_record(bank)]
     params = {"format": fmt, **({"topk": k} if fmt == "topk" else {})}
     names = list(cp.array_specs(fmt, bank.shape, k))
@@ -243,11 +202,10 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
     with daskio.atomic_output(out, overwrite) as tmp:
         g = _create_compact(tmp, bank, fmt, k, rows)
         rows = daskio.block_rows(g[names[0]])
-        job = daskio.block_job(_compact_block, {"x": daskio.logits_array(bank, rows),
-                                                "labels": daskio.rows_array(bank.group["labels"], rows),
-                                                "views": daskio.rows_array(bank.group["views"], rows),
-                                                "skipped": daskio.rows_array(bank.group["skipped"], rows)},
-                               rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c)
+        inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
+                  "views": daskio.rows_array(bank.group["views"], rows),
+                  "skipped": daskio.rows_array(bank.group["skipped"], rows)}
+        job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c)
         with daskio.scheduler(scheduler) as client:
             try:
                 (vec,) = daskio.compute([job], client, progress, desc=f"compact ({fmt}) {src}")
@@ -282,11 +240,6 @@ def _raw_bytes(fmt: str, c: int, k: int | None) -> int:
 
 
 # --- stats --------------------------------------------------------------------------------------------------
-def _stats_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, skipped: np.ndarray,
-                 view: int) -> np.ndarray:
-    return st.block_stats(np.asarray(x, np.float32), labels, skipped, view)
-
-
 def bank_stats(path: str, plots: str, overwrite: bool = False, scheduler: str | None = None, view: int = 0,
                progress: bool = True) -> dict[str, Any]:
     """Statistics of the bank at ``path``: PNGs and ``stats.json`` written into the directory ``plots``."""
@@ -296,10 +249,9 @@ def bank_stats(path: str, plots: str, overwrite: bool = False, scheduler: str | 
         raise UsageError(f"--view {view} out of range: the bank has {v} view(s)")
     daskio.check_output(plots, overwrite)
     rows = int(bank.attrs.get("rows_per_chunk") or 1024)
-    job = daskio.block_job(_stats_block, {"x": daskio.logits_array(bank, rows),
-                                          "labels": daskio.rows_array(bank.group["labels"], rows),
-                                          "skipped": daskio.rows_array(bank.group["skipped"], rows)},
-                           rows, n, view=view)
+    inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
+              "skipped": daskio.rows_array(bank.group["skipped"], rows)}
+    job = daskio.block_job(jobs.stats_block, inputs, rows, n, view=view)
     with daskio.atomic_output(plots, overwrite) as tmp:
         with daskio.scheduler(scheduler) as client:
             try:
@@ -389,20 +341,3 @@ def register(commands: dict) -> None:
     commands["ensemble"] = (_add_ensemble, _run_ensemble, "combine banks: mean-logits, mean-probs or stack")
     commands["compact"] = (_add_compact, _run_compact, "compact copy of a bank: top-k or int8")
     commands["stats"] = (_add_stats, _run_stats, "teacher statistics and plots of a bank")
-
-
-def _register_everywhere() -> None:
-    """Register into ``pipeline.labels.COMMANDS`` and, under ``python -m pipeline.labels`` (where the running
-    module is ``__main__``, a second copy of pipeline/labels.py), into that module's ``COMMANDS`` too."""
-    import sys
-
-    from pipeline import labels
-
-    register(labels.COMMANDS)
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if main is not None and spec is not None and spec.name == "pipeline.labels" and hasattr(main, "COMMANDS"):
-        register(main.COMMANDS)
-
-
-_register_everywhere()

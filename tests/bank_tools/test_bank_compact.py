@@ -1,0 +1,182 @@
+"""`labels compact`: formats, reconstruction through the reader, fidelity attrs, refusals, atomicity, stage 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from banktools_helpers import corrupt_chunk, softmax, synth_bank
+from pipeline.bank import compact as cp
+from pipeline.bank.reader import LabelBank, verify_bank
+from pipeline.labels import bank_info, main
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return (p * (np.log(p) - np.log(q))).sum(-1)
+
+
+@pytest.fixture
+def src(tmp_path: Path):
+    skipped = np.zeros(150, bool)
+    skipped[[3, 100]] = True
+    path, x, labels = synth_bank(tmp_path / "src.zarr", t=2, v=2, c=9, skipped=skipped)
+    x[skipped] = np.nan
+    return path, x, labels, skipped
+
+
+def test_topk_full_k_reproduces_the_distribution(src, tmp_path: Path) -> None:
+    path, x, _, skipped = src
+    out = tmp_path / "k9.zarr"
+    assert main(["compact", str(path), "-o", str(out), "--topk", "9", "--no-progress"]) == 0
+    assert verify_bank(out) == []
+    bank = LabelBank(out)
+    assert bank.format == "topk" and bank.attrs["topk"] == 9
+    assert bank.attrs["compact_arrays"] == ["topk_values", "topk_indices"] and "logits" not in bank.group
+    assert bank.group["topk_values"].dtype == np.float16 and bank.group["topk_indices"].dtype == np.int16
+    full = bank.load(dtype=__import__("torch").float32).numpy()  # the reader reconstructs transparently
+    assert full.shape == x.shape and np.isnan(full[skipped]).all()
+    keep = ~skipped
+    for tau in (1.0, 4.0):
+        np.testing.assert_allclose(softmax(full[keep] / tau), softmax(x[keep] / tau), atol=2e-3)
+    f = bank.attrs["fidelity"]
+    assert f["kl_t1"] < 1e-5 and f["kl_t4"] < 1e-5 and f["top1_agreement"] == 1.0
+    assert f["vectors"] == (150 - 2) * 2 * 2
+    assert np.array_equal(bank.labels(), LabelBank(path).labels())
+    assert np.array_equal(bank.skipped(), skipped)
+    assert np.array_equal(np.isnan(bank.views()), np.isnan(LabelBank(path).views()))
+
+
+def test_topk_reconstruction_spreads_the_rest_uniformly(src, tmp_path: Path) -> None:
+    path, x, _, skipped = src
+    out = tmp_path / "k3.zarr"
+    assert main(["compact", str(path), "-o", str(out), "--format", "topk", "--topk", "3", "--no-progress"]) == 0
+    got = LabelBank(out).read_logits()
+    keep = ~skipped
+    p, q = softmax(x[keep]), np.exp(got[keep])  # stored logits are log-probabilities at T = 1
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=2e-3)
+    order = np.argsort(-p, axis=-1)
+    top, rest = order[..., :3], order[..., 3:]
+    np.testing.assert_allclose(np.take_along_axis(q, top, -1), np.take_along_axis(p, top, -1), rtol=5e-3)  # fp16
+    qr = np.take_along_axis(q, rest, -1)
+    np.testing.assert_allclose(qr, qr[..., :1].repeat(qr.shape[-1], -1), rtol=1e-6)  # uniform
+    np.testing.assert_allclose(qr[..., 0] * 6, np.take_along_axis(p, rest, -1).sum(-1), rtol=0.05, atol=5e-4)
+    f = LabelBank(out).attrs["fidelity"]
+    assert f["top1_agreement"] == 1.0
+    assert f["kl_t1"] == pytest.approx(_kl(p, q).mean(), rel=0.02)
+    assert f["kl_t4"] == pytest.approx(_kl(softmax(x[keep] / 4), softmax(got[keep] / 4)).mean(), rel=0.02)
+    info = bank_info(str(out))
+    assert info["format"] == "topk" and info["fidelity"] == f and info["bytes_per_sample"] > 0
+    # fewer bytes than the dense source (array payload; the demo-sized metadata dominates the total)
+    assert LabelBank(out).attrs["raw_bytes_per_vector"] == 12 < 2 * 9
+
+
+def test_int8_round_trip(src, tmp_path: Path, capsys) -> None:
+    path, x, _, skipped = src
+    out = tmp_path / "q.zarr"
+    assert main(["compact", str(path), "-o", str(out), "--format", "int8", "--no-progress"]) == 0
+    assert "fidelity" in capsys.readouterr().out
+    assert verify_bank(out) == []
+    bank = LabelBank(out)
+    assert bank.group["q"].dtype == np.int8 and bank.group["scale"].dtype == np.float16
+    assert bank.group["scale"].shape == (150, 2, 2)
+    got = bank.read_logits()
+    keep = ~skipped
+    assert np.isnan(got[skipped]).all()
+    kl1 = _kl(softmax(x[keep]), softmax(got[keep])).mean()
+    assert kl1 < 1e-4
+    f = bank.attrs["fidelity"]
+    assert f["kl_t1"] == pytest.approx(kl1, rel=0.05, abs=1e-7) and f["kl_t4"] < 1e-4
+    assert f["top1_agreement"] == 1.0  # int8 keeps the argmax by construction
+    # metrics recomputed on what stage 2 will read; the source's kept alongside
+    assert bank.attrs["source_metrics"] == LabelBank(path).attrs["metrics"]
+    for name, m in bank.attrs["metrics"].items():
+        assert m["top1"] == pytest.approx(bank.attrs["source_metrics"][name]["top1"], abs=1.5)
+
+
+def test_codec_edge_cases() -> None:
+    x = np.array([[0.0, 0.0, 0.0], [5.0, -60000.0, 1.0], [np.nan, 1.0, 2.0]], np.float32)
+    q, s = cp.encode_int8(x)
+    y = cp.decode_int8(q, s)
+    assert np.isfinite(y[:2]).all() and np.isnan(y[2]).all()
+    assert np.allclose(y[0], 0.0) and y[1].argmax() == 0
+    near = np.array([[3.0, 2.9999, -40.0, 3.0]], np.float32)  # within scale/2 of the max; an exact tie
+    y = cp.decode_int8(*cp.encode_int8(near))
+    assert y[0, 0] == y[0, 3] == 0.0 and y[0, 1] < 0.0 and y.argmax() == 0
+    v, i = cp.encode_topk(x, 1)
+    y = cp.decode_topk(v, i, 3)
+    assert np.isfinite(y[:2]).all() and np.isnan(y[2]).all()
+    assert y[1].argmax() == 0 and y[1, 1] == y[1, 2]
+    big = np.random.default_rng(0).standard_normal((4, 40000)).astype(np.float32)
+    v, i = cp.encode_topk(big, 5)
+    assert i.dtype == np.int32 and np.array_equal(i[:, 0], big.argmax(1))
+
+
+def test_compact_refusals(src, tmp_path: Path, capsys) -> None:
+    path = str(src[0])
+    out = str(tmp_path / "o.zarr")
+
+    def refused(argv, *words):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+        for w in words:
+            assert w in err, err
+
+    refused(["compact", path, "-o", out, "--topk", "0"], "out of range", "9")
+    refused(["compact", path, "-o", out, "--topk", "10"], "out of range")
+    refused(["compact", path, "-o", out, "--format", "zip"], "zip", "topk", "int8")
+    refused(["compact", path, "-o", out], "--format")
+    refused(["compact", path, "-o", out, "--format", "int8", "--topk", "3"], "--topk")
+    refused(["compact", path, "-o", out, "--format", "topk"], "--topk")
+    refused(["compact", str(tmp_path / "nope.zarr"), "-o", out, "--topk", "2"], "not found")
+    assert main(["compact", path, "-o", out, "--topk", "2", "--no-progress"]) == 0
+    refused(["compact", path, "-o", out, "--topk", "2"], "already exists")
+    refused(["compact", out, "-o", str(tmp_path / "o2.zarr"), "--topk", "2"], "already compact")
+
+
+def test_missing_compact_chunk_is_refused_by_the_reader(src, tmp_path: Path) -> None:
+    from pipeline.errors import BankError
+
+    for fmt, arr, key in (("topk", "topk_values", "2/0/0/0"), ("int8", "scale", "2/0/0")):
+        out = tmp_path / f"{fmt}.zarr"
+        assert main(["compact", str(src[0]), "-o", str(out), "--format", fmt, "--no-progress"]
+                    + (["--topk", "3"] if fmt == "topk" else [])) == 0
+        (out / arr / "c" / key).unlink()  # a lost chunk file reads back as the NaN fill value
+        assert any("chunk" in p and arr in p for p in verify_bank(out))
+        with pytest.raises(BankError, match="damaged"):
+            LabelBank(out).load()
+
+
+def test_compact_atomic_on_corrupt_input(src, tmp_path: Path, capsys) -> None:
+    path = src[0]
+    corrupt_chunk(path, "logits", "4/0/0/0")
+    out = tmp_path / "o.zarr"
+    assert main(["compact", str(path), "-o", str(out), "--format", "int8", "--no-progress"]) == 2
+    assert "nothing written" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("o.zarr")] == []
+
+
+def test_compact_of_demo_bank_and_ensemble_of_compact(demo_bank: Path, tmp_path: Path) -> None:
+    """A real stage-1 bank; a compact bank is also a valid ensemble input (read reconstructed)."""
+    out = tmp_path / "demo_k5.zarr"
+    assert main(["compact", str(demo_bank), "-o", str(out), "--topk", "5", "--no-progress"]) == 0
+    assert verify_bank(out) == []
+    info = bank_info(str(out))
+    assert info["fidelity"]["top1_agreement"] == 1.0 and info["shape"]["C"] == 10
+    ens = tmp_path / "ens.zarr"
+    assert main(["ensemble", str(demo_bank), str(out), "-o", str(ens), "--mode", "stack", "--no-progress"]) == 0
+    x = LabelBank(ens).read_logits()
+    np.testing.assert_allclose(x[:, 1], LabelBank(out).read_logits()[:, 0], atol=0.02, rtol=2e-3)
+
+
+def test_compact_bank_trains_a_student_for_one_epoch(demo_root: Path, demo_bank: Path, tmp_path: Path) -> None:
+    """Stage 2 reads a compact bank unchanged (skipped until pipeline.train_student exists)."""
+    ts = pytest.importorskip("pipeline.train_student")
+    out = tmp_path / "demo_q.zarr"
+    assert main(["compact", str(demo_bank), "-o", str(out), "--format", "int8", "--no-progress"]) == 0
+    rc = ts.main(["--method", "kd", "--student", "democnn_s", "--labels", str(out), "--data", str(demo_root),
+                  "--preset", "demo", "--epochs", "1", "--batch-size", "32", "--output-dir", str(tmp_path / "run"),
+                  "--device", "cpu"])
+    assert rc == 0
