@@ -4,7 +4,7 @@ Each suite trains its teachers, dumps their banks once (content-addressed, share
 students with 3 seeds, and rewrites its own section of RESULTS.md (mean ± std of top-1 and ECE) plus a PNG
 plot. Finished runs are reused and interrupted runs resumed, so re-running a suite continues where it stopped.
 
-Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views. ``--scale tiny`` runs each in a
+Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, formats, views. ``--scale tiny`` runs each in a
 few steps (what the tests use); nothing in RESULTS.md is edited by hand.
 """
 
@@ -59,6 +59,8 @@ class Arm:
     loss: dict[str, Any] = field(default_factory=dict)
     live: str | None = None  # run this teacher live instead of reading its bank
     views: int = 1  # > 1: a K-view rrc+flip bank replayed in stage 2
+    fmt: str | None = None  # compact form of the bank: "topk" (with ``k``) or "int8"
+    k: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     note: str = ""
 
@@ -129,6 +131,15 @@ def suites(scale: Scale) -> dict[str, Suite]:
                   Arm("kd, bank", "kd", teachers=("big",)), Arm("kd, live", "kd", live="big"),
                   Arm("wsld, bank", "wsld", teachers=("big",)), Arm("wsld, live", "wsld", live="big"),
               )),
+        Suite("formats", "Bank formats: dense vs top-k vs int8",
+              "a compact bank (top-k with the rest spread uniformly, as FKD; or int8) trains students as well as the dense one",
+              (t_big,), (
+                  Arm("dense fp16", "kd", teachers=("big",)),
+                  Arm("top-1", "kd", teachers=("big",), fmt="topk", k=1),
+                  Arm("top-2", "kd", teachers=("big",), fmt="topk", k=2),
+                  Arm("top-4", "kd", teachers=("big",), fmt="topk", k=4),
+                  Arm("int8", "kd", teachers=("big",), fmt="int8"),
+              )),
         Suite("views", "Consistent views: center bank vs K replayed views vs live teacher (random crops)",
               "replaying the teacher's view (FKD, Beyer et al.) closes the gap between a single precomputed label and a live teacher",
               (TeacherJob("big", big, extra={"preset": "demo_rrc"}),), tuple(
@@ -173,6 +184,14 @@ class Runner:
                                                "split": "train", "preset": preset, "device": self.device,
                                                "batch_size": 256, "rows_per_chunk": 1024, **policy}))
 
+    def compact(self, bank: str, fmt: str, k: int | None) -> str:
+        from pipeline.bank.tools import compact_bank
+
+        out = f"{bank[:-len('.zarr')]}-{fmt}{k or ''}.zarr"
+        if Path(out).exists():
+            return out
+        return compact_bank(bank, out, fmt, k, progress=False)
+
     def arm(self, suite: Suite, arm: Arm, teachers: dict[str, tuple[str, str]], seed: int) -> dict:
         over: dict[str, Any] = {"method": arm.method, "student": arm.student, "preset": suite.preset, "seed": seed,
                                 "epochs": self.scale.student_epochs, "loss": dict(arm.loss), **arm.extra}
@@ -181,10 +200,23 @@ class Runner:
             over.update({"live_teacher": [arch], "live_teacher_weights": [ck]})
         elif arm.teachers:
             over["labels"] = [self.bank(*teachers[t], suite.preset, arm.views) for t in arm.teachers]
+            if arm.fmt:
+                over["labels"] = [self.compact(b, arm.fmt, arm.k) for b in over["labels"]]
             if arm.views > 1:
                 over["replay_views"] = True
         slug = "".join(c if c.isalnum() else "_" for c in arm.label).strip("_")
         return self._train(self.root / suite.name / slug / f"seed{seed}", over)
+
+
+def _bank_bytes_per_sample(banks: str | None) -> float | None:
+    """Bytes on disk per sample of the bank(s) a run read (None for live teachers / no bank)."""
+    if not banks or banks == "live":
+        return None
+    from pipeline.bank.reader import LabelBank
+    from pipeline.labels import disk_size
+
+    paths = banks.split(",")
+    return sum(disk_size(p) for p in paths) / LabelBank(paths[0]).num_samples
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -229,6 +261,7 @@ def run_suite(name: str, scale: Scale, root: Path, data_root: Path, device: str,
             "top1": [f["top1"] for f in finals], "ece": [f["ece"] for f in finals],
             "time_s": [f["train_time_s"] for f in finals],
             "step_ms": [1000 * scale.batch_size / f["train_images_per_s"] for f in finals if f.get("train_images_per_s")],
+            "bank_bytes": _bank_bytes_per_sample(finals[0].get("bank")),
         }
     elapsed = time.time() - t0
     if results_md is not None:
@@ -275,11 +308,13 @@ def _write_section(md: Path, suite: Suite, scale: Scale, teacher_rows, summary: 
              f"Published claim under test: {suite.claim}.", "", "Teachers:", ""]
     for job, fin in teacher_rows:
         lines.append(f"- `{job.name}`: {job.arch}, {job.epochs or scale.teacher_epochs} epochs of CE → top-1 {fin['top1']:.2f}, ECE {fin['ece']:.4f}")
-    lines += ["", "| arm | method | student | top-1 (%) | ECE | train time (s) | step (ms) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| arm | method | student | top-1 (%) | ECE | train time (s) | step (ms) | bank B/sample |",
+              "|---|---|---|---|---|---|---|---|"]
     for label, s in summary.items():
-        lines.append(f"| {label} | {s['method']} | {s['student']} | {_mean_std(s['top1'])} | "
-                     f"{_mean_std(s['ece'], 4)} | "
-                     f"{statistics.mean(s['time_s']):.1f} | {statistics.mean(s['step_ms']) if s['step_ms'] else float('nan'):.1f} |")
+        step = f"{statistics.mean(s['step_ms']):.1f}" if s["step_ms"] else "-"
+        bank = "-" if s["bank_bytes"] is None else f"{s['bank_bytes']:.1f}"
+        lines.append(f"| {label} | {s['method']} | {s['student']} | {_mean_std(s['top1'])} | {_mean_std(s['ece'], 4)} | "
+                     f"{statistics.mean(s['time_s']):.1f} | {step} | {bank} |")
     if plot is not None:
         lines += ["", f"![{suite.name}]({plot.relative_to(md.parent).as_posix()})"]
     lines += ["", "Reading: " + _reading(suite, summary), ""]
