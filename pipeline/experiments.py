@@ -31,14 +31,15 @@ log = logging.getLogger("pipeline.experiments")
 class Scale:
     """How big a suite runs. ``max_steps`` > 0 caps steps per epoch (tiny scale)."""
 
-    train_per_class: int = 500
-    val_per_class: int = 500
-    teacher_epochs: int = 8
-    student_epochs: int = 8
+    train_per_class: int = 300
+    val_per_class: int = 200
+    teacher_epochs: int = 6
+    student_epochs: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 128
     max_steps: int = 0
-    labeled: int = 2000
+    labeled: int = 500
+    lr: float = 0.05
 
 
 SCALES = {
@@ -165,7 +166,7 @@ class Runner:
         resume = (out / "last.pt").is_file()
         base = {"data": str(self.data), "device": self.device, "output_dir": str(out), "batch_size": self.scale.batch_size,
                 "workers": 2, "max_steps_per_epoch": self.scale.max_steps, "log_every": 1000,
-                "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+                "optim": {"name": "sgd", "lr": self.scale.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
                 "sched": {"name": "cosine", "warmup_epochs": 0.5}, "resume": resume, "overwrite": not resume}
         cfg = from_dict(TrainConfig, _merge(base, overrides))
         return run_training(cfg)
@@ -303,7 +304,7 @@ def _write_section(md: Path, suite: Suite, scale: Scale, teacher_rows, summary: 
     lines = [f"## {suite.title}", "",
              f"Command: `python -m pipeline.experiments {suite.name}` (scale: {scale.train_per_class} train / "
              f"{scale.val_per_class} val images per class, teachers {scale.teacher_epochs} epochs, students "
-             f"{scale.student_epochs} epochs, seeds {list(scale.seeds)}, batch {scale.batch_size}, CPU; suite wall time "
+             f"{scale.student_epochs} epochs, seeds {list(scale.seeds)}, batch {scale.batch_size}, SGD lr {scale.lr} cosine, CPU; suite wall time "
              f"{elapsed / 60:.1f} min including reused steps).", "",
              f"Published claim under test: {suite.claim}.", "", "Teachers:", ""]
     for job, fin in teacher_rows:
