@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: key=value overrides may sit between flags (argparse otherwise takes only the first run of them)
+    args = build_parser().parse_intermixed_args(argv)
     setup_logging(args.verbose)
     from stage2_student_train import TrainConfig, run_training
 

@@ -88,6 +88,7 @@ def train_one_epoch(
         if info.enabled:
             finite = all_reduce_sum(finite.cpu(), info) / info.world_size
         if finite.item() < 1.0:
+            pbar.close()  # so the error is a line of its own, not glued to the progress bar
             raise TrainingDiverged(f"loss became non-finite at epoch {epoch} step {step}; stopped, last good checkpoint kept")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():

@@ -45,12 +45,23 @@ def seed_everything(seed: int) -> None:
 
 def build_criterion(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The method's loss with its hyperparameters validated (unknown method or hparam -> one-line error)."""
+    # YAML 1.1 (PyYAML) reads exponent floats without a dot ("1e-3", "5e-4") as strings; hparams are untyped here
+    hparams = {k: _number_or_str(v) for k, v in cfg.loss.items()}
     try:
-        return kd_losses.build_loss(cfg.method, num_classes=num_classes, **cfg.loss)
+        return kd_losses.build_loss(cfg.method, num_classes=num_classes, **hparams)
     except KeyError as e:  # UnknownLossError
         raise UsageError(str(e)) from None
     except (TypeError, ValueError) as e:
         raise UsageError(" ".join(str(e).split())) from None
+
+
+def _number_or_str(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
 
 
 def build_label_source(cfg: TrainConfig, train: Manifest, preset: Preprocess):
@@ -129,6 +140,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     try:
         return _run(cfg, info)
+    except OSError as e:  # disk full, read-only or unreadable output dir: one line, not a traceback
+        raise UsageError(f"I/O error: {' '.join(str(e).split())}") from None
     finally:
         cleanup(info)
 
@@ -140,8 +153,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if train_m.classes != val_m.classes:
         raise UsageError(f"classes of {cfg.train_split} and {cfg.val_split} differ in {cfg.data}")
     num_classes = train_m.num_classes
+    seed_everything(cfg.seed)  # before the criterion: SL-Enc's network is initialised from the seed too
     criterion = build_criterion(cfg, num_classes).to(cfg.device)
-    seed_everything(cfg.seed)
     model = create_model(cfg.student, num_classes, cfg.student_weights).to(cfg.device)
     teacher = build_label_source(cfg, train_m, preset)
     out = prepare_output_dir(cfg, info)
@@ -197,9 +210,12 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             device=cfg.device, amp=cfg.amp, scaler=scaler, channels_last=cfg.channels_last, info=info,
             total_steps=steps, log_every=cfg.log_every, on_step=on_step,
         )
+        if info.enabled:  # DDP keeps parameters in sync, not the BN statistics of each rank's last batch:
+            for buf in model.buffers():  # evaluate (and save) rank 0's on every rank
+                torch.distributed.broadcast(buf, 0)
         val, acc = evaluate(model, _batches(val_m, val_order, preset, "eval", cfg, 0), val_labels,
                             device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info)
-        metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, **train_stats,
+        metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
                    "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - t_start}
         is_best = val["top1"] > best
         best = max(best, val["top1"])

@@ -1,0 +1,39 @@
+"""``make demo`` equivalent (issue 4, point 10): the whole flow on the embedded data on CPU (teacher with ce, its
+bank dumped once, students ce / kd / wsld from that bank, the report table), with 1 epoch per run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.data.embedded import FASHION_MNIST_DIR
+
+
+def test_demo_flow(tmp_path, monkeypatch, capsys):
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("embedded Fashion-MNIST not installed (make setup installs it)")
+    from pipeline.demo import main
+
+    monkeypatch.setenv("KD_CACHE", str(tmp_path / "cache"))  # the bank goes here, not into the repo
+    data, out = tmp_path / "data", tmp_path / "runs"
+    argv = ["--data", str(data), "--out", str(out), "--train-per-class", "30", "--val-per-class", "10",
+            "--epochs", "1"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    lines = [l for l in text.splitlines() if l.strip()]
+    header = lines[-5].split()
+    assert header[:2] == ["run", "method"] and {"bank", "top1", "top5", "ece", "time_s"} <= set(header)
+    rows = {l.split()[0]: dict(zip(header, l.split())) for l in lines[-4:]}
+    assert set(rows) == {"teacher-ce", "student-ce", "student-kd", "student-wsld"}
+    banks = list((tmp_path / "cache").glob("*/democnn-*.zarr"))
+    assert len(banks) == 1  # one bank, dumped once, from the teacher's best checkpoint
+    for m in ("kd", "wsld"):
+        f = json.loads((out / f"student-{m}" / "final.json").read_text())
+        assert f["bank"].endswith(banks[0].name) and f["teacher"] == "democnn" and f["epochs"] == 1
+        assert rows[f"student-{m}"]["bank"] == banks[0].name
+    assert rows["student-ce"]["bank"] == "-" and rows["teacher-ce"]["student"] == "democnn"
+    # a second run reuses every step and prints the same table
+    assert main(argv) == 0
+    again = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+    assert again[-5:] == lines[-5:]

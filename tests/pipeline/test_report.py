@@ -1,0 +1,77 @@
+"""``python -m pipeline.report runs/*`` (issue 4, point 8): one table of finished runs with method, teacher bank,
+top-1, top-5, ECE and time; runs that reused one bank sit side by side; unfinished runs are skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.report import main
+from pipeline.train_student import main as train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, demo_root, demo_bank) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--student", "democnn_s", "--data", str(demo_root), "--preset", "demo", "--batch-size", "32",
+              "--epochs", "1", "--workers", "1", "max_steps_per_epoch=2"]
+    # names chosen so that alphabetical order would interleave the bank runs with the bank-less one
+    for name, method, bank in (("a-kd", "kd", True), ("b-ce", "ce", False), ("c-wsld", "wsld", True)):
+        extra = ["--labels", str(demo_bank)] if bank else []
+        assert train(["--method", method, *extra, *common, "--output-dir", str(root / name)]) == 0
+    (root / "d-unfinished").mkdir()
+    (root / "d-unfinished" / "metrics.jsonl").write_text("")
+    (root / "notes.txt").write_text("not a run")
+    return root
+
+
+def _table(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    lines = [l for l in text.splitlines() if l.strip()]
+    header = lines[0].split()
+    return header, {l.split()[0]: l.split() for l in lines[1:]}
+
+
+def test_report_cli_glob(runs, demo_bank):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(f"{sys.executable} -m pipeline.report {runs}/*", shell=True, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    header, rows = _table(proc.stdout)
+    for col in ("method", "bank", "top1", "top5", "ece", "time_s"):
+        assert col in header
+    assert set(rows) == {"a-kd", "b-ce", "c-wsld"}  # the unfinished run and the file are skipped
+    for name, row in rows.items():
+        f = json.loads((runs / name / "final.json").read_text())
+        cell = dict(zip(header, row))
+        assert cell["method"] == f["method"]
+        assert float(cell["top1"]) == pytest.approx(f["top1"], abs=0.01)
+        assert float(cell["top5"]) == pytest.approx(f["top5"], abs=0.01)
+        assert float(cell["ece"]) == pytest.approx(f["ece"], abs=1e-4)
+        assert float(cell["time_s"]) == pytest.approx(f["train_time_s"], rel=0.01, abs=0.01)
+        assert cell["bank"] == (Path(demo_bank).name if f["bank"] else "-")
+    # the two runs of one bank are adjacent
+    order = list(rows)
+    assert abs(order.index("a-kd") - order.index("c-wsld")) == 1
+
+
+def test_report_json_and_markdown(runs, capsys):
+    assert main([str(p) for p in sorted(runs.iterdir())] + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["run"]: r["method"] for r in rows} == {"a-kd": "kd", "b-ce": "ce", "c-wsld": "wsld"}
+    assert all(r["epochs"] == 1 and r["teacher"] in ("democnn_s", "-") for r in rows)
+    assert main([str(runs / "a-kd"), "--markdown"]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| run | method |") and md[1].startswith("|---|") and "| kd |" in md[2]
+
+
+def test_report_without_finished_runs_is_exit_2(runs, capsys):
+    assert main([str(runs / "d-unfinished"), str(runs / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished runs" in err[0]

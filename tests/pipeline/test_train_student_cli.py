@@ -1,0 +1,167 @@
+"""``python -m pipeline.train_student`` (issue 4, points 1 and 7, Bad input): --labels, --teacher finding the cached
+bank by key, several --labels on the T axis, --config plus dotted overrides, methods without a bank; an existing
+run directory and unknown method / student / config key are one-line refusals with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.train_student import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _args(data: Path, out: Path, *extra: str, student: str = "democnn_s") -> list[str]:
+    return ["--student", student, "--data", str(data), "--preset", "demo", "--batch-size", "32", "--epochs", "1",
+            "--workers", "1", "--output-dir", str(out), "max_steps_per_epoch=2", *extra]
+
+
+def _final(out: Path) -> dict:
+    return json.loads((out / "final.json").read_text())
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    err = [l for l in err if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_labels_path(tmp_path, demo_root, demo_bank):
+    out = tmp_path / "r"
+    assert main(["--method", "kd", "--labels", str(demo_bank), *_args(demo_root, out)]) == 0
+    f = _final(out)
+    assert f["bank"] == str(demo_bank) and f["teacher"] == "democnn_s" and f["method"] == "kd"
+
+
+@pytest.mark.parametrize("weights", ["checkpoint", "none"])
+def test_teacher_finds_cached_bank(tmp_path, demo_root, monkeypatch, capsys, weights):
+    """Dump into $KD_CACHE with the stage-1 CLI, then train with only --teacher (+ --teacher-weights)."""
+    from pipeline.dump_logits import main as dump
+    from pipeline.models import create_model
+
+    monkeypatch.setenv("KD_CACHE", str(tmp_path / "cache"))
+    if weights == "checkpoint":
+        torch.manual_seed(3)
+        w = str(tmp_path / "t.pt")
+        torch.save(create_model("democnn_s", 10).state_dict(), w)
+    else:
+        w = "none"
+    capsys.readouterr()
+    assert dump(["--teacher", "democnn_s", "--weights", w, "--data", str(demo_root), "--split", "train",
+                 "--preset", "demo", "--batch-size", "64"]) == 0
+    bank = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Path(bank).is_dir() and Path(bank).is_relative_to(tmp_path / "cache")
+    out = tmp_path / "r"
+    assert main(["--method", "wsld", "--teacher", "democnn_s", "--teacher-weights", w, *_args(demo_root, out)]) == 0
+    assert _final(out)["bank"] == bank
+    # another teacher has no bank: a one-line refusal that says how to make one
+    capsys.readouterr()
+    assert main(["--method", "wsld", "--teacher", "democnn", "--teacher-weights", w,
+                 *_args(demo_root, tmp_path / "r2")]) == 2
+    msg = _one_error_line(capsys)
+    assert "no bank for teacher(s) democnn" in msg and "dump_logits" in msg
+
+
+def test_several_labels_are_the_teacher_axis(tmp_path, demo_root, demo_bank):
+    from pipeline.dump_logits import main as dump
+
+    second = tmp_path / "second.zarr"
+    assert dump(["--teacher", "democnn_s", "--weights", "none", "--seed", "5", "--data", str(demo_root),
+                 "--split", "train", "--preset", "demo", "--batch-size", "64", "--out", str(second)]) == 0
+    out = tmp_path / "r"
+    assert main(["--method", "sl_kd", "--labels", str(demo_bank), "--labels", str(second),
+                 *_args(demo_root, out)]) == 0
+    f = _final(out)
+    assert f["bank"] == f"{demo_bank},{second}" and f["teacher"] == "democnn_s+democnn_s"
+    assert yaml.safe_load((out / "config.yaml").read_text())["labels"] == [str(demo_bank), str(second)]
+
+
+def test_config_yaml_and_dotted_overrides(tmp_path, demo_root, demo_bank):
+    """Defaults < YAML < CLI flags < key=value overrides; overrides may sit between flags."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "kd", "loss": {"T": 2.0, "alpha": 0.5}, "student": "democnn_s", "preset": "demo", "epochs": 5,
+        "batch_size": 64, "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.8},
+        "sched": {"name": "cosine", "step_size": 1, "gamma": 0.5}}))
+    out = tmp_path / "r"
+    rc = main(["--config", str(recipe), "loss.T=3", "--labels", str(demo_bank), "--data", str(demo_root),
+               "--epochs", "2", "--batch-size", "32", "--lr", "0.3", "optim.lr=0.05", "--output-dir", str(out),
+               "sched.name=step", "max_steps_per_epoch=2", "loss.alpha=1e-1", "--workers", "1"])
+    assert rc == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["loss"]["T"] == 3 and float(saved["loss"]["alpha"]) == 0.1
+    assert saved["epochs"] == 2 and saved["batch_size"] == 32  # CLI flags over YAML
+    assert saved["optim"] == {**saved["optim"], "lr": 0.05, "momentum": 0.8}  # override over --lr over YAML
+    assert saved["sched"]["name"] == "step"
+    assert [r["lr"] for r in _rows(out)] == pytest.approx([0.05 * 0.5, 0.05 * 0.25])  # step: x0.5 per epoch
+    # the hparams the loss is built with: numbers, whatever YAML made of "1e-1"
+    from pipeline.config import resolve
+    from stage2_student_train import TrainConfig
+    from stage2_student_train.run import build_criterion
+
+    crit = build_criterion(resolve(TrainConfig, out / "config.yaml"), 10)
+    assert crit.hparams == {"T": 3, "alpha": 0.1} and isinstance(crit.hparams["alpha"], float)
+
+
+@pytest.mark.parametrize("method", ["ce", "ls", "tfkd_reg"])
+def test_methods_without_teacher_need_no_bank(tmp_path, demo_root, method):
+    out = tmp_path / method
+    assert main(["--method", method, *_args(demo_root, out)]) == 0
+    f = _final(out)
+    assert f["bank"] is None and f["teacher"] is None and f["method"] == method
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, demo_root, capsys):
+    out = tmp_path / "r"
+    assert main(["--method", "ce", *_args(demo_root, out)]) == 0
+    first = _final(out)
+    capsys.readouterr()
+    assert main(["--method", "ce", *_args(demo_root, out)]) == 2
+    msg = _one_error_line(capsys)
+    assert str(out) in msg and "--resume" in msg and "--overwrite" in msg
+    assert _final(out) == first  # untouched
+    (out / "stale.txt").write_text("old")
+    assert main(["--method", "ls", "--overwrite", *_args(demo_root, out)]) == 0
+    assert not (out / "stale.txt").exists() and _final(out)["method"] == "ls"
+    assert [r["epoch"] for r in _rows(out)] == [0]
+
+
+@pytest.mark.parametrize(("extra", "student", "words"), [
+    (["--method", "kdd"], "democnn_s", ["unknown loss 'kdd'", "valid:", "kd", "wsld", "sl_enc"]),
+    (["--method", "ce"], "resnet1", ["unknown model 'resnet1'", "valid:", "resnet18", "democnn_s"]),
+    (["--method", "ce", "optim.lrr=0.1"], "democnn_s", ["unknown config key 'optim.lrr'", "optim.lr"]),
+    (["--method", "ce", "epoch=3"], "democnn_s", ["unknown config key 'epoch'", "epochs"]),
+    (["--method", "kd", "loss.temperature=4"], "democnn_s", ["temperature", "valid:", "T"]),
+    (["--method", "ce", "sched.name=poly"], "democnn_s", ["unknown schedule 'poly'", "cosine"]),
+    (["--method", "ce", "optim.name=lamb"], "democnn_s", ["unknown optimizer 'lamb'", "adamw"]),
+])
+def test_unknown_names_are_one_line_exit_2(tmp_path, demo_root, capsys, extra, student, words):
+    capsys.readouterr()
+    assert main([*extra, *_args(demo_root, tmp_path / "r", student=student)]) == 2
+    msg = _one_error_line(capsys)
+    for w in words:
+        assert w in msg, msg
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_real_process_exit_code(tmp_path, demo_root):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train_student", "--method", "nope",
+                           *_args(demo_root, tmp_path / "r")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: unknown loss 'nope'; valid: ce,")

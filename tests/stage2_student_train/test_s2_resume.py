@@ -1,0 +1,137 @@
+"""Checkpoints and --resume (issue 4, point 5): model, criterion (SL-Enc's network), optimizer, scheduler, epoch and
+RNG state are restored, so 2 epochs + ``--resume --epochs 3`` and a run SIGKILLed in epoch 2 then resumed both
+end bit-for-bit where an uninterrupted 3-epoch run ends; best.pt / last.pt are usable as teacher weights."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from pipeline.bank.reader import LabelBank
+from pipeline.models import file_sha256
+from s2_helpers import RESUME_ARGS, assert_same_state, demo_args, model_state, read_metrics, subprocess_env
+
+SAME_KEYS = ("epoch", "top1", "top5", "nll", "ece", "train_loss", "train_kd", "train_ce", "lr")
+
+
+def _full_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_run(a, b) -> None:
+    """Same final weights (model and loss network), optimizer state and per-epoch metrics."""
+    sa, sb = _full_state(a / "last.pt"), _full_state(b / "last.pt")
+    assert_same_state(sa["model"], sb["model"])
+    assert_same_state(sa["criterion"], sb["criterion"])
+    assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"]
+    mom_a = [s["momentum_buffer"] for _, s in sorted(sa["optimizer"]["state"].items())]
+    mom_b = [s["momentum_buffer"] for _, s in sorted(sb["optimizer"]["state"].items())]
+    assert len(mom_a) == len(mom_b) and all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [{k: r[k] for k in SAME_KEYS} for r in ra] == [{k: r[k] for k in SAME_KEYS} for r in rb]
+
+
+def test_same_seed_same_run(train, tmp_path, demo_bank, reference_run):
+    """Seeds make a run reproducible: the same command again (same process, RNG already used) is bit-identical."""
+    torch.rand(7)  # consume global RNG state: the run must not depend on it
+    out = tmp_path / "again"
+    assert train(out, *RESUME_ARGS, epochs=3, labels=(demo_bank,)) == 0
+    _assert_same_run(reference_run, out)
+
+
+def test_resume_continues_bit_for_bit(train, tmp_path, demo_bank, reference_run):
+    out = tmp_path / "resumed"
+    assert train(out, *RESUME_ARGS, epochs=2, labels=(demo_bank,)) == 0
+    assert _full_state(out / "last.pt")["epoch"] == 1
+    torch.rand(3)
+    assert train(out, *RESUME_ARGS, "--resume", epochs=3, labels=(demo_bank,)) == 0
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]
+    _assert_same_run(reference_run, out)
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs"] == 3 and final["top1"] == read_metrics(out)[-1]["top1"]
+
+
+def test_kill_and_resume(tmp_path, demo_root, demo_bank, reference_run, train):
+    """SIGKILL the CLI process once epoch 2 (index 1) has started; --resume completes the run with each epoch
+    exactly once in metrics.jsonl and the same final weights as the uninterrupted run."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline.train_student",
+           *demo_args(demo_root, out, *RESUME_ARGS, epochs=3, labels=(demo_bank,))]
+    log = tmp_path / "stderr.txt"
+    # same intra-op thread count as this process: float reductions (hence bits) depend on it
+    env = subprocess_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
+        deadline = time.time() + 240
+        try:
+            while "epoch 1:" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.time() < deadline, "epoch 1 never started"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final.json").exists()  # it really died before finishing
+    killed_at = _full_state(out / "last.pt")["epoch"]
+    assert killed_at in (0, 1)
+    assert train(out, *RESUME_ARGS, "--resume", epochs=3, labels=(demo_bank,)) == 0
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]  # no duplicate or missing epoch
+    _assert_same_run(reference_run, out)
+
+
+def test_best_and_last_checkpoints(reference_run):
+    rows = read_metrics(reference_run)
+    best = _full_state(reference_run / "best.pt")
+    last = _full_state(reference_run / "last.pt")
+    assert last["epoch"] == 2 and last["arch"] == "democnn_s" and last["num_classes"] == 10
+    assert set(last) >= {"model", "criterion", "optimizer", "scheduler", "scaler", "epoch", "rng", "config"}
+    assert best["top1"] == max(r["top1"] for r in rows)
+    assert rows[best["epoch"]]["top1"] == best["top1"]
+    assert best["config"]["method"] == "sl_enc"
+
+
+def test_checkpoints_are_teacher_weights(tmp_path, demo_root, reference_run):
+    """A stage-2 checkpoint is a valid stage-1 teacher (Tf-KD self-teachers, Re-KD, De-KD)."""
+    from pipeline.dump_logits import main
+
+    best = reference_run / "best.pt"
+    out = tmp_path / "self.zarr"
+    rc = main(["--teacher", "democnn_s", "--weights", str(best), "--data", str(demo_root), "--split", "train",
+               "--preset", "demo", "--batch-size", "64", "--out", str(out)])
+    assert rc == 0
+    bank = LabelBank(out)
+    assert bank.complete and bank.shape == (300, 1, 1, 10)
+    assert bank.teachers[0]["sha256"] == file_sha256(best)
+    # the bank holds this checkpoint's logits, not a random init's: compare with the model itself
+    from pipeline.data.dali import build_pipeline, iterate
+    from pipeline.data.manifest import build_manifest
+    from pipeline.data.presets import get_preset
+    from pipeline.models import create_model
+
+    m = create_model("democnn_s", 10, str(best)).eval()
+    assert_same_state(m.state_dict(), model_state(best))
+    manifest = build_manifest(demo_root, "train")
+    import numpy as np
+
+    order = np.arange(16)
+    b = next(iterate(build_pipeline(manifest, order, get_preset("demo"), "eval", 16, 1), 16, 16))
+    with torch.no_grad():
+        want = m(b.images).half().float()
+    got = torch.from_numpy(bank.read_logits(0, 16)[:, 0, 0].astype("float32"))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_resume_without_checkpoint_is_refused(train, tmp_path, capsys):
+    out = tmp_path / "junk"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    assert train(out, "--resume", method="ce") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last.pt" in err[0]
