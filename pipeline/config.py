@@ -7,6 +7,7 @@ next to every output so a run or a bank says exactly what produced it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,25 @@ import yaml
 from pipeline.errors import UsageError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 SafeLoader that also reads ``1e-3`` / ``5e-4`` (no dot) as floats, as YAML 1.2 and users do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -52,14 +72,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=key + ".")
     if origin in (tuple, list) or tp in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = yaml_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             value = [value]
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, key) for v in value)
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value) or {}
+            value = yaml_load(value) or {}
         if not isinstance(value, Mapping):
             raise UsageError(f"config key '{key}': expected a mapping, got {value!r}")
         return dict(value)
@@ -150,7 +170,7 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
         if not k:
             raise UsageError(f"override '{item}' has an empty key")
         try:
-            val = yaml.safe_load(v) if v != "" else ""
+            val = yaml_load(v) if v != "" else ""
         except yaml.YAMLError:
             val = v
         out.append((k, val))
@@ -162,7 +182,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UsageError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise UsageError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:

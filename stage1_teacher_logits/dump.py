@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,10 @@ def find_corrupt(manifest: Manifest, order: np.ndarray, start: int, known: set[i
 
     if manifest.layout == "cifar":
         return None
+    if manifest.layout == "shards":
+        from pipeline.data.shards import find_corrupt as shard_find_corrupt
+
+        return shard_find_corrupt(manifest, order, start, known)
     root = Path(manifest.root)
     for pos in range(start, len(order)):
         if int(order[pos]) in known:
@@ -101,6 +105,52 @@ def find_corrupt(manifest: Manifest, order: np.ndarray, start: int, known: set[i
         except Exception:
             return pos
     return None
+
+
+def malformed(path: Path) -> bool:
+    """Cheap structural check (no decode): empty file, unknown signature, or a JPEG/PNG without its end marker.
+
+    Truncated and non-image files are caught here before DALI sees them (DALI 2.4's CPU decoder has been seen
+    to crash, not raise, on some truncated JPEGs)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 4:
+                return True
+            f.seek(-12, 2)
+            tail = f.read()
+    except OSError:
+        return True
+    if head[:2] == b"\xff\xd8":  # JPEG: must end with EOI (allow trailing padding bytes)
+        return b"\xff\xd9" not in tail
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in tail
+    return head[:2] not in (b"BM", b"II", b"MM") and head[:4] not in (b"RIFF", b"GIF8")
+
+
+def malformed_positions(manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
+    """Positions in ``order`` whose files fail :func:`malformed` (threaded: cheap even on network storage)."""
+    if manifest.layout not in ("imagefolder", "filelist"):
+        return []  # arrays need no check; shards carry per-member checksums checked by their reader
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def bad(i: int) -> bool:
+        path = root / manifest.files[int(i)]
+        if not malformed(path):
+            return False
+        try:  # e.g. trailing bytes after a JPEG's end marker: only a failed full decode condemns a file
+            with Image.open(path) as im:
+                im.load()
+            return False
+        except Exception:
+            return True
+
+    root = Path(manifest.root)
+    with ThreadPoolExecutor(threads) as ex:
+        flags = list(ex.map(bad, order, chunksize=256))
+    return [p for p, b in enumerate(flags) if b]
 
 
 def resolve_bank_path(cfg: DumpConfig, manifest: Manifest, teachers: list[dict], preprocessing: dict,
@@ -124,7 +174,7 @@ def run_dump(cfg: DumpConfig) -> str:
     # Build the teachers before touching the bank: a bad name or checkpoint must not leave a bank behind.
     model = build_teachers(specs, manifest.num_classes, cfg.device, cfg.seed)
 
-    with ExitStack() as stack:
+    with _io_errors(path), ExitStack() as stack:
         status = None
         if info.is_main:
             status = _prepare_bank(cfg, manifest, teachers, preprocessing, views, path, key, stack)
@@ -211,21 +261,40 @@ def _dump_chunks(cfg: DumpConfig, info: DistInfo, manifest: Manifest, model, pat
     order = np.concatenate([np.arange(j * rows, min(n, (j + 1) * rows)) for j in mine])
     chunk_of_pos = np.concatenate([np.full(min(n, (j + 1) * rows) - j * rows, j) for j in mine])
     skip: set[int] = set()
+    suspect = frozenset(int(order[p]) for p in malformed_positions(manifest, order))
     pbar = tqdm(total=len(order), desc=f"dump rank {info.rank}", unit="img", disable=not info.is_main,
                 mininterval=1.0)
     pos = 0
     t0 = time.time()
     try:
         while pos < len(order):
-            pos = _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar)
+            pos = _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar, suspect)
     finally:
         pbar.close()  # ends the progress line, so an error message starts on its own line
     log.info("rank %d dumped %d samples in %.1fs", info.rank, len(order), time.time() - t0)
 
 
-def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar) -> int:
+def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar,
+              suspect: frozenset[int] = frozenset()) -> int:
     """Run one pipeline from position ``pos`` (a chunk start) to the end; on a decode error find the file,
-    then raise (or, with skip_corrupt, record it and return the start of the failing chunk to restart)."""
+    then raise (or, with skip_corrupt, record it and return the start of the failing chunk to restart).
+
+    ``suspect``: samples whose files failed the structural pre-scan; the pipeline stops before the first one
+    not yet skipped, which is then handled exactly like a decode error (they never reach DALI)."""
+    first = next((p for p in range(pos, len(order)) if int(order[p]) in suspect and int(order[p]) not in skip), None)
+    if first is not None:
+        bad_start = _chunk_start(chunk_of_pos, first)
+        if bad_start > pos:  # dump the clean chunks before the suspect file's chunk
+            _run_from(cfg, g, manifest, model, sampler, order[:bad_start], chunk_of_pos[:bad_start], pos, bs, rows,
+                      skip, pbar, suspect)
+        idx = int(order[first])
+        fname = Path(manifest.root) / manifest.files[idx]
+        if not cfg.skip_corrupt:
+            raise BankError(f"cannot decode {fname} (sample {idx}): empty, truncated or not an image; "
+                            "fix or remove it, or pass --skip-corrupt")
+        log.warning("skipping corrupt file %s (sample %d)", fname, idx)
+        skip.add(idx)
+        return bad_start
     sub = order[pos:].copy()
     for k, i in enumerate(sub):  # skipped samples: a stand-in keeps batch composition aligned to chunks
         if int(i) in skip:
@@ -259,7 +328,7 @@ def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, ro
                 if bad_start > chunk_start:
                     del it, pipe
                     _run_from(cfg, g, manifest, model, sampler, order[:bad_start], chunk_of_pos[:bad_start],
-                              chunk_start, bs, rows, skip, pbar)
+                              chunk_start, bs, rows, skip, pbar, suspect)
                 raise BankError(f"cannot decode {fname} (sample {idx}); fix or remove it, or pass --skip-corrupt") from None
             log.warning("skipping corrupt file %s (sample %d)", fname, idx)
             skip.add(idx)
@@ -274,7 +343,7 @@ def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, ro
                 out = model(images)[:, :, None, :]
         out = out.float().cpu().numpy()
         index = batch.index.numpy()
-        _check_finite(out, index, skip, manifest)
+        _check_finite(out, index, skip, manifest, g["logits"].dtype)
         for k in range(len(index)):
             p = done_pos + k
             j = int(chunk_of_pos[p])
@@ -327,13 +396,34 @@ def _flush(g, j: int, buf: dict, skip: set[int]) -> None:
     write_chunk(g, j, buf["logits"], buf["labels"], buf["views"], skipped)
 
 
-def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest) -> None:
+def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest,
+                  dtype: np.dtype | str = np.float32) -> None:
     bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
     for k in np.flatnonzero(bad):
         i = int(index[k])
         if i not in skip:
             raise BankError(f"teacher produced non-finite logits for sample {i} ({manifest.files[i]}); "
                             "nothing was marked done for its chunk")
+    # finite in float32 but beyond the bank dtype's range (|x| > 65504 in float16): would be stored as inf
+    with np.errstate(over="ignore"):
+        over = ~np.isfinite(out.astype(dtype).reshape(len(out), -1)).all(axis=1)
+    for k in np.flatnonzero(over):
+        i = int(index[k])
+        if i not in skip:
+            raise BankError(f"teacher logits of sample {i} ({manifest.files[i]}) reach "
+                            f"{float(np.abs(out[k]).max()):.4g}, beyond the range of {np.dtype(dtype).name}: dump "
+                            "with --dtype float32; nothing was marked done for its chunk")
+
+
+@contextmanager
+def _io_errors(path: str):
+    """An OSError while writing the bank (disk full, read-only or missing folder, permissions) -> a one-line
+    BankError; nothing is marked complete, and the same command resumes once the cause is fixed."""
+    try:
+        yield
+    except OSError as e:
+        raise BankError(f"I/O error on label bank {path}: {' '.join(str(e).split())}; the bank is not complete: "
+                        "fix the cause (free space, permissions) and rerun the same command to resume") from None
 
 
 def teacher_metrics(g, teachers: list[dict]) -> dict[str, dict[str, float]]:

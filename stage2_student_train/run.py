@@ -45,23 +45,12 @@ def seed_everything(seed: int) -> None:
 
 def build_criterion(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The method's loss with its hyperparameters validated (unknown method or hparam -> one-line error)."""
-    # YAML 1.1 (PyYAML) reads exponent floats without a dot ("1e-3", "5e-4") as strings; hparams are untyped here
-    hparams = {k: _number_or_str(v) for k, v in cfg.loss.items()}
     try:
-        return kd_losses.build_loss(cfg.method, num_classes=num_classes, **hparams)
+        return kd_losses.build_loss(cfg.method, num_classes=num_classes, **cfg.loss)
     except KeyError as e:  # UnknownLossError
         raise UsageError(str(e)) from None
     except (TypeError, ValueError) as e:
         raise UsageError(" ".join(str(e).split())) from None
-
-
-def _number_or_str(v: Any) -> Any:
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
 
 
 def build_label_source(cfg: TrainConfig, train: Manifest, preset: Preprocess):

@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--train-per-class", type=int, default=None, help="cap of train images per class")
     d.add_argument("--val-per-class", type=int, default=None, help="cap of val images per class")
 
-    ls = sub.add_parser("list", help="write <split>_list.txt (relpath label) and classes.txt from ROOT/<split>/<class>/*")
+    ls = sub.add_parser("list", help="write <split>_list.txt (relpath label) and classes.txt "
+                                     "from ROOT/<split>/<class>/*")
     ls.add_argument("root")
     ls.add_argument("--split", default="train", choices=["train", "val", "test"])
     ls.add_argument("-o", "--out", default=None, help="output directory (default ROOT: paths are relative to ROOT)")
@@ -40,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pk.add_argument("--shard-size", default="1GB", help="target tar size, e.g. 1GB, 256MiB (default 1GB)")
     pk.add_argument("--resize-shorter", type=int, default=None,
                     help="shrink the shorter side to N px and re-encode as JPEG (own fingerprint)")
-    pk.add_argument("--quality", type=int, default=None, help="re-encode as JPEG at quality Q (default 90 with resizing)")
+    pk.add_argument("--quality", type=int, default=None,
+                    help="re-encode as JPEG at quality Q (default 90 with resizing)")
     pk.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     pk.add_argument("--overwrite", action="store_true", help="replace a different pack of this split")
     pk.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -60,7 +60,8 @@ def write_list(root: str | Path, split: str = "train", out: str | Path | None = 
     m = _imagefolder(root, split, name)
     for f in m.files:
         if "\n" in f or "\r" in f or f != f.strip():
-            raise UsageError(f"cannot list {f!r}: file names with newlines or surrounding spaces do not fit a list file")
+            raise UsageError(f"cannot list {f!r}: file names with newlines or surrounding spaces "
+                             "do not fit a list file")
     out.mkdir(parents=True, exist_ok=True)
     classes_txt = "".join(c + "\n" for c in m.classes)
     cpath = out / "classes.txt"
@@ -258,12 +259,18 @@ def _update_index(out: Path, split: str, entry: dict | None) -> None:
 
     with FileLock(str(out / ".shards.json.lock")):
         p = out / SHARDS_JSON
-        index = read_index(out) if p.is_file() else {"format": FORMAT, "version": VERSION, "splits": {}}
+        index = _fresh_index(out) if p.is_file() else {"format": FORMAT, "version": VERSION, "splits": {}}
         if entry is None:
             index["splits"].pop(split, None)
         else:
             index["splits"][split] = entry
         _atomic_write(p, json.dumps(index, separators=(",", ":")).encode())
+
+
+def _fresh_index(out: Path) -> dict:
+    """A private (uncached, mutable) copy of ``out/shards.json``, validated like :func:`read_index`."""
+    read_index(out)
+    return json.loads((out / SHARDS_JSON).read_text())
 
 
 def _remove_split_files(out: Path, split: str) -> None:
@@ -284,8 +291,8 @@ def pack(root: str | Path, out: str | Path, split: str = "train", shard_size: st
         raise UsageError(f"{root} is already a pack")
     if not root.is_dir():
         raise UsageError(f"dataset root not found: {root}")
-    if out.resolve() == root.resolve():
-        raise UsageError("write the shards to another directory than the dataset root (-o SHARDS)")
+    if out.resolve() == root.resolve() or out.resolve().is_relative_to((root / split).resolve()):
+        raise UsageError("write the shards outside the dataset root and its split folder (-o SHARDS)")
     if resize_shorter is not None and resize_shorter < 1 or quality is not None and not 1 <= quality <= 100:
         raise UsageError("--resize-shorter must be >= 1 and --quality in 1..100")
     workers = workers or os.cpu_count() or 1
@@ -316,7 +323,7 @@ def _pack_locked(manifest, root, out, split, limit, transform, workers, overwrit
     params = {"source_fingerprint": manifest.fingerprint, "transform": transform, "shard_size": limit}
     entry = None
     if (out / SHARDS_JSON).is_file():
-        entry = read_index(out).get("splits", {}).get(split)
+        entry = _fresh_index(out).get("splits", {}).get(split)
     if entry is not None and {k: entry.get(k) for k in params} != params:
         if not overwrite:
             raise UsageError(f"{out} holds a different pack of split '{split}' (other source, transform or shard "
