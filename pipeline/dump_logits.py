@@ -8,6 +8,7 @@ Launch with ``torchrun --nproc_per_node N -m pipeline.dump_logits ...`` to shard
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -53,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "verbose")}
     cfg = resolve(DumpConfig, args.config, cli, args.overrides)
     path = run_dump(cfg)
-    print(path)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per command, also under torchrun
+        print(path)
     return 0
 
 

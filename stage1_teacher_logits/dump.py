@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.bank.key import bank_key, default_bank_path
 from pipeline.bank.reader import _is_url, open_group
+from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK
 from pipeline.bank.writer import create_bank, done_flags, mark_complete, remove_bank, write_chunk
 from pipeline.config import to_dict
 from pipeline.data.dali import build_pipeline, iterate
@@ -49,7 +50,7 @@ class DumpConfig:
     out: str | None = None
     overwrite: bool = False
     dtype: str = "float16"
-    rows_per_chunk: int = 1024
+    rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK
     skip_corrupt: bool = False
     views: int = 1
     view_policy: str = "center"

@@ -1,0 +1,141 @@
+"""Config resolution (issue 2, point 10): defaults < YAML < CLI flags < dotted overrides, unknown keys and bad
+types are one-line UsageErrors, and the resolved config is stored in the bank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import from_dict, parse_overrides, resolve, save_yaml, to_dict
+from pipeline.errors import UsageError
+from stage1_teacher_logits.dump import DumpConfig
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    epochs: int = 10
+    name: str = "run"
+    optim: Optim = field(default_factory=Optim)
+    milestones: tuple[int, ...] = (30, 60)
+    out: str | None = None
+
+
+def _yaml(tmp_path: Path, data) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_precedence_defaults_yaml_cli_overrides(tmp_path: Path):
+    f = _yaml(tmp_path, {"epochs": 20, "name": "from_yaml", "optim": {"lr": 0.5, "momentum": 0.8}})
+    assert resolve(Run) == Run()
+    c = resolve(Run, f)
+    assert (c.epochs, c.name, c.optim.lr, c.optim.momentum) == (20, "from_yaml", 0.5, 0.8)
+    c = resolve(Run, f, {"epochs": 30, "optim.lr": 0.25, "name": None})  # None = flag not given
+    assert (c.epochs, c.name, c.optim.lr, c.optim.momentum) == (30, "from_yaml", 0.25, 0.8)
+    c = resolve(Run, f, {"epochs": 30, "optim.lr": 0.25}, ["optim.lr=0.05", "epochs=3", "optim.nesterov=true"])
+    assert (c.epochs, c.optim.lr, c.optim.momentum, c.optim.nesterov) == (3, 0.05, 0.8, True)
+    assert c.milestones == (30, 60)
+    c = resolve(Run, None, None, ["milestones=[5, 7]", "out=none"])
+    assert c.milestones == (5, 7) and c.out is None
+
+
+def test_unknown_keys_list_valid_keys(tmp_path: Path):
+    with pytest.raises(UsageError) as e:
+        resolve(Run, _yaml(tmp_path, {"epoch": 3}))
+    msg = str(e.value)
+    assert "'epoch'" in msg and "epochs" in msg and "optim" in msg and "milestones" in msg and "\n" not in msg
+    with pytest.raises(UsageError) as e:
+        resolve(Run, None, None, ["optim.beta=0.9"])
+    assert "'optim.beta'" in str(e.value) and "optim.lr" in str(e.value) and "optim.nesterov" in str(e.value)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("epochs=abc", "epochs"),
+    ("epochs=2.5", "integer"),
+    ("epochs=true", "integer"),
+    ("optim.lr=fast", "optim.lr"),
+    ("optim.nesterov=maybe", "true/false"),
+    ("optim=3", "mapping"),
+    ("name=[1, 2]", "string"),
+    ("nokey", "key=value"),
+    ("=3", "empty key"),
+])
+def test_bad_values_are_usage_errors(override: str, match: str):
+    with pytest.raises(UsageError, match=match):
+        resolve(Run, None, None, [override])
+
+
+def test_yaml_file_errors(tmp_path: Path):
+    with pytest.raises(UsageError, match="not found"):
+        resolve(Run, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        resolve(Run, bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="mapping"):
+        resolve(Run, lst)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert resolve(Run, empty) == Run()
+
+
+def test_roundtrip_to_dict_yaml(tmp_path: Path):
+    c = resolve(Run, None, None, ["optim.lr=0.01", "milestones=[1,2,3]"])
+    d = to_dict(c)
+    assert d == {"epochs": 10, "name": "run", "optim": {"lr": 0.01, "momentum": 0.9, "nesterov": False},
+                 "milestones": [1, 2, 3], "out": None}
+    save_yaml(c, tmp_path / "c.yaml")
+    assert from_dict(Run, yaml.safe_load((tmp_path / "c.yaml").read_text())) == c
+    assert parse_overrides(["a.b=0.5", "s=hello", "e="]) == [("a.b", 0.5), ("s", "hello"), ("e", "")]
+
+
+def test_dump_cli_resolution_stored_in_bank(tmp_path: Path, image_tree: Path, capsys):
+    """YAML < CLI flags < overrides through ``pipeline.dump_logits``; bank attrs['config'] is the resolved config."""
+    import zarr
+
+    from pipeline.dump_logits import main
+
+    cfg_file = _yaml(tmp_path, {"teacher": ["democnn_s"], "weights": ["none"], "preset": "tiny",
+                                "batch_size": 6, "rows_per_chunk": 12, "dtype": "float32", "workers": 1})
+    out = tmp_path / "bank.zarr"
+    rc = main(["--config", str(cfg_file), "--data", str(image_tree), "--batch-size", "3", "--out", str(out),
+               "rows_per_chunk=6", "seed=4"])
+    assert rc == 0, capsys.readouterr().err
+    g = zarr.open_group(str(out), mode="r")
+    stored = dict(g.attrs)["config"]
+    expected = to_dict(DumpConfig(teacher=("democnn_s",), weights=("none",), data=str(image_tree), preset="tiny",
+                                  batch_size=3, rows_per_chunk=6, dtype="float32", workers=1, out=str(out), seed=4))
+    assert stored == expected
+    assert g["logits"].dtype == "float32" and g["logits"].chunks[0] == 6 and dict(g.attrs)["rows_per_chunk"] == 6
+    assert from_dict(DumpConfig, stored).batch_size == 3  # the stored config resolves back
+
+
+def test_dump_cli_config_errors_exit_2(tmp_path: Path, image_tree: Path, capsys):
+    from pipeline.dump_logits import main
+
+    out = tmp_path / "never.zarr"
+    base = ["--teacher", "democnn_s", "--weights", "none", "--data", str(image_tree), "--preset", "tiny",
+            "--out", str(out)]
+    rc = main(base + ["--config", str(_yaml(tmp_path, {"batchsize": 4}))])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "'batchsize'" in err and "batch_size" in err and "rows_per_chunk" in err
+    rc = main(base + ["batch_size=many"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "batch_size" in err and "integer" in err
+    rc = main(base + ["dtype=float64"])
+    assert rc == 2 and "float64" in capsys.readouterr().err
+    assert not out.exists()
