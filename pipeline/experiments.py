@@ -122,7 +122,9 @@ def suites(scale: Scale) -> dict[str, Suite]:
         Suite("label-efficiency", "Label efficiency: few labels plus a bank over all images",
               "teacher labels on unlabelled images beat training on the few labels alone",
               (t_big,), (
-                  Arm(f"ce, {scale.labeled} labels", "ce", extra={"train_subset": scale.labeled}),
+                  Arm(f"ce, {scale.labeled} labels (same steps)", "ce", extra={
+                      "train_subset": scale.labeled,
+                      "epochs": scale.student_epochs * 10 * scale.train_per_class // scale.labeled}),
                   Arm("teacher labels only (kd alpha=1), all images", "kd", teachers=("big",), loss={"alpha": 1.0}),
                   Arm("ce, all labels", "ce"),
               )),
