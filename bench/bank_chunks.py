@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.bank.reader import LabelBank  # noqa: E402
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK  # noqa: E402
 from pipeline.bank.writer import create_bank, mark_complete, write_chunk  # noqa: E402
+from benchmd import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SECTION = "Label-bank chunking (bench/bank_chunks.py)"
 IMAGENET_TRAIN = 1_281_167
@@ -130,19 +131,6 @@ def table(results: list[dict]) -> str:
                      f"({r['write_mbs']:.0f}) | {r['seq_mbs']:.0f} | {r['bulk_mbs']:.0f} | {r['rand_rows_s']:,.0f} | "
                      f"{r['ratio']:.3f}x |")
     return "\n".join(lines)
-
-
-def write_section(title: str, body: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace this benchmark's own section of BENCHMARKS.md (or append it); other sections are left as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured by the scripts in `bench/`.\n"
-    block = f"## {title}\n\n{body.strip()}\n"
-    # the section ends at the next heading or at another script's <!-- marker --> line
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |^<!-- |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from pipeline.data.dali import build_pipeline, iterate  # noqa: E402
 from pipeline.data.manifest import build_manifest  # noqa: E402
 from pipeline.data.presets import get_preset  # noqa: E402
 from stage1_teacher_logits.teachers import build_teachers, parse_teachers  # noqa: E402
+from benchmd import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SECTION = "Stage 1: DALI CPU dump vs torchvision DataLoader (bench/stage1.py)"
 FOOLBOX = REPO / "tests" / ".data" / "foolbox"
@@ -172,19 +173,6 @@ def compare(dali_bank: Path, tv_bank: Path) -> dict:
 
 
 # --- report ----------------------------------------------------------------------------------------------------
-
-
-def write_section(title: str, body: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace this benchmark's own section of BENCHMARKS.md (or append it); other sections are left as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured by the scripts in `bench/`.\n"
-    block = f"## {title}\n\n{body.strip()}\n"
-    # the section ends at the next heading or at another script's <!-- marker --> line
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |^<!-- |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
