@@ -21,7 +21,6 @@ import contextlib
 import io
 import os
 import platform
-import re
 import shlex
 import shutil
 import sys
