@@ -7,6 +7,7 @@ next to every output so a run or a bank says exactly what produced it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -96,7 +97,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise UsageError(f"config key '{key}': expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):  # nan / inf (YAML .nan, 1e400) are not integers either
             raise UsageError(f"config key '{key}': expected an integer, got {value!r}")
         return int(f)
     if tp is float:
@@ -185,6 +186,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise UsageError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not UTF-8 text
+        raise UsageError(f"cannot read config file {p}: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -38,7 +38,7 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         try:
             return fn(argv)
         except UsageError as e:
-            msg = " ".join(str(e).split("\n"))
+            msg = " ".join(str(e).splitlines())  # \r, \x0b, \u2028 ... in a user's value must not break the line
             print(f"error: {msg}", file=sys.stderr)
             return int(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import UsageError
+
 
 def rng_state() -> dict[str, Any]:
     """Every RNG's state in plain types and tensors, so checkpoints load with ``weights_only=True``."""
@@ -36,11 +38,16 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` so that a crash leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # disk full, read-only folder (torch.save reports short writes as RuntimeError)
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write checkpoint {path}: {' '.join(str(e).split())[:200]}; "
+                         "the previous checkpoint (if any) is kept") from None
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

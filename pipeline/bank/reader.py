@@ -110,13 +110,27 @@ class LabelBank:
 
     # --- data --------------------------------------------------------------------------------------------
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:])
+        return self._read_whole("labels")
 
     def skipped(self) -> np.ndarray:
-        return np.asarray(self.group["skipped"][:]) if "skipped" in self.group else np.zeros(self.num_samples, bool)
+        return self._read_whole("skipped") if "skipped" in self.group else np.zeros(self.num_samples, bool)
 
     def views(self) -> np.ndarray:
-        return np.asarray(self.group["views"][:])
+        return self._read_whole("views")
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        """A whole (small) array; a missing array or an unreadable chunk is a BankError naming it."""
+        if name not in self.group:
+            raise BankError(f"label bank {self.path} is damaged: array '{name}' is missing; "
+                            "run python -m pipeline.labels verify")
+        arr = self.group[name]
+        try:
+            return np.asarray(arr[:])
+        except Exception as e:  # checksum mismatch, truncated chunk: find the chunk to name it
+            step = arr.chunks[0]
+            bad = next((j for j, s in enumerate(range(0, arr.shape[0], step)) if not _readable(arr, s, s + step)), "?")
+            raise BankError(f"label bank {self.path} is damaged: array '{name}' chunk {bad} unreadable "
+                            f"({type(e).__name__}); run python -m pipeline.labels verify") from None
 
     def read_logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed)."""
@@ -133,13 +147,26 @@ class LabelBank:
         out = torch.empty(self.shape, dtype=dtype)
         step = max(1, int(self.attrs.get("rows_per_chunk", 1024)))
         skipped = self.skipped()
+        # stage 2 takes true classes from the manifest (and views only when replaying them), but a damaged
+        # labels, views or done array is a damaged bank: refuse it too
+        self._read_whole("views")
+        missing = np.flatnonzero(self.labels() < 0)  # a missing labels chunk reads back as the fill value -1
+        if len(missing):
+            raise BankError(f"label bank {self.path} is damaged: array 'labels' has no value in rows "
+                            f"{missing[:5].tolist()}; run python -m pipeline.labels verify")
+        if "done" in self.group:
+            undone = np.flatnonzero(~self._read_whole("done").astype(bool))
+            if len(undone):
+                raise BankError(f"label bank {self.path} is damaged: array 'done' marks chunks {undone[:5].tolist()} "
+                                "not done; run python -m pipeline.labels verify")
+        name = "logits" if self.format == "dense" else "/".join(self.attrs.get("compact_arrays", ["logits"]))
         for s in range(0, n, step):
             try:
                 rows = self.read_logits(s, min(n, s + step))
             except BankError:
                 raise
             except Exception as e:  # checksum mismatch, truncated chunk, ...: never train on a damaged bank
-                raise BankError(f"label bank {self.path} is damaged: rows {s}-{min(n, s + step) - 1} (chunk "
+                raise BankError(f"label bank {self.path} is damaged: array '{name}' rows {s}-{min(n, s + step) - 1} (chunk "
                                 f"{s // step}) unreadable ({type(e).__name__}); run python -m pipeline.labels verify") from None
             bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) & ~skipped[s:s + len(rows)]
             if bad.any():  # a missing chunk file reads back as the NaN fill value
@@ -147,6 +174,14 @@ class LabelBank:
                                 f"{(s + np.flatnonzero(bad)[:5]).tolist()} (chunk {s // step}); run python -m pipeline.labels verify")
             out[s:s + step] = torch.from_numpy(np.ascontiguousarray(rows))
         return out
+
+
+def _readable(arr: zarr.Array, start: int, stop: int) -> bool:
+    try:
+        arr[start:stop]
+        return True
+    except Exception:
+        return False
 
 
 def _chunk_keys(arr: zarr.Array) -> list[tuple[int, ...]]:

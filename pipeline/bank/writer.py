@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,15 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
                 rows_per_chunk: int) -> zarr.Group:
     """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, chunking, version added)."""
     n, t, v, c = shape
-    g = zarr.open_group(str(path), mode="w", storage_options=storage_options(path))
+    # Local paths: build the bank aside and rename it into place, so that a kill during creation never leaves
+    # a bank without its attrs (which a rerun would refuse as "a different bank"). URL stores are created in place.
+    local = not _is_url(path)
+    build: str | Path = path
+    if local:
+        build = Path(path).with_name(f".{Path(path).name}.creating-{os.getpid()}")
+        for stale in Path(path).parent.glob(f".{Path(path).name}.creating-*"):  # left by a killed creator
+            shutil.rmtree(stale, ignore_errors=True)
+    g = zarr.open_group(str(build), mode="w", storage_options=storage_options(path))
     create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk)
     full = {
         **attrs,
@@ -44,7 +53,12 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
         "package_version": __version__,
     }
     g.attrs.update(full)
-    return g
+    if not local:
+        return g
+    if Path(path).exists():  # mode "w": replace what is there
+        shutil.rmtree(path)
+    os.rename(build, path)
+    return zarr.open_group(str(path), mode="r+")
 
 
 def remove_bank(path: str | Path) -> None:

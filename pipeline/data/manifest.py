@@ -192,13 +192,16 @@ def build_manifest(root: str | Path, split: str = "train", name: str | None = No
     if split not in ("train", "val", "test"):
         raise UsageError(f"unknown split '{split}'; valid: train, val, test")
     name = name or root.resolve().name
-    layout = detect_layout(root, split)
-    if layout == "cifar":
-        return _cifar(root, split, name)
-    if layout == "filelist":
-        return _filelist(root, split, name)
-    if layout == "shards":
-        from pipeline.data.shards import shard_manifest  # packed tar shards (dataset-preparation issue)
+    try:
+        layout = detect_layout(root, split)
+        if layout == "cifar":
+            return _cifar(root, split, name)
+        if layout == "filelist":
+            return _filelist(root, split, name)
+        if layout == "shards":
+            from pipeline.data.shards import shard_manifest  # packed tar shards (dataset-preparation issue)
 
-        return shard_manifest(root, split, name)
-    return _imagefolder(root, split, name)
+            return shard_manifest(root, split, name)
+        return _imagefolder(root, split, name)
+    except OSError as e:  # unreadable folder or list file: name it in one line
+        raise UsageError(f"cannot read dataset {root} ({split}): {' '.join(str(e).split())}") from None
