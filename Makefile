@@ -44,5 +44,9 @@ bench: setup
 	$(PY) bench/stage1.py
 	$(PY) bench/stage2.py
 
+# Every experiment suite on the embedded data (CPU, about an hour on 2 cores); rewrites RESULTS.md and results/*.png.
+results: setup
+	$(PY) -m pipeline.experiments all
+
 clean:
 	rm -rf $(VENV) label_banks runs data demo_out tests/.data

@@ -340,6 +340,12 @@ All runs are on CPU on the embedded Fashion-MNIST subset, so absolute numbers ar
 ImageNet/CIFAR settings; what can be checked is the direction of each published effect. Each section states
 the claim, the table (mean ± std over seeds), a plot, and an automatic reading of whether the effect shows
 beyond seed noise (difference of means > the larger std).
+
+Caveats that apply to every table: students train for only a few epochs with one shared recipe (SGD, lr 0.05,
+cosine) and each method's default hyperparameters (ImageNet/CIFAR values, not tuned for this set), which
+penalises methods whose loss scales the gradient down (KD with alpha 0.9 at T 4, the SL family with alpha 0.1).
+The time columns were measured while other jobs shared the 2 cores, so they are not comparable across arms;
+step-time ratios come from `bench/stage2.py` (BENCHMARKS.md), measured in one run.
 """
 
 
