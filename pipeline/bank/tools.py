@@ -94,6 +94,20 @@ def _short(v: Any) -> str:
     return s if len(s) <= 70 else s[:67] + "..."
 
 
+def _run_job(g: zarr.Group, job, scheduler: str | None, progress: bool, desc: str, what: str):
+    """Compute a per-chunk job on ``scheduler``, then mark every chunk of ``g`` done; returns the job's sums."""
+    with daskio.scheduler(scheduler) as client:
+        try:
+            (vec,) = daskio.compute([job], client, progress, desc=desc)
+        except (BankError, UsageError):
+            raise
+        except Exception as e:
+            raise daskio.job_error(what, e) from None
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        g["done"][:] = True
+    return vec
+
+
 def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", overwrite: bool = False,
                    scheduler: str | None = None, dtype: str | None = None, rows_per_chunk: int | None = None,
                    progress: bool = True) -> str:
@@ -143,15 +157,7 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
                   "views": daskio.rows_array(ref.group["views"], rows), "skipped": skipped}
         job = daskio.block_job(jobs.ensemble_block, inputs, rows, n, out=daskio.Output(tmp), mode=mode,
                                fp16=dtype == "float16")
-        with daskio.scheduler(scheduler) as client:
-            try:
-                (vec,) = daskio.compute([job], client, progress, desc=f"ensemble ({mode}) of {len(banks)} banks")
-            except (BankError, UsageError):
-                raise
-            except Exception as e:
-                raise daskio.job_error(f"ensemble into {out}", e) from None
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            g["done"][:] = True
+        vec = _run_job(g, job, scheduler, progress, f"ensemble ({mode}) of {len(banks)} banks", f"ensemble into {out}")
         metrics = st.metrics_from_states(vec, st.entry_names(teachers, t_out))
         mark_complete(g, {"metrics": metrics})
     log.info("ensemble (%s) of %d banks -> %s  %s", mode, len(banks), out, metrics)
@@ -206,15 +212,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
                   "views": daskio.rows_array(bank.group["views"], rows),
                   "skipped": daskio.rows_array(bank.group["skipped"], rows)}
         job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c)
-        with daskio.scheduler(scheduler) as client:
-            try:
-                (vec,) = daskio.compute([job], client, progress, desc=f"compact ({fmt}) {src}")
-            except (BankError, UsageError):
-                raise
-            except Exception as e:
-                raise daskio.job_error(f"compact into {out}", e) from None
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            g["done"][:] = True
+        vec = _run_job(g, job, scheduler, progress, f"compact ({fmt}) {src}", f"compact into {out}")
         fidelity = cp.fidelity_from_sums(vec[:4])
         metrics = st.metrics_from_states(vec[4:], t_names)
         attrs = {key: val for key, val in bank.attrs.items() if key not in ("metrics", "complete", "created")}
