@@ -93,7 +93,8 @@ def test_sigkill_at_random_points_then_rerun(demo_root: Path, tmp_path: Path, re
         rc = _kill_after(cmd, out, k, rng.uniform(0.0, 0.03))
         assert rc == -signal.SIGKILL, f"the dump finished before the kill after {k} chunks"
         done, complete = _state(out)
-        assert not complete and k <= done.sum() < N_CHUNKS
+        # on an idle machine every chunk may be done before the kill lands (killed while finalizing)
+        assert not complete and k <= done.sum() <= N_CHUNKS
         files = chunk_files(out)
         # finished chunks are never lost nor rewritten by a later run
         assert {p: b for p, b in files.items() if p in kept} == kept
@@ -163,7 +164,8 @@ def test_torchrun_two_ranks_sigkill_then_rerun(demo_root: Path, tmp_path: Path, 
     rc = _kill_after(cmd(), out, k, rng.uniform(0.0, 0.03), new_session=True)
     assert rc == -signal.SIGKILL, "torchrun finished before the kill"
     done, complete = _state(out)
-    assert not complete and k <= done.sum() < N_CHUNKS
+    # on an idle machine the ranks may finish every chunk before the kill lands (killed while finalizing)
+    assert not complete and k <= done.sum() <= N_CHUNKS
     r = subprocess.run(cmd(), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines() == [str(out)]
