@@ -88,3 +88,13 @@ def eval_numpy(model_path: Path, demo_root: Path) -> dict:
     idx = np.concatenate(idx)
     assert sorted(idx.tolist()) == list(range(len(manifest)))
     return np_metrics(np.concatenate(logits), manifest.labels[idx].astype(np.int64))
+
+
+def assert_metrics_match(row: dict, want: dict) -> None:
+    """A metrics.jsonl row equals an independent evaluation (top-1/top-5 in percent, NLL, ECE)."""
+    import pytest
+
+    assert row["top1"] == pytest.approx(want["top1"], abs=1e-6)
+    assert row["top5"] == pytest.approx(want["top5"], abs=1e-6)
+    assert row["nll"] == pytest.approx(want["nll"], rel=1e-4)
+    assert row["ece"] == pytest.approx(want["ece"], abs=1e-4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s2_helpers import assert_same_state, demo_args, eval_numpy, model_state, read_metrics, subprocess_env
+from s2_helpers import assert_metrics_match, assert_same_state, demo_args, eval_numpy, model_state, read_metrics, subprocess_env
 
 DRIVER = Path(__file__).with_name("ddp_driver.py")
 
@@ -44,10 +44,7 @@ def test_torchrun_two_processes(tmp_path, demo_root, demo_bank):
     assert_same_state(r0, model_state(out / "last.pt"))
     # the all-reduced metrics are those of the whole val split, evaluated here in one process with numpy
     want = eval_numpy(out / "last.pt", demo_root)
-    assert rows[-1]["top1"] == pytest.approx(want["top1"], abs=1e-6)
-    assert rows[-1]["top5"] == pytest.approx(want["top5"], abs=1e-6)
-    assert rows[-1]["nll"] == pytest.approx(want["nll"], rel=1e-4)
-    assert rows[-1]["ece"] == pytest.approx(want["ece"], abs=1e-4)
+    assert_metrics_match(rows[-1], want)
     final = json.loads((out / "final.json").read_text())
     assert final["top1"] == rows[-1]["top1"] and final["epochs"] == 2
     # the weights moved (training happened on both ranks' batches, not a no-op)

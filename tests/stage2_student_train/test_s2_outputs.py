@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import resolve
 from pipeline.metrics import MetricAccumulator, classification_metrics
-from s2_helpers import assert_same_state, eval_numpy, model_state, np_metrics, read_metrics
+from s2_helpers import assert_metrics_match, assert_same_state, eval_numpy, model_state, np_metrics, read_metrics
 from stage2_student_train.config import TrainConfig
 
 
@@ -70,10 +70,7 @@ def test_run_outputs(reference_run, demo_root):
         assert r["val_n"] == 100  # the whole val split (10 per class)
     # the last row is the evaluation of last.pt on the whole val set, accuracies in percent
     want = eval_numpy(out / "last.pt", demo_root)
-    assert rows[-1]["top1"] == pytest.approx(want["top1"], abs=1e-6)
-    assert rows[-1]["top5"] == pytest.approx(want["top5"], abs=1e-6)
-    assert rows[-1]["nll"] == pytest.approx(want["nll"], rel=1e-4)
-    assert rows[-1]["ece"] == pytest.approx(want["ece"], abs=1e-4)
+    assert_metrics_match(rows[-1], want)
     final = json.loads((out / "final.json").read_text())
     assert {k: final[k] for k in ("top1", "top5", "nll", "ece")} == {k: rows[-1][k] for k in ("top1", "top5", "nll", "ece")}
     assert final["method"] == "sl_enc" and final["student"] == "democnn_s" and final["epochs"] == 3
