@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from s2_helpers import assert_metrics_match, assert_same_state, demo_args, eval_numpy, model_state, read_metrics, subprocess_env
