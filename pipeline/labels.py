@@ -12,27 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline import storage
 from pipeline.errors import cli_entry, setup_logging
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
-
-
-def disk_size(path: str) -> int:
-    if "://" in path:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return int(sum(fs.du(p, total=False).values())) if fs.exists(p) else 0
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            total += os.path.getsize(os.path.join(dirpath, f))
-    return total
 
 
 def bank_info(path: str) -> dict:
@@ -41,7 +28,7 @@ def bank_info(path: str) -> dict:
 
     bank = LabelBank(path)
     n, t, v, c = bank.shape
-    size = disk_size(path)
+    size = storage.size(path)
     a = bank.attrs
     info = {
         "path": path,

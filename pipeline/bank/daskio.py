@@ -4,7 +4,7 @@ Execution model: every job is one dask task per **output row chunk** (or shard, 
 A task receives the dask blocks of its input rows (``da.from_zarr`` arrays rechunked so that one block is
 exactly one output row chunk), computes, writes every output array of that row range itself, and returns a
 small float64 vector of statistics (metrics, fidelity sums) that a tree reduction adds up. Two tasks never
-write into the same chunk or shard file (concurrent writes into one shard lose data: DESIGN.md), and an
+write into the same chunk or shard file (concurrent writes into one shard lose data: docs/DESIGN.md, "Measured facts"), and an
 output's chunk is computed once however many arrays and statistics come out of it.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +22,14 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pipeline import storage
 from pipeline.errors import BankError, UsageError
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("threads", "sync", "local-cluster", "tcp://HOST:PORT")
+# dask.distributed comm protocols a scheduler address may use
+SCHEDULER_PROTOCOLS = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
 
 
 # --- schedulers ---------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def scheduler(spec: str | None) -> Iterator[Any]:
             log.info("dask LocalCluster: %s (2 worker processes)", cluster.scheduler_address)
             yield client
         return
-    if "://" in spec:
+    if spec.split(":", 1)[0] in SCHEDULER_PROTOCOLS and ":" in spec:
         try:
             client = Client(spec, timeout=15)
         except (OSError, TimeoutError) as e:
@@ -149,7 +151,7 @@ def logits_array(bank, rows: int | None = None) -> da.Array:
         arrs = [a.rechunk({0: r0}) for a in arrs]
         x = da.map_blocks(_decode_block, *arrs, fmt=bank.format, names=names, num_classes=c, dtype=np.float32,
                           chunks=(r0, (t,), (v,), (c,)), meta=np.empty((0, 0, 0, 0), np.float32))
-    return x.rechunk((rows or int(bank.attrs.get("rows_per_chunk") or g["labels"].chunks[0]), t, v, c))
+    return x.rechunk((rows or bank.rows_per_chunk, t, v, c))
 
 
 def rows_array(arr: zarr.Array, rows: int) -> da.Array:
@@ -231,49 +233,14 @@ def block_job(fn: Callable[..., np.ndarray], inputs: dict[str, da.Array], rows: 
 
 
 # --- atomic outputs -----------------------------------------------------------------------------------------
-def _exists(path: str) -> bool:
-    if "://" in path:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs.exists(p)
-    return os.path.lexists(path)
-
-
-def _remove(path: str) -> None:
-    if "://" in path:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-    elif os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def _rename(src: str, dst: str) -> None:
-    if "://" in src:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(src)
-        _, q = fsspec.core.url_to_fs(dst)
-        fs.mv(p, q, recursive=True)
-    else:
-        os.replace(src, dst)
-
-
 def check_output(out: str, overwrite: bool) -> str:
     out = str(out).rstrip("/") or str(out)
     if not out:
         raise UsageError("no output given: use -o OUT")
-    if _exists(out) and not overwrite:
+    if storage.exists(out) and not overwrite:
         raise UsageError(f"{out} already exists; use --overwrite to replace it")
-    if "://" not in out:
-        parent = Path(out).parent
-        if not parent.is_dir():
-            raise UsageError(f"output directory {parent} does not exist")
+    if not storage.parent_exists(out):
+        raise UsageError(f"output directory {Path(out).parent} does not exist")
     return out
 
 
@@ -286,28 +253,28 @@ def atomic_output(out: str, overwrite: bool) -> Iterator[str]:
     """
     out = check_output(out, overwrite)
     tmp = f"{out}.tmp-{os.getpid()}"
-    _remove(tmp)
+    storage.remove(tmp)
     ok = False
     try:
         yield tmp
         ok = True
     finally:
         if not ok:
-            _remove(tmp)
+            storage.remove(tmp)
     old = None
-    if _exists(out):  # --overwrite: move the old one aside first, so `out` is always a whole output
+    if storage.exists(out):  # --overwrite: move the old one aside first, so `out` is always a whole output
         old = f"{out}.old-{os.getpid()}"
-        _remove(old)
-        _rename(out, old)
+        storage.remove(old)
+        storage.rename(out, old)
     try:
-        _rename(tmp, out)
+        storage.rename(tmp, out)
     except BaseException:
         if old is not None:
-            _rename(old, out)
-        _remove(tmp)
+            storage.rename(old, out)
+        storage.remove(tmp)
         raise
     if old is not None:
-        _remove(old)
+        storage.remove(old)
 
 
 def job_error(what: str, e: BaseException) -> BankError:

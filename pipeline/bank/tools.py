@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from pipeline import __version__
+from pipeline import __version__, storage
 from pipeline.bank import compact as cp
 from pipeline.bank import daskio, jobs, stats as st
 from pipeline.bank.reader import LabelBank
@@ -48,12 +48,8 @@ def _open_complete(path: str) -> LabelBank:
     return bank
 
 
-def _abs(path: str) -> str:
-    return path if "://" in str(path) else str(Path(path).resolve())
-
-
 def _source_record(bank: LabelBank) -> dict[str, Any]:
-    return {"path": _abs(bank.path), "key": bank.attrs.get("key"), "format": bank.format,
+    return {"path": storage.absolute(bank.path), "key": bank.attrs.get("key"), "format": bank.format,
             "teachers": [t.get("name", t.get("arch")) for t in bank.teachers]}
 
 
@@ -128,7 +124,7 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
     dtype = dtype or ("float32" if any(b.attrs.get("dtype") == "float32" for b in banks) else "float16")
     if rows_per_chunk is not None and rows_per_chunk < 1:
         raise UsageError(f"--rows-per-chunk {rows_per_chunk} must be >= 1")
-    rows = int(rows_per_chunk or ref.attrs.get("rows_per_chunk") or 1024)
+    rows = int(rows_per_chunk or ref.rows_per_chunk)
     members = [{**t, "source": i} for i, b in enumerate(banks) for t in b.teachers]
     if mode == "stack":
         teachers = members
@@ -199,7 +195,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
     daskio.check_output(out, overwrite)
     if rows_per_chunk is not None and rows_per_chunk < 1:
         raise UsageError(f"--rows-per-chunk {rows_per_chunk} must be >= 1")
-    rows = int(rows_per_chunk or bank.attrs.get("rows_per_chunk") or 1024)
+    rows = int(rows_per_chunk or bank.rows_per_chunk)
     sources = [_source_record(bank)]
     params = {"format": fmt, **({"topk": k} if fmt == "topk" else {})}
     names = list(cp.array_specs(fmt, bank.shape, k))
@@ -246,7 +242,7 @@ def bank_stats(path: str, plots: str, overwrite: bool = False, scheduler: str | 
     if not 0 <= view < v:
         raise UsageError(f"--view {view} out of range: the bank has {v} view(s)")
     daskio.check_output(plots, overwrite)
-    rows = int(bank.attrs.get("rows_per_chunk") or 1024)
+    rows = bank.rows_per_chunk
     inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
               "skipped": daskio.rows_array(bank.group["skipped"], rows)}
     job = daskio.block_job(jobs.stats_block, inputs, rows, n, view=view)
@@ -260,7 +256,7 @@ def bank_stats(path: str, plots: str, overwrite: bool = False, scheduler: str | 
                 raise daskio.job_error(f"stats of {path}", e) from None
         names = st.entry_names(bank.teachers, t)
         s = st.summarize(vec, names, t, c, bank.attrs.get("dataset", {}).get("classes"), view)
-        s["bank"] = _abs(path)
+        s["bank"] = storage.absolute(path)
         s["format"] = bank.format
         Path(tmp).mkdir(parents=True)
         s["plots"] = st.plot_stats(s, tmp)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.bank.reader import _is_url, storage_options
+from pipeline import storage
 from pipeline.bank.schema import SCHEMA_VERSION, create_bank_arrays
 from pipeline.errors import BankError
 
@@ -33,13 +32,13 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
     n, t, v, c = shape
     # Local paths: build the bank aside and rename it into place, so that a kill during creation never leaves
     # a bank without its attrs (which a rerun would refuse as "a different bank"). URL stores are created in place.
-    local = not _is_url(path)
+    local = not storage.is_url(path)
     build: str | Path = path
     if local:
         build = Path(path).with_name(f".{Path(path).name}.creating-{os.getpid()}")
         for stale in Path(path).parent.glob(f".{Path(path).name}.creating-*"):  # left by a killed creator
-            shutil.rmtree(stale, ignore_errors=True)
-    g = zarr.open_group(str(build), mode="w", storage_options=storage_options(path))
+            storage.remove(stale)
+    g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
     create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk)
     full = {
         **attrs,
@@ -55,21 +54,9 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
     g.attrs.update(full)
     if not local:
         return g
-    if Path(path).exists():  # mode "w": replace what is there
-        shutil.rmtree(path)
-    os.rename(build, path)
+    storage.remove(path)  # mode "w": replace what is there
+    storage.rename(build, path)
     return zarr.open_group(str(path), mode="r+")
-
-
-def remove_bank(path: str | Path) -> None:
-    if _is_url(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(str(path))
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-    elif Path(path).exists():
-        shutil.rmtree(path)
 
 
 def done_flags(g: zarr.Group) -> np.ndarray:
