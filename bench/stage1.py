@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.bank.writer import create_bank, mark_complete, write_chunk  # noqa: E402
 from pipeline.data.dali import build_pipeline, iterate  # noqa: E402
-from pipeline.data.manifest import build_manifest  # noqa: E402
+from pipeline.data import build_manifest  # noqa: E402
 from pipeline.data.presets import get_preset  # noqa: E402
-from stage1_teacher_logits.teachers import build_teachers, parse_teachers  # noqa: E402
+from pipeline.models.teachers import build_teachers, parse_teachers  # noqa: E402
 from benchmd import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SECTION = "Stage 1: DALI CPU dump vs torchvision DataLoader (bench/stage1.py)"
@@ -304,7 +304,7 @@ metrics); the torchvision path writes its logits with the same bank writer.
 - Bank size: {bank_bytes:.0f} bytes/sample on disk for C = 1000 fp16 (logits {logit_bytes:.0f}; labels, views,
   flags and metadata the rest), i.e. {bank_bytes * 1_281_167 / 1e9:.2f} GB for ImageNet train. Random-init
   logits; see the chunking section for compression of teacher-like logits.
-- For comparison, DESIGN.md's figures on a quiet machine (DALI 2.4 CPU decode 1,306 img/s with 2 threads, PIL
+- For comparison, docs/DESIGN.md's figures on a quiet machine (DALI 2.4 CPU decode 1,306 img/s with 2 threads, PIL
   decode + crop about 330 img/s per core) put the decode-only ratio near 2x.
 
 Every run (wall s / CPU s):

@@ -1,7 +1,10 @@
-"""Content-addressed cache key of a bank and its default location.
+"""Bank identity, in one place: what determines a bank's values, its content-addressed key, its default path.
 
-The key hashes everything that determines the bank's values: teachers (arch + weights identity, including a
-checkpoint's sha256), the manifest fingerprint, preprocessing, views and dtype. Same inputs -> same path.
+Both stages call :func:`bank_identity`: stage 1 to name the bank it writes, stage 2 to find the bank a
+``--teacher`` flag refers to. The key hashes everything that determines the stored values: the teachers
+(arch + weights identity, including a checkpoint's sha256 and a random init's seed), the manifest fingerprint,
+the preprocessing, the view policy and the dtype. Same inputs -> same key -> same path. See docs/DESIGN.md,
+"Bank identity and cache".
 """
 
 from __future__ import annotations
@@ -9,18 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline.bank.schema import SCHEMA_VERSION
+from pipeline.errors import UsageError
+
+VIEW_POLICIES = ("center", "rrc", "rrc+flip")
+# Teacher-identity fields that enter the key ("name" is a display label and does not).
+_KEYED_TEACHER_FIELDS = ("arch", "weights", "sha256", "init_seed")
 
 
-def bank_key(teachers: list[dict[str, Any]], fingerprint: str, preprocessing: dict[str, Any],
+def bank_key(teachers: Sequence[dict[str, Any]], fingerprint: str, preprocessing: dict[str, Any],
              views: dict[str, Any], dtype: str) -> str:
     """sha256 hex of a canonical JSON of the inputs (teacher order matters: it is the T axis)."""
     payload = {
         "schema_version": SCHEMA_VERSION,
-        "teachers": [{k: t[k] for k in sorted(t) if k in ("arch", "weights", "sha256", "init_seed")} for t in teachers],
+        "teachers": [{k: t[k] for k in sorted(t) if k in _KEYED_TEACHER_FIELDS} for t in teachers],
         "fingerprint": fingerprint,
         "preprocessing": preprocessing,
         "views": views,
@@ -29,14 +38,62 @@ def bank_key(teachers: list[dict[str, Any]], fingerprint: str, preprocessing: di
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def preprocessing_record(preset: Any, teacher_amp: bool = False) -> dict[str, Any]:
+    """What a bank's attrs (and key) record about preprocessing: the preset's fields and whether the teachers
+    ran under autocast. ``preset``: a :class:`pipeline.data.presets.Preprocess`."""
+    return {**preset.to_dict(), "teacher_amp": bool(teacher_amp)}
+
+
+def view_record(policy: str, num_views: int, seed: int, preset: Any) -> dict[str, Any]:
+    """What a bank's attrs (and key) record about its views; UsageError for an unknown or inconsistent policy."""
+    if policy not in VIEW_POLICIES:
+        raise UsageError(f"unknown view policy '{policy}'; valid: {', '.join(VIEW_POLICIES)}")
+    if policy == "center" and num_views != 1:
+        raise UsageError("view policy 'center' has exactly one view; use --view-policy rrc or rrc+flip with --views K")
+    rec: dict[str, Any] = {"policy": policy, "num_views": num_views}
+    if policy != "center":
+        rec.update({"seed": seed, "scale": list(preset.scale), "ratio": list(preset.ratio)})
+    return rec
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """Everything that determines a bank's values, except the dataset.
+
+    ``teachers``: identity records (:meth:`pipeline.models.teachers.TeacherSpec.identity`), in T-axis order;
+    ``preprocessing``: :func:`preprocessing_record`; ``views``: :func:`view_record`; ``dtype``: stored dtype.
+    """
+
+    teachers: tuple[dict[str, Any], ...]
+    preprocessing: dict[str, Any]
+    views: dict[str, Any]
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class BankIdentity:
+    """A bank's key (sha256 hex) and its default location in the cache."""
+
+    key: str
+    default_path: Path
+
+
 def cache_root() -> Path:
+    """``$KD_CACHE``, else ``./label_banks``."""
     return Path(os.environ.get("KD_CACHE", "label_banks"))
 
 
-def teacher_id(teachers: list[dict[str, Any]]) -> str:
+def teacher_id(teachers: Sequence[dict[str, Any]]) -> str:
+    """``resnet18+resnet34``: the teachers' archs, as used in bank file names."""
     return "+".join(t["arch"] for t in teachers)
 
 
-def default_bank_path(dataset: str, split: str, teachers: list[dict[str, Any]], key: str) -> Path:
-    """``$KD_CACHE`` (default ``./label_banks``) ``/<dataset>-<split>/<teacher-id>-<key8>.zarr``."""
+def default_bank_path(dataset: str, split: str, teachers: Sequence[dict[str, Any]], key: str) -> Path:
+    """``<cache_root>/<dataset>-<split>/<teacher-id>-<key8>.zarr``."""
     return cache_root() / f"{dataset}-{split}" / f"{teacher_id(teachers)}-{key[:8]}.zarr"
+
+
+def bank_identity(spec: BankSpec, manifest: Any) -> BankIdentity:
+    """Key and default path of the bank ``spec`` describes on ``manifest`` (a :class:`pipeline.data.Manifest`)."""
+    key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype)
+    return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key))

@@ -16,11 +16,11 @@ import torch.nn as nn
 import zarr
 
 import pipeline
-from pipeline.bank.key import bank_key, cache_root, default_bank_path
+from pipeline.bank.identity import bank_key, cache_root, default_bank_path
 from pipeline.bank.reader import LabelBank, verify_bank
 from pipeline.bank.schema import ARRAYS, DEFAULT_ROWS_PER_CHUNK, SCHEMA_VERSION
 from pipeline.bank.writer import create_bank, done_flags, mark_complete, write_chunk
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.data.presets import get_preset
 from pipeline.dump_logits import main
 from pipeline.errors import BankError

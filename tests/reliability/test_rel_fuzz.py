@@ -21,8 +21,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.bank.key import bank_key
-from pipeline.data.manifest import build_manifest, fingerprint
+from pipeline.bank.identity import bank_key
+from pipeline.data import build_manifest, fingerprint
 
 # REL_FUZZ_EXAMPLES=2000 runs a longer, randomized search (the default is small, fixed and fast)
 _N = int(os.environ.get("REL_FUZZ_EXAMPLES", "40"))
@@ -32,7 +32,7 @@ MISSING = "/nonexistent/rel-fuzz-data"
 
 DUMP_KEYS = ["teacher", "weights", "data", "split", "preset", "device", "batch_size", "workers", "out", "overwrite",
              "dtype", "rows_per_chunk", "skip_corrupt", "views", "view_policy", "view_seed", "seed", "amp"]
-TRAIN_KEYS = ["method", "loss", "student", "student_weights", "labels", "teacher", "teacher_weights", "live_teacher",
+TRAIN_KEYS = ["method", "loss", "student", "student_weights", "banks", "teacher", "teacher_weights", "live_teacher",
               "live_teacher_weights", "preset", "train_split", "val_split", "augment", "replay_views",
               "train_subset", "epochs", "batch_size", "workers", "device", "seed", "amp", "channels_last",
               "max_steps_per_epoch", "log_every", "output_dir", "resume", "overwrite", "optim", "sched",

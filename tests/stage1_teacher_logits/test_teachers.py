@@ -15,10 +15,10 @@ import torch
 import zarr
 
 from pipeline.data.dali import build_pipeline, iterate
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.data.presets import get_preset
 from pipeline.dump_logits import main
-from stage1_teacher_logits.teachers import TeacherEnsemble, TeacherSpec, build_teachers, parse_teachers
+from pipeline.models.teachers import TeacherEnsemble, TeacherSpec, build_teachers, parse_teachers
 
 REPO = Path(__file__).resolve().parents[2]
 
