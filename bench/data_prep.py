@@ -60,7 +60,7 @@ def bench_packs(root: Path, work: Path, workers: list[int], shard_size: str, rep
 
 def bench_dumps(sources: dict[str, Path], work: Path, threads: int, batch: int, repeats: int) -> dict:
     """Time full stage-1 dumps (a fresh bank each time) of every source, interleaved, after one warm-up dump."""
-    from pipeline.data.manifest import build_manifest
+    from pipeline.data import build_manifest
     from pipeline.dump_logits import main as dump
 
     def one(data: Path, out: Path) -> float:
@@ -95,7 +95,7 @@ def reader_run(data: Path, threads: int, batch: int, mode: str, preset: str, min
     from nvidia.dali import fn, pipeline_def, types
 
     from pipeline.data.dali import build_pipeline, iterate
-    from pipeline.data.manifest import build_manifest
+    from pipeline.data import build_manifest
     from pipeline.data.presets import get_preset
     from pipeline.data.shards import webdataset_reader
 

@@ -13,39 +13,12 @@ so a sample's views depend only on (seed, index, image size): resumed and sharde
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.manifest import Manifest
+from pipeline.bank.identity import view_record
+from pipeline.data import Manifest, layout_of
 from pipeline.data.presets import Preprocess
-from pipeline.errors import UsageError
-
-POLICIES = ("center", "rrc", "rrc+flip")
-
-
-def view_policy_record(policy: str, num_views: int, seed: int, preset: Preprocess) -> dict:
-    """What the bank's attrs (and cache key) record about its views."""
-    if policy not in POLICIES:
-        raise UsageError(f"unknown view policy '{policy}'; valid: {', '.join(POLICIES)}")
-    if policy == "center" and num_views != 1:
-        raise UsageError("view policy 'center' has exactly one view; use --view-policy rrc or rrc+flip with --views K")
-    rec = {"policy": policy, "num_views": num_views}
-    if policy != "center":
-        rec.update({"seed": seed, "scale": list(preset.scale), "ratio": list(preset.ratio)})
-    return rec
-
-
-def image_size(manifest: Manifest, i: int) -> tuple[int, int]:
-    """(H, W) of sample i from its header (no full decode)."""
-    if manifest.layout == "cifar":
-        return 32, 32
-    from PIL import Image
-
-    with Image.open(Path(manifest.root) / manifest.files[i]) as im:
-        w, h = im.size
-    return h, w
-
 
 def rrc_box(rng: np.random.Generator, h: int, w: int, scale: tuple[float, float],
             ratio: tuple[float, float]) -> tuple[float, float, float, float]:
@@ -75,7 +48,7 @@ class ViewSampler:
     """Boxes [len(order), V, 5] for ``order``, or None for the center policy (eval transform)."""
 
     def __init__(self, policy: str, num_views: int, seed: int, preset: Preprocess):
-        view_policy_record(policy, num_views, seed, preset)
+        view_record(policy, num_views, seed, preset)  # validates
         self.policy, self.num_views, self.seed, self.preset = policy, num_views, seed, preset
 
     @property
@@ -83,7 +56,7 @@ class ViewSampler:
         return "eval" if self.policy == "center" else "views"
 
     def boxes_for(self, manifest: Manifest, i: int) -> np.ndarray:
-        h, w = image_size(manifest, i)
+        h, w = layout_of(manifest).image_size(manifest, i)
         rng = np.random.default_rng([self.seed, i])
         out = np.zeros((self.num_views, 5), np.float32)
         for v in range(self.num_views):

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from pipeline.data.manifest import Manifest, load_cifar_batch
+from pipeline.data.manifest import Manifest
 from pipeline.data.presets import Preprocess
 from pipeline.errors import UsageError
 
@@ -31,74 +30,6 @@ class Batch:
 
     images: torch.Tensor
     index: torch.Tensor
-
-
-class _ArraySource:
-    """External source for array datasets (CIFAR pickles): yields HWC uint8 images in the given order."""
-
-    def __init__(self, manifest: Manifest, order: np.ndarray, batch_size: int):
-        self.order = order
-        self.batch_size = batch_size
-        self.images = load_array_images(manifest)
-        self.pos = 0
-
-    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        if self.pos >= len(self.order):
-            # Pad like the file reader's pad_last_batch: the loop trims by count.
-            idx = np.full(self.batch_size, self.order[-1])
-        else:
-            idx = self.order[self.pos:self.pos + self.batch_size]
-            if len(idx) < self.batch_size:
-                idx = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[-1])])
-        self.pos += self.batch_size
-        return [self.images[i] for i in idx], [np.array([i], np.int32) for i in idx]
-
-
-_ARRAY_CACHE: dict[str, np.ndarray] = {}
-
-
-def load_array_images(manifest: Manifest) -> np.ndarray:
-    """CIFAR pickles -> [N, 32, 32, 3] uint8 in manifest order (cached per root+split)."""
-    key = f"{manifest.root}|{manifest.split}"
-    if key not in _ARRAY_CACHE:
-        by_file: dict[str, np.ndarray] = {}
-        out = []
-        for f in manifest.files:
-            name, row = f.split("#")
-            if name not in by_file:
-                d = load_cifar_batch(Path(manifest.root) / name)
-                by_file[name] = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            out.append(by_file[name][int(row)])
-        _ARRAY_CACHE[key] = np.ascontiguousarray(np.stack(out))
-    return _ARRAY_CACHE[key]
-
-
-def _decoded_images(manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str, name: str):
-    """Graph fragment: (decoded HWC uint8 images, index) from files or arrays, in ``order``."""
-    from nvidia.dali import fn, types
-
-    if manifest.layout == "cifar":
-        images, index = fn.external_source(
-            source=_ArraySource(manifest, order, batch_size), num_outputs=2, batch=True,
-        )  # no name: DALI refuses a named external_source with num_outputs
-        if decode_device == "mixed":
-            images = images.gpu()
-        return images, index
-    if manifest.layout == "shards":
-        from pipeline.data.shards import shard_reader  # packed tar shards (dataset-preparation issue)
-
-        jpegs, index = shard_reader(manifest, order, name=name)
-    else:
-        jpegs, index = fn.readers.file(
-            file_root=manifest.root,
-            files=[manifest.files[i] for i in order],
-            labels=[int(i) for i in order],
-            random_shuffle=False,
-            pad_last_batch=True,
-            name=name,
-        )
-    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    return images, index
 
 
 def build_pipeline(
@@ -121,64 +52,29 @@ def build_pipeline(
             the pipeline outputs V images per sample (crop -> resize to ``crop`` -> flip).
     Returns:
         A built pipeline whose outputs are (image_0, ..., image_{V-1}, index).
+    Raises:
+        UsageError: unknown device or mode, empty ``order``, ``boxes`` of the wrong shape.
     """
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import pipeline_def
+
+    from pipeline.data.layouts import layout_of
 
     if device not in ("cpu", "cuda"):
         raise UsageError(f"unknown device '{device}'; valid: cpu, cuda")
     order = np.asarray(order, dtype=np.int64)
     if len(order) == 0:
         raise UsageError("empty sample list")
+    if mode not in _MODES:
+        raise UsageError(f"unknown pipeline mode '{mode}'")
+    if mode == "views" and (boxes is None or boxes.ndim != 3 or boxes.shape[0] != len(order) or boxes.shape[2] != 5):
+        raise UsageError("views mode needs boxes of shape [len(order), V, 5]")
     decode_device = "mixed" if device == "cuda" else "cpu"
-    size = preprocess.crop
-    mean = [255.0 * m for m in preprocess.mean]
-    std = [255.0 * s for s in preprocess.std]
-
-    def normalize(img, mirror=None):
-        return fn.crop_mirror_normalize(
-            img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
-            mirror=mirror if mirror is not None else 0,
-        )
+    layout = layout_of(manifest)
 
     @pipeline_def
     def _pipe():
-        images, index = _decoded_images(manifest, order, batch_size, decode_device, "Reader")
-        if mode == "eval":
-            images = fn.resize(images, resize_shorter=preprocess.resize, antialias=True)
-            outs = [fn.crop(images, crop=(size, size), out_of_bounds_policy="pad")]
-            outs = [normalize(o) for o in outs]
-        elif mode == "train":
-            flip = fn.random.coin_flip(probability=0.5)
-            if preprocess.train == "rrc":
-                images = fn.random_resized_crop(
-                    images, size=(size, size), random_area=list(preprocess.scale),
-                    random_aspect_ratio=list(preprocess.ratio), antialias=True,
-                )
-            elif preprocess.train == "pad_crop":
-                images = fn.resize(images, resize_shorter=preprocess.resize, antialias=True)
-                images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad")
-                p = preprocess.pad
-                anchor = fn.random.uniform(values=[float(v) for v in range(-p, p + 1)], shape=2)
-                images = fn.slice(images, anchor, np.array([size, size], np.float32), axis_names="HW",
-                                  normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad")
-            else:
-                raise UsageError(f"unknown train augmentation '{preprocess.train}'")
-            outs = [normalize(images, flip)]
-        elif mode == "views":
-            if boxes is None or boxes.ndim != 3 or boxes.shape[0] != len(order) or boxes.shape[2] != 5:
-                raise UsageError("views mode needs boxes of shape [len(order), V, 5]")
-            src = _BoxSource(boxes.astype(np.float32), batch_size)
-            vb = fn.external_source(source=src, batch=True, name="Boxes")
-            outs = []
-            for v in range(boxes.shape[1]):
-                start = fn.stack(vb[v, 0], vb[v, 1])
-                shape = fn.stack(vb[v, 2], vb[v, 3])
-                crop = fn.slice(images, start, shape, axis_names="HW", out_of_bounds_policy="trim_to_shape")
-                crop = fn.resize(crop, size=(size, size), antialias=True)
-                outs.append(normalize(crop, fn.cast(vb[v, 4], dtype=types.INT32)))
-        else:
-            raise UsageError(f"unknown pipeline mode '{mode}'")
-        return (*outs, index)
+        images, index = layout.dali_source(manifest, order, batch_size, decode_device, "Reader")
+        return (*_MODES[mode](images, preprocess, boxes, batch_size), index)
 
     pipe = _pipe(
         batch_size=batch_size, num_threads=num_threads,
@@ -187,6 +83,67 @@ def build_pipeline(
     )
     pipe.build()
     return pipe
+
+
+def _normalize(img, preprocess: Preprocess, mirror=None):
+    """HWC uint8 -> CHW float32, (x - 255·mean) / (255·std), optional horizontal flip."""
+    from nvidia.dali import fn, types
+
+    return fn.crop_mirror_normalize(
+        img, dtype=types.FLOAT, output_layout="CHW", mean=[255.0 * m for m in preprocess.mean],
+        std=[255.0 * s for s in preprocess.std], mirror=mirror if mirror is not None else 0,
+    )
+
+
+def _eval_ops(images, preprocess: Preprocess, boxes, batch_size: int) -> list:
+    """Resize the shorter side to ``resize``, center-crop ``crop`` (padding when smaller)."""
+    from nvidia.dali import fn
+
+    size = preprocess.crop
+    images = fn.resize(images, resize_shorter=preprocess.resize, antialias=True)
+    return [_normalize(fn.crop(images, crop=(size, size), out_of_bounds_policy="pad"), preprocess)]
+
+
+def _train_ops(images, preprocess: Preprocess, boxes, batch_size: int) -> list:
+    """The preset's augmentation: random-resized-crop or pad-and-crop, then a random horizontal flip."""
+    from nvidia.dali import fn
+
+    size = preprocess.crop
+    flip = fn.random.coin_flip(probability=0.5)
+    if preprocess.train == "rrc":
+        images = fn.random_resized_crop(
+            images, size=(size, size), random_area=list(preprocess.scale),
+            random_aspect_ratio=list(preprocess.ratio), antialias=True,
+        )
+    elif preprocess.train == "pad_crop":
+        images = fn.resize(images, resize_shorter=preprocess.resize, antialias=True)
+        images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad")
+        p = preprocess.pad
+        anchor = fn.random.uniform(values=[float(v) for v in range(-p, p + 1)], shape=2)
+        images = fn.slice(images, anchor, np.array([size, size], np.float32), axis_names="HW",
+                          normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad")
+    else:
+        raise UsageError(f"unknown train augmentation '{preprocess.train}'")
+    return [_normalize(images, preprocess, flip)]
+
+
+def _view_ops(images, preprocess: Preprocess, boxes: np.ndarray, batch_size: int) -> list:
+    """One output per stored view: crop the box, resize to ``crop``, flip when the box says so."""
+    from nvidia.dali import fn, types
+
+    size = preprocess.crop
+    vb = fn.external_source(source=_BoxSource(boxes.astype(np.float32), batch_size), batch=True, name="Boxes")
+    outs = []
+    for v in range(boxes.shape[1]):
+        start = fn.stack(vb[v, 0], vb[v, 1])
+        shape = fn.stack(vb[v, 2], vb[v, 3])
+        crop = fn.slice(images, start, shape, axis_names="HW", out_of_bounds_policy="trim_to_shape")
+        crop = fn.resize(crop, size=(size, size), antialias=True)
+        outs.append(_normalize(crop, preprocess, fn.cast(vb[v, 4], dtype=types.INT32)))
+    return outs
+
+
+_MODES = {"eval": _eval_ops, "train": _train_ops, "views": _view_ops}
 
 
 class _BoxSource:

@@ -30,10 +30,11 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline.data.manifest import Manifest, _filelist, _imagefolder, build_manifest
+from pipeline.data.layouts import FileListLayout, ImageFolderLayout, build_manifest, layout_of
+from pipeline.data.manifest import Manifest, canonical_transform, transformed_fingerprint
 from pipeline.data.shards import (
-    FORMAT, IMAGE_EXTS, SHARDS_JSON, TAR_BLOCK, VERSION, ShardError, canonical_transform, pad_block, read_index,
-    read_shard_table, sample_key, shard_manifest, transformed_fingerprint,
+    FORMAT, IMAGE_EXTS, SHARDS_JSON, TAR_BLOCK, VERSION, ShardError, pad_block, read_index, read_shard_table,
+    sample_key, shard_manifest,
 )
 from pipeline.errors import UsageError
 
@@ -57,7 +58,7 @@ def write_list(root: str | Path, split: str = "train", out: str | Path | None = 
     if not (root / split).is_dir():
         raise UsageError(f"{root / split} is not a folder: list reads ImageNet-style folders ROOT/{split}/<class>/*")
     name = root.resolve().name
-    m = _imagefolder(root, split, name)
+    m = ImageFolderLayout().build(root, split, name)
     for f in m.files:
         if "\n" in f or "\r" in f or f != f.strip():
             raise UsageError(f"cannot list {f!r}: file names with newlines or surrounding spaces "
@@ -72,7 +73,7 @@ def write_list(root: str | Path, split: str = "train", out: str | Path | None = 
     _atomic_write(lpath, "".join(f"{f} {int(y)}\n" for f, y in zip(m.files, m.labels)).encode())
     if not cpath.is_file():
         _atomic_write(cpath, classes_txt.encode())
-    listed = _filelist(out, split, name)
+    listed = FileListLayout().build(out, split, name)
     same = listed.fingerprint == m.fingerprint
     if not same:
         log.warning("the file list of %s sorts samples differently from its folders (class names that are path "
@@ -300,7 +301,7 @@ def pack(root: str | Path, out: str | Path, split: str = "train", shard_size: st
         raise UsageError("--workers must be >= 1")
     limit = parse_size(shard_size)
     manifest = build_manifest(root, split)
-    if manifest.layout not in ("imagefolder", "filelist"):
+    if not layout_of(manifest).packable:
         raise UsageError(f"cannot pack the {manifest.layout} layout of {root}: pack reads image folders or file lists")
     transform = None
     if resize_shorter or quality:
@@ -401,78 +402,28 @@ def _verify_shard(task: dict) -> tuple[str, list[str]]:
     root = Path(task["root"])
     rec = task["rec"]
     tar = rec["tar"]
-    files, labels, decode = task["files"], task["labels"], task["decode"]
-    errs: list[str] = []
     try:
         t = read_shard_table(root, rec)
     except ShardError as e:
         return tar, [str(e)]
-    m = t["members"]
-    p = root / tar
     try:
-        fh = open(p, "rb")
+        fh = open(root / tar, "rb")
     except OSError as e:
         return tar, [f"{tar}: cannot open: {e.strerror}"]
+    errs: list[str] = []
     with fh:
         actual = os.fstat(fh.fileno()).st_size
         if actual != rec["size"]:
             errs.append(f"{tar}: {actual} bytes, index says {rec['size']} "
                         f"({'truncated' if actual < rec['size'] else 'extra bytes'})")
         idx_lines: list[str] = []
+        pos = 0
         for k in range(rec["count"]):
             if len(errs) >= 20:
                 errs.append(f"{tar}: (more problems not listed)")
                 break
-            i = rec["first"] + k
-            key = sample_key(i)
-            where = f"(sample {i}, {files[k]})"
-            pos = m["offset"][k] - TAR_BLOCK
-            line = []
-            expect = ((m["ext"][k], m["size"][k]), ("cls", len(str(labels[k]))), ("index", 4))
-            payloads = {}
-            bad = False
-            for e, size in expect:
-                name = f"{key}.{e}"
-                fh.seek(pos)
-                hdr = fh.read(TAR_BLOCK)
-                try:
-                    ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
-                except tarfile.TarError as ex:
-                    errs.append(f"{tar}: member {name} {where}: bad tar header at byte {pos} ({ex or 'truncated'})")
-                    bad = True
-                    break
-                if ti.name != name or ti.size != size:
-                    errs.append(f"{tar}: member {name} {where}: header at byte {pos} says {ti.name!r}, {ti.size} bytes")
-                    bad = True
-                    break
-                data = fh.read(size)
-                if len(data) != size:
-                    errs.append(f"{tar}: member {name} {where}: truncated ({len(data)} of {size} bytes)")
-                    bad = True
-                    break
-                payloads[e] = data
-                line.append(f"{e} {pos + TAR_BLOCK} {size} {name}")
-                pos += TAR_BLOCK + size + pad_block(size)
-            if bad:
-                idx_lines.append("")
-                continue
-            idx_lines.append(" ".join(line))
-            img = payloads[m["ext"][k]]
-            name = f"{key}.{m['ext'][k]}"
-            if zlib.crc32(img) != m["crc32"][k]:
-                errs.append(f"{tar}: member {name} {where}: crc32 mismatch (bytes changed after packing)")
-            if payloads["cls"] != str(labels[k]).encode():
-                errs.append(f"{tar}: member {key}.cls {where}: {payloads['cls']!r} != label {labels[k]}")
-            if struct.unpack("<i", payloads["index"])[0] != i:
-                errs.append(f"{tar}: member {key}.index {where}: {struct.unpack('<i', payloads['index'])[0]} != {i}")
-            if decode:
-                from PIL import Image
-
-                try:
-                    with Image.open(io.BytesIO(img)) as im:
-                        im.load()
-                except Exception as ex:
-                    errs.append(f"{tar}: member {name} {where}: does not decode ({' '.join(str(ex).split())[:120]})")
+            line, pos = _verify_sample(fh, task, t["members"], k, errs)
+            idx_lines.append(line)
         if not errs:
             fh.seek(pos)
             if fh.read(_END_OF_ARCHIVE) != b"\0" * _END_OF_ARCHIVE:
@@ -485,6 +436,51 @@ def _verify_shard(task: dict) -> tuple[str, list[str]]:
     except OSError as e:
         errs.append(f"{rec['idx']}: cannot read: {e.strerror}")
     return tar, errs
+
+
+def _verify_sample(fh, task: dict, m: dict, k: int, errs: list[str]) -> tuple[str, int]:
+    """Check the three members of the shard's k-th sample (headers, sizes, crc32, ``.cls``, ``.index``, decode),
+    appending problems to ``errs``. Returns (its DALI index line, '' when unreadable; the byte after it)."""
+    rec, tar, labels = task["rec"], task["rec"]["tar"], task["labels"]
+    i = rec["first"] + k
+    key = sample_key(i)
+    where = f"(sample {i}, {task['files'][k]})"
+    pos = m["offset"][k] - TAR_BLOCK
+    line, payloads = [], {}
+    for e, size in ((m["ext"][k], m["size"][k]), ("cls", len(str(labels[k]))), ("index", 4)):
+        name = f"{key}.{e}"
+        fh.seek(pos)
+        try:
+            ti = tarfile.TarInfo.frombuf(fh.read(TAR_BLOCK), "utf-8", "surrogateescape")
+        except tarfile.TarError as ex:
+            errs.append(f"{tar}: member {name} {where}: bad tar header at byte {pos} ({ex or 'truncated'})")
+            return "", pos
+        if ti.name != name or ti.size != size:
+            errs.append(f"{tar}: member {name} {where}: header at byte {pos} says {ti.name!r}, {ti.size} bytes")
+            return "", pos
+        data = fh.read(size)
+        if len(data) != size:
+            errs.append(f"{tar}: member {name} {where}: truncated ({len(data)} of {size} bytes)")
+            return "", pos
+        payloads[e] = data
+        line.append(f"{e} {pos + TAR_BLOCK} {size} {name}")
+        pos += TAR_BLOCK + size + pad_block(size)
+    img, name = payloads[m["ext"][k]], f"{key}.{m['ext'][k]}"
+    if zlib.crc32(img) != m["crc32"][k]:
+        errs.append(f"{tar}: member {name} {where}: crc32 mismatch (bytes changed after packing)")
+    if payloads["cls"] != str(labels[k]).encode():
+        errs.append(f"{tar}: member {key}.cls {where}: {payloads['cls']!r} != label {labels[k]}")
+    if struct.unpack("<i", payloads["index"])[0] != i:
+        errs.append(f"{tar}: member {key}.index {where}: {struct.unpack('<i', payloads['index'])[0]} != {i}")
+    if task["decode"]:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(img)) as im:
+                im.load()
+        except Exception as ex:
+            errs.append(f"{tar}: member {name} {where}: does not decode ({' '.join(str(ex).split())[:120]})")
+    return " ".join(line), pos
 
 
 def verify(root: str | Path, splits: list[str] | None = None, decode: bool = True, source: str | Path | None = None,

@@ -19,7 +19,8 @@ loads every member table once into flat arrays (shard, offset, size, crc32 per g
 Identity: ``shard_manifest`` returns the ORIGINAL relative paths as ``files`` (layout ``shards``), so a pack
 of unmodified bytes has the same fingerprint as the folder it came from: a bank dumped from the folder is
 valid for the shards and vice versa. A pack that re-encoded images (``--resize-shorter`` / ``--quality``)
-gets its own fingerprint: sha256 over the source fingerprint and the canonical transform record.
+gets its own fingerprint: sha256 over the source fingerprint and the canonical transform record
+(``Manifest.transform``).
 
 Reader design (why not ``fn.readers.webdataset`` for training): every stage hands the reader an explicit,
 ordered array of global indices (the trainer's seeded per-epoch permutation, the dump's chunk order, a rank's
@@ -43,7 +44,6 @@ as is; :func:`find_corrupt` / :func:`describe_sample` locate it for the stage-1 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zlib
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.manifest import Manifest, fingerprint
+from pipeline.data.manifest import Manifest, canonical_transform
 from pipeline.errors import UsageError
 
 SHARDS_JSON = "shards.json"
@@ -66,41 +66,6 @@ WDS_IMAGE_EXT = ";".join(IMAGE_EXTS)
 
 class ShardError(UsageError):
     """A pack is missing, incomplete, corrupt or does not match what its index says (names shard and member)."""
-
-
-@dataclass(frozen=True)
-class ShardManifest(Manifest):
-    """A manifest read from a pack: original relpaths as ``files``; ``transform`` is the canonical JSON of the
-    pack's re-encoding ('' for original bytes), hashed into the fingerprint when set."""
-
-    transform: str = ""
-
-    @property
-    def fingerprint(self) -> str:
-        base = fingerprint(self.classes, self.files, self.labels)
-        return transformed_fingerprint(base, self.transform)
-
-    def describe(self) -> dict:
-        d = super().describe()
-        if self.transform:
-            d["pack_transform"] = json.loads(self.transform)
-        return d
-
-    def subset(self, indices: np.ndarray) -> "ShardManifest":
-        idx = np.asarray(indices, dtype=np.int64)
-        return ShardManifest(self.root, tuple(self.files[i] for i in idx), self.labels[idx], self.classes,
-                             self.name, self.split, self.layout, self.transform)
-
-
-def canonical_transform(transform: dict | None) -> str:
-    return json.dumps(transform, sort_keys=True, separators=(",", ":")) if transform else ""
-
-
-def transformed_fingerprint(source_fingerprint: str, transform: str) -> str:
-    """The fingerprint of a pack: the source's when bytes are original, else sha256(source, transform)."""
-    if not transform:
-        return source_fingerprint
-    return hashlib.sha256(f"{source_fingerprint}\npack:{transform}".encode()).hexdigest()
 
 
 def pad_block(n: int) -> int:
@@ -151,7 +116,7 @@ def split_entry(root: str | Path, split: str, index: dict | None = None) -> dict
     return e
 
 
-def shard_manifest(root: str | Path, split: str, name: str | None = None) -> ShardManifest:
+def shard_manifest(root: str | Path, split: str, name: str | None = None) -> Manifest:
     """The manifest of split ``split`` of a pack (called by :func:`pipeline.data.manifest.build_manifest`).
 
     ``name`` defaults to the source dataset's name (also when ``build_manifest`` passed the pack directory's
@@ -166,8 +131,8 @@ def shard_manifest(root: str | Path, split: str, name: str | None = None) -> Sha
     if len(files) != len(labels) or len(files) != e.get("num_samples"):
         raise ShardError(f"{root / SHARDS_JSON}: split '{split}' lists {len(files)} files, {len(labels)} labels, "
                          f"num_samples {e.get('num_samples')}")
-    m = ShardManifest(str(root), files, labels, tuple(e["classes"]), name, split, "shards",
-                      canonical_transform(e.get("transform")))
+    m = Manifest(str(root), files, labels, tuple(e["classes"]), name, split, "shards",
+                 canonical_transform(e.get("transform")))
     if m.fingerprint != e.get("fingerprint"):
         raise ShardError(f"{root / SHARDS_JSON}: split '{split}' fingerprint {str(e.get('fingerprint'))[:16]} does not "
                          f"match its files/labels/classes ({m.fingerprint[:16]}): the index was edited or is corrupt")

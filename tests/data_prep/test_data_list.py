@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.__main__ import main
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 
 
 def test_list_roundtrip_same_fingerprint(image_tree: Path, capsys):

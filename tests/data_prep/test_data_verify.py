@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.data.__main__ import main
 from pipeline.data.dali import build_pipeline, iterate
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.data.presets import get_preset
 from pipeline.data.shards import ShardError, member_table
 

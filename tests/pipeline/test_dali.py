@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.dali import build_pipeline, iterate
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.data.presets import Preprocess, get_preset
 from pipeline.errors import UsageError
 

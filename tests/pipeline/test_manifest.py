@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.manifest import build_manifest, fingerprint
+from pipeline.data import build_manifest, fingerprint
 from pipeline.errors import UsageError
 
 
@@ -168,7 +168,7 @@ def test_cifar10_pickles(tmp_path: Path, write_cifar10):
     assert len(t) == 5 and t.labels.tolist() == w["test_batch"]["labels"]
     assert t.files[0] == "test_batch#0"
     # pixels in manifest order, HWC, from the CHW-planar rows
-    from pipeline.data.dali import load_array_images
+    from pipeline.data.layouts import load_array_images
 
     imgs = load_array_images(t)
     assert imgs.shape == (5, 32, 32, 3) and imgs.dtype == np.uint8

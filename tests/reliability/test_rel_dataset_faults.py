@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from pipeline.bank.reader import LabelBank, verify_bank
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.dump_logits import main
 from rel_helpers import REPO, env
 

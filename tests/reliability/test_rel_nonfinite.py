@@ -19,7 +19,7 @@ import torch
 import zarr
 
 from pipeline.bank.reader import LabelBank, verify_bank
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.dump_logits import main
 from pipeline.models import create_model
 from rel_helpers import assert_one_line_error

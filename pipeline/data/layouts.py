@@ -1,0 +1,410 @@
+"""Dataset layouts: how a split sits on disk, and everything the stages need to know about it.
+
+Each layout is one class (a subclass of :class:`DatasetLayout`, registered in ``LAYOUTS``) that
+
+- recognises a root (:meth:`~DatasetLayout.detect`) and lists a split as a :class:`~pipeline.data.manifest.Manifest`
+  (:meth:`~DatasetLayout.build`: sorted classes, sorted files),
+- feeds the DALI pipelines (:meth:`~DatasetLayout.dali_source`: decoded images and sample indices in exactly the
+  order asked for),
+- reads one sample for everything outside DALI (:meth:`~DatasetLayout.encoded`, :meth:`~DatasetLayout.load_image`,
+  :meth:`~DatasetLayout.image_size`), and
+- finds broken samples for stage 1's corrupt-file handling (:meth:`~DatasetLayout.malformed_positions`, a cheap
+  structural pre-scan, and :meth:`~DatasetLayout.find_corrupt`, a full decode from a position on).
+
+Adding a layout is one class here plus one ``LAYOUTS`` entry; no other module tests ``manifest.layout``.
+DALI is imported only inside :meth:`~DatasetLayout.dali_source`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.data import shards
+from pipeline.data.manifest import IMAGE_EXTENSIONS, Manifest
+from pipeline.errors import UsageError
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetLayout:
+    """Base class: file-backed behaviour (each sample is an encoded image at ``root / files[i]``)."""
+
+    name: ClassVar[str]
+    packable: ClassVar[bool] = False  # ``python -m pipeline.data pack`` reads it
+
+    # --- listing -----------------------------------------------------------------------------------------
+    @classmethod
+    def detect(cls, root: Path, split: str) -> bool:
+        """Whether ``root`` holds split ``split`` in this layout."""
+        raise NotImplementedError
+
+    def build(self, root: Path, split: str, name: str) -> Manifest:
+        """The manifest of split ``split`` (UsageError naming the file or folder on bad content)."""
+        raise NotImplementedError
+
+    # --- reading -----------------------------------------------------------------------------------------
+    def encoded(self, manifest: Manifest, i: int) -> bytes:
+        """The encoded bytes of sample ``i`` (OSError / UsageError when unreadable)."""
+        return (Path(manifest.root) / manifest.files[i]).read_bytes()
+
+    def describe_sample(self, manifest: Manifest, i: int) -> str:
+        """Where sample ``i`` lives, for messages (a path, or a shard member)."""
+        return str(Path(manifest.root) / manifest.files[i])
+
+    def load_image(self, manifest: Manifest, i: int):
+        """Sample ``i`` as a decoded RGB ``PIL.Image`` (raises on an undecodable file)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.encoded(manifest, i))) as im:
+            return im.convert("RGB")
+
+    def image_size(self, manifest: Manifest, i: int) -> tuple[int, int]:
+        """(H, W) of sample ``i`` from its header (no full decode)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.encoded(manifest, i))) as im:
+            w, h = im.size
+        return h, w
+
+    def dali_source(self, manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str,
+                    name: str) -> tuple[Any, Any]:
+        """DALI graph fragment (call inside a pipeline definition): (decoded HWC uint8 RGB images, index [1]
+        int32) of the samples ``order``, in that order; the last batch is padded by repeating the last sample."""
+        from nvidia.dali import fn, types
+
+        encoded, index = self._dali_encoded(manifest, order, name)
+        return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB), index
+
+    def _dali_encoded(self, manifest: Manifest, order: np.ndarray, name: str) -> tuple[Any, Any]:
+        from nvidia.dali import fn
+
+        return fn.readers.file(
+            file_root=manifest.root,
+            files=[manifest.files[i] for i in order],
+            labels=[int(i) for i in order],
+            random_shuffle=False,
+            pad_last_batch=True,
+            name=name,
+        )
+
+    # --- broken samples ------------------------------------------------------------------------------------
+    def malformed_positions(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
+        """Positions in ``order`` whose files fail the structural check :func:`malformed` and a full PIL decode
+        (threaded: cheap even on network storage). Such files never reach DALI."""
+        root = Path(manifest.root)
+
+        def bad(i: int) -> bool:
+            path = root / manifest.files[int(i)]
+            if not malformed(path):
+                return False
+            try:  # e.g. trailing bytes after a JPEG's end marker: only a failed full decode condemns a file
+                self.load_image(manifest, int(i))
+                return False
+            except Exception:
+                return True
+
+        with ThreadPoolExecutor(threads) as ex:
+            flags = list(ex.map(bad, order, chunksize=256))
+        return [p for p, b in enumerate(flags) if b]
+
+    def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,
+                     known: set[int] | frozenset[int] = frozenset()) -> int | None:
+        """First position >= ``start`` in ``order`` whose sample cannot be read or decoded (None if all decode),
+        ignoring samples in ``known`` (already skipped)."""
+        for pos in range(start, len(order)):
+            i = int(order[pos])
+            if i in known:
+                continue
+            try:
+                if not self.encoded(manifest, i):
+                    return pos
+                self.load_image(manifest, i)
+            except Exception:
+                return pos
+        return None
+
+
+def malformed(path: Path) -> bool:
+    """Cheap structural check (no decode): empty file, unknown signature, or a JPEG/PNG without its end marker.
+
+    Truncated and non-image files are caught here before DALI sees them (DALI 2.4's CPU decoder has been seen
+    to crash, not raise, on some truncated JPEGs)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 4:
+                return True
+            f.seek(-12, 2)
+            tail = f.read()
+    except OSError:
+        return True
+    if head[:2] == b"\xff\xd8":  # JPEG: must end with EOI (allow trailing padding bytes)
+        return b"\xff\xd9" not in tail
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in tail
+    return head[:2] not in (b"BM", b"II", b"MM") and head[:4] not in (b"RIFF", b"GIF8")
+
+
+class ImageFolderLayout(DatasetLayout):
+    """ImageNet-style folders: ``ROOT/<split>/<class>/<image>`` (classes and files sorted by name)."""
+
+    name = "imagefolder"
+    packable = True
+
+    @classmethod
+    def detect(cls, root: Path, split: str) -> bool:
+        return (root / split).is_dir()
+
+    def build(self, root: Path, split: str, name: str) -> Manifest:
+        split_dir = root / split
+        classes = sorted(d.name for d in os.scandir(split_dir) if d.is_dir())
+        if not classes:
+            raise UsageError(f"no class folders in {split_dir}")
+        files: list[str] = []
+        labels: list[int] = []
+        for k, c in enumerate(classes):
+            names = sorted(
+                e.name for e in os.scandir(split_dir / c)
+                if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not names:
+                raise UsageError(f"class folder {split_dir / c} holds no images")
+            files.extend(f"{split}/{c}/{n}" for n in names)
+            labels.extend([k] * len(names))
+        return Manifest(str(root), tuple(files), np.asarray(labels, np.int32), tuple(classes), name, split,
+                        self.name)
+
+
+class FileListLayout(DatasetLayout):
+    """``ROOT/<split>_list.txt``: ``relpath label`` per line (as the WSLD seed's mk_img_list writes).
+
+    Paths are relative to ``root`` (or to ``root/<split>`` when that is where they exist). Class names come
+    from ``classes.txt`` (one per line, line k = label k) when present, else from the parent folder of each
+    path when that is consistent, else ``str(label)``.
+    """
+
+    name = "filelist"
+    packable = True
+
+    @classmethod
+    def detect(cls, root: Path, split: str) -> bool:
+        return (root / f"{split}_list.txt").is_file()
+
+    def build(self, root: Path, split: str, name: str) -> Manifest:
+        list_file = root / f"{split}_list.txt"
+        files, labels = _read_list(list_file)
+        if not (root / files[0]).exists() and (root / split / files[0]).exists():
+            files = [f"{split}/{f}" for f in files]
+        lab = np.asarray(labels, np.int32)
+        if lab.min() < 0:
+            raise UsageError(f"{list_file}: negative label")
+        classes = _list_classes(root, files, labels, int(lab.max()) + 1)
+        order = sorted(range(len(files)), key=lambda i: files[i])
+        return Manifest(str(root), tuple(files[i] for i in order), lab[order], classes, name, split, self.name)
+
+
+def _read_list(list_file: Path) -> tuple[list[str], list[int]]:
+    files: list[str] = []
+    labels: list[int] = []
+    for ln, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise UsageError(f"{list_file}:{ln}: expected 'relpath label', got {line!r}")
+        files.append(parts[0])
+        labels.append(int(parts[1]))
+    if not files:
+        raise UsageError(f"{list_file} lists no samples")
+    return files, labels
+
+
+def _list_classes(root: Path, files: list[str], labels: list[int], num_classes: int) -> tuple[str, ...]:
+    classes_file = root / "classes.txt"
+    if classes_file.is_file():
+        classes = tuple(c.strip() for c in classes_file.read_text().splitlines() if c.strip())
+        if len(classes) < num_classes:
+            raise UsageError(f"{classes_file} names {len(classes)} classes but labels go up to {num_classes - 1}")
+        return classes
+    parent: dict[int, set[str]] = {}
+    for f, y in zip(files, labels):
+        parent.setdefault(y, set()).add(Path(f).parent.name)
+    if all(len(v) == 1 for v in parent.values()) and len(parent) == num_classes:
+        return tuple(next(iter(parent[k])) for k in range(num_classes))
+    return tuple(str(k) for k in range(num_classes))
+
+
+class CifarLayout(DatasetLayout):
+    """CIFAR-10/100 python pickles (``cifar-10-batches-py`` / ``cifar-100-python``); samples ``<batch>#<row>``."""
+
+    name = "cifar"
+
+    @classmethod
+    def detect(cls, root: Path, split: str) -> bool:
+        return (root / "data_batch_1").is_file() or (root / "meta").is_file() and (root / "train").is_file()
+
+    def build(self, root: Path, split: str, name: str) -> Manifest:
+        if (root / "data_batch_1").is_file():
+            batches = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+            classes = tuple(_unpickle(root / "batches.meta")["label_names"])
+            key = "labels"
+        else:
+            batches = ["train"] if split == "train" else ["test"]
+            classes = tuple(_unpickle(root / "meta")["fine_label_names"])
+            key = "fine_labels"
+        files: list[str] = []
+        labels: list[int] = []
+        for b in batches:
+            d = _unpickle(root / b)
+            files.extend(f"{b}#{i}" for i in range(len(d[key])))
+            labels.extend(d[key])
+        return Manifest(str(root), tuple(files), np.asarray(labels, np.int32), classes, name, split, self.name)
+
+    def encoded(self, manifest: Manifest, i: int) -> bytes:
+        raise UsageError(f"{self.describe_sample(manifest, i)} is a pixel array, not an encoded image")
+
+    def load_image(self, manifest: Manifest, i: int):
+        from PIL import Image
+
+        return Image.fromarray(load_array_images(manifest)[i])
+
+    def image_size(self, manifest: Manifest, i: int) -> tuple[int, int]:
+        return 32, 32
+
+    def dali_source(self, manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str,
+                    name: str) -> tuple[Any, Any]:
+        from nvidia.dali import fn
+
+        images, index = fn.external_source(
+            source=_ArraySource(manifest, order, batch_size), num_outputs=2, batch=True,
+        )  # no name: DALI refuses a named external_source with num_outputs
+        return (images.gpu() if decode_device == "mixed" else images), index
+
+    def malformed_positions(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
+        return []  # pixel arrays need no check
+
+    def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,
+                     known: set[int] | frozenset[int] = frozenset()) -> int | None:
+        return None
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+_ARRAY_CACHE: dict[str, np.ndarray] = {}
+
+
+def load_array_images(manifest: Manifest) -> np.ndarray:
+    """CIFAR pickles -> [N, 32, 32, 3] uint8 in manifest order (cached per root+split)."""
+    key = f"{manifest.root}|{manifest.split}"
+    if key not in _ARRAY_CACHE:
+        by_file: dict[str, np.ndarray] = {}
+        out = []
+        for f in manifest.files:
+            name, row = f.split("#")
+            if name not in by_file:
+                d = _unpickle(Path(manifest.root) / name)
+                by_file[name] = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            out.append(by_file[name][int(row)])
+        _ARRAY_CACHE[key] = np.ascontiguousarray(np.stack(out))
+    return _ARRAY_CACHE[key]
+
+
+class _ArraySource:
+    """DALI external source for array datasets: HWC uint8 images and [1] int32 indices in ``order``, the last
+    batch padded by repeating the last sample (like the file reader's ``pad_last_batch``)."""
+
+    def __init__(self, manifest: Manifest, order: np.ndarray, batch_size: int):
+        self.order = order
+        self.batch_size = batch_size
+        self.images = load_array_images(manifest)
+        self.pos = 0
+
+    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if self.pos >= len(self.order):
+            idx = np.full(self.batch_size, self.order[-1])
+        else:
+            idx = self.order[self.pos:self.pos + self.batch_size]
+            if len(idx) < self.batch_size:
+                idx = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[-1])])
+        self.pos += self.batch_size
+        return [self.images[i] for i in idx], [np.array([i], np.int32) for i in idx]
+
+
+class ShardsLayout(DatasetLayout):
+    """Packed tar shards (``python -m pipeline.data pack``; format in :mod:`pipeline.data.shards`)."""
+
+    name = "shards"
+
+    @classmethod
+    def detect(cls, root: Path, split: str) -> bool:
+        return (root / shards.SHARDS_JSON).is_file()
+
+    def build(self, root: Path, split: str, name: str) -> Manifest:
+        return shards.shard_manifest(root, split, name)
+
+    def encoded(self, manifest: Manifest, i: int) -> bytes:
+        return shards.read_sample(manifest, i)
+
+    def describe_sample(self, manifest: Manifest, i: int) -> str:
+        return shards.describe_sample(manifest, i)
+
+    def _dali_encoded(self, manifest: Manifest, order: np.ndarray, name: str) -> tuple[Any, Any]:
+        return shards.shard_reader(manifest, order, name=name)
+
+    def malformed_positions(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
+        return []  # members carry crc32 checksums, checked by the reader
+
+    def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,
+                     known: set[int] | frozenset[int] = frozenset()) -> int | None:
+        return shards.find_corrupt(manifest, order, start, known)
+
+
+# Detection order matters: a pack or CIFAR root may also hold a split folder or a list.
+LAYOUTS: dict[str, DatasetLayout] = {
+    lay.name: lay for lay in (CifarLayout(), ShardsLayout(), FileListLayout(), ImageFolderLayout())
+}
+
+
+def layout_of(manifest: Manifest) -> DatasetLayout:
+    """The layout object of ``manifest`` (its behaviour for readers, scans and DALI)."""
+    try:
+        return LAYOUTS[manifest.layout]
+    except KeyError:
+        raise UsageError(f"unknown dataset layout '{manifest.layout}'; valid: {', '.join(LAYOUTS)}") from None
+
+
+def detect_layout(root: Path, split: str) -> DatasetLayout:
+    for lay in LAYOUTS.values():
+        if lay.detect(root, split):
+            return lay
+    raise UsageError(
+        f"cannot find split '{split}' in {root}: expected {root / split}/<class>/*, {root / split}_list.txt, "
+        "CIFAR pickles or packed shards"
+    )
+
+
+def build_manifest(root: str | Path, split: str = "train", name: str | None = None) -> Manifest:
+    """Detect the layout of ``root`` and list split ``split`` (sorted classes, sorted files).
+
+    Raises UsageError for a missing root, an unknown split, an unrecognised layout or unreadable content.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"dataset root not found: {root}")
+    if split not in SPLITS:
+        raise UsageError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+    name = name or root.resolve().name
+    try:
+        return detect_layout(root, split).build(root, split, name)
+    except OSError as e:  # unreadable folder or list file: name it in one line
+        raise UsageError(f"cannot read dataset {root} ({split}): {' '.join(str(e).split())}") from None
