@@ -3,14 +3,14 @@
     .venv/bin/python bench/stage2.py [--steps 4] [--warmup 2] [--rounds 8] [--threads N] [--image-size 112] \
         [--batch-size 32] [--gather-rows 1281167] [--bank-rows 200000] [--write BENCHMARKS.md]
 
-All figures come from one process and the real stage-2 code (``train_one_epoch``, ``BankLabels``,
-``LiveTeacherLabels``, ``kd_losses``):
+All figures come from one process and the real stage-2 code (``train_one_epoch``, ``BankLabelSource``,
+``LiveTeacherLabelSource``, ``kd_losses``):
 
 (a) step time of a ResNet-18 student (C = 1000) trained with ``kd`` from an in-memory bank vs plain ``ce``
     (target ratio <= 1.03);
 (b) step time of ``kd`` with a live ResNet-34 teacher vs ``kd`` from the bank, same student (target >= 1.5);
 (c) label gather throughput: rows/s of gather-by-index batches of 256 from an in-memory [N, 1, 1, 1000] fp16
-    tensor (target >= 1M rows/s), through ``BankLabels`` (gather + float32), and random 256-row reads from the
+    tensor (target >= 1M rows/s), through ``BankLabelSource`` (gather + float32), and random 256-row reads from the
     zarr bank (chunks of 256 rows).
 
 Steps run on synthetic image tensors (no decoding: the data pipeline is the same for every variant and would only
@@ -72,14 +72,15 @@ def bench_steps(bank_path: Path, steps: int, warmup: int, rounds: int, size: int
     from pipeline.data.dali import Batch
     from pipeline.models import create_model
     from stage2_student_train.config import OptimConfig, ScheduleConfig
-    from stage2_student_train.labels import BankLabels, LiveTeacherLabels
+    from pipeline.models.teachers import parse_teachers
+    from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
     from stage2_student_train.loop import train_one_epoch
     from stage2_student_train.optim import build_optimizer, build_scheduler
 
-    bank = BankLabels([LabelBank(bank_path)])
+    bank = BankLabelSource([LabelBank(bank_path)])
     n = bank.logits.shape[0]
     labels = torch.randint(0, c, (n,))
-    live = LiveTeacherLabels([teacher], ["none"], c, "cpu")
+    live = LiveTeacherLabelSource(parse_teachers([teacher], ["none"]), c, "cpu")
     variants = {"ce": (kd_losses.build_loss("ce", num_classes=c), None),
                 "kd_bank": (kd_losses.build_loss("kd", num_classes=c), bank),
                 "kd_live": (kd_losses.build_loss("kd", num_classes=c), live)}
@@ -137,9 +138,9 @@ def bench_components(bank_path: Path, size: int, batch: int, student: str, teach
     import kd_losses
     from pipeline.bank.reader import LabelBank
     from pipeline.models import create_model
-    from stage2_student_train.labels import BankLabels
+    from stage2_student_train.label_sources import BankLabelSource
 
-    bank = BankLabels([LabelBank(bank_path)])
+    bank = BankLabelSource([LabelBank(bank_path)])
     n = bank.logits.shape[0]
     ce, kd = kd_losses.build_loss("ce", num_classes=c), kd_losses.build_loss("kd", num_classes=c)
     gen = torch.Generator().manual_seed(3)
@@ -150,7 +151,7 @@ def bench_components(bank_path: Path, size: int, batch: int, student: str, teach
              "index": torch.randint(0, n, (batch,), generator=gen), "epoch": 0}
         t0 = time.perf_counter()
         if with_bank:
-            b["teacher_logits"] = bank(b, z)
+            b["teacher_logits"] = bank(b)["teacher_logits"]
             kd(z, b)["loss"].backward()
         else:
             ce(z, b)["loss"].backward()
@@ -192,12 +193,12 @@ def bench_components(bank_path: Path, size: int, batch: int, student: str, teach
 
 
 def bench_gather(rows: int, c: int, batch: int, iters: int, bank_path: Path, zarr_batches: int) -> dict:
-    """rows/s: in-memory fp16 gather, the BankLabels call, random zarr reads."""
+    """rows/s: in-memory fp16 gather, the BankLabelSource call, random zarr reads."""
     import torch
     import zarr
 
     from pipeline.bank.reader import LabelBank
-    from stage2_student_train.labels import BankLabels
+    from stage2_student_train.label_sources import BankLabelSource
 
     t = torch.empty((rows, 1, 1, c), dtype=torch.float16)
     for s in range(0, rows, 65536):  # fill in slices: no float32 temporary of the whole tensor
@@ -223,10 +224,10 @@ def bench_gather(rows: int, c: int, batch: int, iters: int, bank_path: Path, zar
     raw = rate(lambda i: rows_np[i.numpy()])
     del t, rows_np
 
-    src = BankLabels([LabelBank(bank_path)])
+    src = BankLabelSource([LabelBank(bank_path)])
     n = src.logits.shape[0]
     bidx = [torch.randint(0, n, (batch,), generator=gen) for _ in range(iters)]
-    out = src({"index": bidx[0], "epoch": 0})
+    out = src({"index": bidx[0], "epoch": 0})["teacher_logits"]
     assert out.shape == (batch, 1, c) and out.dtype == torch.float32
     idx = bidx
     via = rate(lambda i: src({"index": i, "epoch": 0}))
@@ -265,7 +266,7 @@ def section(args, steps: dict, comp: dict, gather: dict, load: tuple[float, floa
         f"{args.batch_size}, synthetic {args.image_size}x{args.image_size} tensors (no decoding), SGD; "
         f"{args.steps} steps per variant per round after {args.warmup} warm-up steps, {args.rounds} interleaved "
         "rounds (rotating order); each step timed on its own through the loop's `on_step` hook, medians. The bank for (a) and (b) is a real zarr bank "
-        f"({gather['bank_rows']:,} rows, chunks of {gather['chunk_rows']}) loaded once by `BankLabels`.",
+        f"({gather['bank_rows']:,} rows, chunks of {gather['chunk_rows']}) loaded once by `BankLabelSource`.",
         "",
         "| variant | median step time (s) | per-round median step times (s) |",
         "|---|---|---|",
@@ -293,12 +294,12 @@ def section(args, steps: dict, comp: dict, gather: dict, load: tuple[float, floa
         "",
         "| (c) label gather, batches of 256 rows, C = 1000 | rows/s | ms per batch | target |",
         "|---|---|---|---|",
-        f"| in-memory fp16 tensor [{gather['rows']:,}, 1, 1, 1000], numpy row gather (what `BankLabels` does on "
+        f"| in-memory fp16 tensor [{gather['rows']:,}, 1, 1, 1000], numpy row gather (what `BankLabelSource` does on "
         f"CPU) | {gather['raw_rows_s']:,.0f} | {gather['raw_ms_per_batch']:.3f} | >= 1M rows/s: "
         f"{ok(gather['raw_rows_s'] >= 1e6)} |",
         f"| same tensor, torch advanced indexing `t[i, :, 0]` ({threads} thread{'s' * (threads != 1)}) | {gather['torch_rows_s']:,.0f} | "
         f"{1000 * 256 / gather['torch_rows_s']:.3f} | |",
-        f"| `BankLabels` call (gather + float32), {gather['bank_rows']:,}-row bank | "
+        f"| `BankLabelSource` call (gather + float32), {gather['bank_rows']:,}-row bank | "
         f"{gather['banklabels_rows_s']:,.0f} | {1000 * 256 / gather['banklabels_rows_s']:.3f} | |",
         f"| random reads from the zarr bank (chunks of {gather['chunk_rows']} rows) | {gather['zarr_rows_s']:,.0f} | "
         f"{gather['zarr_ms_per_batch']:.1f} | (why the bank is loaded once) |",
@@ -313,7 +314,7 @@ def section(args, steps: dict, comp: dict, gather: dict, load: tuple[float, floa
         "step, (b) shrinks by the share of the step spent decoding. (c) gathering from a bank in RAM is three orders "
         "of magnitude faster than random reads from the zarr store, which is why stage 2 loads the bank once. "
         "`--threads 1` because other jobs kept both cores busy: with 2 torch threads on busy cores, steps and "
-        "torch's CPU indexing varied 10x between rounds (`BankLabels` now gathers through numpy on CPU for that "
+        "torch's CPU indexing varied 10x between rounds (`BankLabelSource` now gathers through numpy on CPU for that "
         "reason).",
         END,
     ]

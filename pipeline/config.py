@@ -115,10 +115,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested mapping; unknown keys raise UsageError."""
+    """Build dataclass ``cls`` from a nested mapping; unknown keys raise UsageError.
+
+    A dataclass may declare ``RENAMED_KEYS: ClassVar[dict[str, str]]`` (old key -> new key): an old key is a
+    one-line error naming the new one, never silently ignored.
+    """
     if not isinstance(data, Mapping):
         raise UsageError(f"config {prefix or 'root'}: expected a mapping, got {type(data).__name__}")
     types_ = _field_types(cls)
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    for k in data:
+        if k in renamed:
+            raise UsageError(f"config key '{prefix}{k}' is now '{prefix}{renamed[k]}'")
     unknown = [k for k in data if k not in types_]
     if unknown:
         raise UsageError(

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
         log.info("step 4/5: student with %s from the bank", m)
         run = out / f"student-{m}"
-        _train("demo_student.yaml", run, data, args.device, {"method": m, "labels": [bank], **extra})
+        _train("demo_student.yaml", run, data, args.device, {"method": m, "banks": [bank], **extra})
         runs.append(run)
     print()
     print(format_table(collect([str(r) for r in runs])))

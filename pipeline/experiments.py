@@ -93,7 +93,7 @@ def suites(scale: Scale) -> dict[str, Suite]:
     big, small = "democnn", "democnn_s"
     t_big = TeacherJob("big", big)
     return {s.name: s for s in [
-        Suite("methods", "Methods from one bank", "every logit method from one teacher bank (DESIGN: one bank serves many students)",
+        Suite("methods", "Methods from one bank", "every logit method from one teacher bank (one bank serves many students)",
               (t_big,), (
                   Arm("ce", "ce"), Arm("ls", "ls"), Arm("kd", "kd", teachers=("big",)),
                   Arm("wsld", "wsld", teachers=("big",)), Arm("tfkd_reg", "tfkd_reg"),
@@ -202,9 +202,9 @@ class Runner:
             arch, ck = teachers[arm.live]
             over.update({"live_teacher": [arch], "live_teacher_weights": [ck]})
         elif arm.teachers:
-            over["labels"] = [self.bank(*teachers[t], suite.preset, arm.views) for t in arm.teachers]
+            over["banks"] = [self.bank(*teachers[t], suite.preset, arm.views) for t in arm.teachers]
             if arm.fmt:
-                over["labels"] = [self.compact(b, arm.fmt, arm.k) for b in over["labels"]]
+                over["banks"] = [self.compact(b, arm.fmt, arm.k) for b in over["banks"]]
             if arm.views > 1:
                 over["replay_views"] = True
         slug = "".join(c if c.isalnum() else "_" for c in arm.label).strip("_")
@@ -216,10 +216,10 @@ def _bank_bytes_per_sample(banks: str | None) -> float | None:
     if not banks or banks == "live":
         return None
     from pipeline.bank.reader import LabelBank
-    from pipeline.labels import disk_size
+    from pipeline import storage
 
     paths = banks.split(",")
-    return sum(disk_size(p) for p in paths) / LabelBank(paths[0]).num_samples
+    return sum(storage.size(p) for p in paths) / LabelBank(paths[0]).num_samples
 
 
 def _merge(a: dict, b: dict) -> dict:

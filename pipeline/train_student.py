@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="append", help="find the cached bank of this teacher (repeatable)")
     p.add_argument("--teacher-weights", action="append", dest="teacher_weights",
                    help="weights the bank's teacher was dumped with (default DEFAULT)")
-    p.add_argument("--labels", action="append", help="label bank path or URL (repeatable: ensemble on T)")
+    p.add_argument("--labels", action="append", dest="banks",
+                   help="label bank path or URL (repeatable: ensemble on T)")
     p.add_argument("--live-teacher", action="append", dest="live_teacher", help="run this teacher every step")
     p.add_argument("--live-teacher-weights", action="append", dest="live_teacher_weights")
     p.add_argument("--data", help="dataset root")

@@ -1,16 +1,63 @@
-"""Checkpoints that are never half-written: write to a temp file, fsync, rename (atomic on POSIX)."""
+"""Checkpoint state, in one place: what a training checkpoint holds, how it is written (never half-written:
+temp file, fsync, rename) and how a run is restored from it.
+
+``last.pt`` (every epoch): ``model``, ``criterion`` (a loss's parameters and buffers: SL-Enc's network, CRD's
+memories), ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``best_top1``, ``rng`` (Python, numpy, torch and
+CUDA generators), ``config`` (the resolved TrainConfig), ``num_classes``, ``arch``. ``best.pt``: ``model``,
+``epoch``, ``top1``, ``config``, ``arch``. Both load with ``torch.load(weights_only=True)`` and are valid teacher
+weights for stage 1 (the model registry reads the ``model`` entry).
+"""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from pipeline.errors import UsageError
+
+# The stateful parts of a run, saved and restored by name (each has state_dict / load_state_dict).
+STATEFUL = ("model", "criterion", "optimizer", "scheduler", "scaler")
+
+
+@dataclass
+class TrainingParts:
+    """Everything of a run whose state a checkpoint carries (the unwrapped model, not its DDP wrapper)."""
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def save_training(path: str | Path, parts: TrainingParts, epoch: int, best_top1: float, config: dict[str, Any],
+                  arch: str, num_classes: int) -> None:
+    """Write ``last.pt``: every stateful part, the epoch just finished, the RNG states and the run's identity."""
+    state: dict[str, Any] = {name: getattr(parts, name).state_dict() for name in STATEFUL}
+    state.update({"epoch": epoch, "best_top1": best_top1, "rng": rng_state(), "config": config,
+                  "num_classes": num_classes, "arch": arch})
+    save_atomic(state, path)
+
+
+def save_best(path: str | Path, model: nn.Module, epoch: int, top1: float, config: dict[str, Any], arch: str) -> None:
+    """Write ``best.pt``: the model of the best epoch so far (a teacher checkpoint for stage 1)."""
+    save_atomic({"model": model.state_dict(), "epoch": epoch, "top1": top1, "config": config, "arch": arch}, path)
+
+
+def restore_training(path: str | Path, parts: TrainingParts) -> tuple[int, float]:
+    """Load every stateful part and the RNG states from ``last.pt``; returns (next epoch, best top-1 so far)."""
+    state = load(path)
+    for name in STATEFUL:
+        getattr(parts, name).load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]) + 1, float(state["best_top1"])
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,4 +103,5 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict, tensors on the CPU (``load_state_dict`` copies them to each part's device)."""
     return torch.load(path, map_location="cpu", weights_only=True)

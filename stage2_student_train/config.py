@@ -7,7 +7,7 @@ are errors. The resolved config is written to ``<output_dir>/config.yaml`` and s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -25,27 +25,35 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """``name``: step | multistep | cosine | constant; linear warm-up over ``warmup_epochs`` (may be fractional)."""
+    """``name``: step | multistep | cosine | constant; linear warm-up over ``warmup_epochs`` (may be fractional).
+
+    ``warmup_start_factor``: the warm-up's first lr as a fraction of the base lr (``optim.lr``);
+    ``min_lr_factor``: the cosine schedule's final lr as a fraction of the base lr.
+    """
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"warmup_start": "warmup_start_factor", "min_lr": "min_lr_factor"}
 
     name: str = "cosine"
     warmup_epochs: float = 0.0
-    warmup_start: float = 0.1
+    warmup_start_factor: float = 0.1
     step_size: int = 30
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
-    min_lr: float = 0.0
+    min_lr_factor: float = 0.0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One student run. ``loss`` holds the method's hyperparameters (validated against the loss signature)."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"labels": "banks"}
+
     method: str = "ce"
     loss: dict[str, Any] = field(default_factory=dict)
     student: str = "resnet18"
     student_weights: str | None = None
-    # Bank lookup: --labels paths (several = ensemble on the T axis), or --teacher names found in the cache.
-    labels: tuple[str, ...] = ()
+    # Label banks: --labels paths (several = ensemble on the T axis), or --teacher names found in the cache.
+    banks: tuple[str, ...] = ()
     teacher: tuple[str, ...] = ()
     teacher_weights: tuple[str, ...] = ()
     # Live-teacher mode (comparisons only): the same batch key filled by running the teacher each step.

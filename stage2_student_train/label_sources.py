@@ -1,26 +1,61 @@
-"""Where ``batch["teacher_logits"]`` comes from: a bank in memory (the point of this project), a live teacher
-(comparisons only), or nothing (methods without a teacher).
+"""Label sources: where a batch's teacher entries (``teacher_logits`` [B, T, C]) come from.
 
-Banks are loaded once and gathered by index: no per-step zarr reads. Stage 2 never imports stage 1 and, with
-a bank, never builds a teacher model.
+Three implementations of one :class:`LabelSource` protocol:
+
+- :class:`BankLabelSource`: one or more label banks held in memory and gathered by sample index (the point of
+  this project: no per-step zarr reads, no teacher model);
+- :class:`LiveTeacherLabelSource`: a teacher ensemble run on every batch (comparisons only);
+- :class:`NoLabelSource`: methods without a teacher (``ce``, ``ls``, ``tfkd_reg``).
+
+The training loop calls ``batch.update(source(batch))`` and knows nothing else about them. Stage 2 never imports
+stage 1 and, with a bank, never builds a teacher model. See docs/DESIGN.md, "Label sources".
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
-from pipeline.bank.key import bank_key, cache_root, default_bank_path
+import kd_losses
+from pipeline.bank.identity import BankSpec, bank_identity, cache_root, preprocessing_record, view_record
 from pipeline.bank.reader import LabelBank
-from pipeline.data.manifest import Manifest
+from pipeline.data import Manifest
 from pipeline.data.presets import Preprocess
 from pipeline.errors import BankError, UsageError
-from pipeline.models import weights_identity
+from pipeline.models.teachers import TeacherSpec, build_teachers, parse_teachers
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LabelSource(Protocol):
+    """What stage 2 needs from a source of soft labels.
+
+    Attributes:
+        teachers: identity records of the teachers on the T axis (bank attrs, or built from the live specs).
+        paths: the banks read ([] for a live teacher or none).
+        skipped: [N] bool, samples without soft labels (excluded from training), or None.
+        num_views: V, views stored per sample (1 for live teachers and none).
+    """
+
+    teachers: list[dict[str, Any]]
+    paths: list[str]
+    skipped: np.ndarray | None
+    num_views: int
+
+    def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
+        """Crop boxes [len(order), 1, 5] (y, x, h, w, flip) of the view each sample replays in ``epoch``;
+        UsageError when the source stores no views."""
+        ...
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Entries to add to ``batch`` (which holds ``image`` [B, 3, H, W], ``index`` [B], ``epoch``):
+        ``{"teacher_logits": [B, T, C] float32 on the images' device}``, or ``{}``."""
+        ...
 
 
 def view_choice(index: torch.Tensor, epoch: int, seed: int, num_views: int) -> torch.Tensor:
@@ -32,11 +67,28 @@ def view_choice(index: torch.Tensor, epoch: int, seed: int, num_views: int) -> t
     return torch.remainder(x, num_views)
 
 
-class BankLabels:
-    """Teacher logits of one or more banks held in memory: [N, T, V, C] (several banks: concatenated on T)."""
+class NoLabelSource:
+    """Methods without a teacher: adds nothing to the batch."""
+
+    def __init__(self) -> None:
+        self.teachers: list[dict[str, Any]] = []
+        self.paths: list[str] = []
+        self.skipped: np.ndarray | None = None
+        self.num_views = 1
+
+    def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
+        raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class BankLabelSource:
+    """Teacher logits of one or more banks held in memory: ``logits`` [N, T, V, C] (several banks: concatenated
+    on T), gathered by ``batch['index']``; with ``replay_seed`` the view of each sample follows
+    :func:`view_choice`, else view 0."""
 
     def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None):
-        """``replay_seed``: replay stored views (view per sample and epoch = ``view_choice``); None = view 0."""
         first = banks[0]
         for b in banks[1:]:
             for what, a, c in (("num_samples", b.num_samples, first.num_samples),
@@ -64,15 +116,13 @@ class BankLabels:
         self.replay_seed = replay_seed
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
-        """Per-sample boxes [len(order), 1, 5] of the chosen view (for the DALI view-replay pipeline)."""
         if self.views is None:
             raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
         idx = torch.from_numpy(np.asarray(order, np.int64))
         v = view_choice(idx, epoch, self.replay_seed or 0, self.num_views)
         return self.views[idx, v].numpy()[:, None, :]
 
-    def __call__(self, batch: dict, images: torch.Tensor | None = None) -> torch.Tensor:
-        """-> teacher logits [B, T, C] float32 for ``batch['index']`` (view chosen per sample when replaying)."""
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         index = batch["index"]
         idx = index.to(self.logits.device)
         if self.replay_seed is not None and self.num_views > 1:
@@ -82,58 +132,89 @@ class BankLabels:
             out = torch.from_numpy(self._rows[index.cpu().numpy()])
         else:
             out = self.logits[idx, :, 0]
-        return out.to(images.device if images is not None else self.device, non_blocking=True).float()
+        image = batch.get("image")
+        target = image.device if image is not None else self.device
+        return {"teacher_logits": out.to(target, non_blocking=True).float()}
 
 
 def _has_boxes(bank: LabelBank) -> bool:
     return bank.attrs.get("views", {}).get("policy", "center") != "center"
 
 
-class LiveTeacherLabels:
+class LiveTeacherLabelSource:
     """Runs a teacher ensemble on each batch's images (eval mode, inference mode) -> [B, T, C]."""
 
-    def __init__(self, archs: list[str], weights: list[str | None], num_classes: int, device: str, seed: int = 0):
-        from pipeline.models.ensemble import build_ensemble
-
-        self.model = build_ensemble(archs, weights, num_classes, device, seed)
-        self.teachers = [{"arch": a, **weights_identity(w)} for a, w in zip(archs, weights)]
+    def __init__(self, specs: Sequence[TeacherSpec], num_classes: int, device: str, seed: int = 0):
+        self.model = build_teachers(list(specs), num_classes, device, seed)
+        self.teachers = [s.identity() for s in specs]
         self.paths: list[str] = []
-        self.skipped = None
+        self.skipped: np.ndarray | None = None
         self.num_views = 1
 
-    def __call__(self, batch: dict, images: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(images).clone()
+    def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
+        raise UsageError("--replay-views replays a bank's stored views; a live teacher has none")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"teacher_logits": self.model(batch["image"]).clone()}
 
 
-def find_bank(manifest: Manifest, preset: Preprocess, teachers: list[str], weights: list[str]) -> str:
-    """The cached bank of ``teachers`` for this dataset: the default-key path of a plain dump (fp16, center view)
+def find_bank(manifest: Manifest, preset: Preprocess, specs: Sequence[TeacherSpec]) -> str:
+    """The cached bank of ``specs`` for this dataset: the default path of a plain dump (fp16, center view)
     if it exists, else the single complete bank in the cache directory whose teachers and dataset match."""
-    ws = list(weights) if weights else ["DEFAULT"] * len(teachers)
-    if len(ws) != len(teachers):
-        raise UsageError(f"{len(teachers)} --teacher flags but {len(ws)} --teacher-weights flags")
-    idents = [{"name": a, "arch": a, **weights_identity(w)} for a, w in zip(teachers, ws)]
-    preprocessing = {**preset.to_dict(), "teacher_amp": False}
-    key = bank_key(idents, manifest.fingerprint, preprocessing, {"policy": "center", "num_views": 1}, "float16")
-    path = default_bank_path(manifest.name, manifest.split, idents, key)
+    idents = [s.identity() for s in specs]
+    spec = BankSpec(tuple(idents), preprocessing_record(preset), view_record("center", 1, 0, preset))
+    path = bank_identity(spec, manifest).default_path
     if path.exists():
         return str(path)
     folder = path.parent
-    want = [(t["arch"], t["weights"], t.get("sha256")) for t in idents]
+    want = [_teacher_match(t) for t in idents]
+    archs = [s.arch for s in specs]
     found = []
-    for cand in sorted(folder.glob(f"{'+'.join(teachers)}-*.zarr")) if folder.is_dir() else []:
+    for cand in sorted(folder.glob(f"{'+'.join(archs)}-*.zarr")) if folder.is_dir() else []:
         try:
             b = LabelBank(cand)
         except BankError:
             continue
-        have = [(t["arch"], t["weights"], t.get("sha256")) for t in b.teachers]
+        have = [_teacher_match(t) for t in b.teachers]
         if have == want and b.complete and b.attrs.get("dataset", {}).get("fingerprint") == manifest.fingerprint:
             found.append(str(cand))
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        raise UsageError(f"several banks match --teacher {' '.join(teachers)}: {', '.join(found)}; choose one with --labels")
+        raise UsageError(f"several banks match --teacher {' '.join(archs)}: {', '.join(found)}; choose one with --labels")
     raise UsageError(
-        f"no bank for teacher(s) {' '.join(teachers)} on {manifest.name}/{manifest.split} in {cache_root()}: "
-        f"run python -m pipeline.dump_logits --teacher {' --teacher '.join(teachers)} --data {manifest.root} first, "
+        f"no bank for teacher(s) {' '.join(archs)} on {manifest.name}/{manifest.split} in {cache_root()}: "
+        f"run python -m pipeline.dump_logits --teacher {' --teacher '.join(archs)} --data {manifest.root} first, "
         "or give --labels PATH"
     )
+
+
+def _teacher_match(t: dict[str, Any]) -> tuple:
+    """What must agree for a cached bank to be this teacher's (a random init's seed is not compared)."""
+    return t["arch"], t["weights"], t.get("sha256")
+
+
+def build_label_source(cfg: Any, train: Manifest, preset: Preprocess) -> LabelSource:
+    """The label source a run needs: bank(s) in memory, a live teacher, or none (``cfg``: a TrainConfig)."""
+    if cfg.live_teacher:
+        specs = parse_teachers(cfg.live_teacher, cfg.live_teacher_weights, cfg.seed,
+                               ("--live-teacher", "--live-teacher-weights"))
+        return LiveTeacherLabelSource(specs, train.num_classes, cfg.device, cfg.seed)
+    if not kd_losses.needs_teacher(cfg.method):
+        if cfg.banks or cfg.teacher:
+            log.info("method '%s' uses no teacher: ignoring the bank", cfg.method)
+        return NoLabelSource()
+    paths = list(cfg.banks)
+    if not paths:
+        if not cfg.teacher:
+            raise UsageError(f"method '{cfg.method}' needs soft labels: give --labels BANK or --teacher NAME")
+        specs = parse_teachers(cfg.teacher, cfg.teacher_weights, cfg.seed, ("--teacher", "--teacher-weights"))
+        paths = [find_bank(train, preset, specs)]
+    banks = [LabelBank(p) for p in paths]
+    for b in banks:
+        b.validate(train)
+        if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
+            raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
+    src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None)
+    log.info("soft labels from %s: [N, T, V, C] = %s", ", ".join(paths), tuple(src.logits.shape))
+    return src

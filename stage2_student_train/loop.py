@@ -1,8 +1,9 @@
 """The one training loop (every method) and evaluation.
 
-Batches are dicts with fixed keys: ``image`` [B, 3, H, W], ``label`` [B], ``index`` [B], ``epoch`` (int) and,
-when the method needs a teacher, ``teacher_logits`` [B, T, C]. The loss returns a dict; everything in it is
-logged. There is no per-method branch here: methods differ only in the loss and the label source.
+Batches are dicts with fixed keys: ``image`` [B, 3, H, W], ``label`` [B] (true classes), ``index`` [B] (sample
+indices), ``epoch`` (int), plus what the label source adds (``teacher_logits`` [B, T, C] for methods with a
+teacher). The loss returns a dict; everything in it is logged. There is no per-method branch here: methods
+differ only in the loss and the label source (:mod:`stage2_student_train.label_sources`).
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def autocast_context(device: str, amp: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def make_batch(b: Batch, labels: torch.Tensor, device: str, epoch: int, channels_last: bool) -> dict:
-    """Decoded DALI batch -> the loop's batch dict (true classes come from the manifest by index)."""
+def make_batch(b: Batch, targets: torch.Tensor, device: str, epoch: int, channels_last: bool) -> dict:
+    """Decoded batch -> the loop's batch dict; ``targets`` [N] int64 are the manifest's true classes, looked up
+    by sample index."""
     images = b.images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return {"image": images, "label": labels[b.index].to(device, non_blocking=True), "index": b.index,
+    return {"image": images, "label": targets[b.index].to(device, non_blocking=True), "index": b.index,
             "epoch": epoch}
 
 
@@ -55,8 +57,8 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterable[Batch],
-    labels: torch.Tensor,
-    teacher: Callable[[dict, torch.Tensor], torch.Tensor] | None,
+    targets: torch.Tensor,
+    label_source: Callable[[dict], dict[str, torch.Tensor]] | None,
     epoch: int,
     *,
     device: str = "cpu",
@@ -68,7 +70,12 @@ def train_one_epoch(
     log_every: int = 50,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches``; returns the sample-weighted means of every loss part, images/s and time."""
+    """One pass over ``batches``; returns the sample-weighted means of every loss part, images/s and time.
+
+    ``targets`` [N] int64: true classes by sample index; ``label_source``: a
+    :class:`~stage2_student_train.label_sources.LabelSource` (its entries are added to each batch) or None.
+    Raises TrainingDiverged (exit 1) when the loss becomes non-finite on any rank.
+    """
     model.train()
     criterion.train()
     sums: dict[str, float] = {}
@@ -77,9 +84,9 @@ def train_one_epoch(
     pbar = tqdm(total=total_steps, desc=f"epoch {epoch}", unit="step", disable=not info.is_main, mininterval=1.0,
                 leave=False)
     for step, b in enumerate(batches):
-        batch = make_batch(b, labels, device, epoch, channels_last)
-        if teacher is not None:
-            batch["teacher_logits"] = teacher(batch, batch["image"])
+        batch = make_batch(b, targets, device, epoch, channels_last)
+        if label_source is not None:
+            batch.update(label_source(batch))
         with autocast_context(device, amp):
             logits = model(batch["image"])
         out = criterion(logits.float(), batch)
@@ -120,14 +127,14 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], labels: torch.Tensor, *, device: str = "cpu",
+def evaluate(model: nn.Module, batches: Iterable[Batch], targets: torch.Tensor, *, device: str = "cpu",
              amp: str = "none", channels_last: bool = False, info: DistInfo = DistInfo()
              ) -> tuple[dict[str, float], MetricAccumulator]:
     """Top-1/top-5 (percent), NLL and ECE (15 bins) over ``batches``, all-reduced across ranks."""
     model.eval()
     acc = MetricAccumulator()
     for b in batches:
-        batch = make_batch(b, labels, device, 0, channels_last)
+        batch = make_batch(b, targets, device, 0, channels_last)
         with autocast_context(device, amp):
             logits = model(batch["image"])
         acc.update(logits.float(), batch["label"])

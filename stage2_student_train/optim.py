@@ -44,7 +44,7 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig)
     e = step / max(steps_per_epoch, 1)
     warm = cfg.warmup_epochs
     if warm > 0 and e < warm:
-        return cfg.warmup_start + (1.0 - cfg.warmup_start) * e / warm
+        return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * e / warm
     epoch = int(e)
     if cfg.name == "step":
         return cfg.gamma ** (epoch // max(cfg.step_size, 1))
@@ -53,7 +53,7 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig)
     if cfg.name == "cosine":
         total = max(epochs - warm, 1e-8)
         t = min(max(e - warm, 0.0) / total, 1.0)
-        return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
 
 

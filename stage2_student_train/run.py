@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,17 +21,17 @@ import torch
 import torch.nn as nn
 
 import kd_losses
-from pipeline.bank.reader import LabelBank
 from pipeline.config import save_yaml, to_dict
+from pipeline.data import Manifest, build_manifest
 from pipeline.data.dali import Batch, build_pipeline, iterate
-from pipeline.data.manifest import Manifest, build_manifest
 from pipeline.data.presets import Preprocess, get_preset
 from pipeline.distributed import DistInfo, barrier, cleanup, init_distributed
 from pipeline.errors import UsageError
+from pipeline.metrics import MetricAccumulator
 from pipeline.models import create_model
 from stage2_student_train import checkpoint as ckpt
 from stage2_student_train.config import TrainConfig
-from stage2_student_train.labels import BankLabels, LiveTeacherLabels, find_bank
+from stage2_student_train.label_sources import LabelSource, build_label_source
 from stage2_student_train.loop import evaluate, train_one_epoch
 from stage2_student_train.optim import build_optimizer, build_scheduler
 
@@ -51,33 +52,6 @@ def build_criterion(cfg: TrainConfig, num_classes: int) -> nn.Module:
         raise UsageError(str(e)) from None
     except (TypeError, ValueError) as e:
         raise UsageError(" ".join(str(e).split())) from None
-
-
-def build_label_source(cfg: TrainConfig, train: Manifest, preset: Preprocess):
-    """Bank(s) in memory, a live teacher, or None for methods that need no teacher."""
-    needs = kd_losses.needs_teacher(cfg.method)
-    if cfg.live_teacher:
-        ws = list(cfg.live_teacher_weights) or ["DEFAULT"] * len(cfg.live_teacher)
-        if len(ws) != len(cfg.live_teacher):
-            raise UsageError("give one --live-teacher-weights per --live-teacher")
-        return LiveTeacherLabels(list(cfg.live_teacher), ws, train.num_classes, cfg.device, cfg.seed)
-    if not needs:
-        if cfg.labels or cfg.teacher:
-            log.info("method '%s' uses no teacher: ignoring the bank", cfg.method)
-        return None
-    paths = list(cfg.labels)
-    if not paths:
-        if not cfg.teacher:
-            raise UsageError(f"method '{cfg.method}' needs soft labels: give --labels BANK or --teacher NAME")
-        paths = [find_bank(train, preset, list(cfg.teacher), list(cfg.teacher_weights))]
-    banks = [LabelBank(p) for p in paths]
-    for b in banks:
-        b.validate(train)
-        if cfg.replay_views and b.num_views == 1 and b.attrs.get("views", {}).get("policy", "center") == "center":
-            raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
-    src = BankLabels(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None)
-    log.info("soft labels from %s: [N, T, V, C] = %s", ", ".join(paths), tuple(src.logits.shape))
-    return src
 
 
 def train_order(cfg: TrainConfig, n: int, skipped: np.ndarray | None, epoch: int, info: DistInfo) -> np.ndarray:
@@ -128,14 +102,60 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         raise UsageError("epochs and batch_size must be >= 1")
     info = init_distributed(cfg.device)
     try:
-        return _run(cfg, info)
+        return _train(cfg, info)
     except OSError as e:  # disk full, read-only or unreadable output dir: one line, not a traceback
         raise UsageError(f"I/O error: {' '.join(str(e).split())}") from None
     finally:
         cleanup(info)
 
 
-def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+@dataclass
+class Run:
+    """What every epoch of a run shares, built once by :func:`_setup`."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    out: Path
+    preset: Preprocess
+    train_m: Manifest
+    val_m: Manifest
+    parts: ckpt.TrainingParts
+    ddp_model: nn.Module  # parts.model, wrapped in DDP under torchrun
+    label_source: LabelSource
+    steps: int  # optimizer steps per epoch
+    tb: Any  # TensorBoard SummaryWriter on rank 0, else None
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_m.num_classes
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    run = _setup(cfg, info)
+    start_epoch, best = 0, -1.0
+    if cfg.resume and (run.out / "last.pt").is_file():
+        start_epoch, best = ckpt.restore_training(run.out / "last.pt", run.parts)
+        log.info("resumed from %s at epoch %d", run.out / "last.pt", start_epoch)
+    if info.is_main:
+        save_yaml(cfg, run.out / "config.yaml")
+        _truncate_metrics(run.out / "metrics.jsonl", start_epoch)
+    t_start = time.time()
+    metrics: dict[str, Any] = {}
+    acc = None
+    for epoch in range(start_epoch, cfg.epochs):
+        train_stats = _train_epoch(run, epoch)
+        val, acc = _evaluate(run)
+        metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
+                   "lr": run.parts.optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - t_start}
+        best = _record_epoch(run, epoch, metrics, best)
+    final = _finalize(cfg, run.out, metrics, best, acc, run.label_source, info)
+    if run.tb is not None:
+        run.tb.close()
+    return final
+
+
+def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
+    """Manifests, loss, student, label source, output dir, optimizer, schedule, scaler, DDP, TensorBoard."""
     preset = get_preset(cfg.preset)
     train_m = build_manifest(cfg.data, cfg.train_split)
     val_m = build_manifest(cfg.data, cfg.val_split)
@@ -145,13 +165,12 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     seed_everything(cfg.seed)  # before the criterion: SL-Enc's network is initialised from the seed too
     criterion = build_criterion(cfg, num_classes).to(cfg.device)
     model = create_model(cfg.student, num_classes, cfg.student_weights).to(cfg.device)
-    teacher = build_label_source(cfg, train_m, preset)
+    label_source = build_label_source(cfg, train_m, preset)
     out = prepare_output_dir(cfg, info)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer([model, criterion], cfg.optim)
-    skipped = getattr(teacher, "skipped", None)
-    n_per_rank = len(train_order(cfg, len(train_m), skipped, 0, info))
+    n_per_rank = len(train_order(cfg, len(train_m), label_source.skipped, 0, info))
     steps = math.ceil(n_per_rank / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
@@ -160,85 +179,78 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     ddp_model = model
     if info.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cfg.device == "cuda" else None)
-
-    start_epoch, best = 0, -1.0
-    if cfg.resume and (out / "last.pt").is_file():
-        state = ckpt.load(out / "last.pt")
-        model.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        start_epoch, best = state["epoch"] + 1, state["best_top1"]
-        log.info("resumed from %s at epoch %d", out / "last.pt", start_epoch)
-    if info.is_main:
-        save_yaml(cfg, out / "config.yaml")
-        _truncate_metrics(out / "metrics.jsonl", start_epoch)
+    parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler)
     tb = _tensorboard(out) if info.is_main else None
-    labels = torch.from_numpy(train_m.labels.astype(np.int64))
-    val_labels = torch.from_numpy(val_m.labels.astype(np.int64))
-    val_order = np.array_split(np.arange(len(val_m)), info.world_size)[info.rank]
-    t_start = time.time()
-    metrics: dict[str, Any] = {}
-    acc = None
-    for epoch in range(start_epoch, cfg.epochs):
-        order = train_order(cfg, len(train_m), skipped, epoch, info)
-        boxes = teacher.boxes(order, epoch) if cfg.replay_views else None
-        mode = "views" if cfg.replay_views else ("train" if cfg.augment else "eval")
-        batches = _batches(train_m, order, preset, mode, cfg, cfg.seed * 1000 + epoch * 10 + info.rank, boxes,
-                           cfg.max_steps_per_epoch)
-
-        def on_step(step: int, parts: dict[str, float], epoch=epoch) -> None:
-            if tb is not None:
-                for k, v in parts.items():
-                    tb.add_scalar(f"train_step/{k}", v, epoch * steps + step)
-
-        train_stats = train_one_epoch(
-            ddp_model, criterion, optimizer, scheduler, batches, labels, teacher, epoch,
-            device=cfg.device, amp=cfg.amp, scaler=scaler, channels_last=cfg.channels_last, info=info,
-            total_steps=steps, log_every=cfg.log_every, on_step=on_step,
-        )
-        if info.enabled:  # DDP keeps parameters in sync, not the BN statistics of each rank's last batch:
-            for buf in model.buffers():  # evaluate (and save) rank 0's on every rank
-                torch.distributed.broadcast(buf, 0)
-        val, acc = evaluate(model, _batches(val_m, val_order, preset, "eval", cfg, 0), val_labels,
-                            device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info)
-        metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
-                   "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - t_start}
-        is_best = val["top1"] > best
-        best = max(best, val["top1"])
-        if info.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            state = {"model": model.state_dict(), "criterion": criterion.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best, "rng": ckpt.rng_state(),
-                     "config": to_dict(cfg), "num_classes": num_classes, "arch": cfg.student}
-            ckpt.save_atomic(state, out / "last.pt")
-            if is_best:
-                ckpt.save_atomic({"model": model.state_dict(), "epoch": epoch, "top1": val["top1"],
-                                  "config": to_dict(cfg), "arch": cfg.student}, out / "best.pt")
-            for k, v in metrics.items():
-                if tb is not None and isinstance(v, (int, float)):
-                    tb.add_scalar(f"epoch/{k}", v, epoch)
-            log.info("epoch %d: top1 %.2f top5 %.2f nll %.4f ece %.4f loss %.4f (%.0f img/s)", epoch, val["top1"],
-                     val["top5"], val["nll"], val["ece"], train_stats.get("train_loss", float("nan")),
-                     train_stats["train_images_per_s"])
-        barrier(info)
-    final = _finalize(cfg, out, metrics, best, acc, teacher, info)
-    if tb is not None:
-        tb.close()
-    return final
+    return Run(cfg, info, out, preset, train_m, val_m, parts, ddp_model, label_source, steps, tb)
 
 
-def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc, teacher, info: DistInfo) -> dict:
+def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One epoch: this rank's seeded order, the pipeline of the epoch's mode, the loop; TensorBoard per step."""
+    cfg, info = run.cfg, run.info
+    order = train_order(cfg, len(run.train_m), run.label_source.skipped, epoch, info)
+    boxes = run.label_source.boxes(order, epoch) if cfg.replay_views else None
+    mode = "views" if cfg.replay_views else ("train" if cfg.augment else "eval")
+    batches = _batches(run.train_m, order, run.preset, mode, cfg, cfg.seed * 1000 + epoch * 10 + info.rank, boxes,
+                       cfg.max_steps_per_epoch)
+
+    def on_step(step: int, parts: dict[str, float]) -> None:
+        if run.tb is not None:
+            for k, v in parts.items():
+                run.tb.add_scalar(f"train_step/{k}", v, epoch * run.steps + step)
+
+    p = run.parts
+    targets = torch.from_numpy(run.train_m.labels.astype(np.int64))
+    return train_one_epoch(
+        run.ddp_model, p.criterion, p.optimizer, p.scheduler, batches, targets, run.label_source, epoch,
+        device=cfg.device, amp=cfg.amp, scaler=p.scaler, channels_last=cfg.channels_last, info=info,
+        total_steps=run.steps, log_every=cfg.log_every, on_step=on_step,
+    )
+
+
+def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
+    """Val metrics of the student, every rank evaluating its share (BN statistics of rank 0 first)."""
+    cfg, info = run.cfg, run.info
+    if info.enabled:  # DDP keeps parameters in sync, not the BN statistics of each rank's last batch:
+        for buf in run.parts.model.buffers():  # evaluate (and save) rank 0's on every rank
+            torch.distributed.broadcast(buf, 0)
+    val_order = np.array_split(np.arange(len(run.val_m)), info.world_size)[info.rank]
+    targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
+    return evaluate(run.parts.model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
+                    device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info)
+
+
+def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) -> float:
+    """Rank 0: append to metrics.jsonl, write last.pt (and best.pt), TensorBoard, log line. Returns the best
+    top-1 so far."""
+    cfg = run.cfg
+    top1 = metrics["top1"]
+    is_best = top1 > best
+    best = max(best, top1)
+    if run.info.is_main:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        config = to_dict(cfg)
+        ckpt.save_training(run.out / "last.pt", run.parts, epoch, best, config, cfg.student, run.num_classes)
+        if is_best:
+            ckpt.save_best(run.out / "best.pt", run.parts.model, epoch, top1, config, cfg.student)
+        for k, v in metrics.items():
+            if run.tb is not None and isinstance(v, (int, float)):
+                run.tb.add_scalar(f"epoch/{k}", v, epoch)
+        log.info("epoch %d: top1 %.2f top5 %.2f nll %.4f ece %.4f loss %.4f (%.0f img/s)", epoch, top1,
+                 metrics["top5"], metrics["nll"], metrics["ece"], metrics.get("train_loss", float("nan")),
+                 metrics["train_images_per_s"])
+    barrier(run.info)
+    return best
+
+
+def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: MetricAccumulator | None,
+              label_source: LabelSource, info: DistInfo) -> dict:
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     last = rows[-1] if rows else metrics
     final = {
         "method": cfg.method, "student": cfg.student,
-        "teacher": "+".join(t["arch"] for t in getattr(teacher, "teachers", []) or []) or None,
-        "bank": ",".join(getattr(teacher, "paths", []) or []) or ("live" if cfg.live_teacher else None),
+        "teacher": "+".join(t["arch"] for t in label_source.teachers) or None,
+        "bank": ",".join(label_source.paths) or ("live" if cfg.live_teacher else None),
         "epochs": cfg.epochs, "seed": cfg.seed,
         **{k: last.get(k) for k in ("top1", "top5", "nll", "ece")},
         "best_top1": max((r["top1"] for r in rows), default=best),

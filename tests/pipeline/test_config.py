@@ -139,3 +139,20 @@ def test_dump_cli_config_errors_exit_2(tmp_path: Path, image_tree: Path, capsys)
     rc = main(base + ["dtype=float64"])
     assert rc == 2 and "float64" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("old, new", [("sched.min_lr", "sched.min_lr_factor"),
+                                      ("sched.warmup_start", "sched.warmup_start_factor"), ("labels", "banks")])
+def test_renamed_keys_name_the_new_key(tmp_path: Path, old: str, new: str):
+    """A renamed key is a one-line error naming its new name, from an override and from a YAML recipe."""
+    from stage2_student_train.config import TrainConfig
+
+    with pytest.raises(UsageError, match=rf"config key '{old}' is now '{new}'"):
+        resolve(TrainConfig, overrides=[f"{old}=0.1"])
+    parts = old.split(".")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({parts[0]: {parts[1]: 0.1}} if len(parts) == 2 else {old: ["b.zarr"]}))
+    with pytest.raises(UsageError, match=rf"'{old}' is now '{new}'"):
+        resolve(TrainConfig, recipe)
+    cfg = resolve(TrainConfig, overrides=[f"{new}=[x.zarr]" if new == "banks" else f"{new}=0.25"])
+    assert cfg.banks == ("x.zarr",) if new == "banks" else getattr(cfg.sched, new.split(".")[1]) == 0.25

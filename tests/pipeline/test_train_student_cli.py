@@ -86,7 +86,7 @@ def test_several_labels_are_the_teacher_axis(tmp_path, demo_root, demo_bank):
                  *_args(demo_root, out)]) == 0
     f = _final(out)
     assert f["bank"] == f"{demo_bank},{second}" and f["teacher"] == "democnn_s+democnn_s"
-    assert yaml.safe_load((out / "config.yaml").read_text())["labels"] == [str(demo_bank), str(second)]
+    assert yaml.safe_load((out / "config.yaml").read_text())["banks"] == [str(demo_bank), str(second)]
 
 
 def test_config_yaml_and_dotted_overrides(tmp_path, demo_root, demo_bank):

@@ -71,7 +71,7 @@ def np_metrics(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
 def eval_numpy(model_path: Path, demo_root: Path) -> dict:
     """Evaluate a saved student on the whole val split independently of stage 2's evaluate()."""
     from pipeline.data.dali import build_pipeline, iterate
-    from pipeline.data.manifest import build_manifest
+    from pipeline.data import build_manifest
     from pipeline.data.presets import get_preset
     from pipeline.models import create_model
 

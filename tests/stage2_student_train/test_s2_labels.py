@@ -16,12 +16,14 @@ import zarr
 
 import kd_losses
 from pipeline.bank.reader import LabelBank
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.data.presets import get_preset
+from pipeline.errors import UsageError
 from pipeline.models import create_model
+from pipeline.models.teachers import parse_teachers
 from s2_helpers import demo_args, read_metrics, subprocess_env
 from stage2_student_train.config import TrainConfig
-from stage2_student_train.labels import BankLabels, LiveTeacherLabels
+from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
 from stage2_student_train.loop import make_batch, train_one_epoch
 from stage2_student_train.optim import build_optimizer, build_scheduler
 from stage2_student_train.run import _batches
@@ -34,10 +36,10 @@ def _zarr_logits(bank: Path, index: np.ndarray) -> torch.Tensor:
 
 
 def test_bank_labels_gather_exact_rows(demo_bank):
-    src = BankLabels([LabelBank(demo_bank)])
+    src = BankLabelSource([LabelBank(demo_bank)])
     assert tuple(src.logits.shape) == (300, 1, 1, 10) and src.logits.dtype == torch.float16
     idx = np.array([299, 0, 17, 17, 64, 63, 128, 5, 191, 192])  # chunk edges (64 rows), repeats, last row
-    out = src({"index": torch.from_numpy(idx), "epoch": 0})
+    out = src({"index": torch.from_numpy(idx), "epoch": 0})["teacher_logits"]
     assert out.shape == (10, 1, 10) and out.dtype == torch.float32
     assert torch.equal(out, _zarr_logits(demo_bank, idx))
     # row i differs from row j: the gather is not returning one broadcast row
@@ -45,9 +47,9 @@ def test_bank_labels_gather_exact_rows(demo_bank):
 
 
 def test_several_banks_stack_on_teacher_axis(demo_bank, ckpt_bank):
-    src = BankLabels([LabelBank(demo_bank), LabelBank(ckpt_bank)])
+    src = BankLabelSource([LabelBank(demo_bank), LabelBank(ckpt_bank)])
     idx = np.array([3, 250, 64, 0])
-    out = src({"index": torch.from_numpy(idx), "epoch": 0})
+    out = src({"index": torch.from_numpy(idx), "epoch": 0})["teacher_logits"]
     assert out.shape == (4, 2, 10)
     assert torch.equal(out[:, 0], _zarr_logits(demo_bank, idx)[:, 0])
     assert torch.equal(out[:, 1], _zarr_logits(ckpt_bank, idx)[:, 0])
@@ -78,7 +80,7 @@ def test_loop_hands_the_loss_bank_rows_of_batch_index(demo_root, demo_bank):
     opt = build_optimizer([model, crit], cfg.optim)
     sched = build_scheduler(opt, 4, 1, cfg.sched)
     labels = torch.from_numpy(manifest.labels.astype(np.int64))
-    src = BankLabels([LabelBank(demo_bank)])
+    src = BankLabelSource([LabelBank(demo_bank)])
     stats = train_one_epoch(model, crit, opt, sched, _batches(manifest, order, get_preset("demo"), "train", cfg, 3),
                             labels, src, 0)
     seen_idx = np.concatenate([b["index"].numpy() for b in crit.seen])
@@ -102,15 +104,15 @@ def test_live_teacher_equals_bank_per_batch(demo_root, ckpt_bank, teacher_ckpt, 
     cfg = TrainConfig(batch_size=32, workers=1, data=str(demo_root), preset="demo")
     order = np.random.default_rng(0).permutation(len(manifest))[:96]
     labels = torch.from_numpy(manifest.labels.astype(np.int64))
-    bank = BankLabels([LabelBank(ckpt_bank)])
-    live = LiveTeacherLabels(["democnn_s"], [str(teacher_ckpt)], 10, "cpu")
+    bank = BankLabelSource([LabelBank(ckpt_bank)])
+    live = LiveTeacherLabelSource(parse_teachers(["democnn_s"], [str(teacher_ckpt)]), 10, "cpu")
     torch.manual_seed(0)
     student = create_model("democnn_s", 10)
     crit = kd_losses.build_loss(method, num_classes=10)
     n = 0
     for b in _batches(manifest, order, get_preset("demo"), "eval", cfg, 0):
         batch = make_batch(b, labels, "cpu", 0, False)
-        zb, zl = bank(batch, batch["image"]), live(batch, batch["image"])
+        zb, zl = bank(batch)["teacher_logits"], live(batch)["teacher_logits"]
         assert zb.shape == zl.shape == (len(b.index), 1, 10)
         # the bank stores fp16: the live logits rounded to fp16 are the stored values
         torch.testing.assert_close(zb, zl, rtol=2.0 ** -10, atol=1e-5)
@@ -178,3 +180,21 @@ def test_bank_run_never_builds_a_teacher(tmp_path, demo_root, demo_bank):
     assert rep["bank"] == {"rc": 0, "calls": ["democnn_s"], "ensembles": [], "stage1": []}
     assert rep["live"]["rc"] == 0 and rep["live"]["calls"] == ["democnn_s", "democnn_s"]
     assert rep["live"]["ensembles"] == [1] and rep["live"]["stage1"] == []
+
+
+def test_every_label_source_implements_the_protocol(demo_bank, teacher_ckpt):
+    """Bank, live teacher and none all satisfy LabelSource; only the bank adds stored rows, none adds nothing."""
+    from stage2_student_train.label_sources import LabelSource, NoLabelSource
+
+    batch = {"index": torch.tensor([0, 5]), "epoch": 0, "image": torch.zeros(2, 3, 32, 32)}
+    sources = [BankLabelSource([LabelBank(demo_bank)]),
+               LiveTeacherLabelSource(parse_teachers(["democnn_s"], [str(teacher_ckpt)]), 10, "cpu"), NoLabelSource()]
+    for src in sources:
+        assert isinstance(src, LabelSource), type(src).__name__
+        assert isinstance(src.teachers, list) and isinstance(src.paths, list) and src.num_views == 1
+    assert sources[0](batch)["teacher_logits"].shape == (2, 1, 10)
+    assert sources[1](batch)["teacher_logits"].shape == (2, 1, 10)
+    assert sources[2](batch) == {}
+    for src in sources:  # no stored views: replay is refused in one line
+        with pytest.raises(UsageError, match="replay"):
+            src.boxes(np.array([0, 1]), 0)

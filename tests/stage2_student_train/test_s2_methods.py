@@ -12,12 +12,12 @@ import torch
 
 import kd_losses
 from pipeline.bank.reader import LabelBank
-from pipeline.data.manifest import build_manifest
+from pipeline.data import build_manifest
 from pipeline.data.presets import get_preset
 from pipeline.models import create_model
 from s2_helpers import read_metrics
 from stage2_student_train.config import OptimConfig, TrainConfig
-from stage2_student_train.labels import BankLabels
+from stage2_student_train.label_sources import BankLabelSource
 from stage2_student_train.loop import train_one_epoch
 from stage2_student_train.optim import build_optimizer, build_scheduler
 from stage2_student_train.run import _batches, build_criterion
@@ -74,7 +74,7 @@ def test_sl_enc_parameters_are_optimized(demo_root, demo_bank):
     labels = torch.from_numpy(manifest.labels.astype(np.int64))
     order = np.arange(32)
     train_one_epoch(model, crit, opt, sched, _batches(manifest, order, get_preset("demo"), "train", cfg, 0), labels,
-                    BankLabels([LabelBank(demo_bank)]), 0)
+                    BankLabelSource([LabelBank(demo_bank)]), 0)
     assert all(p.grad is not None for p in crit_params)
     assert all(not torch.equal(a, p.detach()) for a, p in zip(before, crit_params))
 

@@ -82,16 +82,16 @@ def test_no_weight_decay_for_bn_and_bias():
     (ScheduleConfig(name="multistep", milestones=(60, 120, 160), gamma=0.2), 200,
      [(0, 1.0), (599, 1.0), (600, 0.2), (1200, 0.04), (1600, 0.008), (1999, 0.008)]),
     # linear warm-up over 5 epochs from 0.1, then step
-    (ScheduleConfig(name="step", step_size=30, gamma=0.1, warmup_epochs=5, warmup_start=0.1), 90,
+    (ScheduleConfig(name="step", step_size=30, gamma=0.1, warmup_epochs=5, warmup_start_factor=0.1), 90,
      [(0, 0.1), (25, 0.55), (49, 0.1 + 0.9 * 4.9 / 5), (50, 1.0), (300, 0.1)]),
     # cosine after 2 warm-up epochs over 10 epochs: 1 at the end of warm-up, 1/2 half-way, min_lr at the end
-    (ScheduleConfig(name="cosine", warmup_epochs=2, warmup_start=0.0), 10,
+    (ScheduleConfig(name="cosine", warmup_epochs=2, warmup_start_factor=0.0), 10,
      [(0, 0.0), (10, 0.5), (20, 1.0), (60, 0.5), (40, 0.5 * (1 + math.cos(math.pi / 4))), (100, 0.0)]),
-    (ScheduleConfig(name="cosine", min_lr=0.1), 10, [(0, 1.0), (50, 0.55), (100, 0.1), (120, 0.1)]),
+    (ScheduleConfig(name="cosine", min_lr_factor=0.1), 10, [(0, 1.0), (50, 0.55), (100, 0.1), (120, 0.1)]),
     # fractional warm-up (half an epoch), then multistep
-    (ScheduleConfig(name="multistep", milestones=(1,), warmup_epochs=0.5, warmup_start=0.2), 3,
+    (ScheduleConfig(name="multistep", milestones=(1,), warmup_epochs=0.5, warmup_start_factor=0.2), 3,
      [(0, 0.2), (2, 0.2 + 0.8 * 0.4), (5, 1.0), (9, 1.0), (10, 0.1)]),
-    (ScheduleConfig(name="constant", warmup_epochs=1, warmup_start=0.5), 3, [(0, 0.5), (5, 0.75), (10, 1.0), (29, 1.0)]),
+    (ScheduleConfig(name="constant", warmup_epochs=1, warmup_start_factor=0.5), 3, [(0, 0.5), (5, 0.75), (10, 1.0), (29, 1.0)]),
 ])
 def test_lr_factor_at_known_steps(cfg, epochs, points):
     for step, want in points:
@@ -101,7 +101,7 @@ def test_lr_factor_at_known_steps(cfg, epochs, points):
 def test_scheduler_applies_the_factor_every_step():
     m = create_model("democnn_s", 10)
     opt = build_optimizer([m], OptimConfig(lr=0.4, no_wd_bn_bias=True))
-    cfg = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_start=0.25)
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_start_factor=0.25)
     sched = build_scheduler(opt, 4, 3, cfg)
     for step in range(12):
         for g in opt.param_groups:  # every group (decay and no-decay) follows the schedule

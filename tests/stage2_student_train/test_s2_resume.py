@@ -120,7 +120,7 @@ def test_checkpoints_are_teacher_weights(tmp_path, demo_root, reference_run):
     assert bank.teachers[0]["sha256"] == file_sha256(best)
     # the bank holds this checkpoint's logits, not a random init's: compare with the model itself
     from pipeline.data.dali import build_pipeline, iterate
-    from pipeline.data.manifest import build_manifest
+    from pipeline.data import build_manifest
     from pipeline.data.presets import get_preset
     from pipeline.models import create_model
 

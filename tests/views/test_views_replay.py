@@ -16,7 +16,7 @@ from pipeline.dump_logits import main as dump_main
 from pipeline.labels import main as labels_main
 from pipeline.models.ensemble import build_ensemble
 from stage1_teacher_logits.views import ViewSampler, rrc_box
-from stage2_student_train.labels import BankLabels, view_choice
+from stage2_student_train.label_sources import BankLabelSource, view_choice
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_replayed_crop_reproduces_stored_logits(views_bank, demo_root):
     rounding and flip agree end to end between stage 1 and stage 2."""
     bank = LabelBank(views_bank)
     m = build_manifest(demo_root, "train")
-    src = BankLabels([bank], replay_seed=11)
+    src = BankLabelSource([bank], replay_seed=11)
     teacher = build_ensemble(["democnn_s"], [None], 10)  # same seed-0 init as the dump's --weights none
     order = np.random.default_rng(1).permutation(len(m))[:60]
     for epoch in (0, 3):
@@ -77,7 +77,7 @@ def test_replayed_crop_reproduces_stored_logits(views_bank, demo_root):
         pipe = build_pipeline(m, order, get_preset("demo"), "views", 30, 2, "cpu", 0, boxes=boxes)
         for b in iterate(pipe, len(order), 30):
             live = teacher(b.images)
-            stored = src({"index": b.index, "epoch": epoch}, b.images)
+            stored = src({"index": b.index, "epoch": epoch, "image": b.images})["teacher_logits"]
             torch.testing.assert_close(stored, live, atol=2e-3, rtol=2e-3)
 
 
