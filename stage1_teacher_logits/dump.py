@@ -7,6 +7,7 @@ content-addressed (the same command twice is a no-op that prints the bank path).
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
@@ -18,19 +19,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.bank.key import bank_key, default_bank_path
-from pipeline.bank.reader import _is_url, open_group
+from pipeline import storage
+from pipeline.bank.identity import BankSpec, bank_identity, preprocessing_record, view_record
+from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK
-from pipeline.bank.writer import create_bank, done_flags, mark_complete, remove_bank, write_chunk
+from pipeline.bank.writer import create_bank, done_flags, mark_complete, write_chunk
 from pipeline.config import to_dict
+from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.dali import build_pipeline, iterate
-from pipeline.data.manifest import Manifest, build_manifest
 from pipeline.data.presets import get_preset
 from pipeline.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
-from stage1_teacher_logits.teachers import build_teachers, parse_teachers
-from stage1_teacher_logits.views import ViewSampler, view_policy_record
+from pipeline.models.ensemble import TeacherEnsemble
+from pipeline.models.teachers import build_teachers, parse_teachers
+from stage1_teacher_logits.views import ViewSampler
 
 log = logging.getLogger(__name__)
 
@@ -72,304 +75,277 @@ def _check(cfg: DumpConfig) -> None:
         raise UsageError("batch_size, rows_per_chunk, workers and views must be >= 1")
 
 
-def _effective_batch(batch_size: int, rows_per_chunk: int) -> int:
-    """Largest batch <= batch_size dividing the chunk, so batches never straddle chunks (bit-exact resume)."""
-    b = min(batch_size, rows_per_chunk)
-    while rows_per_chunk % b:
-        b -= 1
-    if b != batch_size:
-        log.info("batch size %d -> %d so that it divides rows_per_chunk=%d", batch_size, b, rows_per_chunk)
-    return b
+class PrepareStatus(enum.Enum):
+    """What :meth:`BankDump.prepare` found at the bank's path."""
 
-
-def find_corrupt(manifest: Manifest, order: np.ndarray, start: int, known: set[int] = frozenset()) -> int | None:
-    """First position >= start in ``order`` whose file cannot be read or decoded (None if all decode),
-    ignoring samples already in ``known`` (skipped ones)."""
-    from PIL import Image
-
-    if manifest.layout == "cifar":
-        return None
-    if manifest.layout == "shards":
-        from pipeline.data.shards import find_corrupt as shard_find_corrupt
-
-        return shard_find_corrupt(manifest, order, start, known)
-    root = Path(manifest.root)
-    for pos in range(start, len(order)):
-        if int(order[pos]) in known:
-            continue
-        p = root / manifest.files[int(order[pos])]
-        try:
-            if p.stat().st_size == 0:
-                return pos
-            with Image.open(p) as im:
-                im.load()
-        except Exception:
-            return pos
-    return None
-
-
-def malformed(path: Path) -> bool:
-    """Cheap structural check (no decode): empty file, unknown signature, or a JPEG/PNG without its end marker.
-
-    Truncated and non-image files are caught here before DALI sees them (DALI 2.4's CPU decoder has been seen
-    to crash, not raise, on some truncated JPEGs)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 4:
-                return True
-            f.seek(-12, 2)
-            tail = f.read()
-    except OSError:
-        return True
-    if head[:2] == b"\xff\xd8":  # JPEG: must end with EOI (allow trailing padding bytes)
-        return b"\xff\xd9" not in tail
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return b"IEND" not in tail
-    return head[:2] not in (b"BM", b"II", b"MM") and head[:4] not in (b"RIFF", b"GIF8")
-
-
-def malformed_positions(manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
-    """Positions in ``order`` whose files fail :func:`malformed` (threaded: cheap even on network storage)."""
-    if manifest.layout not in ("imagefolder", "filelist"):
-        return []  # arrays need no check; shards carry per-member checksums checked by their reader
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    def bad(i: int) -> bool:
-        path = root / manifest.files[int(i)]
-        if not malformed(path):
-            return False
-        try:  # e.g. trailing bytes after a JPEG's end marker: only a failed full decode condemns a file
-            with Image.open(path) as im:
-                im.load()
-            return False
-        except Exception:
-            return True
-
-    root = Path(manifest.root)
-    with ThreadPoolExecutor(threads) as ex:
-        flags = list(ex.map(bad, order, chunksize=256))
-    return [p for p, b in enumerate(flags) if b]
-
-
-def resolve_bank_path(cfg: DumpConfig, manifest: Manifest, teachers: list[dict], preprocessing: dict,
-                      views: dict) -> tuple[str, str]:
-    key = bank_key(teachers, manifest.fingerprint, preprocessing, views, cfg.dtype)
-    path = cfg.out or str(default_bank_path(manifest.name, manifest.split, teachers, key))
-    return path, key
+    NEW = "new"  # created an empty bank
+    RESUME = "resume"  # an incomplete bank of the same key: write its missing chunks
+    COMPLETE = "complete"  # the same bank, finished: nothing to do
 
 
 def run_dump(cfg: DumpConfig) -> str:
     """Dump (or resume, or reuse) the bank described by ``cfg``; returns its path."""
     _check(cfg)
     info = init_distributed(cfg.device)
-    manifest = build_manifest(cfg.data, cfg.split)
-    preset = get_preset(cfg.preset)
-    specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
-    teachers = [s.identity() for s in specs]
-    preprocessing = {**preset.to_dict(), "teacher_amp": cfg.amp and cfg.device == "cuda"}
-    views = view_policy_record(cfg.view_policy, cfg.views, cfg.view_seed, preset)
-    path, key = resolve_bank_path(cfg, manifest, teachers, preprocessing, views)
+    dump = BankDump(cfg, build_manifest(cfg.data, cfg.split))
     # Build the teachers before touching the bank: a bad name or checkpoint must not leave a bank behind.
-    model = build_teachers(specs, manifest.num_classes, cfg.device, cfg.seed)
-
-    with _io_errors(path), ExitStack() as stack:
-        status = None
-        if info.is_main:
-            status = _prepare_bank(cfg, manifest, teachers, preprocessing, views, path, key, stack)
-        status = broadcast_object(status, info)
-        if status == "complete":
-            log.info("bank already complete: %s", path)
-            return path
-        if isinstance(status, str) and status.startswith("error:"):
-            raise BankError(status[len("error:"):])
+    model = build_teachers(dump.specs, dump.manifest.num_classes, cfg.device, cfg.seed)
+    with _io_errors(dump.path), ExitStack() as stack:
+        if _prepare_on_rank0(dump, info, stack) is PrepareStatus.COMPLETE:
+            log.info("bank already complete: %s", dump.path)
+            return dump.path
         barrier(info)
-        _dump_chunks(cfg, info, manifest, model, path)
+        dump.write_chunks(model, info)
         barrier(info)
         if info.is_main:
-            g = open_group(path, "r+")
-            metrics = teacher_metrics(g, teachers)
-            mark_complete(g, {"metrics": metrics})
-            log.info("bank complete: %s  %s", path, metrics)
+            dump.finalize()
         barrier(info)
-    return path
+    return dump.path
 
 
-def _prepare_bank(cfg: DumpConfig, manifest: Manifest, teachers: list[dict], preprocessing: dict, views: dict,
-                  path: str, key: str, stack: ExitStack) -> str:
-    """Rank 0: lock, then reuse / resume / create the bank. Returns 'complete', 'resume', 'new' or 'error:...'."""
-    if not _is_url(path):
-        from filelock import FileLock, Timeout
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path) + ".lock")
+def _prepare_on_rank0(dump: "BankDump", info: DistInfo, stack: ExitStack) -> PrepareStatus:
+    """Rank 0 prepares; its status (or its error, raised on every rank) reaches all ranks."""
+    result: tuple[PrepareStatus | None, str] = (None, "")
+    if info.is_main:
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return f"error:another dump is writing {path} (lock {path}.lock held); wait for it or remove a stale lock"
-        stack.callback(lock.release)
-    exists = (not _is_url(path) and Path(path).exists()) or (_is_url(path) and _url_exists(path))
-    if exists:
-        try:
-            attrs = dict(open_group(path, "r").attrs)
-        except BankError:
-            attrs = {}
-        if attrs.get("key") == key:
-            if attrs.get("complete"):
-                return "complete"
-            log.info("resuming incomplete bank %s", path)
-            return "resume"
-        if not cfg.overwrite:
-            return (f"error:{path} holds a different bank (key {str(attrs.get('key'))[:8]} != {key[:8]}); "
-                    "use --overwrite to replace it or --out to write elsewhere")
-        log.warning("overwriting %s", path)
-        remove_bank(path)
-    n, t = len(manifest), len(teachers)
-    attrs = {
-        "key": key,
-        "teachers": teachers,
-        "dataset": manifest.describe(),
-        "preprocessing": preprocessing,
-        "views": views,
-        "config": to_dict(cfg),
-        "metrics": {},
-    }
-    create_bank(path, attrs, (n, t, cfg.views, manifest.num_classes), cfg.dtype, cfg.rows_per_chunk)
-    return "new"
-
-
-def _url_exists(url: str) -> bool:
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(url)
-    return fs.exists(p)
-
-
-def _dump_chunks(cfg: DumpConfig, info: DistInfo, manifest: Manifest, model, path: str) -> None:
-    """This rank's share: every not-done chunk j with j % world_size == rank."""
-    g = open_group(path, "r+")
-    rows = g["logits"].chunks[0]
-    n = len(manifest)
-    n_chunks = math.ceil(n / rows)
-    done = done_flags(g)
-    mine = [j for j in range(n_chunks) if j % info.world_size == info.rank and not done[j]]
-    if not mine:
-        return
-    bs = _effective_batch(cfg.batch_size, rows)
-    sampler = ViewSampler(cfg.view_policy, cfg.views, cfg.view_seed, get_preset(cfg.preset))
-    order = np.concatenate([np.arange(j * rows, min(n, (j + 1) * rows)) for j in mine])
-    chunk_of_pos = np.concatenate([np.full(min(n, (j + 1) * rows) - j * rows, j) for j in mine])
-    skip: set[int] = set()
-    suspect = frozenset(int(order[p]) for p in malformed_positions(manifest, order))
-    pbar = tqdm(total=len(order), desc=f"dump rank {info.rank}", unit="img", disable=not info.is_main,
-                mininterval=1.0)
-    pos = 0
-    t0 = time.time()
-    try:
-        while pos < len(order):
-            pos = _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar, suspect)
-    finally:
-        pbar.close()  # ends the progress line, so an error message starts on its own line
-    log.info("rank %d dumped %d samples in %.1fs", info.rank, len(order), time.time() - t0)
-
-
-def _run_from(cfg, g, manifest, model, sampler, order, chunk_of_pos, pos, bs, rows, skip, pbar,
-              suspect: frozenset[int] = frozenset()) -> int:
-    """Run one pipeline from position ``pos`` (a chunk start) to the end; on a decode error find the file,
-    then raise (or, with skip_corrupt, record it and return the start of the failing chunk to restart).
-
-    ``suspect``: samples whose files failed the structural pre-scan; the pipeline stops before the first one
-    not yet skipped, which is then handled exactly like a decode error (they never reach DALI)."""
-    first = next((p for p in range(pos, len(order)) if int(order[p]) in suspect and int(order[p]) not in skip), None)
-    if first is not None:
-        bad_start = _chunk_start(chunk_of_pos, first)
-        if bad_start > pos:  # dump the clean chunks before the suspect file's chunk
-            _run_from(cfg, g, manifest, model, sampler, order[:bad_start], chunk_of_pos[:bad_start], pos, bs, rows,
-                      skip, pbar, suspect)
-        idx = int(order[first])
-        fname = Path(manifest.root) / manifest.files[idx]
-        if not cfg.skip_corrupt:
-            raise BankError(f"cannot decode {fname} (sample {idx}): empty, truncated or not an image; "
-                            "fix or remove it, or pass --skip-corrupt")
-        log.warning("skipping corrupt file %s (sample %d)", fname, idx)
-        skip.add(idx)
-        return bad_start
-    sub = order[pos:].copy()
-    for k, i in enumerate(sub):  # skipped samples: a stand-in keeps batch composition aligned to chunks
-        if int(i) in skip:
-            sub[k] = _stand_in(sub, k, skip)
-    boxes = sampler.boxes(manifest, sub)
-    pipe = build_pipeline(manifest, sub, sampler.preset, sampler.mode, bs, cfg.workers, cfg.device, cfg.seed,
-                          boxes=boxes)
-    t, v, c = g["logits"].shape[1:]
-    cur = None
-    buf = None
-    done_pos = pos
-    it = iterate(pipe, len(sub), bs, cfg.device)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        except RuntimeError as e:
-            if "pipeline" not in str(e).lower():
+            result = (dump.prepare(stack), "")
+        except BankError as e:
+            if not info.enabled:
                 raise
-            chunk_start = _chunk_start(chunk_of_pos, done_pos)
-            bad = find_corrupt(manifest, order, done_pos, skip)
-            if bad is None:
-                raise BankError(f"decoding failed after sample {int(order[done_pos])}: {' '.join(str(e).split())[:200]}") from None
-            idx = int(order[bad])
-            fname = Path(manifest.root) / manifest.files[idx]
-            if not cfg.skip_corrupt:
-                # DALI prefetch can fail before the chunks ahead of the bad file were written: finish those
-                # clean chunks first, so every chunk before the bad file's chunk is done.
-                bad_start = _chunk_start(chunk_of_pos, bad)
-                if bad_start > chunk_start:
-                    del it, pipe
-                    _run_from(cfg, g, manifest, model, sampler, order[:bad_start], chunk_of_pos[:bad_start],
-                              chunk_start, bs, rows, skip, pbar, suspect)
-                raise BankError(f"cannot decode {fname} (sample {idx}); fix or remove it, or pass --skip-corrupt") from None
-            log.warning("skipping corrupt file %s (sample %d)", fname, idx)
-            skip.add(idx)
-            pbar.update(chunk_start - done_pos)
-            return chunk_start
-        images = batch.images.to(cfg.device, non_blocking=True)
-        with torch.autocast("cuda", enabled=cfg.amp and cfg.device == "cuda"):
-            if images.ndim == 5:  # [B, V, 3, H, W] -> run every view
+            result = (None, str(e))
+    status, error = broadcast_object(result, info)
+    if status is None:
+        raise BankError(error)
+    return status
+
+
+class BankDump:
+    """One dump: the bank it writes (identity, path, attrs) and its three steps, :meth:`prepare` (rank 0),
+    :meth:`write_chunks` (every rank, its own chunks) and :meth:`finalize` (rank 0)."""
+
+    def __init__(self, cfg: DumpConfig, manifest: Manifest):
+        self.cfg = cfg
+        self.manifest = manifest
+        self.preset = get_preset(cfg.preset)
+        self.specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
+        self.spec = BankSpec(
+            teachers=tuple(s.identity() for s in self.specs),
+            preprocessing=preprocessing_record(self.preset, cfg.amp and cfg.device == "cuda"),
+            views=view_record(cfg.view_policy, cfg.views, cfg.view_seed, self.preset),
+            dtype=cfg.dtype,
+        )
+        ident = bank_identity(self.spec, manifest)
+        self.key = ident.key
+        self.path = cfg.out or str(ident.default_path)
+
+    # --- prepare --------------------------------------------------------------------------------------------
+    def prepare(self, stack: ExitStack) -> PrepareStatus:
+        """Lock the path (local banks), then reuse, resume or create the bank. Raises BankError when the lock
+        is held or a different bank is there (without ``--overwrite``)."""
+        path = self.path
+        if not storage.is_url(path):
+            from filelock import FileLock, Timeout
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path) + ".lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise BankError(f"another dump is writing {path} (lock {path}.lock held); wait for it or remove "
+                                "a stale lock") from None
+            stack.callback(lock.release)
+        if storage.exists(path):
+            try:
+                attrs = dict(open_group(path, "r").attrs)
+            except BankError:
+                attrs = {}
+            if attrs.get("key") == self.key:
+                if attrs.get("complete"):
+                    return PrepareStatus.COMPLETE
+                log.info("resuming incomplete bank %s", path)
+                return PrepareStatus.RESUME
+            if not self.cfg.overwrite:
+                raise BankError(f"{path} holds a different bank (key {str(attrs.get('key'))[:8]} != {self.key[:8]}); "
+                                "use --overwrite to replace it or --out to write elsewhere")
+            log.warning("overwriting %s", path)
+            storage.remove(path)
+        attrs = {"key": self.key, "teachers": list(self.spec.teachers), "dataset": self.manifest.describe(),
+                 "preprocessing": self.spec.preprocessing, "views": self.spec.views, "config": to_dict(self.cfg),
+                 "metrics": {}}
+        m = self.manifest
+        create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
+                    self.cfg.rows_per_chunk)
+        return PrepareStatus.NEW
+
+    # --- write ----------------------------------------------------------------------------------------------
+    def write_chunks(self, model: TeacherEnsemble, info: DistInfo) -> None:
+        """This rank's share: every not-done chunk j with j % world_size == rank."""
+        g = open_group(self.path, "r+")
+        rows = g["logits"].chunks[0]
+        done = done_flags(g)
+        mine = [j for j in range(math.ceil(len(self.manifest) / rows))
+                if j % info.world_size == info.rank and not done[j]]
+        if not mine:
+            return
+        plan = ChunkPlan(mine, rows, len(self.manifest), self.cfg.batch_size)
+        sampler = ViewSampler(self.cfg.view_policy, self.cfg.views, self.cfg.view_seed, self.preset)
+        run = _ChunkRun(self, g, model, plan, sampler, info)
+        t0 = time.time()
+        try:
+            run.all()
+        finally:
+            run.pbar.close()  # ends the progress line, so an error message starts on its own line
+        log.info("rank %d dumped %d samples in %.1fs", info.rank, plan.num_real, time.time() - t0)
+
+    # --- finalize -------------------------------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Teacher metrics read back from the bank, then ``complete = True``."""
+        g = open_group(self.path, "r+")
+        metrics = teacher_metrics(g, list(self.spec.teachers))
+        mark_complete(g, {"metrics": metrics})
+        log.info("bank complete: %s  %s", self.path, metrics)
+
+
+class ChunkPlan:
+    """The order in which one rank feeds its chunks to the teachers.
+
+    Each chunk's rows, in index order, padded to a multiple of the batch size by repeating the chunk's last
+    sample: batches never straddle chunks, so a chunk's logits depend only on the chunk (a resumed dump is bit
+    for bit an uninterrupted one) and the requested batch size is kept (the padding rows are dropped).
+
+    Attributes: ``order`` [P] sample indices; ``real`` [P] bool (False for padding); ``chunk`` [P] the row chunk
+    of each position; ``chunk_start`` / ``chunk_end`` [P] that chunk's first position and one past its last.
+    """
+
+    def __init__(self, chunks: list[int], rows: int, n: int, batch_size: int):
+        order, real, chunk, start, end = [np.zeros(0, np.int64)], [np.zeros(0, bool)], [np.zeros(0, np.int64)], \
+            [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        pos = 0
+        for j in chunks:
+            idx = np.arange(j * rows, min(n, (j + 1) * rows))
+            pad = -len(idx) % batch_size
+            order += [idx, np.full(pad, idx[-1])]
+            real += [np.ones(len(idx), bool), np.zeros(pad, bool)]
+            size = len(idx) + pad
+            chunk.append(np.full(size, j))
+            start.append(np.full(size, pos))
+            end.append(np.full(size, pos + size))
+            pos += size
+        self.order = np.concatenate(order).astype(np.int64)
+        self.real = np.concatenate(real)
+        self.chunk = np.concatenate(chunk)
+        self.chunk_start = np.concatenate(start)
+        self.chunk_end = np.concatenate(end)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @property
+    def num_real(self) -> int:
+        return int(self.real.sum())
+
+
+class _ChunkRun:
+    """Runs DALI pipelines over a :class:`ChunkPlan`, writing each chunk as soon as it is full, and handles
+    undecodable files: they are found (structural pre-scan, or a full decode after a pipeline error), the clean
+    chunks before one are finished, and then the dump stops naming it or, with ``--skip-corrupt``, records it as
+    skipped and restarts at its chunk. Skipped samples get a stand-in (a neighbour) so batches keep their
+    composition; their rows are NaN and ``skipped`` is set."""
+
+    def __init__(self, dump: BankDump, g, model: TeacherEnsemble, plan: ChunkPlan, sampler: ViewSampler,
+                 info: DistInfo):
+        self.dump, self.cfg, self.g, self.model, self.plan, self.sampler = dump, dump.cfg, g, model, plan, sampler
+        self.manifest = dump.manifest
+        self.layout = layout_of(self.manifest)
+        self.skip: set[int] = set()
+        real_order = plan.order[plan.real]
+        self.suspect = {int(real_order[p]) for p in self.layout.malformed_positions(self.manifest, real_order)}
+        self.pbar = tqdm(total=plan.num_real, desc=f"dump rank {info.rank}", unit="img", disable=not info.is_main,
+                         mininterval=1.0)
+
+    def all(self) -> None:
+        """Every chunk of the plan (one pipeline per stretch of positions free of known bad files)."""
+        plan, pos = self.plan, 0
+        while pos < len(plan):
+            bad = next((p for p in range(pos, len(plan))
+                        if int(plan.order[p]) in self.suspect and int(plan.order[p]) not in self.skip), None)
+            stop = int(plan.chunk_start[bad]) if bad is not None else len(plan)
+            if stop > pos:
+                reached = self._run_pipeline(pos, stop)
+                pos = stop if reached is None else reached
+                continue
+            idx = int(plan.order[bad])  # pos is the start of the bad file's chunk: all before it is written
+            where = self.layout.describe_sample(self.manifest, idx)
+            if not self.cfg.skip_corrupt:
+                raise BankError(f"cannot decode {where} (sample {idx}): empty, truncated or not an image; "
+                                "fix or remove it, or pass --skip-corrupt")
+            log.warning("skipping corrupt file %s (sample %d)", where, idx)
+            self.skip.add(idx)
+
+    def _run_pipeline(self, start: int, stop: int) -> int | None:
+        """Positions [start, stop) through one pipeline. Returns None when all were written, or the chunk start
+        to resume from after a decode error (the bad file is then added to the suspects)."""
+        plan = self.plan
+        sub = plan.order[start:stop].copy()
+        for k, i in enumerate(sub):
+            if int(i) in self.skip:
+                sub[k] = _stand_in(sub, k, self.skip)
+        boxes = self.sampler.boxes(self.manifest, sub)
+        pipe = build_pipeline(self.manifest, sub, self.sampler.preset, self.sampler.mode, self.cfg.batch_size,
+                              self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes)
+        t, v, c = self.g["logits"].shape[1:]
+        buf: _ChunkBuffer | None = None
+        pos = start
+        it = iterate(pipe, len(sub), self.cfg.batch_size, self.cfg.device)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return None
+            except RuntimeError as e:
+                if "pipeline" not in str(e).lower():
+                    raise
+                return self._after_decode_error(pos, buf, e)
+            out = self._teachers(batch.images, t, c)
+            _check_finite(out, batch.index.numpy(), self.skip, self.manifest, self.g["logits"].dtype)
+            for k in range(len(out)):
+                p = pos + k
+                if buf is None:
+                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c)
+                if plan.real[p]:
+                    i = int(plan.order[p])
+                    buf.put(i, out[k], self.manifest.labels[i], boxes[p - start] if boxes is not None else None)
+                if p + 1 == plan.chunk_end[p]:  # chunk filled: write it now, so a later decode error cannot lose it
+                    buf.flush(self.skip)
+                    buf = None
+            pos += len(out)
+            self.pbar.update(int(plan.real[pos - len(out):pos].sum()))
+            self.pbar.set_postfix_str(f"chunk {int(plan.chunk[pos - 1])}")
+
+    def _after_decode_error(self, pos: int, buf: "_ChunkBuffer | None", e: Exception) -> int:
+        """Find the file behind a pipeline error (full decode from ``pos``), make it a suspect, and return the
+        start of the unfinished chunk (its buffered rows are dropped)."""
+        plan = self.plan
+        chunk_start = int(plan.chunk_start[min(pos, len(plan) - 1)])
+        self.pbar.update(-int(plan.real[chunk_start:pos].sum()))
+        bad = self.layout.find_corrupt(self.manifest, plan.order, pos, self.skip)
+        if bad is None:
+            raise BankError(f"decoding failed after sample {int(plan.order[pos])}: "
+                            f"{' '.join(str(e).split())[:200]}") from None
+        self.suspect.add(int(plan.order[bad]))
+        return chunk_start
+
+    def _teachers(self, images: torch.Tensor, t: int, c: int) -> np.ndarray:
+        """Images [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] float32 (every view through the teachers)."""
+        images = images.to(self.cfg.device, non_blocking=True)
+        with torch.autocast("cuda", enabled=self.cfg.amp and self.cfg.device == "cuda"):
+            if images.ndim == 5:
                 b_, v_ = images.shape[:2]
-                out = model(images.flatten(0, 1)).reshape(b_, v_, t, c).transpose(1, 2)
+                out = self.model(images.flatten(0, 1)).reshape(b_, v_, t, c).transpose(1, 2)
             else:
-                out = model(images)[:, :, None, :]
-        out = out.float().cpu().numpy()
-        index = batch.index.numpy()
-        _check_finite(out, index, skip, manifest, g["logits"].dtype)
-        for k in range(len(index)):
-            p = done_pos + k
-            j = int(chunk_of_pos[p])
-            if cur != j:
-                if buf is not None:
-                    _flush(g, cur, buf, skip)
-                cur, buf = j, _new_buf(g, j, rows, t, v, c)
-            r = int(order[p]) - j * rows
-            buf["logits"][r] = out[k]
-            buf["labels"][r] = manifest.labels[int(order[p])]
-            buf["views"][r] = boxes[p - pos] if boxes is not None else np.nan
-            if p + 1 == len(chunk_of_pos) or chunk_of_pos[p + 1] != j:  # chunk filled: write it now, so a
-                _flush(g, cur, buf, skip)                                # later decode error cannot lose it
-                cur, buf = None, None
-        done_pos += len(index)
-        pbar.update(len(index))
-        pbar.set_postfix_str(f"chunk {int(chunk_of_pos[done_pos - 1])}")
-    if buf is not None:
-        _flush(g, cur, buf, skip)
-    return len(order)
-
-
-def _chunk_start(chunk_of_pos: np.ndarray, p: int) -> int:
-    j = chunk_of_pos[min(p, len(chunk_of_pos) - 1)]
-    return int(np.flatnonzero(chunk_of_pos == j)[0])
+                out = self.model(images)[:, :, None, :]
+        return out.float().cpu().numpy()
 
 
 def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
@@ -380,21 +356,29 @@ def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
     raise BankError("every sample is corrupt")
 
 
-def _new_buf(g, j: int, rows: int, t: int, v: int, c: int) -> dict[str, np.ndarray]:
-    n = g["logits"].shape[0]
-    r = min(n, (j + 1) * rows) - j * rows
-    return {"logits": np.full((r, t, v, c), np.nan, np.float32), "labels": np.full(r, -1, np.int32),
-            "views": np.full((r, v, 5), np.nan, np.float32), "start": j * rows}
+class _ChunkBuffer:
+    """The rows of one row chunk, collected in memory and written (with its done flag) once complete."""
 
+    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int):
+        n = g["logits"].shape[0]
+        r = min(n, (j + 1) * rows) - j * rows
+        self.g, self.j, self.start = g, j, j * rows
+        self.logits = np.full((r, t, v, c), np.nan, np.float32)
+        self.labels = np.full(r, -1, np.int32)
+        self.views = np.full((r, v, 5), np.nan, np.float32)
 
-def _flush(g, j: int, buf: dict, skip: set[int]) -> None:
-    start = buf["start"]
-    r = len(buf["labels"])
-    skipped = np.array([(start + k) in skip for k in range(r)], bool)
-    buf["logits"][skipped] = np.nan
-    if (buf["labels"][~skipped] < 0).any():
-        raise BankError(f"internal error: chunk {j} incomplete at flush")
-    write_chunk(g, j, buf["logits"], buf["labels"], buf["views"], skipped)
+    def put(self, i: int, logits: np.ndarray, label: int, boxes: np.ndarray | None) -> None:
+        r = i - self.start
+        self.logits[r] = logits
+        self.labels[r] = label
+        self.views[r] = boxes if boxes is not None else np.nan
+
+    def flush(self, skip: set[int]) -> None:
+        skipped = np.array([(self.start + k) in skip for k in range(len(self.labels))], bool)
+        self.logits[skipped] = np.nan
+        if (self.labels[~skipped] < 0).any():
+            raise BankError(f"internal error: chunk {self.j} incomplete at flush")
+        write_chunk(self.g, self.j, self.logits, self.labels, self.views, skipped)
 
 
 def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest,
