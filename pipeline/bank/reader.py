@@ -1,7 +1,7 @@
 """Reading a label bank: open, validate against a dataset, load into memory, verify every chunk.
 
 Stage 2 loads the bank (or the rows it needs) into memory once and gathers by index: per-batch random zarr
-reads run at ~5k rows/s, an in-memory gather at ~1M rows/s (DESIGN.md).
+reads run at ~5k rows/s, an in-memory gather at ~1M rows/s (docs/DESIGN.md, "Measured facts").
 """
 
 from __future__ import annotations
@@ -15,29 +15,19 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline import storage
 from pipeline.bank.schema import ARRAYS, SCHEMA_VERSION
 from pipeline.errors import BankError
 
 log = logging.getLogger(__name__)
 
 
-def _is_url(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def storage_options(path: str | Path) -> dict | None:
-    """fsspec options for a bank URL: local ``file://`` stores must create the chunk folders they write."""
-    if _is_url(path) and str(path).split("://", 1)[0] in ("file", "local"):
-        return {"auto_mkdir": True}
-    return None
-
-
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     """Open a zarr group at a local path or fsspec URL; a missing or non-zarr path is a BankError."""
-    if not _is_url(path) and not Path(path).exists():
+    if not storage.is_url(path) and not Path(path).exists():
         raise BankError(f"label bank not found: {path}")
     try:
-        return zarr.open_group(str(path), mode=mode, storage_options=storage_options(path))
+        return storage.open_zarr_group(path, mode)
     except Exception as e:
         raise BankError(f"cannot open label bank {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
 
@@ -77,6 +67,12 @@ class LabelBank:
     @property
     def num_classes(self) -> int:
         return self.shape[3]
+
+    @property
+    def rows_per_chunk(self) -> int:
+        """Rows per chunk of every per-row array (attrs; the ``labels`` array's chunking if attrs lack it)."""
+        r = self.attrs.get("rows_per_chunk")
+        return int(r) if r else int(self.group["labels"].chunks[0])
 
     @property
     def complete(self) -> bool:
@@ -145,7 +141,7 @@ class LabelBank:
         """The whole bank in memory: [N, T, V, C] tensor, read chunk by chunk (sequential reads)."""
         n = self.num_samples
         out = torch.empty(self.shape, dtype=dtype)
-        step = max(1, int(self.attrs.get("rows_per_chunk", 1024)))
+        step = max(1, self.rows_per_chunk)
         skipped = self.skipped()
         # stage 2 takes true classes from the manifest (and views only when replaying them), but a damaged
         # labels, views or done array is a damaged bank: refuse it too
@@ -241,7 +237,7 @@ def verify_bank(path: str | Path) -> list[str]:
         if labels.min(initial=0) < 0 or labels.max(initial=0) >= c:
             problems.append("labels out of range")
         skipped = bank.skipped()
-        step = int(bank.attrs.get("rows_per_chunk", 1024))
+        step = bank.rows_per_chunk
         for s in range(0, n, step):
             rows = bank.read_logits(s, min(n, s + step))
             bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) & ~skipped[s:s + len(rows)]

@@ -1,4 +1,4 @@
-"""The label-bank contract (zarr v3 group, schema_version 1). See DESIGN.md.
+"""The label-bank contract (zarr v3 group, schema_version 1). See docs/DESIGN.md, "The label bank".
 
 | node     | shape, dtype                     | meaning                                             |
 |----------|----------------------------------|-----------------------------------------------------|

@@ -217,7 +217,8 @@ def _slug(name: str) -> str:
 
 
 def plot_stats(s: dict[str, Any], out_dir: str | Path) -> list[str]:
-    """Write the PNGs into ``out_dir``; return their file names."""
+    """Write the PNGs of summary ``s`` into ``out_dir`` (entropy, reliability, per-class accuracy, confusion per
+    entry, teacher agreement); return their file names."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -225,29 +226,39 @@ def plot_stats(s: dict[str, Any], out_dir: str | Path) -> list[str]:
 
     out_dir = Path(out_dir)
     files: list[str] = []
-    names = list(s["entries"])
-    c = s["num_classes"]
 
-    def save(fig, name):
+    def save(fig, name: str) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=100)
         plt.close(fig)
         files.append(name)
 
-    # entropy distribution
+    save(_plot_entropy(plt, s), "entropy.png")
+    save(_plot_reliability(plt, s), "reliability.png")
+    save(_plot_per_class(plt, s), "per_class_accuracy.png")
+    for name in s["entries"]:
+        save(_plot_confusion(plt, s, name), f"confusion_{_slug(name)}.png")
+    if "agreement" in s:
+        save(_plot_agreement(plt, s), "agreement.png")
+    return files
+
+
+def _plot_entropy(plt, s: dict[str, Any]):
     fig, ax = plt.subplots(figsize=(6, 4))
     edges = np.asarray(s["entropy_bin_edges"])
-    for name in names:
-        h = np.asarray(s["entries"][name]["entropy_hist"], float)
+    for name, e in s["entries"].items():
+        h = np.asarray(e["entropy_hist"], float)
         ax.stairs(h / max(h.sum(), 1), edges, label=name)
     ax.set_xlabel("predictive entropy (nats, T = 1)")
     ax.set_ylabel("fraction of samples")
-    ax.axvline(math.log(c), color="gray", ls=":", lw=1)
+    ax.axvline(math.log(s["num_classes"]), color="gray", ls=":", lw=1)
     ax.legend(fontsize=7)
     ax.set_title("entropy distribution")
-    save(fig, "entropy.png")
+    return fig
 
-    # reliability diagrams
+
+def _plot_reliability(plt, s: dict[str, Any]):
+    names = list(s["entries"])
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         r = s["entries"][name]["reliability"]
@@ -263,9 +274,11 @@ def plot_stats(s: dict[str, Any], out_dir: str | Path) -> list[str]:
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}  ECE {s['entries'][name]['ece']:.3f}", fontsize=9)
     axes[0][0].legend(fontsize=7)
-    save(fig, "reliability.png")
+    return fig
 
-    # per-class accuracy
+
+def _plot_per_class(plt, s: dict[str, Any]):
+    c, names = s["num_classes"], list(s["entries"])
     fig, ax = plt.subplots(figsize=(max(6, min(20, 0.35 * c)), 4))
     for k, name in enumerate(names):
         acc = np.array([np.nan if a is None else a for a in s["entries"][name]["per_class_accuracy"]])
@@ -283,41 +296,44 @@ def plot_stats(s: dict[str, Any], out_dir: str | Path) -> list[str]:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     ax.set_title("per-class accuracy")
-    save(fig, "per_class_accuracy.png")
+    return fig
 
-    # confusion matrices (row-normalised: P(pred | true))
-    for name in names:
-        m = np.asarray(s["entries"][name]["confusion"], float)
-        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-        fig, ax = plt.subplots(figsize=(6, 5))
-        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="P(predicted | true)")
-        if c <= 30:
-            ax.set_xticks(np.arange(c))
-            ax.set_yticks(np.arange(c))
-            ax.set_xticklabels(s["classes"], rotation=60, ha="right", fontsize=7)
-            ax.set_yticklabels(s["classes"], fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"confusion  {name}", fontsize=9)
-        save(fig, f"confusion_{_slug(name)}.png")
 
-    if "agreement" in s:
-        a = np.asarray(s["agreement"])
-        t = len(a)
-        fig, ax = plt.subplots(figsize=(1.2 * t + 3, 1.2 * t + 2))
-        im = ax.imshow(a, vmin=0, vmax=1, cmap="magma")
-        for i in range(t):
-            for j in range(t):
-                ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", color="w" if a[i, j] < 0.6 else "k")
-        ax.set_xticks(range(t))
-        ax.set_yticks(range(t))
-        ax.set_xticklabels(names[:t], rotation=45, ha="right", fontsize=7)
-        ax.set_yticklabels(names[:t], fontsize=7)
-        fig.colorbar(im, ax=ax)
-        ax.set_title("top-1 agreement between teachers")
-        save(fig, "agreement.png")
-    return files
+def _plot_confusion(plt, s: dict[str, Any], name: str):
+    """Row-normalised confusion matrix: P(predicted | true)."""
+    c = s["num_classes"]
+    m = np.asarray(s["entries"][name]["confusion"], float)
+    m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="P(predicted | true)")
+    if c <= 30:
+        ax.set_xticks(np.arange(c))
+        ax.set_yticks(np.arange(c))
+        ax.set_xticklabels(s["classes"], rotation=60, ha="right", fontsize=7)
+        ax.set_yticklabels(s["classes"], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion  {name}", fontsize=9)
+    return fig
+
+
+def _plot_agreement(plt, s: dict[str, Any]):
+    a = np.asarray(s["agreement"])
+    t = len(a)
+    names = list(s["entries"])[:t]
+    fig, ax = plt.subplots(figsize=(1.2 * t + 3, 1.2 * t + 2))
+    im = ax.imshow(a, vmin=0, vmax=1, cmap="magma")
+    for i in range(t):
+        for j in range(t):
+            ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", color="w" if a[i, j] < 0.6 else "k")
+    ax.set_xticks(range(t))
+    ax.set_yticks(range(t))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticklabels(names, fontsize=7)
+    fig.colorbar(im, ax=ax)
+    ax.set_title("top-1 agreement between teachers")
+    return fig
 
 
 def write_json(s: dict[str, Any], path: str | Path) -> None:
