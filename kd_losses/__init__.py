@@ -17,6 +17,7 @@ from kd_losses.registry import (
     build_loss,
     get_loss,
     get_spec,
+    needs_features,
     needs_teacher,
     register_loss,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "build_loss",
     "get_loss",
     "get_spec",
+    "needs_features",
     "needs_teacher",
     "register_loss",
 ]
