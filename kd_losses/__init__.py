@@ -3,8 +3,9 @@
 Every loss is called as ``loss_fn(student_logits [B, C], batch) -> {"loss": scalar, **detached parts}``
 where ``batch`` holds ``label`` [B] int64 and, for methods with ``needs_teacher(name)``,
 ``teacher_logits`` [B, T, C] (raw logits of T teachers). Single-teacher methods given T > 1 teachers
-average the teachers' logits. Inputs in fp16/bf16 are upcast; losses are computed in float32 (float64
-stays float64).
+average the teachers' logits. Methods with ``needs_features(name)`` (``kd_losses.embedding``: rkd, pkt,
+sp, crd, fitnet) also read ``student_features`` [B, D_s], ``teacher_features`` [B, T, D_t] and, for crd,
+``index`` [B]. Inputs in fp16/bf16 are upcast; losses are computed in float32 (float64 stays float64).
 
     >>> import kd_losses
     >>> loss_fn = kd_losses.build_loss("kd", num_classes=100, T=4.0, alpha=0.9)
@@ -17,12 +18,13 @@ from kd_losses.registry import (
     build_loss,
     get_loss,
     get_spec,
+    needs_features,
     needs_teacher,
     register_loss,
 )
 
 # Importing the modules registers their losses.
-from kd_losses import classic, dist, dkd, soft_label, tfkd, wsld  # noqa: E402,F401  isort: skip
+from kd_losses import classic, dist, dkd, embedding, soft_label, tfkd, wsld  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "LossSpec",
@@ -31,6 +33,7 @@ __all__ = [
     "build_loss",
     "get_loss",
     "get_spec",
+    "needs_features",
     "needs_teacher",
     "register_loss",
 ]

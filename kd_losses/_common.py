@@ -58,6 +58,11 @@ def kl_rows(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
 
 
+def hinton_kd_term(z: Tensor, zt: Tensor, T: float) -> Tensor:
+    """Hinton KD term T²·KL(p_t^T || p_s^T), batchmean. z, zt [B, C] -> scalar."""
+    return T * T * kl_rows(F.log_softmax(zt / T, dim=1), F.log_softmax(z / T, dim=1)).mean()
+
+
 def soft_ce_rows(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
     """Soft cross-entropy H(p_t, p_s) = -sum_k p_t[k] log p_s[k] per row, [..., C] -> [...]."""
     return -(log_p_t.exp() * log_p_s).sum(dim=-1)

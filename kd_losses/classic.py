@@ -16,7 +16,7 @@ from kd_losses._common import (
     LossDict,
     check_choice,
     cross_entropy,
-    kl_rows,
+    hinton_kd_term,
     loss_dict,
     mean_teacher,
     student_and_labels,
@@ -79,6 +79,6 @@ def kd(
     z, y = student_and_labels(student_logits, batch)
     zt = mean_teacher(batch, z, "kd")
     ce_term = cross_entropy(z, y)
-    kd_term = T * T * kl_rows(F.log_softmax(zt / T, dim=1), F.log_softmax(z / T, dim=1)).mean()
+    kd_term = hinton_kd_term(z, zt, T)
     loss = (1.0 - alpha) * ce_term + alpha * kd_term
     return loss_dict(loss, ce=ce_term, kd=kd_term)

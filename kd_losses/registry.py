@@ -1,9 +1,10 @@
 """Loss registry: ``register_loss`` / ``get_loss`` / ``available_losses`` / ``build_loss``.
 
 A loss is either a function ``fn(student_logits, batch, **hparams) -> dict[str, Tensor]`` or an
-``nn.Module`` subclass whose ``forward(student_logits, batch)`` returns the same dict (SL-Enc, which has
-parameters). ``build_loss`` binds and validates hparams and always returns an ``nn.Module``, so the
-training loop can call ``.to(device)`` and ``.parameters()`` without knowing which kind it got.
+``nn.Module`` subclass whose ``forward(student_logits, batch)`` returns the same dict (SL-Enc, CRD, FitNet,
+which have parameters or buffers). ``build_loss`` binds and validates hparams and always returns an
+``nn.Module``, so the training loop can call ``.to(device)``, ``.parameters()`` and ``.state_dict()``
+without knowing which kind it got.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from kd_losses._common import Batch, LossDict, check_choice
 
 # Leading positional parameters of a loss function that are inputs, not hparams.
 _INPUT_PARAMS = ("student_logits", "batch")
-# Constructor arguments of module losses that build_loss fills in itself.
-_BUILD_ARGS = ("num_classes",)
+# Constructor arguments of module losses that build_loss fills in itself (never user hparams).
+_BUILD_ARGS = ("num_classes", "num_samples", "student_dim", "teacher_dim", "num_teachers")
 
 
 class UnknownLossError(KeyError, ValueError):
@@ -38,6 +39,7 @@ class LossSpec:
     name: str
     fn: Callable[..., Any]
     needs_teacher: bool
+    needs_features: bool = False
 
     @property
     def is_module(self) -> bool:
@@ -59,6 +61,11 @@ class LossSpec:
     def accepts(self, arg: str) -> bool:
         return arg in inspect.signature(self._signature_target()).parameters
 
+    def requires(self, arg: str) -> bool:
+        """Whether the signature takes ``arg`` without a default."""
+        param = inspect.signature(self._signature_target()).parameters.get(arg)
+        return param is not None and param.default is inspect.Parameter.empty
+
     def check_choices(self, hparams: dict[str, Any]) -> None:
         """Validate hparams annotated ``Literal[...]`` (e.g. ``convention``, ``form``)."""
         hints = typing.get_type_hints(self._signature_target())
@@ -71,18 +78,25 @@ class LossSpec:
 _REGISTRY: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, needs_teacher: bool = True) -> Callable[[Any], Any]:
+def register_loss(
+    name: str, *, needs_teacher: bool = True, needs_features: bool = False
+) -> Callable[[Any], Any]:
     """Decorator registering a loss function or ``nn.Module`` class under ``name``.
 
-    ``needs_teacher`` says whether ``batch['teacher_logits']`` must be present; it is also set as an
-    attribute on the decorated object. Registering a name twice raises ``ValueError``.
+    ``needs_teacher`` says whether the loss needs a teacher: ``batch['teacher_logits']`` or, with
+    ``needs_features``, the teachers' stored embeddings. ``needs_features`` says whether the batch must
+    carry ``student_features`` [B, D_s] and ``teacher_features`` [B, T, D_t]. Both are also set as
+    attributes on the decorated object. Registering a name twice raises ``ValueError``.
     """
 
     def decorator(obj: Any) -> Any:
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} is already registered (by {_REGISTRY[name].fn!r})")
-        _REGISTRY[name] = LossSpec(name=name, fn=obj, needs_teacher=needs_teacher)
+        _REGISTRY[name] = LossSpec(
+            name=name, fn=obj, needs_teacher=needs_teacher, needs_features=needs_features
+        )
         obj.needs_teacher = needs_teacher
+        obj.needs_features = needs_features
         return obj
 
     return decorator
@@ -109,8 +123,13 @@ def get_loss(name: str) -> Callable[..., Any]:
 
 
 def needs_teacher(name: str) -> bool:
-    """Whether loss ``name`` reads ``batch['teacher_logits']``."""
+    """Whether loss ``name`` needs a teacher (``batch['teacher_logits']``, or its features)."""
     return get_spec(name).needs_teacher
+
+
+def needs_features(name: str) -> bool:
+    """Whether loss ``name`` reads ``batch['student_features']`` and ``batch['teacher_features']``."""
+    return get_spec(name).needs_features
 
 
 class BoundLoss(nn.Module):
@@ -130,6 +149,7 @@ class BoundLoss(nn.Module):
         self.fn = spec.fn
         self.hparams = dict(hparams)
         self.needs_teacher = spec.needs_teacher
+        self.needs_features = spec.needs_features
         self.num_classes = num_classes
 
     def forward(self, student_logits: Tensor, batch: Batch) -> LossDict:
@@ -144,13 +164,25 @@ class BoundLoss(nn.Module):
         return ", ".join([repr(self.name), *(f"{k}={v!r}" for k, v in self.hparams.items())])
 
 
-def build_loss(name: str, *, num_classes: int | None = None, **hparams: Any) -> nn.Module:
+def build_loss(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    num_samples: int | None = None,
+    student_dim: int | None = None,
+    teacher_dim: int | None = None,
+    num_teachers: int | None = None,
+    **hparams: Any,
+) -> nn.Module:
     """Build loss ``name`` with ``hparams`` bound; always returns an ``nn.Module``.
 
     - Unknown hparam names raise ``TypeError`` listing the valid ones (from the signature).
     - ``Literal`` hparams (``convention``, ``form``) are checked here, not at the first batch.
-    - ``num_classes`` goes to losses whose constructor takes it (``sl_enc``); for the others it only
-      checks the class dimension of ``student_logits`` at call time.
+    - The build arguments (``num_classes``, ``num_samples`` = training-set size, ``student_dim`` = D_s,
+      ``teacher_dim`` = D_t, ``num_teachers`` = T) go to module losses whose constructor takes them
+      (``sl_enc``, ``crd``, ``fitnet``); one the constructor requires but that is ``None`` raises
+      ``TypeError`` naming it. They are never hparams. For function losses ``num_classes`` only checks
+      the class dimension of ``student_logits`` at call time and the others are ignored.
     """
     spec = get_spec(name)
     valid = spec.hparam_names()
@@ -164,8 +196,18 @@ def build_loss(name: str, *, num_classes: int | None = None, **hparams: Any) -> 
     if not spec.is_module:
         return BoundLoss(spec, hparams, num_classes)
     kwargs = dict(hparams)
-    if spec.accepts("num_classes"):
-        if num_classes is None:
-            raise TypeError(f"loss {name!r} needs num_classes")
-        kwargs["num_classes"] = num_classes
+    build_args = {
+        "num_classes": num_classes,
+        "num_samples": num_samples,
+        "student_dim": student_dim,
+        "teacher_dim": teacher_dim,
+        "num_teachers": num_teachers,
+    }
+    for arg in _BUILD_ARGS:
+        if not spec.accepts(arg):
+            continue
+        if build_args[arg] is not None:
+            kwargs[arg] = build_args[arg]
+        elif spec.requires(arg):
+            raise TypeError(f"loss {name!r} needs {arg}")
     return spec.fn(**kwargs)

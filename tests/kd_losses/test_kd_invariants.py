@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import kd_losses
 
-ALL = kd_losses.available_losses()
+ALL = [name for name in kd_losses.available_losses() if not kd_losses.needs_features(name)]  # embedding: own file
 NO_TEACHER = {"ce", "ls", "tfkd_reg"}
 SINGLE_TEACHER = ["kd", "wsld", "tfkd_self", "sl", "dkd", "dist", "sl_enc"]
 
