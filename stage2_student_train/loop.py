@@ -91,9 +91,7 @@ def train_one_epoch(
             logits = model(batch["image"])
         out = criterion(logits.float(), batch)
         loss = out["loss"]
-        finite = torch.isfinite(loss.detach()).float()
-        if info.enabled:
-            finite = all_reduce_sum(finite.cpu(), info) / info.world_size
+        finite = all_reduce_sum(torch.isfinite(loss.detach()).float(), info) / info.world_size
         if finite.item() < 1.0:
             pbar.close()  # so the error is a line of its own, not glued to the progress bar
             raise TrainingDiverged(f"loss became non-finite at epoch {epoch} step {step}; stopped, last good checkpoint kept")

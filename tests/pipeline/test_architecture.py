@@ -108,3 +108,31 @@ def test_no_import_cycle_in_pipeline_data():
 
     cycles = [m for m in graph if m in reach(m)]
     assert not cycles, cycles
+
+
+def test_collectives_only_in_pipeline_distributed():
+    """Every collective goes through pipeline/distributed.py, which hands each backend what it accepts."""
+    offenders = [str(p.relative_to(REPO)) for p in _sources()
+                 if p.name != "distributed.py" and ("torch.distributed" in p.read_text() or "dist." in p.read_text())]
+    assert not offenders, offenders
+
+
+def test_cuda_runs_use_the_mixed_backend():
+    """NCCL accepts only CUDA tensors: a CUDA run's group also has gloo for CPU tensors and object collectives."""
+    from pipeline.distributed import DistInfo, backend_for
+
+    assert backend_for("cuda") == "cpu:gloo,cuda:nccl" and backend_for("cpu") == "gloo"
+    assert str(DistInfo(1, 2, 1, "cuda").torch_device) == "cuda:1" and str(DistInfo().torch_device) == "cpu"
+
+
+def test_dali_is_imported_only_where_images_are_loaded_through_it():
+    """Importing every library module does not import DALI (it is imported inside the functions that build
+    DALI pipelines)."""
+    mods = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _sources()]
+    mods = [m.removesuffix(".__init__") for m in mods if not m.endswith("__main__")]
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('nvidia.dali')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
