@@ -11,25 +11,17 @@ reproducible, resumable and can be aligned with per-sample view boxes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from pipeline.data.batch import Batch, DecodeError
 from pipeline.data.manifest import Manifest
 from pipeline.data.presets import Preprocess
 from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """One decoded batch: ``images`` [B, 3, H, W] float32 (or [B, V, 3, H, W] for multi-view), ``index`` [B] int64."""
-
-    images: torch.Tensor
-    index: torch.Tensor
 
 
 def build_pipeline(
@@ -181,7 +173,10 @@ def iterate(pipe, num_samples: int, batch_size: int, device: str = "cpu") -> Ite
     """Run ``pipe`` for exactly one pass over ``num_samples`` samples, dropping the padding at the end."""
     remaining = num_samples
     while remaining > 0:
-        outs = pipe.run()
+        try:
+            outs = pipe.run()
+        except RuntimeError as e:  # DALI reports a failed batch (a file it cannot decode), not which file
+            raise DecodeError(" ".join(str(e).split())[:400]) from e
         n = min(batch_size, remaining)
         views = [_to_torch(o, device)[:n] for o in outs[:-1]]
         index = _to_torch(outs[-1], "cpu").reshape(-1)[:n].to(torch.int64)

@@ -65,6 +65,29 @@ class DatasetLayout:
         with Image.open(io.BytesIO(self.encoded(manifest, i))) as im:
             return im.convert("RGB")
 
+    def load_tensor(self, manifest: Manifest, i: int):
+        """Sample ``i`` decoded for the torch loader: uint8 [3, H, W] RGB, EXIF orientation applied (as DALI's
+        decoder does). torchvision's decoders (libjpeg-turbo, libpng, libwebp); PIL for what they do not read
+        (BMP, TIFF). torchvision 0.29 announces that ``torchvision.io`` decoding will move to TorchCodec; the
+        warning is silenced here and PIL remains the fallback."""
+        import warnings
+
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+
+        data = self.encoded(manifest, i)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+                return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                    apply_exif_orientation=True)
+        except RuntimeError:
+            from PIL import Image, ImageOps
+
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
     def image_size(self, manifest: Manifest, i: int) -> tuple[int, int]:
         """(H, W) of sample ``i`` from its header (no full decode)."""
         from PIL import Image
@@ -274,6 +297,11 @@ class CifarLayout(DatasetLayout):
         from PIL import Image
 
         return Image.fromarray(load_array_images(manifest)[i])
+
+    def load_tensor(self, manifest: Manifest, i: int):
+        import torch
+
+        return torch.from_numpy(load_array_images(manifest)[i]).permute(2, 0, 1).contiguous()
 
     def image_size(self, manifest: Manifest, i: int) -> tuple[int, int]:
         return 32, 32

@@ -15,7 +15,8 @@ from pipeline.data.presets import get_preset
 from pipeline.dump_logits import main as dump_main
 from pipeline.labels import main as labels_main
 from pipeline.models.ensemble import build_ensemble
-from stage1_teacher_logits.views import ViewSampler, rrc_box
+from pipeline.data.crops import rrc_box
+from stage1_teacher_logits.views import ViewSampler
 from stage2_student_train.label_sources import BankLabelSource, view_choice
 
 

@@ -1,0 +1,206 @@
+"""Image loaders for both stages: DALI (the default wherever it is installed) and torch (torchvision decoding and
+transforms in a ``DataLoader``), behind one function, :func:`load_batches`.
+
+Both read exactly the samples ``order`` in that order, carry the sample indices, and apply the same preprocessing
+parameters (``pipeline.data.presets.Preprocess``) in the same modes:
+
+- ``eval``: resize the shorter side to ``resize`` (antialiased bilinear), center-crop ``crop`` (zero padding when
+  smaller), normalise;
+- ``train``: the preset's augmentation (random-resized-crop with ``scale``/``ratio``, or pad-and-crop by
+  ``pad`` pixels), then a random horizontal flip;
+- ``views``: per-sample boxes [len(order), V, 5] (y, x, h, w in fractions of the decoded image, flip): crop,
+  resize to ``crop``, flip; V images per sample.
+
+Images are decoded with EXIF orientation applied (DALI's default; torchvision's ``apply_exif_orientation``).
+Resampling differs slightly between the two libraries: docs/GPU.md gives the measured logit difference. A bank
+records the loader that made it, and stage 2 warns when it trains with the other one.
+
+Randomness: DALI draws from its pipeline seed; the torch loader draws each sample's crop and flip from
+``np.random.default_rng([seed, index])``, so it is reproducible whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.data.batch import Batch, DecodeError
+from pipeline.data.crops import rrc_box
+from pipeline.data.manifest import Manifest
+from pipeline.data.presets import Preprocess
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+LOADERS = ("dali", "torch")
+MODES = ("eval", "train", "views")
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_loader(name: str) -> str:
+    """``auto`` -> ``dali`` when DALI is installed, else ``torch``; UsageError for an unknown name or for ``dali``
+    where DALI is missing (the message names ``--loader torch``)."""
+    if name in ("auto", "", None):
+        return "dali" if dali_available() else "torch"
+    if name not in LOADERS:
+        raise UsageError(f"unknown loader '{name}'; valid: auto, {', '.join(LOADERS)}")
+    if name == "dali" and not dali_available():
+        raise UsageError("NVIDIA DALI is not installed here (pip install nvidia-dali-cuda130, Linux only): "
+                         "pass --loader torch to decode with torchvision instead")
+    return name
+
+
+def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess: Preprocess, mode: str = "eval",
+                 batch_size: int = 64, workers: int = 2, device: str = "cpu", seed: int = 0,
+                 boxes: np.ndarray | None = None) -> Iterator[Batch]:
+    """One pass over ``manifest`` samples ``order`` -> :class:`Batch` objects (``images`` [B, 3, H, W] float32,
+    or [B, V, 3, H, W] in ``views`` mode with V > 1; ``index`` [B] int64), the last batch short.
+
+    ``loader``: ``dali`` or ``torch`` (resolve ``auto`` with :func:`resolve_loader` first). Raises UsageError on
+    bad arguments; iterating raises :class:`DecodeError` when a batch cannot be decoded.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    _check(order, mode, boxes, device)
+    if loader == "dali":
+        from pipeline.data.dali import build_pipeline, iterate
+
+        pipe = build_pipeline(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes=boxes)
+        return iterate(pipe, len(order), batch_size, device)
+    if loader == "torch":
+        return _torch_batches(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes)
+    raise UsageError(f"unknown loader '{loader}'; valid: {', '.join(LOADERS)}")
+
+
+def _check(order: np.ndarray, mode: str, boxes: np.ndarray | None, device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device '{device}'; valid: cpu, cuda")
+    if len(order) == 0:
+        raise UsageError("empty sample list")
+    if mode not in MODES:
+        raise UsageError(f"unknown pipeline mode '{mode}'")
+    if mode == "views" and (boxes is None or boxes.ndim != 3 or boxes.shape[0] != len(order) or boxes.shape[2] != 5):
+        raise UsageError("views mode needs boxes of shape [len(order), V, 5]")
+
+
+# --- torch ------------------------------------------------------------------------------------------------
+class TorchSamples(torch.utils.data.Dataset):
+    """Position k -> (image tensor, sample index, ok). A sample that fails to decode yields ``ok = False`` and a
+    zero image instead of raising inside a worker, so the main process can name it (:class:`DecodeError`)."""
+
+    def __init__(self, manifest: Manifest, order: np.ndarray, preprocess: Preprocess, mode: str, seed: int,
+                 boxes: np.ndarray | None):
+        from pipeline.data.layouts import layout_of
+
+        self.manifest, self.order, self.p, self.mode, self.seed = manifest, order, preprocess, mode, seed
+        self.boxes = boxes
+        self.layout = layout_of(manifest)
+        self.views = boxes.shape[1] if mode == "views" else 1
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
+        i = int(self.order[k])
+        try:
+            img = self.layout.load_tensor(self.manifest, i)
+        except Exception as e:  # noqa: BLE001  (any decoder error: reported by index in the main process)
+            log.debug("cannot decode sample %d: %s", i, e)
+            shape = (self.views, 3, self.p.crop, self.p.crop) if self.views > 1 else (3, self.p.crop, self.p.crop)
+            return torch.zeros(shape), i, False
+        if self.mode == "eval":
+            out = _eval_transform(img, self.p)
+        elif self.mode == "train":
+            out = _train_transform(img, self.p, np.random.default_rng([self.seed, i]))
+        else:  # one view: [3, H, W], as DALI's single output
+            views = [_box_transform(img, self.p, b) for b in self.boxes[k]]
+            out = torch.stack(views) if len(views) > 1 else views[0]
+        return out, i, True
+
+
+def _normalize(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
+    """uint8 [3, H, W] -> float32 (x - 255·mean) / (255·std), as DALI's crop_mirror_normalize."""
+    mean = torch.tensor([255.0 * m for m in p.mean]).view(3, 1, 1)
+    std = torch.tensor([255.0 * s for s in p.std]).view(3, 1, 1)
+    return (img.float() - mean) / std
+
+
+def _resize_shorter(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size``, the longer one scaled and rounded half up (as DALI's ``resize_shorter``;
+    torchvision truncates, a pixel off on non-square images)."""
+    import torchvision.transforms.v2.functional as F
+
+    h, w = img.shape[-2:]
+    if h <= w:
+        return F.resize(img, [size, math.floor(w * size / h + 0.5)], antialias=True)
+    return F.resize(img, [math.floor(h * size / w + 0.5), size], antialias=True)
+
+
+def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Center crop (offsets rounded half up, as DALI's ``crop``); zero padding when the image is smaller."""
+    import torchvision.transforms.v2.functional as F
+
+    h, w = img.shape[-2:]
+    if h < size or w < size:
+        return F.center_crop(img, [size, size])
+    return F.crop(img, math.floor((h - size) / 2 + 0.5), math.floor((w - size) / 2 + 0.5), size, size)
+
+
+def _eval_transform(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
+    return _normalize(_center_crop(_resize_shorter(img, p.resize), p.crop), p)
+
+
+def _train_transform(img: torch.Tensor, p: Preprocess, rng: np.random.Generator) -> torch.Tensor:
+    import torchvision.transforms.v2.functional as F
+
+    if p.train == "rrc":
+        h, w = img.shape[-2:]
+        y, x, bh, bw = rrc_box(rng, h, w, p.scale, p.ratio)
+        img = F.resized_crop(img, round(y * h), round(x * w), round(bh * h), round(bw * w), [p.crop, p.crop],
+                             antialias=True)
+    elif p.train == "pad_crop":
+        img = _center_crop(_resize_shorter(img, p.resize), p.crop)
+        dy, dx = rng.integers(-p.pad, p.pad + 1, size=2)
+        img = F.crop(F.pad(img, [p.pad]), p.pad + int(dy), p.pad + int(dx), p.crop, p.crop)
+    else:
+        raise UsageError(f"unknown train augmentation '{p.train}'")
+    if rng.random() < 0.5:
+        img = F.horizontal_flip(img)
+    return _normalize(img, p)
+
+
+def _box_transform(img: torch.Tensor, p: Preprocess, box: np.ndarray) -> torch.Tensor:
+    """One stored view: the box (fractions of the decoded image) cropped, resized to ``crop``, flipped."""
+    import torchvision.transforms.v2.functional as F
+
+    h, w = img.shape[-2:]
+    y, x, bh, bw, flip = (float(v) for v in box)
+    top, left = round(y * h), round(x * w)
+    height, width = max(1, min(h - top, round(bh * h))), max(1, min(w - left, round(bw * w)))
+    out = F.resized_crop(img, top, left, height, width, [p.crop, p.crop], antialias=True)
+    if flip >= 0.5:
+        out = F.horizontal_flip(out)
+    return _normalize(out, p)
+
+
+def _torch_batches(manifest: Manifest, order: np.ndarray, preprocess: Preprocess, mode: str, batch_size: int,
+                   workers: int, device: str, seed: int, boxes: np.ndarray | None) -> Iterator[Batch]:
+    ds = TorchSamples(manifest, order, preprocess, mode, seed, boxes)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                     pin_memory=device == "cuda", drop_last=False)
+    for images, index, ok in dl:
+        if not bool(ok.all()):
+            bad = int(index[~ok][0])
+            raise DecodeError(f"cannot decode sample {bad}", sample=bad)
+        yield Batch(images, index.to(torch.int64))
