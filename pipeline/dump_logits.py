@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view-seed", type=int, dest="view_seed")
     p.add_argument("--seed", type=int, help="init seed for teachers with --weights none")
     p.add_argument("--amp", action="store_true", default=None, help="autocast the teachers on CUDA")
+    p.add_argument("--loader", choices=["auto", "dali", "torch"],
+                   help="image loader: dali (NVIDIA DALI, the default where installed) or torch (torchvision)")
     p.add_argument("--config", help="YAML file of defaults (keys of DumpConfig)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true", default=None, dest="channels_last")
+    p.add_argument("--loader", choices=["auto", "dali", "torch"],
+                   help="image loader: dali (NVIDIA DALI, the default where installed) or torch (torchvision)")
     p.add_argument("--replay-views", action="store_true", default=None, dest="replay_views",
                    help="replay the bank's stored crops and flips (multi-view banks)")
     p.add_argument("--no-augment", action="store_false", default=None, dest="augment",

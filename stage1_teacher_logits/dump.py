@@ -26,7 +26,8 @@ from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK
 from pipeline.bank.writer import create_bank, done_flags, mark_complete, write_chunk
 from pipeline.config import to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
-from pipeline.data.dali import build_pipeline, iterate
+from pipeline.data.batch import DecodeError
+from pipeline.data.loaders import load_batches, resolve_loader
 from pipeline.data.presets import get_preset
 from pipeline.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from pipeline.errors import BankError, UsageError
@@ -60,6 +61,7 @@ class DumpConfig:
     view_seed: int = 0
     seed: int = 0
     amp: bool = False
+    loader: str = "auto"
 
 
 def _check(cfg: DumpConfig) -> None:
@@ -73,6 +75,9 @@ def _check(cfg: DumpConfig) -> None:
         raise UsageError("--device cuda but no CUDA device is available")
     if cfg.batch_size < 1 or cfg.rows_per_chunk < 1 or cfg.workers < 1 or cfg.views < 1:
         raise UsageError("batch_size, rows_per_chunk, workers and views must be >= 1")
+    if cfg.amp and cfg.device != "cuda":
+        raise UsageError("--amp autocasts the teachers on CUDA only (fp16 on a CPU is slower than fp32): drop "
+                         "--amp or use --device cuda")
 
 
 class PrepareStatus(enum.Enum):
@@ -126,6 +131,7 @@ class BankDump:
     def __init__(self, cfg: DumpConfig, manifest: Manifest):
         self.cfg = cfg
         self.manifest = manifest
+        self.loader = resolve_loader(cfg.loader)
         self.preset = get_preset(cfg.preset)
         self.specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
         self.spec = BankSpec(
@@ -162,6 +168,9 @@ class BankDump:
             if attrs.get("key") == self.key:
                 if attrs.get("complete"):
                     return PrepareStatus.COMPLETE
+                if attrs.get("loader", "dali") != self.loader:
+                    raise BankError(f"{path} was started with --loader {attrs.get('loader', 'dali')}: resume it with "
+                                    "the same loader (resampling differs slightly between loaders)")
                 log.info("resuming incomplete bank %s", path)
                 return PrepareStatus.RESUME
             if not self.cfg.overwrite:
@@ -171,7 +180,7 @@ class BankDump:
             storage.remove(path)
         attrs = {"key": self.key, "teachers": list(self.spec.teachers), "dataset": self.manifest.describe(),
                  "preprocessing": self.spec.preprocessing, "views": self.spec.views, "config": to_dict(self.cfg),
-                 "metrics": {}}
+                 "loader": self.loader, "metrics": {}}
         m = self.manifest
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
                     self.cfg.rows_per_chunk)
@@ -292,21 +301,18 @@ class _ChunkRun:
             if int(i) in self.skip:
                 sub[k] = _stand_in(sub, k, self.skip)
         boxes = self.sampler.boxes(self.manifest, sub)
-        pipe = build_pipeline(self.manifest, sub, self.sampler.preset, self.sampler.mode, self.cfg.batch_size,
-                              self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes)
+        it = load_batches(self.dump.loader, self.manifest, sub, self.sampler.preset, self.sampler.mode,
+                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes)
         t, v, c = self.g["logits"].shape[1:]
         buf: _ChunkBuffer | None = None
         pos = start
-        it = iterate(pipe, len(sub), self.cfg.batch_size, self.cfg.device)
         while True:
             try:
                 batch = next(it)
             except StopIteration:
                 return None
-            except RuntimeError as e:
-                if "pipeline" not in str(e).lower():
-                    raise
-                return self._after_decode_error(pos, buf, e)
+            except DecodeError as e:
+                return self._after_decode_error(pos, e)
             out = self._teachers(batch.images, t, c)
             _check_finite(out, batch.index.numpy(), self.skip, self.manifest, self.g["logits"].dtype)
             for k in range(len(out)):
@@ -323,13 +329,16 @@ class _ChunkRun:
             self.pbar.update(int(plan.real[pos - len(out):pos].sum()))
             self.pbar.set_postfix_str(f"chunk {int(plan.chunk[pos - 1])}")
 
-    def _after_decode_error(self, pos: int, buf: "_ChunkBuffer | None", e: Exception) -> int:
-        """Find the file behind a pipeline error (full decode from ``pos``), make it a suspect, and return the
-        start of the unfinished chunk (its buffered rows are dropped)."""
+    def _after_decode_error(self, pos: int, e: DecodeError) -> int:
+        """Find the file behind a decode error (the loader names it, or a full decode from ``pos`` finds it),
+        make it a suspect, and return the start of the unfinished chunk (its buffered rows are dropped)."""
         plan = self.plan
         chunk_start = int(plan.chunk_start[min(pos, len(plan) - 1)])
         self.pbar.update(-int(plan.real[chunk_start:pos].sum()))
-        bad = self.layout.find_corrupt(self.manifest, plan.order, pos, self.skip)
+        if e.sample is not None:
+            bad = next((p for p in range(pos, len(plan)) if int(plan.order[p]) == e.sample), None)
+        else:
+            bad = self.layout.find_corrupt(self.manifest, plan.order, pos, self.skip)
         if bad is None:
             raise BankError(f"decoding failed after sample {int(plan.order[pos])}: "
                             f"{' '.join(str(e).split())[:200]}") from None

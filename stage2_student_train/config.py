@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "none"
     channels_last: bool = False
+    loader: str = "auto"  # image loader: dali, torch, or auto (dali where installed)
     max_steps_per_epoch: int = 0
     log_every: int = 50
     output_dir: str = ""

@@ -115,6 +115,11 @@ class BankLabelSource:
         self.teachers = [t for b in banks for t in b.teachers]
         self.replay_seed = replay_seed
 
+    @property
+    def rows_device(self) -> str:
+        """Where the soft labels are held: ``cuda`` (GPU memory) or ``cpu`` (pinned when training on a GPU)."""
+        return self.logits.device.type
+
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         if self.views is None:
             raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
@@ -213,6 +218,10 @@ def build_label_source(cfg: Any, train: Manifest, preset: Preprocess) -> LabelSo
     banks = [LabelBank(p) for p in paths]
     for b in banks:
         b.validate(train)
+        made_by = b.attrs.get("loader", "dali")
+        if made_by != cfg.loader:
+            log.warning("bank %s was dumped with the %s loader and this run decodes with %s: resampling differs "
+                        "slightly (docs/GPU.md gives the measured logit difference)", b.path, made_by, cfg.loader)
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
     src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None)

@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,9 +23,10 @@ import torch.nn as nn
 import kd_losses
 from pipeline.config import save_yaml, to_dict
 from pipeline.data import Manifest, build_manifest
-from pipeline.data.dali import Batch, build_pipeline, iterate
+from pipeline.data.batch import Batch
+from pipeline.data.loaders import load_batches, resolve_loader
 from pipeline.data.presets import Preprocess, get_preset
-from pipeline.distributed import DistInfo, barrier, cleanup, init_distributed
+from pipeline.distributed import DistInfo, barrier, broadcast_buffers, cleanup, init_distributed
 from pipeline.errors import UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models import create_model
@@ -73,8 +74,8 @@ def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: st
     if max_steps:
         order = order[: max_steps * cfg.batch_size]
         boxes = boxes[: len(order)] if boxes is not None else None
-    pipe = build_pipeline(manifest, order, preset, mode, cfg.batch_size, cfg.workers, cfg.device, seed, boxes=boxes)
-    yield from iterate(pipe, len(order), cfg.batch_size, cfg.device)
+    yield from load_batches(resolve_loader(cfg.loader), manifest, order, preset, mode, cfg.batch_size, cfg.workers,
+                            cfg.device, seed, boxes=boxes)
 
 
 def prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> Path:
@@ -100,6 +101,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         raise UsageError("--device cuda but no CUDA device is available")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("epochs and batch_size must be >= 1")
+    if cfg.amp == "fp16" and cfg.device != "cuda":
+        raise UsageError("--amp fp16 on a CPU runs about 9x slower than fp32 (no fp16 kernels): use --amp bf16 "
+                         "or none on a CPU, fp16 on CUDA")
+    cfg = replace(cfg, loader=resolve_loader(cfg.loader))  # recorded resolved in config.yaml and checkpoints
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, info)
@@ -210,9 +215,8 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
 def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
     """Val metrics of the student, every rank evaluating its share (BN statistics of rank 0 first)."""
     cfg, info = run.cfg, run.info
-    if info.enabled:  # DDP keeps parameters in sync, not the BN statistics of each rank's last batch:
-        for buf in run.parts.model.buffers():  # evaluate (and save) rank 0's on every rank
-            torch.distributed.broadcast(buf, 0)
+    # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save) rank 0's
+    broadcast_buffers(run.parts.model, info)
     val_order = np.array_split(np.arange(len(run.val_m)), info.world_size)[info.rank]
     targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
     return evaluate(run.parts.model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,

@@ -198,3 +198,21 @@ def test_every_label_source_implements_the_protocol(demo_bank, teacher_ckpt):
     for src in sources:  # no stored views: replay is refused in one line
         with pytest.raises(UsageError, match="replay"):
             src.boxes(np.array([0, 1]), 0)
+
+
+def test_training_with_the_other_loader_warns(train, tmp_path, demo_bank, caplog):
+    """demo_bank was dumped with DALI; training from it with the torch loader works and says so once."""
+    import logging
+
+    assert LabelBank(demo_bank).attrs["loader"] == "dali"
+    with caplog.at_level(logging.WARNING):
+        assert train(tmp_path / "r", "--loader", "torch", "max_steps_per_epoch=2", labels=(demo_bank,)) == 0
+    msgs = [r.getMessage() for r in caplog.records if "loader" in r.getMessage()]
+    assert len(msgs) == 1 and "dumped with the dali loader" in msgs[0] and "decodes with torch" in msgs[0]
+
+
+def test_fp16_autocast_on_cpu_is_refused_bf16_runs(train, tmp_path, demo_bank, capsys):
+    assert train(tmp_path / "fp16", "--amp", "fp16", labels=(demo_bank,)) == 2
+    err = capsys.readouterr().err
+    assert "--amp bf16" in err and err.count("\n") == 1 and not (tmp_path / "fp16").exists()
+    assert train(tmp_path / "bf16", "--amp", "bf16", "max_steps_per_epoch=2", labels=(demo_bank,)) == 0

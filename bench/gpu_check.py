@@ -1,0 +1,365 @@
+"""Check the GPU paths in one short run (issue 13), on data it generates, with whichever loader is installed.
+
+    python bench/gpu_check.py                    # --device cuda, full size (at most ~5 minutes on one GPU)
+    python bench/gpu_check.py --device cpu --size small   # the same flow on CPU at toy sizes (run by a test)
+    python bench/gpu_check.py --write            # also write the "GPU check" section of BENCHMARKS.md
+
+Checks, each a row of the printed table (PASS / FAIL / n/a with the figure behind it):
+
+1. stage 1 on the device vs on the CPU, same teacher and loader: same rows in the same order, logits equal
+   within fp16 tolerance (DALI ``mixed`` decoding on CUDA when DALI is installed);
+2. stage 2 from that bank on the device with the bank held on the device: fp32, bf16 autocast, fp16 autocast +
+   GradScaler (CUDA only), channels_last: every loss finite;
+3. bank vs live teacher on the device: per-batch KD/WSLD losses equal within fp16 tolerance (eval transform);
+4. a 1-process ``torchrun`` through both stages (NCCL + gloo on CUDA, gloo on CPU);
+5. figures: dump images/s; student step time with the bank vs plain CE vs a live ResNet-34 teacher (ratios,
+   interleaved rounds); DALI ``mixed`` decode rate when DALI is there.
+
+Needs only torch, torchvision, zarr, numcodecs, numpy and this project (dask, timm and DALI optional).
+Exit code 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import from_dict  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    train: int  # training images (10 classes)
+    val: int
+    px: tuple[int, int]  # generated image size range
+    preset: str
+    batch: int
+    steps: int  # optimizer steps per training check
+    step_px: int  # image size of the step-time figure
+    rounds: int
+    reps: int  # steps per timing (their median is one round's figure)
+
+
+SIZES = {
+    "full": Size(train=2048, val=256, px=(192, 320), preset="imagenet", batch=64, steps=20, step_px=224, rounds=6,
+                 reps=5),
+    "small": Size(train=64, val=32, px=(24, 40), preset="tiny", batch=16, steps=2, step_px=32, rounds=1,
+                  reps=2),
+}
+
+
+@dataclass
+class Row:
+    check: str
+    status: str  # PASS, FAIL or n/a
+    detail: str
+    seconds: float
+
+
+class Check:
+    def __init__(self, device: str, size: Size, work: Path, loader: str):
+        from pipeline.data.loaders import resolve_loader
+
+        self.device, self.size, self.work, self.loader = device, size, work, resolve_loader(loader)
+        self.rows: list[Row] = []
+        self.figures: dict[str, Any] = {"device": _device_name(device), "loader": self.loader}
+
+    def run(self, name: str, fn: Callable[[], tuple[bool | None, str]]) -> None:
+        t0 = time.time()
+        try:
+            ok, detail = fn()
+        except Exception as e:  # noqa: BLE001  (a failed check is a row, the others still run)
+            ok, detail = False, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        status = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+        self.rows.append(Row(name, status, detail, time.time() - t0))
+        print(f"[{status}] {name}: {detail} ({time.time() - t0:.1f}s)", flush=True)
+
+    # --- data ----------------------------------------------------------------------------------------------
+    def make_data(self) -> tuple[bool, str]:
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        root = self.work / "data"
+        for split, n in (("train", self.size.train), ("val", self.size.val)):
+            for i in range(n):
+                c = i % 10
+                h, w = (int(x) for x in rng.integers(*self.size.px, size=2))
+                img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+                img[: h // 3, :, c % 3] = 25 * c  # class-dependent structure
+                d = root / split / f"class{c}"
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=90)
+        self.data = root
+        torch.manual_seed(0)
+        from pipeline.models import create_model
+
+        teacher = create_model("resnet18", 10, "none")
+        self.teacher = self.work / "teacher.pt"
+        torch.save({"model": teacher.state_dict()}, self.teacher)
+        return True, f"{self.size.train} + {self.size.val} JPEGs, 10 classes, {self.size.px} px; resnet18 teacher"
+
+    # --- 1: stage 1 on the device vs CPU ---------------------------------------------------------------------
+    def _dump(self, split: str, device: str, out: Path, **extra: Any) -> str:
+        from stage1_teacher_logits.dump import DumpConfig, run_dump
+
+        cfg = from_dict(DumpConfig, {"teacher": ["resnet18"], "weights": [str(self.teacher)], "data": str(self.data),
+                                     "split": split, "preset": self.size.preset, "device": device,
+                                     "batch_size": self.size.batch, "workers": 4, "loader": self.loader,
+                                     "out": str(out), "rows_per_chunk": 512, **extra})
+        return run_dump(cfg)
+
+    def dump_matches_cpu(self) -> tuple[bool, str]:
+        import zarr
+
+        dev = self._dump("val", self.device, self.work / "val-dev.zarr")
+        cpu = self._dump("val", "cpu", self.work / "val-cpu.zarr")
+        a, b = zarr.open_group(dev, mode="r"), zarr.open_group(cpu, mode="r")
+        same_rows = np.array_equal(a["labels"][:], b["labels"][:])
+        za, zb = a["logits"][:].astype(np.float32), b["logits"][:].astype(np.float32)
+        err = np.abs(za - zb) / (np.abs(zb) + 1e-2)
+        ok = same_rows and bool(np.allclose(za, zb, rtol=2.0 ** -8, atol=2e-3))
+        agree = float((za[:, 0, 0].argmax(1) == zb[:, 0, 0].argmax(1)).mean())
+        return ok, f"same rows {same_rows}, max rel err {err.max():.2e}, top-1 agreement {agree:.4f}"
+
+    def dump_rate(self) -> tuple[bool, str]:
+        t0 = time.time()
+        self.bank = self._dump("train", self.device, self.work / "train.zarr")
+        rate = self.size.train / (time.time() - t0)
+        self.figures["dump_images_per_s"] = round(rate, 1)
+        return True, f"{rate:.0f} img/s (resnet18, {self.size.preset} preset, batch {self.size.batch}, incl. start-up)"
+
+    # --- 2: stage 2 from the bank on the device --------------------------------------------------------------
+    def _train(self, out: Path, **extra: Any) -> dict:
+        from stage2_student_train import TrainConfig, run_training
+
+        cfg = {"method": "kd", "student": "resnet18", "banks": [self.bank], "data": str(self.data),
+               "preset": self.size.preset, "device": self.device, "epochs": 1, "batch_size": self.size.batch,
+               "workers": 4, "max_steps_per_epoch": self.size.steps, "output_dir": str(out), "overwrite": True,
+               "loader": self.loader, "optim": {"lr": 0.01}, "log_every": 1}
+        for k, v in extra.items():
+            cfg[k] = v
+        return run_training(from_dict(TrainConfig, cfg))
+
+    def train_variants(self) -> tuple[bool, str]:
+        from pipeline.bank.reader import LabelBank
+        from stage2_student_train.label_sources import BankLabelSource
+
+        held = BankLabelSource([LabelBank(self.bank)], self.device).rows_device
+        results = []
+        variants = {"fp32": {}, "bf16": {"amp": "bf16"}, "fp16+GradScaler": {"amp": "fp16"},
+                    "channels_last+bf16": {"channels_last": True, "amp": "bf16"}}
+        ok = held == self.device
+        for name, extra in variants.items():
+            if name.startswith("fp16") and self.device != "cuda":
+                results.append(f"{name} n/a on cpu")
+                continue
+            final = self._train(self.work / f"run-{name}", **extra)
+            losses = [json.loads(x)["train_loss"] for x in
+                      (self.work / f"run-{name}" / "metrics.jsonl").read_text().splitlines()]
+            finite = all(np.isfinite(losses)) and np.isfinite(final["nll"])
+            ok = ok and finite
+            results.append(f"{name} loss {losses[-1]:.3f}{'' if finite else ' NOT FINITE'}")
+        return ok, f"bank rows held on {held}; " + "; ".join(results)
+
+    # --- 3: bank vs live teacher -----------------------------------------------------------------------------
+    def bank_equals_live(self) -> tuple[bool, str]:
+        import kd_losses
+        from pipeline.bank.reader import LabelBank
+        from pipeline.data import build_manifest
+        from pipeline.data.loaders import load_batches
+        from pipeline.data.presets import get_preset
+        from pipeline.models.teachers import parse_teachers
+        from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
+        from stage2_student_train.loop import make_batch
+
+        m = build_manifest(self.data, "train")
+        targets = torch.from_numpy(m.labels.astype(np.int64))
+        bank = BankLabelSource([LabelBank(self.bank)], self.device)
+        live = LiveTeacherLabelSource(parse_teachers(["resnet18"], [str(self.teacher)]), 10, self.device)
+        torch.manual_seed(0)
+        from pipeline.models import create_model
+
+        student = create_model("resnet18", 10).to(self.device).eval()
+        losses = {k: kd_losses.build_loss(k, num_classes=10) for k in ("kd", "wsld")}
+        order = np.random.default_rng(0).permutation(len(m))[: 4 * self.size.batch]
+        worst = 0.0
+        for b in load_batches(self.loader, m, order, get_preset(self.size.preset), "eval", self.size.batch, 4,
+                              self.device, 0):
+            batch = make_batch(b, targets, self.device, 0, False)
+            zb, zl = bank(batch)["teacher_logits"], live(batch)["teacher_logits"]
+            torch.testing.assert_close(zb, zl, rtol=2.0 ** -8, atol=2e-3)
+            with torch.no_grad():
+                s = student(batch["image"])
+                for fn in losses.values():
+                    lb, ll = fn(s, {**batch, "teacher_logits": zb}), fn(s, {**batch, "teacher_logits": zl})
+                    worst = max(worst, abs(float(lb["loss"]) - float(ll["loss"])) / max(abs(float(ll["loss"])), 1e-6))
+        return worst < 2e-3, f"max relative per-batch loss difference {worst:.2e} (kd, wsld; limit 2e-3)"
+
+    # --- 4: torchrun ------------------------------------------------------------------------------------------
+    def torchrun(self) -> tuple[bool, str]:
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "2"}
+        base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"]
+        common = ["--data", str(self.data), "--preset", self.size.preset, "--device", self.device,
+                  "--batch-size", str(self.size.batch), "--loader", self.loader]
+        bank = self.work / "torchrun.zarr"
+        dump = subprocess.run([*base, "pipeline.dump_logits", "--teacher", "resnet18", "--weights", str(self.teacher),
+                               "--split", "val", *common, "--out", str(bank)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        train = subprocess.run([*base, "pipeline.train_student", "--method", "wsld", "--student", "resnet18",
+                                "--labels", str(self.work / "val-dev.zarr"), *common, "--epochs", "1",
+                                "--output-dir", str(self.work / "torchrun-run"), "--overwrite",
+                                "max_steps_per_epoch=2", "train_split=val"], env=env, capture_output=True,
+                               text=True, timeout=600)
+        ok = dump.returncode == 0 and train.returncode == 0
+        backend = "cpu:gloo,cuda:nccl" if self.device == "cuda" else "gloo"
+        tail = "" if ok else " | " + " ".join((dump.stderr + train.stderr).split())[-300:]
+        return ok, f"dump rc {dump.returncode}, train rc {train.returncode} (process group {backend}){tail}"
+
+    # --- 5: step-time ratios, DALI decode ---------------------------------------------------------------------
+    def step_ratios(self) -> tuple[bool, str]:
+        import kd_losses
+        from pipeline.bank.reader import LabelBank
+        from pipeline.models import create_model
+        from pipeline.models.teachers import parse_teachers
+        from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
+
+        dev, bs, px, c = self.device, self.size.batch, self.size.step_px, 10
+        bank = BankLabelSource([LabelBank(self.bank)], dev)
+        live = LiveTeacherLabelSource(parse_teachers(["resnet34"], ["none"]), c, dev)
+        torch.manual_seed(0)
+        student = create_model("resnet18", c).to(dev)
+        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+        ce, kd = kd_losses.build_loss("ce", num_classes=c), kd_losses.build_loss("kd", num_classes=c)
+        x = torch.randn(bs, 3, px, px, device=dev)
+        batch = {"image": x, "label": torch.randint(0, c, (bs,), device=dev),
+                 "index": torch.randint(0, self.size.train, (bs,)), "epoch": 0}
+
+        def step(variant: str) -> float:
+            _sync(dev)
+            t0 = time.perf_counter()
+            b = dict(batch)
+            if variant != "ce":
+                b.update((bank if variant == "bank" else live)(b))
+            out = (ce if variant == "ce" else kd)(student(x), b)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            _sync(dev)
+            return time.perf_counter() - t0
+
+        for v in ("ce", "bank", "live"):
+            for _ in range(min(3, self.size.reps)):
+                step(v)
+        times: dict[str, list[float]] = {"ce": [], "bank": [], "live": []}
+        for _ in range(self.size.rounds):
+            for v in times:
+                times[v].append(statistics.median(step(v) for _ in range(self.size.reps)))
+        med = {v: statistics.median(t) for v, t in times.items()}
+        self.figures.update({"step_ms": {v: round(1000 * t, 2) for v, t in med.items()},
+                             "bank_over_ce": round(med["bank"] / med["ce"], 3),
+                             "live_over_bank": round(med["live"] / med["bank"], 3)})
+        return True, (f"ResNet-18 step at {px}px batch {bs}: CE {1000 * med['ce']:.1f} ms, bank "
+                      f"{1000 * med['bank']:.1f} ms ({med['bank'] / med['ce']:.3f}x CE), live ResNet-34 "
+                      f"{1000 * med['live']:.1f} ms ({med['live'] / med['bank']:.2f}x bank)")
+
+    def dali_decode(self) -> tuple[bool | None, str]:
+        if self.loader != "dali" or self.device != "cuda":
+            return None, f"needs DALI and CUDA (loader {self.loader}, device {self.device})"
+        from pipeline.data import build_manifest
+        from pipeline.data.loaders import load_batches
+        from pipeline.data.presets import get_preset
+
+        m = build_manifest(self.data, "train")
+        order = np.arange(len(m))
+        for _ in load_batches("dali", m, order[: 4 * self.size.batch], get_preset(self.size.preset), "eval",
+                              self.size.batch, 4, "cuda"):
+            pass
+        _sync("cuda")
+        t0 = time.perf_counter()
+        n = sum(len(b.index) for b in load_batches("dali", m, order, get_preset(self.size.preset), "eval",
+                                                 self.size.batch, 4, "cuda"))
+        _sync("cuda")
+        rate = n / (time.perf_counter() - t0)
+        self.figures["dali_mixed_decode_images_per_s"] = round(rate, 1)
+        return True, f"{rate:.0f} img/s decode + resize + crop ({self.size.px} px JPEGs, mixed, 4 threads)"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def markdown(check: Check, args: argparse.Namespace, seconds: float) -> str:
+    lines = [f"Command: `python bench/gpu_check.py --device {args.device} --size {args.size}` on "
+             f"{check.figures['device']}, torch {torch.__version__}, loader {check.loader}; {seconds:.0f} s in all.",
+             "", "| check | result | detail | s |", "|---|---|---|---|"]
+    lines += [f"| {r.check} | {r.status} | {r.detail} | {r.seconds:.1f} |" for r in check.rows]
+    lines += ["", "Figures: `" + json.dumps(check.figures) + "`"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--size", default=None, choices=sorted(SIZES), help="default: full on cuda, small on cpu")
+    p.add_argument("--loader", default="auto", choices=["auto", "dali", "torch"])
+    p.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
+    p.add_argument("--write", action="store_true", help="write the 'GPU check' section of BENCHMARKS.md")
+    args = p.parse_args(argv)
+    args.size = args.size or ("full" if args.device == "cuda" else "small")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("KD_CACHE", str(work / "cache"))
+    t0 = time.time()
+    check = Check(args.device, SIZES[args.size], work, args.loader)
+    try:
+        check.run("generate data and teacher", check.make_data)
+        check.run(f"stage 1 on {args.device} == on cpu", check.dump_matches_cpu)
+        check.run("stage 1 rate", check.dump_rate)
+        check.run(f"stage 2 from the bank on {args.device}", check.train_variants)
+        check.run("bank == live teacher", check.bank_equals_live)
+        check.run("torchrun, 1 process, both stages", check.torchrun)
+        check.run("step time: bank vs CE vs live ResNet-34", check.step_ratios)
+        check.run("DALI mixed decode", check.dali_decode)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    seconds = time.time() - t0
+    md = markdown(check, args, seconds)
+    print("\n" + md)
+    if args.write:
+        from benchmd import write_section  # bench/ is on sys.path when run as a script
+
+        write_section("GPU check (bench/gpu_check.py)", md)
+    return 1 if any(r.status == "FAIL" for r in check.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""bench/gpu_check.py on CPU at toy sizes (issue 13): the GPU check script runs its whole flow here too, so it
+never rots between the rare sessions that have a GPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu(tmp_path: Path, capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    rc = gpu_check.main(["--device", "cpu", "--size", "small", "--loader", "torch", "--work", str(tmp_path)])
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+    assert rc == 0, out[-3000:]
+    statuses = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in table}
+    assert statuses["stage 1 on cpu == on cpu"] == "PASS" and statuses["bank == live teacher"] == "PASS"
+    assert statuses["torchrun, 1 process, both stages"] == "PASS"
+    assert statuses["DALI mixed decode"] == "n/a" and len(statuses) == 8
+    assert "fp16+GradScaler n/a on cpu" in out and "bank_over_ce" in out
