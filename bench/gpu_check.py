@@ -57,6 +57,8 @@ class Size:
     reps: int  # steps per timing (their median is one round's figure)
 
 
+WORKERS = min(4, os.cpu_count() or 1)  # loader threads / processes
+
 SIZES = {
     "full": Size(train=2048, val=256, px=(192, 320), preset="imagenet", batch=64, steps=20, step_px=224, rounds=6,
                  reps=5),
@@ -121,7 +123,7 @@ class Check:
 
         cfg = from_dict(DumpConfig, {"teacher": ["resnet18"], "weights": [str(self.teacher)], "data": str(self.data),
                                      "split": split, "preset": self.size.preset, "device": device,
-                                     "batch_size": self.size.batch, "workers": 4, "loader": self.loader,
+                                     "batch_size": self.size.batch, "workers": WORKERS, "loader": self.loader,
                                      "out": str(out), "rows_per_chunk": 512, **extra})
         return run_dump(cfg)
 
@@ -151,7 +153,7 @@ class Check:
 
         cfg = {"method": "kd", "student": "resnet18", "banks": [self.bank], "data": str(self.data),
                "preset": self.size.preset, "device": self.device, "epochs": 1, "batch_size": self.size.batch,
-               "workers": 4, "max_steps_per_epoch": self.size.steps, "output_dir": str(out), "overwrite": True,
+               "workers": WORKERS, "max_steps_per_epoch": self.size.steps, "output_dir": str(out), "overwrite": True,
                "loader": self.loader, "optim": {"lr": 0.01}, "log_every": 1}
         for k, v in extra.items():
             cfg[k] = v
@@ -200,8 +202,8 @@ class Check:
         losses = {k: kd_losses.build_loss(k, num_classes=10) for k in ("kd", "wsld")}
         order = np.random.default_rng(0).permutation(len(m))[: 4 * self.size.batch]
         worst = 0.0
-        for b in load_batches(self.loader, m, order, get_preset(self.size.preset), "eval", self.size.batch, 4,
-                              self.device, 0):
+        for b in load_batches(self.loader, m, order, get_preset(self.size.preset), "eval", self.size.batch,
+                              WORKERS, self.device, 0):
             batch = make_batch(b, targets, self.device, 0, False)
             zb, zl = bank(batch)["teacher_logits"], live(batch)["teacher_logits"]
             torch.testing.assert_close(zb, zl, rtol=2.0 ** -8, atol=2e-3)
@@ -290,12 +292,12 @@ class Check:
         m = build_manifest(self.data, "train")
         order = np.arange(len(m))
         for _ in load_batches("dali", m, order[: 4 * self.size.batch], get_preset(self.size.preset), "eval",
-                              self.size.batch, 4, "cuda"):
+                              self.size.batch, WORKERS, "cuda"):
             pass
         _sync("cuda")
         t0 = time.perf_counter()
         n = sum(len(b.index) for b in load_batches("dali", m, order, get_preset(self.size.preset), "eval",
-                                                 self.size.batch, 4, "cuda"))
+                                                 self.size.batch, WORKERS, "cuda"))
         _sync("cuda")
         rate = n / (time.perf_counter() - t0)
         self.figures["dali_mixed_decode_images_per_s"] = round(rate, 1)

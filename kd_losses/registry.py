@@ -61,6 +61,13 @@ class LossSpec:
     def accepts(self, arg: str) -> bool:
         return arg in inspect.signature(self._signature_target()).parameters
 
+    def resolved_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Every hparam with its value: ``hparams`` where given, else the signature's default (what a run
+        records in its config.yaml, so the run describes itself)."""
+        params = inspect.signature(self._signature_target()).parameters
+        return {name: hparams.get(name, params[name].default) for name in self.hparam_names()
+                if name in hparams or params[name].default is not inspect.Parameter.empty}
+
     def requires(self, arg: str) -> bool:
         """Whether the signature takes ``arg`` without a default."""
         param = inspect.signature(self._signature_target()).parameters.get(arg)

@@ -219,5 +219,17 @@ def resolve(
     return from_dict(cls, data)
 
 
+def default_of(cls: type, key: str) -> Any:
+    """The default value of dotted ``key`` of dataclass ``cls`` (``"optim.lr"``), for help texts."""
+    head, _, rest = key.partition(".")
+    f = {f.name: f for f in dataclasses.fields(cls)}[head]
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if rest:
+        return default_of(type(value), rest)
+    if isinstance(value, tuple):
+        return list(value) if value else "none"
+    return "none" if value in ("", None) else value
+
+
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

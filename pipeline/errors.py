@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -21,11 +22,14 @@ class BankError(UsageError):
     """A label bank is missing, incomplete, corrupt or does not match the dataset."""
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Configure root logging once for an entry point (libraries only use ``logging.getLogger``)."""
+def setup_logging(verbose: bool = False, rank: int = 0) -> None:
+    """Configure root logging once for an entry point (libraries only use ``logging.getLogger``). Under torchrun
+    only rank 0 logs at INFO; the other ranks log warnings and errors (prefixed with their rank)."""
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
+        f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
 
@@ -44,5 +48,9 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `... | head` closed stdout: not an error of ours, and no traceback
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: let that go nowhere
+            return 0
 
     return wrapper

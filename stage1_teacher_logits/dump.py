@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.bank.identity import BankSpec, bank_identity, preprocessing_record, view_record
+from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK
 from pipeline.bank.writer import create_bank, done_flags, mark_complete, write_chunk
@@ -142,7 +142,9 @@ class BankDump:
         )
         ident = bank_identity(self.spec, manifest)
         self.key = ident.key
-        self.path = cfg.out or str(ident.default_path)
+        # the same bank made from this data under another folder name or from another directory: reuse it
+        same = [b.path for b in cached_banks() if b.attrs.get("key") == self.key and b.complete]
+        self.path = cfg.out or (same[0] if same else str(ident.default_path))
 
     # --- prepare --------------------------------------------------------------------------------------------
     def prepare(self, stack: ExitStack) -> PrepareStatus:
@@ -269,7 +271,8 @@ class _ChunkRun:
         self.layout = layout_of(self.manifest)
         self.skip: set[int] = set()
         real_order = plan.order[plan.real]
-        self.suspect = {int(real_order[p]) for p in self.layout.malformed_positions(self.manifest, real_order)}
+        # sample -> why it cannot be decoded: from the pre-scan, then from decode errors
+        self.suspect = {int(real_order[p]): r for p, r in self.layout.scan(self.manifest, real_order).items()}
         self.pbar = tqdm(total=plan.num_real, desc=f"dump rank {info.rank}", unit="img", disable=not info.is_main,
                          mininterval=1.0)
 
@@ -287,9 +290,9 @@ class _ChunkRun:
             idx = int(plan.order[bad])  # pos is the start of the bad file's chunk: all before it is written
             where = self.layout.describe_sample(self.manifest, idx)
             if not self.cfg.skip_corrupt:
-                raise BankError(f"cannot decode {where} (sample {idx}): empty, truncated or not an image; "
+                raise BankError(f"cannot decode {where} (sample {idx}): {self.suspect[idx]}; "
                                 "fix or remove it, or pass --skip-corrupt")
-            log.warning("skipping corrupt file %s (sample %d)", where, idx)
+            log.warning("skipping undecodable file %s (sample %d): %s", where, idx, self.suspect[idx])
             self.skip.add(idx)
 
     def _run_pipeline(self, start: int, stop: int) -> int | None:
@@ -335,14 +338,13 @@ class _ChunkRun:
         plan = self.plan
         chunk_start = int(plan.chunk_start[min(pos, len(plan) - 1)])
         self.pbar.update(-int(plan.real[chunk_start:pos].sum()))
-        if e.sample is not None:
-            bad = next((p for p in range(pos, len(plan)) if int(plan.order[p]) == e.sample), None)
-        else:
-            bad = self.layout.find_corrupt(self.manifest, plan.order, pos, self.skip)
-        if bad is None:
-            raise BankError(f"decoding failed after sample {int(plan.order[pos])}: "
-                            f"{' '.join(str(e).split())[:200]}") from None
-        self.suspect.add(int(plan.order[bad]))
+        found = self.layout.find_corrupt(self.manifest, plan.order, pos, self.skip)
+        if e.sample is not None and (found is None or int(plan.order[found[0]]) != e.sample):
+            found = (next(p for p in range(pos, len(plan)) if int(plan.order[p]) == e.sample), str(e))
+        if found is None:
+            raise BankError(f"the {self.dump.loader} loader failed on the batch after sample {int(plan.order[pos])} "
+                            f"but every file from there decodes with PIL: {e}") from None
+        self.suspect[int(plan.order[found[0]])] = found[1]
         return chunk_start
 
     def _teachers(self, images: torch.Tensor, t: int, c: int) -> np.ndarray:

@@ -60,11 +60,13 @@ class TrainConfig:
     live_teacher: tuple[str, ...] = ()
     live_teacher_weights: tuple[str, ...] = ()
     data: str = ""
-    preset: str = "imagenet"
+    layout: str = "auto"  # dataset layout: auto, imagefolder, filelist, cifar, shards
+    preset: str = "auto"  # auto: the bank's preprocessing, else the layout's default
     train_split: str = "train"
     val_split: str = "val"
     augment: bool = True
     replay_views: bool = False
+    skip_corrupt: bool = False  # leave out undecodable images instead of stopping
     # Train on a seeded random subset of this many training samples (0 = all); the bank still covers all.
     train_subset: int = 0
     epochs: int = 90
@@ -79,6 +81,8 @@ class TrainConfig:
     log_every: int = 50
     output_dir: str = ""
     resume: bool = False
+    resume_from: str = ""  # a checkpoint file to resume from (default: <output_dir>/last.pt)
+    test_only: bool = False  # evaluate a checkpoint on the val split, no training
     overwrite: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 import kd_losses
-from pipeline.bank.identity import BankSpec, bank_identity, cache_root, preprocessing_record, view_record
+from pipeline.bank.identity import cache_root, cached_banks, teacher_match
 from pipeline.bank.reader import LabelBank
 from pipeline.data import Manifest
-from pipeline.data.presets import Preprocess
 from pipeline.errors import BankError, UsageError
 from pipeline.models.teachers import TeacherSpec, build_teachers, parse_teachers
 
@@ -40,12 +39,14 @@ class LabelSource(Protocol):
         paths: the banks read ([] for a live teacher or none).
         skipped: [N] bool, samples without soft labels (excluded from training), or None.
         num_views: V, views stored per sample (1 for live teachers and none).
+        preprocessing: the bank's ``preprocessing`` attr (how its teachers saw the images), or None.
     """
 
     teachers: list[dict[str, Any]]
     paths: list[str]
     skipped: np.ndarray | None
     num_views: int
+    preprocessing: dict[str, Any] | None
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         """Crop boxes [len(order), 1, 5] (y, x, h, w, flip) of the view each sample replays in ``epoch``;
@@ -75,6 +76,7 @@ class NoLabelSource:
         self.paths: list[str] = []
         self.skipped: np.ndarray | None = None
         self.num_views = 1
+        self.preprocessing: dict[str, Any] | None = None
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
@@ -113,6 +115,7 @@ class BankLabelSource:
         self.views = torch.from_numpy(first.views()) if first.num_views > 1 or _has_boxes(first) else None
         self.skipped = np.logical_or.reduce([b.skipped() for b in banks])
         self.teachers = [t for b in banks for t in b.teachers]
+        self.preprocessing = first.attrs.get("preprocessing")
         self.replay_seed = replay_seed
 
     @property
@@ -155,6 +158,7 @@ class LiveTeacherLabelSource:
         self.paths: list[str] = []
         self.skipped: np.ndarray | None = None
         self.num_views = 1
+        self.preprocessing: dict[str, Any] | None = None
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         raise UsageError("--replay-views replays a bank's stored views; a live teacher has none")
@@ -163,43 +167,38 @@ class LiveTeacherLabelSource:
         return {"teacher_logits": self.model(batch["image"]).clone()}
 
 
-def find_bank(manifest: Manifest, preset: Preprocess, specs: Sequence[TeacherSpec]) -> str:
-    """The cached bank of ``specs`` for this dataset: the default path of a plain dump (fp16, center view)
-    if it exists, else the single complete bank in the cache directory whose teachers and dataset match."""
-    idents = [s.identity() for s in specs]
-    spec = BankSpec(tuple(idents), preprocessing_record(preset), view_record("center", 1, 0, preset))
-    path = bank_identity(spec, manifest).default_path
-    if path.exists():
-        return str(path)
-    folder = path.parent
-    want = [_teacher_match(t) for t in idents]
-    archs = [s.arch for s in specs]
-    found = []
-    for cand in sorted(folder.glob(f"{'+'.join(archs)}-*.zarr")) if folder.is_dir() else []:
-        try:
-            b = LabelBank(cand)
-        except BankError:
-            continue
-        have = [_teacher_match(t) for t in b.teachers]
-        if have == want and b.complete and b.attrs.get("dataset", {}).get("fingerprint") == manifest.fingerprint:
-            found.append(str(cand))
+def find_bank(manifest: Manifest, specs: Sequence[TeacherSpec], replay_views: bool = False,
+              preset: str = "auto") -> str:
+    """The cached bank of teachers ``specs`` on this data: a complete bank in the cache whose dataset fingerprint
+    and teacher identities match (wherever the data lives and whatever its folder is called). Among several,
+    ``replay_views`` wants stored views; otherwise a plain dump (one center view, dense) is preferred. None, or
+    several equally good: a one-line UsageError (with the exact dump command, or the candidates)."""
+    want = [teacher_match(s.identity()) for s in specs]
+    found = [b for b in cached_banks() if b.complete and b.fingerprint == manifest.fingerprint
+             and [teacher_match(t) for t in b.attrs.get("teachers", [])] == want]
+    if replay_views:
+        found = [b for b in found if b.attrs.get("views", {}).get("policy", "center") != "center"]
+    elif len(found) > 1:
+        plain = [b for b in found if b.attrs.get("views", {}).get("policy") == "center"
+                 and b.attrs.get("format", "dense") == "dense"]
+        found = plain or found
     if len(found) == 1:
-        return found[0]
-    if len(found) > 1:
-        raise UsageError(f"several banks match --teacher {' '.join(archs)}: {', '.join(found)}; choose one with --labels")
+        return found[0].path
+    archs = [s.arch for s in specs]
+    if found:
+        raise UsageError(f"several banks match --teacher {' '.join(archs)}: {', '.join(b.path for b in found)}; "
+                         "choose one with --labels")
+    teachers = " ".join(f"--teacher {s.arch} --weights {s.weights}" for s in specs)
+    views = " --views 8 --view-policy rrc+flip" if replay_views else ""
+    preset_flag = f" --preset {preset}" if preset != "auto" else ""
     raise UsageError(
-        f"no bank for teacher(s) {' '.join(archs)} on {manifest.name}/{manifest.split} in {cache_root()}: "
-        f"run python -m pipeline.dump_logits --teacher {' --teacher '.join(archs)} --data {manifest.root} first, "
-        "or give --labels PATH"
+        f"no bank of {' + '.join(archs)} for {manifest.root} ({manifest.split}) in {cache_root()}: make it with "
+        f"python -m pipeline.dump_logits {teachers} --data {manifest.root} --split {manifest.split}{preset_flag}"
+        f"{views} (or give --labels PATH)"
     )
 
 
-def _teacher_match(t: dict[str, Any]) -> tuple:
-    """What must agree for a cached bank to be this teacher's (a random init's seed is not compared)."""
-    return t["arch"], t["weights"], t.get("sha256")
-
-
-def build_label_source(cfg: Any, train: Manifest, preset: Preprocess) -> LabelSource:
+def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
     """The label source a run needs: bank(s) in memory, a live teacher, or none (``cfg``: a TrainConfig)."""
     if cfg.live_teacher:
         specs = parse_teachers(cfg.live_teacher, cfg.live_teacher_weights, cfg.seed,
@@ -214,7 +213,7 @@ def build_label_source(cfg: Any, train: Manifest, preset: Preprocess) -> LabelSo
         if not cfg.teacher:
             raise UsageError(f"method '{cfg.method}' needs soft labels: give --labels BANK or --teacher NAME")
         specs = parse_teachers(cfg.teacher, cfg.teacher_weights, cfg.seed, ("--teacher", "--teacher-weights"))
-        paths = [find_bank(train, preset, specs)]
+        paths = [find_bank(train, specs, cfg.replay_views, cfg.preset)]
     banks = [LabelBank(p) for p in paths]
     for b in banks:
         b.validate(train)

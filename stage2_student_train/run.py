@@ -22,16 +22,17 @@ import torch.nn as nn
 
 import kd_losses
 from pipeline.config import save_yaml, to_dict
-from pipeline.data import Manifest, build_manifest
-from pipeline.data.batch import Batch
+from pipeline.data import Manifest, layout_of
+from pipeline.data.batch import Batch, DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
-from pipeline.data.presets import Preprocess, get_preset
+from pipeline.data.presets import Preprocess, resolve_preset
 from pipeline.distributed import DistInfo, barrier, broadcast_buffers, cleanup, init_distributed
 from pipeline.errors import UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models import create_model
 from stage2_student_train import checkpoint as ckpt
 from stage2_student_train.config import TrainConfig
+from stage2_student_train.inputs import check_config, load_manifests, undecodable
 from stage2_student_train.label_sources import LabelSource, build_label_source
 from stage2_student_train.loop import evaluate, train_one_epoch
 from stage2_student_train.optim import build_optimizer, build_scheduler
@@ -55,11 +56,12 @@ def build_criterion(cfg: TrainConfig, num_classes: int) -> nn.Module:
         raise UsageError(" ".join(str(e).split())) from None
 
 
-def train_order(cfg: TrainConfig, n: int, skipped: np.ndarray | None, epoch: int, info: DistInfo) -> np.ndarray:
-    """This rank's ordered sample indices for ``epoch``: seeded permutation, equal share per rank."""
+def train_order(cfg: TrainConfig, n: int, excluded: np.ndarray | None, epoch: int, info: DistInfo) -> np.ndarray:
+    """This rank's ordered sample indices for ``epoch``: seeded permutation, equal share per rank. ``excluded``:
+    [N] bool, samples never trained on (skipped by the bank, undecodable)."""
     pool = np.arange(n)
-    if skipped is not None:
-        pool = pool[~skipped]
+    if excluded is not None:
+        pool = pool[~excluded]
     if cfg.train_subset:
         if cfg.train_subset > len(pool):
             raise UsageError(f"train_subset={cfg.train_subset} exceeds the {len(pool)} training samples")
@@ -74,19 +76,27 @@ def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: st
     if max_steps:
         order = order[: max_steps * cfg.batch_size]
         boxes = boxes[: len(order)] if boxes is not None else None
-    yield from load_batches(resolve_loader(cfg.loader), manifest, order, preset, mode, cfg.batch_size, cfg.workers,
-                            cfg.device, seed, boxes=boxes)
+    try:
+        yield from load_batches(resolve_loader(cfg.loader), manifest, order, preset, mode, cfg.batch_size,
+                                cfg.workers, cfg.device, seed, boxes=boxes)
+    except DecodeError as e:  # not caught by the pre-scan: find the file to name it
+        lay = layout_of(manifest)
+        found = (list(order).index(e.sample), str(e)) if e.sample is not None else \
+            lay.find_corrupt(manifest, order, 0)
+        where = f"{lay.describe_sample(manifest, int(order[found[0]]))}: {found[1]}" if found else str(e)
+        raise UsageError(f"cannot decode {where} (split {manifest.split}); fix or remove it and rerun with --resume "
+                         "(finished epochs are kept)") from None
 
 
 def prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> Path:
-    out = Path(cfg.output_dir or f"runs/{cfg.method}-{cfg.student}-seed{cfg.seed}")
+    out = Path(cfg.output_dir)
     if info.is_main:
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(out.iterdir()) and not cfg.test_only:
             if cfg.overwrite and not cfg.resume:
                 shutil.rmtree(out)
             elif not cfg.resume:
                 raise UsageError(f"output dir {out} exists: pass --resume to continue it or --overwrite to replace it")
-            elif not (out / "last.pt").is_file():
+            elif not (Path(cfg.resume_from) if cfg.resume_from else out / "last.pt").is_file():
                 raise UsageError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
@@ -94,20 +104,12 @@ def prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> Path:
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one student as configured; returns the final metrics (also written to ``final.json``)."""
-    if not cfg.data:
-        raise UsageError("no dataset given: use --data ROOT")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UsageError("epochs and batch_size must be >= 1")
-    if cfg.amp == "fp16" and cfg.device != "cuda":
-        raise UsageError("--amp fp16 on a CPU runs about 9x slower than fp32 (no fp16 kernels): use --amp bf16 "
-                         "or none on a CPU, fp16 on CUDA")
-    cfg = replace(cfg, loader=resolve_loader(cfg.loader))  # recorded resolved in config.yaml and checkpoints
+    """Train one student as configured (or, with ``test_only``, evaluate a checkpoint); returns the final
+    metrics (also written to ``final.json`` / ``test.json``). Raises UsageError on bad input."""
+    cfg = check_config(cfg)
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info)
+        return _test_only(cfg, info) if cfg.test_only else _train(cfg, info)
     except OSError as e:  # disk full, read-only or unreadable output dir: one line, not a traceback
         raise UsageError(f"I/O error: {' '.join(str(e).split())}") from None
     finally:
@@ -118,12 +120,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 class Run:
     """What every epoch of a run shares, built once by :func:`_setup`."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # resolved: preset, loader, loss hyperparameters and output dir filled in
     info: DistInfo
     out: Path
     preset: Preprocess
     train_m: Manifest
     val_m: Manifest
+    excluded: np.ndarray  # [N_train] bool: never trained on (skipped by the bank, undecodable)
+    val_keep: np.ndarray  # val sample indices evaluated (all but undecodable ones)
     parts: ckpt.TrainingParts
     ddp_model: nn.Module  # parts.model, wrapped in DDP under torchrun
     label_source: LabelSource
@@ -137,10 +141,12 @@ class Run:
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run = _setup(cfg, info)
+    cfg = run.cfg
     start_epoch, best = 0, -1.0
-    if cfg.resume and (run.out / "last.pt").is_file():
-        start_epoch, best = ckpt.restore_training(run.out / "last.pt", run.parts)
-        log.info("resumed from %s at epoch %d", run.out / "last.pt", start_epoch)
+    last = Path(cfg.resume_from) if cfg.resume_from else run.out / "last.pt"
+    if cfg.resume and last.is_file():
+        start_epoch, best = ckpt.restore_training(last, run.parts)
+        log.info("resumed from %s at epoch %d", last, start_epoch)
     if info.is_main:
         save_yaml(cfg, run.out / "config.yaml")
         _truncate_metrics(run.out / "metrics.jsonl", start_epoch)
@@ -149,6 +155,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     acc = None
     for epoch in range(start_epoch, cfg.epochs):
         train_stats = _train_epoch(run, epoch)
+        _save_last(run, epoch, best)  # the epoch's training is kept even if its evaluation fails
         val, acc = _evaluate(run)
         metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
                    "lr": run.parts.optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - t_start}
@@ -160,22 +167,25 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
 
 def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
-    """Manifests, loss, student, label source, output dir, optimizer, schedule, scaler, DDP, TensorBoard."""
-    preset = get_preset(cfg.preset)
-    train_m = build_manifest(cfg.data, cfg.train_split)
-    val_m = build_manifest(cfg.data, cfg.val_split)
-    if train_m.classes != val_m.classes:
-        raise UsageError(f"classes of {cfg.train_split} and {cfg.val_split} differ in {cfg.data}")
+    """Manifests, loss, student, label source, preset, undecodable images, output dir, optimizer, schedule,
+    scaler, DDP, TensorBoard."""
+    train_m, val_m = load_manifests(cfg)
     num_classes = train_m.num_classes
     seed_everything(cfg.seed)  # before the criterion: SL-Enc's network is initialised from the seed too
     criterion = build_criterion(cfg, num_classes).to(cfg.device)
     model = create_model(cfg.student, num_classes, cfg.student_weights).to(cfg.device)
-    label_source = build_label_source(cfg, train_m, preset)
+    label_source = build_label_source(cfg, train_m)
+    preset = _choose_preset(cfg, train_m, label_source)
+    excluded = undecodable(train_m, cfg.skip_corrupt)
+    if label_source.skipped is not None:
+        excluded |= label_source.skipped
+    val_keep = np.flatnonzero(~undecodable(val_m, cfg.skip_corrupt))
+    cfg = replace(cfg, preset=preset.name, loss=kd_losses.get_spec(cfg.method).resolved_hparams(cfg.loss))
     out = prepare_output_dir(cfg, info)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer([model, criterion], cfg.optim)
-    n_per_rank = len(train_order(cfg, len(train_m), label_source.skipped, 0, info))
+    n_per_rank = len(train_order(cfg, len(train_m), excluded, 0, info))
     steps = math.ceil(n_per_rank / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
@@ -186,13 +196,28 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cfg.device == "cuda" else None)
     parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler)
     tb = _tensorboard(out) if info.is_main else None
-    return Run(cfg, info, out, preset, train_m, val_m, parts, ddp_model, label_source, steps, tb)
+    return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, ddp_model, label_source, steps, tb)
+
+
+def _choose_preset(cfg: TrainConfig, train_m: Manifest, label_source: LabelSource) -> Preprocess:
+    """``--preset``, or the bank's, or the layout's; warn when a given one differs from the bank's and when a
+    multi-view bank is read without replaying its views."""
+    bank_pre = label_source.preprocessing
+    preset = resolve_preset(cfg.preset, train_m, bank_pre)
+    if bank_pre and cfg.preset != "auto" and bank_pre.get("name") != preset.name:
+        log.warning("--preset %s differs from the preprocessing the bank was dumped with (%s): the student sees the "
+                    "images otherwise than the teacher did", preset.name, bank_pre.get("name"))
+    if label_source.num_views > 1 and not cfg.replay_views:
+        log.warning("the bank stores %d views per image; without --replay-views every sample uses view 0 with the "
+                    "random %s augmentation: pass --replay-views to train on the stored views",
+                    label_source.num_views, preset.train)
+    return preset
 
 
 def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One epoch: this rank's seeded order, the pipeline of the epoch's mode, the loop; TensorBoard per step."""
     cfg, info = run.cfg, run.info
-    order = train_order(cfg, len(run.train_m), run.label_source.skipped, epoch, info)
+    order = train_order(cfg, len(run.train_m), run.excluded, epoch, info)
     boxes = run.label_source.boxes(order, epoch) if cfg.replay_views else None
     mode = "views" if cfg.replay_views else ("train" if cfg.augment else "eval")
     batches = _batches(run.train_m, order, run.preset, mode, cfg, cfg.seed * 1000 + epoch * 10 + info.rank, boxes,
@@ -217,10 +242,18 @@ def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
     cfg, info = run.cfg, run.info
     # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save) rank 0's
     broadcast_buffers(run.parts.model, info)
-    val_order = np.array_split(np.arange(len(run.val_m)), info.world_size)[info.rank]
+    val_order = np.array_split(run.val_keep, info.world_size)[info.rank]
     targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
     return evaluate(run.parts.model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
                     device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info)
+
+
+def _save_last(run: Run, epoch: int, best: float) -> None:
+    """Rank 0: ``last.pt`` of a finished training epoch (written again with the epoch's top-1 after evaluation)."""
+    if run.info.is_main:
+        cfg = run.cfg
+        ckpt.save_training(run.out / "last.pt", run.parts, epoch, best, to_dict(cfg), cfg.student, run.num_classes)
+    barrier(run.info)
 
 
 def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) -> float:
@@ -247,6 +280,32 @@ def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) ->
     return best
 
 
+def _test_only(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    """Evaluate a checkpoint (``--resume PATH``, ``--student-weights``, else ``<output_dir>/last.pt``) on the val
+    split: torchvision's ``--test-only``. Prints nothing itself; writes ``<output_dir>/test.json``."""
+    weights = cfg.resume_from or cfg.student_weights or str(Path(cfg.output_dir) / "last.pt")
+    if not Path(weights).is_file():
+        raise UsageError(f"--test-only: no checkpoint {weights}; give --resume PATH or --student-weights PATH")
+    _, val_m = load_manifests(cfg)
+    saved = ckpt.load(weights).get("config") or {}
+    preset = resolve_preset(cfg.preset if cfg.preset != "auto" else saved.get("preset", "auto"), val_m)
+    model = create_model(cfg.student, val_m.num_classes, weights).to(cfg.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    keep = np.flatnonzero(~undecodable(val_m, cfg.skip_corrupt))
+    order = np.array_split(keep, info.world_size)[info.rank]
+    val, _ = evaluate(model, _batches(val_m, order, preset, "eval", cfg, 0),
+                      torch.from_numpy(val_m.labels.astype(np.int64)), device=cfg.device, amp=cfg.amp,
+                      channels_last=cfg.channels_last, info=info)
+    result = {"checkpoint": str(weights), "student": cfg.student, "split": cfg.val_split, "preset": preset.name,
+              **{k: val[k] for k in ("top1", "top5", "nll", "ece")}, "n": val["n"]}
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "test.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: MetricAccumulator | None,
               label_source: LabelSource, info: DistInfo) -> dict:
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -255,6 +314,7 @@ def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: Metr
         "method": cfg.method, "student": cfg.student,
         "teacher": "+".join(t["arch"] for t in label_source.teachers) or None,
         "bank": ",".join(label_source.paths) or ("live" if cfg.live_teacher else None),
+        "preset": cfg.preset, "amp": cfg.amp, "loader": cfg.loader,
         "epochs": cfg.epochs, "seed": cfg.seed,
         **{k: last.get(k) for k in ("top1", "top5", "nll", "ece")},
         "best_top1": max((r["top1"] for r in rows), default=best),

@@ -76,3 +76,10 @@ def foolbox_dir() -> Path:
     if not FOOLBOX_DIR.is_dir() or not list(FOOLBOX_DIR.glob("imagenet_*.jpg")):
         pytest.skip("foolbox ImageNet JPEGs not installed (make setup installs them)")
     return FOOLBOX_DIR
+
+
+@pytest.fixture(autouse=True)
+def _private_bank_cache(tmp_path_factory, monkeypatch):
+    """Banks that a test writes to the default cache go to a per-session folder, never to ~/.cache."""
+    if "KD_CACHE" not in os.environ:
+        monkeypatch.setenv("KD_CACHE", str(tmp_path_factory.getbasetemp() / "kd_cache"))

@@ -79,8 +79,50 @@ class BankIdentity:
 
 
 def cache_root() -> Path:
-    """``$KD_CACHE``, else ``./label_banks``."""
-    return Path(os.environ.get("KD_CACHE", "label_banks"))
+    """Where banks go by default: ``$KD_CACHE``, else ``$XDG_CACHE_HOME/offline-kd/label_banks``, else
+    ``~/.cache/offline-kd/label_banks`` (a per-user cache, as torch hub and Hugging Face keep theirs; never a
+    folder relative to the working directory)."""
+    if os.environ.get("KD_CACHE"):
+        return Path(os.environ["KD_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "offline-kd" / "label_banks"
+
+
+@dataclass(frozen=True)
+class CachedBank:
+    """A bank found in the cache: its path and attrs (read from its ``zarr.json``, without opening arrays)."""
+
+    path: str
+    attrs: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.attrs.get("dataset", {}).get("fingerprint")
+
+
+def cached_banks(root: Path | None = None) -> list[CachedBank]:
+    """Every bank under the cache root (``<root>/<dataset>-<split>/*.zarr``), sorted by path. Found by content,
+    not by folder name: callers match ``key`` or dataset fingerprint + teacher identity."""
+    root = cache_root() if root is None else root
+    found = []
+    for meta in sorted(root.glob("*/*.zarr/zarr.json")) if root.is_dir() else []:
+        try:
+            attrs = json.loads(meta.read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            continue
+        if isinstance(attrs, dict) and "schema_version" in attrs:
+            found.append(CachedBank(str(meta.parent), attrs))
+    return found
+
+
+def teacher_match(t: dict[str, Any]) -> tuple:
+    """What must agree for a bank's T slot to be a given teacher: arch, weights and a checkpoint's sha256 (a
+    random init's seed is not compared)."""
+    return t.get("arch"), t.get("weights"), t.get("sha256")
 
 
 def teacher_id(teachers: Sequence[dict[str, Any]]) -> str:

@@ -169,6 +169,19 @@ def _to_torch(tl, device: str) -> torch.Tensor:
     return torch.from_numpy(np.array(tl.as_tensor()))
 
 
+def dali_error_summary(message: str) -> str:
+    """The operator and the reason of a DALI error, one line, without the pipeline traceback and C++ stack
+    (``Error in CPU operator `nvidia.dali.fn.decoders.image` ... encountered: ... Unsupported image type.``)."""
+    import re
+
+    op = re.search(r"Error in (\w+ operator `[^`]+`)", message)
+    tail = message.split("encountered:", 1)[-1]
+    tail = re.split(r"Stacktrace \(|Current pipeline object is no longer valid", tail, maxsplit=1)[0]
+    tail = re.sub(r"\[/[^\]]*\]", "", tail)  # source locations
+    reason = " ".join(tail.split()) or " ".join(message.split())
+    return (f"{op.group(1)}: " if op else "") + reason[:300]
+
+
 def iterate(pipe, num_samples: int, batch_size: int, device: str = "cpu") -> Iterator[Batch]:
     """Run ``pipe`` for exactly one pass over ``num_samples`` samples, dropping the padding at the end."""
     remaining = num_samples
@@ -176,7 +189,7 @@ def iterate(pipe, num_samples: int, batch_size: int, device: str = "cpu") -> Ite
         try:
             outs = pipe.run()
         except RuntimeError as e:  # DALI reports a failed batch (a file it cannot decode), not which file
-            raise DecodeError(" ".join(str(e).split())[:400]) from e
+            raise DecodeError(dali_error_summary(str(e))) from e
         n = min(batch_size, remaining)
         views = [_to_torch(o, device)[:n] for o in outs[:-1]]
         index = _to_torch(outs[-1], "cpu").reshape(-1)[:n].to(torch.int64)

@@ -8,8 +8,8 @@ Each layout is one class (a subclass of :class:`DatasetLayout`, registered in ``
   order asked for),
 - reads one sample for everything outside DALI (:meth:`~DatasetLayout.encoded`, :meth:`~DatasetLayout.load_image`,
   :meth:`~DatasetLayout.image_size`), and
-- finds broken samples for stage 1's corrupt-file handling (:meth:`~DatasetLayout.malformed_positions`, a cheap
-  structural pre-scan, and :meth:`~DatasetLayout.find_corrupt`, a full decode from a position on).
+- finds broken samples for both stages' corrupt-file handling (:meth:`~DatasetLayout.scan`, a cheap structural
+  pre-scan, and :meth:`~DatasetLayout.find_corrupt`, a full decode from a position on), with the reason.
 
 Adding a layout is one class here plus one ``LAYOUTS`` entry; no other module tests ``manifest.layout``.
 DALI is imported only inside :meth:`~DatasetLayout.dali_source`.
@@ -38,6 +38,7 @@ class DatasetLayout:
 
     name: ClassVar[str]
     packable: ClassVar[bool] = False  # ``python -m pipeline.data pack`` reads it
+    default_preset: ClassVar[str] = "imagenet"  # the preprocessing preset of ``--preset auto``
 
     # --- listing -----------------------------------------------------------------------------------------
     @classmethod
@@ -89,12 +90,14 @@ class DatasetLayout:
             return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
     def image_size(self, manifest: Manifest, i: int) -> tuple[int, int]:
-        """(H, W) of sample ``i`` from its header (no full decode)."""
+        """(H, W) of sample ``i`` as the loaders decode it, EXIF orientation applied (DALI and torchvision rotate
+        JPEGs whose orientation tag is 5-8 by 90 degrees), from the header (no full decode)."""
         from PIL import Image
 
         with Image.open(io.BytesIO(self.encoded(manifest, i))) as im:
             w, h = im.size
-        return h, w
+            orientation = im.getexif().get(0x0112, 1)
+        return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
     def dali_source(self, manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str,
                     name: str) -> tuple[Any, Any]:
@@ -118,61 +121,101 @@ class DatasetLayout:
         )
 
     # --- broken samples ------------------------------------------------------------------------------------
-    def malformed_positions(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
-        """Positions in ``order`` whose files fail the structural check :func:`malformed` and a full PIL decode
-        (threaded: cheap even on network storage). Such files never reach DALI."""
-        root = Path(manifest.root)
+    def head_tail(self, manifest: Manifest, i: int) -> tuple[bytes, bytes]:
+        """The first 16 and last 12 bytes of sample ``i``'s encoded image (b"", b"" when unreadable)."""
+        try:
+            with open(Path(manifest.root) / manifest.files[i], "rb") as f:
+                head = f.read(16)
+                f.seek(max(0, f.seek(0, 2) - 12))
+                return head, f.read()
+        except OSError:
+            return b"", b""
 
-        def bad(i: int) -> bool:
-            path = root / manifest.files[int(i)]
-            if not malformed(path):
-                return False
+    def scan(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> dict[int, str]:
+        """{position in ``order``: reason} of the samples no loader should see: empty, unreadable, not an image,
+        a format DALI cannot decode (GIF, ...), or truncated (a JPEG/PNG without its end marker that a full PIL
+        decode confirms). Cheap (two small reads per file, threaded); DALI 2.4's CPU decoder has been seen to
+        crash, not raise, on some truncated JPEGs, so such files never reach it."""
+
+        def problem(i: int) -> str | None:
+            reason, confirm = structural_problem(*self.head_tail(manifest, int(i)))
+            if reason is None or not confirm:
+                return reason
             try:  # e.g. trailing bytes after a JPEG's end marker: only a failed full decode condemns a file
                 self.load_image(manifest, int(i))
-                return False
-            except Exception:
-                return True
+                return None
+            except Exception:  # noqa: BLE001  (any decoder error condemns the file)
+                return reason
 
         with ThreadPoolExecutor(threads) as ex:
-            flags = list(ex.map(bad, order, chunksize=256))
-        return [p for p, b in enumerate(flags) if b]
+            reasons = list(ex.map(problem, order, chunksize=256))
+        return {p: r for p, r in enumerate(reasons) if r is not None}
 
     def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,
-                     known: set[int] | frozenset[int] = frozenset()) -> int | None:
-        """First position >= ``start`` in ``order`` whose sample cannot be read or decoded (None if all decode),
-        ignoring samples in ``known`` (already skipped)."""
+                     known: set[int] | frozenset[int] = frozenset()) -> tuple[int, str] | None:
+        """(position, reason) of the first sample at or after ``start`` in ``order`` that cannot be read, has a
+        format DALI cannot decode, or fails a full decode; None if all decode. Samples in ``known`` (already
+        skipped) are ignored."""
         for pos in range(start, len(order)):
             i = int(order[pos])
             if i in known:
                 continue
             try:
-                if not self.encoded(manifest, i):
-                    return pos
+                data = self.encoded(manifest, i)
+            except Exception as e:  # noqa: BLE001  (unreadable: named with the error)
+                return pos, f"unreadable ({' '.join(str(e).split())[:120]})"
+            reason, confirm = structural_problem(data[:16], data[-12:])
+            if reason is not None and not confirm:
+                return pos, reason
+            try:
                 self.load_image(manifest, i)
-            except Exception:
-                return pos
+            except Exception as e:  # noqa: BLE001
+                return pos, reason or f"does not decode ({' '.join(str(e).split())[:120]})"
         return None
 
 
-def malformed(path: Path) -> bool:
-    """Cheap structural check (no decode): empty file, unknown signature, or a JPEG/PNG without its end marker.
+# Image formats by signature, and those DALI's decoder reads (nvImageCodec: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000,
+# WebP). The torch loader reads GIF too, but both loaders must see the same samples, so GIF counts as undecodable.
+DALI_FORMATS = ("jpeg", "png", "bmp", "tiff", "webp", "pnm", "jp2")
 
-    Truncated and non-image files are caught here before DALI sees them (DALI 2.4's CPU decoder has been seen
-    to crash, not raise, on some truncated JPEGs)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 4:
-                return True
-            f.seek(-12, 2)
-            tail = f.read()
-    except OSError:
-        return True
-    if head[:2] == b"\xff\xd8":  # JPEG: must end with EOI (allow trailing padding bytes)
-        return b"\xff\xd9" not in tail
+
+def image_format(head: bytes) -> str | None:
+    """The image format of encoded bytes from their signature (first 12 bytes), or None."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return b"IEND" not in tail
-    return head[:2] not in (b"BM", b"II", b"MM") and head[:4] not in (b"RIFF", b"GIF8")
+        return "png"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:4] == b"\xff\x4f\xff\x51" or head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n":
+        return "jp2"
+    if len(head) > 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
+        return "pnm"
+    if head[:4] == b"GIF8":
+        return "gif"
+    return None
+
+
+def structural_problem(head: bytes, tail: bytes) -> tuple[str | None, bool]:
+    """(reason, confirm) from an image's first and last bytes, no decode: an empty file, no known signature, a
+    format DALI cannot decode, or a JPEG/PNG without its end marker. ``confirm`` says a full decode must confirm
+    the reason (truncation markers can be followed by padding); the others are final."""
+    if len(head) < 4:
+        return "empty or unreadable file", False
+    fmt = image_format(head)
+    if fmt is None:
+        return "not an image (no known signature)", False
+    if fmt not in DALI_FORMATS:
+        return (f"a {fmt.upper()} image, a format DALI cannot decode (convert it to JPEG or PNG)"), False
+    if fmt == "jpeg" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)", True
+    if fmt == "png" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)", True
+    return None, False
 
 
 class ImageFolderLayout(DatasetLayout):
@@ -268,6 +311,7 @@ class CifarLayout(DatasetLayout):
     """CIFAR-10/100 python pickles (``cifar-10-batches-py`` / ``cifar-100-python``); samples ``<batch>#<row>``."""
 
     name = "cifar"
+    default_preset = "cifar"
 
     @classmethod
     def detect(cls, root: Path, split: str) -> bool:
@@ -315,11 +359,11 @@ class CifarLayout(DatasetLayout):
         )  # no name: DALI refuses a named external_source with num_outputs
         return (images.gpu() if decode_device == "mixed" else images), index
 
-    def malformed_positions(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
-        return []  # pixel arrays need no check
+    def scan(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> dict[int, str]:
+        return {}  # pixel arrays need no check
 
     def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,
-                     known: set[int] | frozenset[int] = frozenset()) -> int | None:
+                     known: set[int] | frozenset[int] = frozenset()) -> tuple[int, str] | None:
         return None
 
 
@@ -389,12 +433,9 @@ class ShardsLayout(DatasetLayout):
     def _dali_encoded(self, manifest: Manifest, order: np.ndarray, name: str) -> tuple[Any, Any]:
         return shards.shard_reader(manifest, order, name=name)
 
-    def malformed_positions(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> list[int]:
-        return []  # members carry crc32 checksums, checked by the reader
-
-    def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,
-                     known: set[int] | frozenset[int] = frozenset()) -> int | None:
-        return shards.find_corrupt(manifest, order, start, known)
+    def head_tail(self, manifest: Manifest, i: int) -> tuple[bytes, bytes]:
+        """Member bytes without reading whole members (truncation inside a pack is caught by the crc32 check)."""
+        return shards.peek(manifest, i, 16, 12)
 
 
 # Detection order matters: a pack or CIFAR root may also hold a split folder or a list.
@@ -421,10 +462,15 @@ def detect_layout(root: Path, split: str) -> DatasetLayout:
     )
 
 
-def build_manifest(root: str | Path, split: str = "train", name: str | None = None) -> Manifest:
-    """Detect the layout of ``root`` and list split ``split`` (sorted classes, sorted files).
+def build_manifest(root: str | Path, split: str = "train", name: str | None = None,
+                   layout: str = "auto") -> Manifest:
+    """List split ``split`` of the dataset at ``root`` (sorted classes, sorted files).
 
-    Raises UsageError for a missing root, an unknown split, an unrecognised layout or unreadable content.
+    ``layout``: ``auto`` detects it (CIFAR pickles, a pack, ``<split>_list.txt``, ``<split>/<class>/``, in that
+    order), or one of ``LAYOUTS`` forces it. A file list found next to the folders it lists must list exactly
+    their images: a stale list (images added or removed since it was written) is refused, naming the
+    difference, instead of silently hiding files; ``--layout imagefolder`` / ``filelist`` chooses.
+    Raises UsageError for a missing root, an unknown split or layout, or unreadable content.
     """
     root = Path(root)
     if not root.exists():
@@ -433,6 +479,37 @@ def build_manifest(root: str | Path, split: str = "train", name: str | None = No
         raise UsageError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
     name = name or root.resolve().name
     try:
-        return detect_layout(root, split).build(root, split, name)
+        if layout != "auto":
+            lay = LAYOUTS.get(layout)
+            if lay is None:
+                raise UsageError(f"unknown layout '{layout}'; valid: auto, {', '.join(LAYOUTS)}")
+            if not lay.detect(root, split):
+                raise UsageError(f"--layout {layout}: {root} holds no split '{split}' in that layout")
+            return lay.build(root, split, name)
+        lay = detect_layout(root, split)
+        manifest = lay.build(root, split, name)
+        if lay.name == FileListLayout.name and ImageFolderLayout.detect(root, split):
+            _check_list_matches_folders(root, split, name, manifest)
+        return manifest
     except OSError as e:  # unreadable folder or list file: name it in one line
         raise UsageError(f"cannot read dataset {root} ({split}): {' '.join(str(e).split())}") from None
+
+
+def _check_list_matches_folders(root: Path, split: str, name: str, listed: Manifest) -> None:
+    """Refuse ``<split>_list.txt`` when it disagrees with the ``<split>/<class>/`` folders next to it."""
+    try:
+        folder = ImageFolderLayout().build(root, split, name)
+    except UsageError:
+        return  # not an ImageNet-style folder (flat, or other files): nothing to compare with
+    have, want = set(folder.files), set(listed.files)
+    if have == want:
+        return
+    unlisted, missing = sorted(have - want), sorted(want - have)
+    parts = []
+    if unlisted:
+        parts.append(f"{len(unlisted)} image(s) in {root / split} are not listed (first: {unlisted[0]})")
+    if missing:
+        parts.append(f"{len(missing)} listed file(s) are not in the folders (first: {missing[0]})")
+    raise UsageError(f"{root / f'{split}_list.txt'} disagrees with the folders it lists: {'; '.join(parts)}. "
+                     f"Rewrite it (python -m pipeline.data list {root} -o {root}) or choose with --layout "
+                     "imagefolder (the folders) or --layout filelist (the list)")

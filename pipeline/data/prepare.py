@@ -30,7 +30,9 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline.data.layouts import FileListLayout, ImageFolderLayout, build_manifest, layout_of
+from pipeline.data.layouts import (
+    FileListLayout, ImageFolderLayout, build_manifest, image_format, layout_of, structural_problem,
+)
 from pipeline.data.manifest import Manifest, canonical_transform, transformed_fingerprint
 from pipeline.data.shards import (
     FORMAT, IMAGE_EXTS, SHARDS_JSON, TAR_BLOCK, VERSION, ShardError, pad_block, read_index, read_shard_table,
@@ -111,20 +113,9 @@ def parse_size(s: str | int) -> int:
 
 def sniff_ext(data: bytes, rel: str) -> str:
     """Member extension from the content (DALI decodes by content; some ImageNet '.JPEG's are PNG/CMYK)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:2] == b"BM":
-        return "bmp"
-    if data[:4] == b"\xff\x4f\xff\x51" or data[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n":
-        return "jp2"
-    if len(data) > 2 and data[:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
-        return "pnm"
+    fmt = image_format(data[:16])
+    if fmt is not None:
+        return {"jpeg": "jpg"}.get(fmt, fmt)
     ext = Path(rel).suffix.lower().lstrip(".")
     return {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext if ext in IMAGE_EXTS else "jpg")
 
@@ -472,7 +463,10 @@ def _verify_sample(fh, task: dict, m: dict, k: int, errs: list[str]) -> tuple[st
         errs.append(f"{tar}: member {key}.cls {where}: {payloads['cls']!r} != label {labels[k]}")
     if struct.unpack("<i", payloads["index"])[0] != i:
         errs.append(f"{tar}: member {key}.index {where}: {struct.unpack('<i', payloads['index'])[0]} != {i}")
-    if task["decode"]:
+    reason, confirm = structural_problem(img[:16], img[-12:])
+    if reason is not None and not confirm:  # a GIF or a non-image: DALI cannot decode it whatever PIL says
+        errs.append(f"{tar}: member {name} {where}: {reason}")
+    elif task["decode"]:
         from PIL import Image
 
         try:

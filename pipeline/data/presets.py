@@ -6,7 +6,8 @@ students evaluated with the same eval transform.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from pipeline.errors import UsageError
 
@@ -33,6 +34,13 @@ class Preprocess:
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_record(cls, rec: dict) -> "Preprocess":
+        """The preprocessing a bank's ``preprocessing`` attr records (its other keys, e.g. ``teacher_amp``, are
+        not preprocessing and are ignored)."""
+        kwargs = {f.name: rec[f.name] for f in fields(cls) if f.name in rec}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,5 +59,20 @@ PRESETS: dict[str, Preprocess] = {
 
 def get_preset(name: str) -> Preprocess:
     if name not in PRESETS:
-        raise UsageError(f"unknown preprocessing preset '{name}'; valid: {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"unknown preprocessing preset '{name}'; valid: auto, {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+def resolve_preset(name: str, manifest: Any, bank_preprocessing: dict | None = None) -> Preprocess:
+    """The preprocessing of a run: ``name`` when given; with ``auto``, the bank's (a student sees the images as
+    its teacher saw them) when there is one, else the dataset layout's default (``cifar`` for CIFAR pickles,
+    ``imagenet`` otherwise). ``manifest``: a :class:`pipeline.data.Manifest`."""
+    if name != "auto":
+        return get_preset(name)
+    if bank_preprocessing and bank_preprocessing.get("name") in PRESETS:
+        return PRESETS[bank_preprocessing["name"]]
+    if bank_preprocessing and "crop" in bank_preprocessing:
+        return Preprocess.from_record(bank_preprocessing)
+    from pipeline.data.layouts import layout_of
+
+    return get_preset(layout_of(manifest).default_preset)

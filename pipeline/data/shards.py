@@ -291,27 +291,18 @@ def describe_sample(manifest: Manifest, i: int) -> str:
     return f"{t.root / t.shards[int(t.shard_of[i])]['tar']} member {t.member_name(i)} ({manifest.files[i]})"
 
 
-def find_corrupt(manifest: Manifest, order: np.ndarray, start: int, known: set[int] = frozenset()) -> int | None:
-    """First position >= start in ``order`` whose member cannot be read, fails its crc or does not decode (PIL),
-    ignoring samples in ``known``; None if all decode. The ``shards`` counterpart of the stage-1 dump's
-    ``find_corrupt`` (which opens ``root/files[i]``, paths that do not exist in a pack)."""
-    import io
-
-    from PIL import Image
-
-    files = ShardFiles(member_table(manifest.root, manifest.split))
+def peek(manifest: Manifest, i: int, head: int, tail: int) -> tuple[bytes, bytes]:
+    """The first ``head`` and last ``tail`` bytes of sample ``i``'s image member (b"", b"" when unreadable)."""
+    t = member_table(manifest.root, manifest.split)
+    rec, off, size, _ = t.locate(int(i))
     try:
-        for pos in range(start, len(order)):
-            if int(order[pos]) in known:
-                continue
-            try:
-                with Image.open(io.BytesIO(files.read(int(order[pos])))) as im:
-                    im.load()
-            except Exception:
-                return pos
+        fd = os.open(t.root / rec["tar"], os.O_RDONLY)
+    except OSError:
+        return b"", b""
+    try:
+        return os.pread(fd, min(head, size), off), os.pread(fd, min(tail, size), off + max(0, size - tail))
     finally:
-        files.close()
-    return None
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ DALI reader

@@ -108,9 +108,9 @@ def test_index_tampering_and_source_mismatch(image_tree: Path, tree_shards: Path
 
 def test_undecodable_source_image_is_found(image_tree: Path, tmp_path: Path, capsys):
     """A source file that never decoded is packed as is (original bytes); verify and the corrupt-sample search
-    of the shards layout name it (the stage-1 dump's search must dispatch to shards.find_corrupt for packs)."""
+    of the shards layout name it (the stage-1 dump's search reads pack members, not root/relpath)."""
+    from pipeline.data import layout_of
     from pipeline.data.prepare import pack
-    from pipeline.data.shards import describe_sample, find_corrupt
 
     m = build_manifest(image_tree, "train")
     bad = m.files.index("train/mango/img_3.jpg")
@@ -119,9 +119,11 @@ def test_undecodable_source_image_is_found(image_tree: Path, tmp_path: Path, cap
     pack(image_tree, out, "train", shard_size="12KB", workers=1, progress=False)
     packed = build_manifest(out, "train")
     order = np.arange(len(m))
-    assert find_corrupt(packed, order, 0) == bad
-    assert find_corrupt(packed, order, 0, {bad}) is None and find_corrupt(packed, order, bad + 1) is None
-    where = describe_sample(packed, bad)
+    lay = layout_of(packed)
+    assert lay.find_corrupt(packed, order, 0)[0] == bad
+    assert lay.find_corrupt(packed, order, 0, {bad}) is None and lay.find_corrupt(packed, order, bad + 1) is None
+    assert lay.scan(packed, order) == {bad: "not an image (no known signature)"}
+    where = lay.describe_sample(packed, bad)
     assert f"member {bad:08d}.jpg (train/mango/img_3.jpg)" in where
     assert main(["verify", str(out)]) == 1
-    assert f"member {bad:08d}.jpg (sample {bad}, train/mango/img_3.jpg): does not decode" in capsys.readouterr().err
+    assert f"member {bad:08d}.jpg (sample {bad}, train/mango/img_3.jpg): not an image" in capsys.readouterr().err

@@ -247,5 +247,8 @@ def test_bank_key_sensitivity_and_default_path(tmp_path: Path, monkeypatch):
     assert cache_root() == tmp_path / "cache"
     assert default_bank_path("imagenet", "train", [a, b], k) == \
         tmp_path / "cache" / "imagenet-train" / f"resnet18+resnet34-{k[:8]}.zarr"
-    monkeypatch.delenv("KD_CACHE")
-    assert cache_root() == Path("label_banks")
+    monkeypatch.delenv("KD_CACHE")  # a per-user cache, never relative to the working directory
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "offline-kd" / "label_banks"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root() == Path.home() / ".cache" / "offline-kd" / "label_banks"

@@ -72,7 +72,12 @@ def test_teacher_finds_cached_bank(tmp_path, demo_root, monkeypatch, capsys, wei
     assert main(["--method", "wsld", "--teacher", "democnn", "--teacher-weights", w,
                  *_args(demo_root, tmp_path / "r2")]) == 2
     msg = _one_error_line(capsys)
-    assert "no bank for teacher(s) democnn" in msg and "dump_logits" in msg
+    assert "no bank of democnn for" in msg and "python -m pipeline.dump_logits --teacher democnn" in msg
+    if weights == "none":  # the printed command makes exactly the bank the lookup wanted
+        cmd = msg.split("make it with python -m pipeline.dump_logits ", 1)[1].split(" (or give", 1)[0].split()
+        assert dump(cmd) == 0
+        assert main(["--method", "wsld", "--teacher", "democnn", "--teacher-weights", w,
+                     *_args(demo_root, tmp_path / "r3")]) == 0
 
 
 def test_several_labels_are_the_teacher_axis(tmp_path, demo_root, demo_bank):

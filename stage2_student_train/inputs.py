@@ -1,0 +1,84 @@
+"""Stage 2's checks of what the user gave: flags that conflict, the dataset's splits, undecodable images.
+
+Every problem is a one-line UsageError (exit code 2) naming the flag, the classes or the file, raised before any
+training starts; a warning where the run is valid but may not be what the user meant.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import Manifest, build_manifest, layout_of
+from pipeline.data.loaders import resolve_loader
+from pipeline.errors import UsageError
+from stage2_student_train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DEMO_HINT = ("for the embedded demo data run `make demo` (it prepares data/fashion-mnist and prints its bank), then "
+             "e.g. python -m pipeline.train_student --method wsld --student democnn_s --data data/fashion-mnist "
+             "--preset demo --teacher democnn --teacher-weights runs/demo/teacher-ce/best.pt")
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Refuse conflicting or impossible settings; return the config with the loader and output dir resolved."""
+    if not cfg.data:
+        raise UsageError("no dataset given: use --data ROOT (ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg, "
+                         f"file lists, CIFAR pickles or packed shards); {DEMO_HINT}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UsageError("epochs and batch_size must be >= 1")
+    if cfg.amp == "fp16" and cfg.device != "cuda":
+        raise UsageError("--amp fp16 on a CPU runs about 9x slower than fp32 (no fp16 kernels): use --amp bf16 "
+                         "or none on a CPU, fp16 on CUDA")
+    if cfg.live_teacher and (cfg.banks or cfg.teacher):
+        raise UsageError("--live-teacher runs a teacher instead of reading a bank: drop --labels/--teacher, or "
+                         "drop --live-teacher")
+    if cfg.resume_from and not Path(cfg.resume_from).is_file():
+        raise UsageError(f"--resume: checkpoint file not found: {cfg.resume_from}")
+    out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else
+                             f"runs/{cfg.method}-{cfg.student}-seed{cfg.seed}")
+    return replace(cfg, loader=resolve_loader(cfg.loader), output_dir=out)
+
+
+def load_manifests(cfg: TrainConfig) -> tuple[Manifest, Manifest]:
+    """The train and val manifests; their classes must be the same (the error names the differing ones)."""
+    train = build_manifest(cfg.data, cfg.train_split, layout=cfg.layout)
+    val = build_manifest(cfg.data, cfg.val_split, layout=cfg.layout)
+    if train.classes != val.classes:
+        a, b = set(train.classes), set(val.classes)
+        only_t, only_v = sorted(a - b), sorted(b - a)
+        what = []
+        if only_t:
+            what.append(f"only in {cfg.train_split}: {', '.join(only_t[:5])}" + (" ..." if len(only_t) > 5 else ""))
+        if only_v:
+            what.append(f"only in {cfg.val_split}: {', '.join(only_v[:5])}" + (" ..." if len(only_v) > 5 else ""))
+        raise UsageError(f"classes of {cfg.train_split} and {cfg.val_split} differ in {cfg.data}: {'; '.join(what)}")
+    return train, val
+
+
+def undecodable(manifest: Manifest, skip: bool) -> np.ndarray:
+    """[N] bool: samples of ``manifest`` no loader can decode (the layout's structural pre-scan). With ``skip``
+    they are left out with a warning naming them; without, the first one is a one-line UsageError."""
+    lay = layout_of(manifest)
+    found = lay.scan(manifest, np.arange(len(manifest)))
+    bad = np.zeros(len(manifest), bool)
+    if not found:
+        return bad
+    pos, reason = next(iter(sorted(found.items())))
+    where = lay.describe_sample(manifest, pos)
+    if not skip:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UsageError(f"cannot decode {where} (sample {pos}, split {manifest.split}): {reason}{more}; fix or "
+                         "remove it, or pass --skip-corrupt to leave such images out")
+    for p, r in sorted(found.items()):
+        log.warning("leaving out undecodable %s (sample %d, split %s): %s", lay.describe_sample(manifest, p), p,
+                    manifest.split, r)
+    bad[list(found)] = True
+    return bad
