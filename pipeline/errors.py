@@ -24,10 +24,11 @@ class BankError(UsageError):
 
 def setup_logging(verbose: bool = False, rank: int = 0) -> None:
     """Configure root logging once for an entry point (libraries only use ``logging.getLogger``). Under torchrun
-    only rank 0 logs at INFO; the other ranks log warnings and errors (prefixed with their rank)."""
-    level = logging.DEBUG if verbose else logging.INFO
+    only rank 0 logs at INFO; the other ranks log warnings and errors (prefixed with their rank), and every rank
+    logs everything with ``verbose``."""
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
         f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",

@@ -1,6 +1,8 @@
-"""``python -m pipeline.report runs/*``: a comparison table of finished runs (method, bank, top-1, top-5, ECE, time).
+"""``python -m pipeline.report runs/*``: a comparison table of finished runs (method, student, teacher, every bank
+the run read, preset, amp, epochs, top-1, top-5, ECE, NLL, training time).
 
-Runs that reused one bank line up side by side. ``--markdown`` prints a Markdown table; ``--json`` the rows.
+Runs that reused one bank line up side by side. Numbers have one format per column (accuracies in percent with 2
+decimals, ECE and NLL with 4, seconds with 2). ``--markdown`` prints a Markdown table; ``--json`` the rows.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Sequence
 
 from pipeline.errors import UsageError, cli_entry
 
-COLUMNS = ("run", "method", "student", "teacher", "bank", "epochs", "top1", "top5", "ece", "nll", "time_s")
+COLUMNS = ("run", "method", "student", "teacher", "bank", "preset", "amp", "epochs", "top1", "top5", "ece", "nll",
+           "time_s")
+# one number format per column, whatever the magnitude
+FORMATS = {"top1": "{:.2f}", "top5": "{:.2f}", "ece": "{:.4f}", "nll": "{:.4f}", "time_s": "{:.2f}"}
 
 
 def collect(paths: Sequence[str]) -> list[dict]:
@@ -24,24 +29,27 @@ def collect(paths: Sequence[str]) -> list[dict]:
             continue
         d = json.loads(f.read_text())
         bank = d.get("bank") or "-"
+        banks = "+".join(Path(b).name for b in bank.split(",")) if bank not in ("-", "live") else bank
         rows.append({
             "run": Path(p).name, "method": d.get("method"), "student": d.get("student"),
-            "teacher": d.get("teacher") or "-", "bank": Path(bank).name if bank not in ("-", "live") else bank,
-            "epochs": d.get("epochs"), "top1": d.get("top1"), "top5": d.get("top5"), "ece": d.get("ece"),
-            "nll": d.get("nll"), "time_s": d.get("train_time_s"),
+            "teacher": d.get("teacher") or "-", "bank": banks, "preset": d.get("preset", "-"),
+            "amp": d.get("amp", "-"), "epochs": d.get("epochs"), "top1": d.get("top1"), "top5": d.get("top5"),
+            "ece": d.get("ece"), "nll": d.get("nll"), "time_s": d.get("train_time_s"),
         })
     rows.sort(key=lambda r: (str(r["bank"]), str(r["method"]), str(r["run"])))
     return rows
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+def _fmt(column: str, v) -> str:
+    if v is None:
+        return "-"
+    if column in FORMATS and isinstance(v, (int, float)):
+        return FORMATS[column].format(v)
     return str(v)
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
-    cells = [[_fmt(r[c]) for c in COLUMNS] for r in rows]
+    cells = [[_fmt(c, r[c]) for c in COLUMNS] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(c) + " |" for c in cells]

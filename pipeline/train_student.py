@@ -44,22 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student-weights", dest="student_weights",
                    help=f"initial student weights: DEFAULT, an enum name or a checkpoint {d('student_weights')}")
     g.add_argument("--label-smoothing", type=float, dest="label_smoothing",
-                   help="torchvision's flag: method ls with this eps (uniform convention)")
+                   help="torchvision's flag: method ls with this eps (uniform convention) (default: none)")
     g = p.add_argument_group("soft labels")
     g.add_argument("--labels", action="append", dest="banks",
                    help="label bank path or URL (repeatable: ensemble on T) (default: found by --teacher)")
-    g.add_argument("--teacher", action="append", help="find the cached bank of this teacher (repeatable)")
+    g.add_argument("--teacher", action="append",
+                   help="find the cached bank of this teacher (repeatable) (default: none: give --labels)")
     g.add_argument("--teacher-weights", action="append", dest="teacher_weights",
                    help="weights the bank's teacher was dumped with, one per --teacher (default: DEFAULT)")
     g.add_argument("--live-teacher", action="append", dest="live_teacher",
-                   help="run this teacher every step instead of reading a bank (comparisons only)")
+                   help="run this teacher every step instead of reading a bank (comparisons only) (default: none)")
     g.add_argument("--live-teacher-weights", action="append", dest="live_teacher_weights",
                    help="one per --live-teacher (default: DEFAULT)")
     g.add_argument("--replay-views", action="store_true", default=None, dest="replay_views",
                    help=f"replay the bank's stored crops and flips (multi-view banks) {d('replay_views')}")
     g = p.add_argument_group("data")
     g.add_argument("--data", "--data-path", dest="data", help="dataset root (folders, file lists, CIFAR pickles, "
-                   "packed shards); `make demo` prepares data/fashion-mnist")
+                   "packed shards; `make demo` prepares data/fashion-mnist) (default: none, required)")
     g.add_argument("--layout", help=f"dataset layout: auto, imagefolder, filelist, cifar, shards {d('layout')}")
     g.add_argument("--preset", help=f"preprocessing: auto (the bank's, else by layout), {', '.join(sorted(PRESETS))} "
                    f"{d('preset')}")

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from pipeline.config import to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
-from pipeline.data.presets import get_preset
+from pipeline.data.presets import resolve_preset
 from pipeline.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
@@ -47,7 +47,8 @@ class DumpConfig:
     weights: tuple[str, ...] = ()
     data: str = ""
     split: str = "train"
-    preset: str = "imagenet"
+    layout: str = "auto"
+    preset: str = "auto"
     device: str = "cpu"
     batch_size: int = 128
     workers: int = 2
@@ -66,7 +67,10 @@ class DumpConfig:
 
 def _check(cfg: DumpConfig) -> None:
     if not cfg.data:
-        raise UsageError("no dataset given: use --data ROOT")
+        raise UsageError("no dataset given: use --data ROOT (ROOT/train/<class>/*.jpg, file lists, CIFAR pickles "
+                         "or packed shards); for the embedded demo data run `make demo` first (it writes "
+                         "data/fashion-mnist), then e.g. python -m pipeline.dump_logits --teacher democnn --weights "
+                         "runs/demo/teacher-ce/best.pt --data data/fashion-mnist --preset demo")
     if cfg.dtype not in ("float16", "float32"):
         raise UsageError(f"unknown dtype '{cfg.dtype}'; valid: float16, float32")
     if cfg.device not in ("cpu", "cuda"):
@@ -92,7 +96,7 @@ def run_dump(cfg: DumpConfig) -> str:
     """Dump (or resume, or reuse) the bank described by ``cfg``; returns its path."""
     _check(cfg)
     info = init_distributed(cfg.device)
-    dump = BankDump(cfg, build_manifest(cfg.data, cfg.split))
+    dump = BankDump(cfg, build_manifest(cfg.data, cfg.split, layout=cfg.layout))
     # Build the teachers before touching the bank: a bad name or checkpoint must not leave a bank behind.
     model = build_teachers(dump.specs, dump.manifest.num_classes, cfg.device, cfg.seed)
     with _io_errors(dump.path), ExitStack() as stack:
@@ -129,10 +133,10 @@ class BankDump:
     :meth:`write_chunks` (every rank, its own chunks) and :meth:`finalize` (rank 0)."""
 
     def __init__(self, cfg: DumpConfig, manifest: Manifest):
-        self.cfg = cfg
         self.manifest = manifest
         self.loader = resolve_loader(cfg.loader)
-        self.preset = get_preset(cfg.preset)
+        self.preset = resolve_preset(cfg.preset, manifest)
+        self.cfg = cfg = replace(cfg, preset=self.preset.name, loader=self.loader)  # recorded resolved
         self.specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
         self.spec = BankSpec(
             teachers=tuple(s.identity() for s in self.specs),

@@ -117,8 +117,9 @@ def test_dump_cli_resolution_stored_in_bank(tmp_path: Path, image_tree: Path, ca
     g = zarr.open_group(str(out), mode="r")
     stored = dict(g.attrs)["config"]
     expected = to_dict(DumpConfig(teacher=("democnn_s",), weights=("none",), data=str(image_tree), preset="tiny",
-                                  batch_size=3, rows_per_chunk=6, dtype="float32", workers=1, out=str(out), seed=4))
-    assert stored == expected
+                                  batch_size=3, rows_per_chunk=6, dtype="float32", workers=1, out=str(out), seed=4,
+                                  loader=dict(g.attrs)["loader"]))
+    assert stored == expected and stored["loader"] in ("dali", "torch")  # auto is recorded resolved
     assert g["logits"].dtype == "float32" and g["logits"].chunks[0] == 6 and dict(g.attrs)["rows_per_chunk"] == 6
     assert from_dict(DumpConfig, stored).batch_size == 3  # the stored config resolves back
 

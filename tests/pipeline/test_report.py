@@ -75,3 +75,21 @@ def test_report_without_finished_runs_is_exit_2(runs, capsys):
     assert main([str(runs / "d-unfinished"), str(runs / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished runs" in err[0]
+
+
+def test_report_shows_every_bank_preset_amp_and_one_format_per_column(tmp_path, demo_root, demo_bank, capsys):
+    """A two-bank run lists both banks; preset and amp have columns; numbers keep their column's format."""
+    from pipeline.report import collect, format_table
+
+    run = tmp_path / "two"
+    assert train(["--method", "sl_kd", "--labels", str(demo_bank), "--labels", str(demo_bank), "--student",
+                  "democnn_s", "--data", str(demo_root), "--batch-size", "32", "--epochs", "1", "--workers", "1",
+                  "--amp", "bf16", "--output-dir", str(run), "max_steps_per_epoch=2"]) == 0
+    capsys.readouterr()
+    (row,) = collect([str(run)])
+    assert row["bank"] == f"{demo_bank.name}+{demo_bank.name}" and row["preset"] == "demo" and row["amp"] == "bf16"
+    fake = dict(row, top1=5.0, top5=99.999, ece=1.5, nll=0.123456, time_s=12)
+    header, *lines = format_table([row, fake]).splitlines()
+    cells = dict(zip(header.split(), lines[1].split()))
+    assert (cells["top1"], cells["top5"], cells["ece"], cells["nll"], cells["time_s"]) == \
+        ("5.00", "100.00", "1.5000", "0.1235", "12.00")

@@ -170,3 +170,66 @@ def test_real_process_exit_code(tmp_path, demo_root):
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: unknown loss 'nope'; valid: ce,")
+
+
+# --- torchvision references' habits (issue 14) ---------------------------------------------------------------
+def test_torchvision_flag_aliases(tmp_path, demo_root):
+    """--model, --data-path, -j, -b, --opt, --wd, --momentum, --lr-scheduler, --lr-step-size, --lr-gamma,
+    --lr-warmup-epochs and --label-smoothing land on the same config keys as ours."""
+    import yaml
+
+    out = tmp_path / "tv"
+    assert main(["--model", "democnn_s", "--data-path", str(demo_root), "-j", "1", "-b", "16", "--opt", "adamw",
+                 "--wd", "0.01", "--momentum", "0.8", "--lr-scheduler", "steplr", "--lr-step-size", "7",
+                 "--lr-gamma", "0.5", "--lr-warmup-epochs", "0.5", "--label-smoothing", "0.2", "--epochs", "1",
+                 "--output-dir", str(out), "max_steps_per_epoch=1"]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["student"], cfg["data"], cfg["workers"], cfg["batch_size"]) == ("democnn_s", str(demo_root), 1, 16)
+    assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["weight_decay"] == 0.01 and cfg["optim"]["momentum"] == 0.8
+    assert (cfg["sched"]["name"], cfg["sched"]["step_size"], cfg["sched"]["gamma"], cfg["sched"]["warmup_epochs"]) \
+        == ("step", 7, 0.5, 0.5)
+    assert cfg["method"] == "ls" and cfg["loss"]["eps"] == 0.2
+    assert main(["--method", "kd", "--label-smoothing", "0.1", "--data", str(demo_root)]) == 2
+
+
+def test_resume_from_a_file_and_test_only(tmp_path, demo_root, demo_bank, capsys):
+    first = tmp_path / "first"
+    assert main(["--method", "kd", "--labels", str(demo_bank), *_args(demo_root, first)]) == 0
+    # --resume PATH: continue that checkpoint's run for one more epoch in its folder
+    capsys.readouterr()
+    assert main(["--method", "kd", "--labels", str(demo_bank), "--student", "democnn_s", "--data", str(demo_root),
+                 "--preset", "demo", "--batch-size", "32", "--epochs", "2", "--workers", "1",
+                 "--resume", str(first / "last.pt"), "max_steps_per_epoch=2"]) == 0
+    rows = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    # --test-only: evaluate that checkpoint, print and write its metrics, train nothing
+    capsys.readouterr()
+    assert main(["--test-only", "--resume", str(first / "best.pt"), "--student", "democnn_s", "--data",
+                 str(demo_root), "--batch-size", "50", "--workers", "1", "--output-dir", str(tmp_path / "t")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.loads((tmp_path / "t" / "test.json").read_text())
+    assert printed == written and written["n"] == 100 and written["preset"] == "demo"
+    best = max(r["top1"] for r in rows)
+    assert written["top1"] == pytest.approx(best, abs=1e-6)
+    assert not (tmp_path / "t" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("entry", ["pipeline.train_student", "pipeline.dump_logits"])
+def test_every_option_has_help_with_its_default(entry):
+    import argparse
+    import importlib
+
+    from pipeline.data.presets import PRESETS
+
+    parser = importlib.import_module(entry).build_parser()
+    text = parser.format_help()
+    for name in PRESETS:
+        assert name in text  # preset choices come from the registry
+    missing = []
+    for a in parser._actions:
+        if not a.option_strings or isinstance(a, argparse._HelpAction):
+            continue
+        takes_value = a.nargs != 0
+        if not a.help or (takes_value and "default" not in a.help and a.dest not in ("config", "resume")):
+            missing.append(a.option_strings[0])
+    assert not missing, missing
