@@ -28,12 +28,12 @@ from pipeline.config import to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
-from pipeline.data.presets import resolve_preset
+from pipeline.data.presets import get_preset, resolve_preset, weights_preprocess
 from pipeline.distributed import DistInfo, barrier, broadcast_object, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
-from pipeline.models.teachers import build_teachers, parse_teachers
+from pipeline.models.teachers import build_teachers, class_maps_record, parse_teachers, read_class_map
 from stage1_teacher_logits.views import ViewSampler
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class DumpConfig:
     seed: int = 0
     amp: bool = False
     loader: str = "auto"
+    class_map: str = ""  # a file: dataset class -> teacher output index (default: one to one, or by wnid)
 
 
 def _check(cfg: DumpConfig) -> None:
@@ -98,7 +99,7 @@ def run_dump(cfg: DumpConfig) -> str:
     info = init_distributed(cfg.device)
     dump = BankDump(cfg, build_manifest(cfg.data, cfg.split, layout=cfg.layout))
     # Build the teachers before touching the bank: a bad name or checkpoint must not leave a bank behind.
-    model = build_teachers(dump.specs, dump.manifest.num_classes, cfg.device, cfg.seed)
+    model = dump.build_teachers()
     with _io_errors(dump.path), ExitStack() as stack:
         if _prepare_on_rank0(dump, info, stack) is PrepareStatus.COMPLETE:
             log.info("bank already complete: %s", dump.path)
@@ -135,16 +136,43 @@ class BankDump:
     def __init__(self, cfg: DumpConfig, manifest: Manifest):
         self.manifest = manifest
         self.loader = resolve_loader(cfg.loader)
-        self.preset = resolve_preset(cfg.preset, manifest)
-        self.cfg = cfg = replace(cfg, preset=self.preset.name, loader=self.loader)  # recorded resolved
         self.specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
+        # each teacher's preprocessing: --preset, else its weights' own, else the layout's default
+        self.teacher_pre = [get_preset(cfg.preset) if cfg.preset != "auto" else
+                            weights_preprocess(s.arch, s.weights) or resolve_preset("auto", manifest)
+                            for s in self.specs]
+        self.branches = list(dict.fromkeys(self.teacher_pre))  # decoded once, preprocessed once per branch
+        self.branch_of = [self.branches.index(p) for p in self.teacher_pre]
+        self.preset = self.branches[0]
+        self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader)  # recorded resolved
+        self.class_maps: list[list[int] | None] = [None] * len(self.specs)
+        self._identify()
+
+    def build_teachers(self) -> TeacherEnsemble:
+        """The teachers on the run's device, mapped onto the dataset's classes (their class maps join the
+        bank's identity)."""
+        cfg = self.cfg
+        model = build_teachers(self.specs, self.manifest.classes, cfg.device, cfg.seed,
+                               crops=[p.crop for p in self.teacher_pre], branch_of=self.branch_of,
+                               class_map=read_class_map(cfg.class_map) if cfg.class_map else None)
+        self.class_maps = class_maps_record(model)
+        self._identify()
+        return model
+
+    def _identify(self) -> None:
+        cfg = self.cfg
+        pre = preprocessing_record(self.preset, cfg.amp and cfg.device == "cuda")
+        if len(self.branches) > 1:
+            pre["per_teacher"] = [p.to_dict() for p in self.teacher_pre]
         self.spec = BankSpec(
             teachers=tuple(s.identity() for s in self.specs),
-            preprocessing=preprocessing_record(self.preset, cfg.amp and cfg.device == "cuda"),
+            preprocessing=pre,
             views=view_record(cfg.view_policy, cfg.views, cfg.view_seed, self.preset),
             dtype=cfg.dtype,
+            class_maps=tuple(tuple(m) if m is not None else None for m in self.class_maps)
+            if any(m is not None for m in self.class_maps) else None,
         )
-        ident = bank_identity(self.spec, manifest)
+        ident = bank_identity(self.spec, self.manifest)
         self.key = ident.key
         # the same bank made from this data under another folder name or from another directory: reuse it
         same = [b.path for b in cached_banks() if b.attrs.get("key") == self.key and b.complete]
@@ -187,6 +215,8 @@ class BankDump:
         attrs = {"key": self.key, "teachers": list(self.spec.teachers), "dataset": self.manifest.describe(),
                  "preprocessing": self.spec.preprocessing, "views": self.spec.views, "config": to_dict(self.cfg),
                  "loader": self.loader, "metrics": {}}
+        if self.spec.class_maps is not None:
+            attrs["class_maps"] = [list(m) if m is not None else None for m in self.spec.class_maps]
         m = self.manifest
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
                     self.cfg.rows_per_chunk)
@@ -308,7 +338,7 @@ class _ChunkRun:
             if int(i) in self.skip:
                 sub[k] = _stand_in(sub, k, self.skip)
         boxes = self.sampler.boxes(self.manifest, sub)
-        it = load_batches(self.dump.loader, self.manifest, sub, self.sampler.preset, self.sampler.mode,
+        it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
                           self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes)
         t, v, c = self.g["logits"].shape[1:]
         buf: _ChunkBuffer | None = None
@@ -320,7 +350,7 @@ class _ChunkRun:
                 return None
             except DecodeError as e:
                 return self._after_decode_error(pos, e)
-            out = self._teachers(batch.images, t, c)
+            out = self._teachers(batch.inputs(), t, c)
             _check_finite(out, batch.index.numpy(), self.skip, self.manifest, self.g["logits"].dtype)
             for k in range(len(out)):
                 p = pos + k
@@ -351,15 +381,16 @@ class _ChunkRun:
         self.suspect[int(plan.order[found[0]])] = found[1]
         return chunk_start
 
-    def _teachers(self, images: torch.Tensor, t: int, c: int) -> np.ndarray:
-        """Images [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] float32 (every view through the teachers)."""
-        images = images.to(self.cfg.device, non_blocking=True)
+    def _teachers(self, inputs: list[torch.Tensor], t: int, c: int) -> np.ndarray:
+        """One tensor per preprocessing branch, [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] float32
+        (every view of its branch through each teacher)."""
+        inputs = [x.to(self.cfg.device, non_blocking=True) for x in inputs]
         with torch.autocast("cuda", enabled=self.cfg.amp and self.cfg.device == "cuda"):
-            if images.ndim == 5:
-                b_, v_ = images.shape[:2]
-                out = self.model(images.flatten(0, 1)).reshape(b_, v_, t, c).transpose(1, 2)
+            if inputs[0].ndim == 5:
+                b_, v_ = inputs[0].shape[:2]
+                out = self.model([x.flatten(0, 1) for x in inputs]).reshape(b_, v_, t, c).transpose(1, 2)
             else:
-                out = self.model(images)[:, :, None, :]
+                out = self.model(inputs)[:, :, None, :]
         return out.float().cpu().numpy()
 
 

@@ -24,6 +24,7 @@ import kd_losses
 from pipeline.bank.identity import cache_root, cached_banks, teacher_match
 from pipeline.bank.reader import LabelBank
 from pipeline.data import Manifest
+from pipeline.data.presets import resolve_preset
 from pipeline.errors import BankError, UsageError
 from pipeline.models.teachers import TeacherSpec, build_teachers, parse_teachers
 
@@ -152,8 +153,11 @@ def _has_boxes(bank: LabelBank) -> bool:
 class LiveTeacherLabelSource:
     """Runs a teacher ensemble on each batch's images (eval mode, inference mode) -> [B, T, C]."""
 
-    def __init__(self, specs: Sequence[TeacherSpec], num_classes: int, device: str, seed: int = 0):
-        self.model = build_teachers(list(specs), num_classes, device, seed)
+    def __init__(self, specs: Sequence[TeacherSpec], classes: Sequence[str] | int, device: str, seed: int = 0,
+                 crop: int = 224):
+        """``classes``: the dataset's class names (or their number): pretrained teachers are mapped onto them;
+        ``crop``: the input size (to count a pretrained teacher's outputs)."""
+        self.model = build_teachers(list(specs), classes, device, seed, crops=[crop] * len(specs))
         self.teachers = [s.identity() for s in specs]
         self.paths: list[str] = []
         self.skipped: np.ndarray | None = None
@@ -203,7 +207,8 @@ def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
     if cfg.live_teacher:
         specs = parse_teachers(cfg.live_teacher, cfg.live_teacher_weights, cfg.seed,
                                ("--live-teacher", "--live-teacher-weights"))
-        return LiveTeacherLabelSource(specs, train.num_classes, cfg.device, cfg.seed)
+        crop = resolve_preset(cfg.preset, train).crop
+        return LiveTeacherLabelSource(specs, train.classes, cfg.device, cfg.seed, crop)
     if not kd_losses.needs_teacher(cfg.method):
         if cfg.banks or cfg.teacher:
             log.info("method '%s' uses no teacher: ignoring the bank", cfg.method)

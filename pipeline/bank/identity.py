@@ -25,8 +25,9 @@ _KEYED_TEACHER_FIELDS = ("arch", "weights", "sha256", "init_seed")
 
 
 def bank_key(teachers: Sequence[dict[str, Any]], fingerprint: str, preprocessing: dict[str, Any],
-             views: dict[str, Any], dtype: str) -> str:
-    """sha256 hex of a canonical JSON of the inputs (teacher order matters: it is the T axis)."""
+             views: dict[str, Any], dtype: str, extra: dict[str, Any] | None = None) -> str:
+    """sha256 hex of a canonical JSON of the inputs (teacher order matters: it is the T axis). ``extra``: what
+    only some banks have (class maps), hashed when given so that other banks keep their keys."""
     payload = {
         "schema_version": SCHEMA_VERSION,
         "teachers": [{k: t[k] for k in sorted(t) if k in _KEYED_TEACHER_FIELDS} for t in teachers],
@@ -34,6 +35,7 @@ def bank_key(teachers: Sequence[dict[str, Any]], fingerprint: str, preprocessing
         "preprocessing": preprocessing,
         "views": views,
         "dtype": dtype,
+        **(extra or {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -61,13 +63,16 @@ class BankSpec:
     """Everything that determines a bank's values, except the dataset.
 
     ``teachers``: identity records (:meth:`pipeline.models.teachers.TeacherSpec.identity`), in T-axis order;
-    ``preprocessing``: :func:`preprocessing_record`; ``views``: :func:`view_record`; ``dtype``: stored dtype.
+    ``preprocessing``: :func:`preprocessing_record` (plus ``per_teacher`` records when teachers differ);
+    ``views``: :func:`view_record`; ``dtype``: stored dtype; ``class_maps``: per teacher, the teacher output
+    index of each dataset class (None: one to one).
     """
 
     teachers: tuple[dict[str, Any], ...]
     preprocessing: dict[str, Any]
     views: dict[str, Any]
     dtype: str = "float16"
+    class_maps: tuple[tuple[int, ...] | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,8 +131,9 @@ def teacher_match(t: dict[str, Any]) -> tuple:
 
 
 def teacher_id(teachers: Sequence[dict[str, Any]]) -> str:
-    """``resnet18+resnet34``: the teachers' archs, as used in bank file names."""
-    return "+".join(t["arch"] for t in teachers)
+    """``resnet18+resnet34``: the teachers' archs, as used in bank file names (``timm/x.tag`` -> ``timm-x.tag``,
+    ``pkg.mod:fn`` -> ``pkg.mod-fn``)."""
+    return "+".join(t["arch"].replace("/", "-").replace(":", "-") for t in teachers)
 
 
 def default_bank_path(dataset: str, split: str, teachers: Sequence[dict[str, Any]], key: str) -> Path:
@@ -137,5 +143,6 @@ def default_bank_path(dataset: str, split: str, teachers: Sequence[dict[str, Any
 
 def bank_identity(spec: BankSpec, manifest: Any) -> BankIdentity:
     """Key and default path of the bank ``spec`` describes on ``manifest`` (a :class:`pipeline.data.Manifest`)."""
-    key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype)
+    extra = {"class_maps": [list(m) if m is not None else None for m in spec.class_maps]} if spec.class_maps else None
+    key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype, extra)
     return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key))

@@ -11,7 +11,7 @@ reproducible, resumable and can be aligned with per-sample view boxes.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def build_pipeline(
     manifest: Manifest,
     order: np.ndarray,
-    preprocess: Preprocess,
+    preprocess: Preprocess | Sequence[Preprocess],
     mode: str = "eval",
     batch_size: int = 64,
     num_threads: int = 2,
@@ -42,8 +42,11 @@ def build_pipeline(
             pad-crop + flip), ``views`` (crop boxes from ``boxes``).
         boxes: for ``views``: [len(order), V, 5] float32 (y, x, h, w normalized to the decoded image, flip);
             the pipeline outputs V images per sample (crop -> resize to ``crop`` -> flip).
+        preprocess: one preprocessing, or several (``eval`` and ``views`` modes): each image is decoded once and
+            preprocessed once per branch (teachers that want different preprocessing).
     Returns:
-        A built pipeline whose outputs are (image_0, ..., image_{V-1}, index).
+        A built pipeline whose outputs are (branch 0's image_0 .. image_{V-1}, branch 1's ..., index); its
+        attribute ``kd_groups`` holds the number of outputs of each branch.
     Raises:
         UsageError: unknown device or mode, empty ``order``, ``boxes`` of the wrong shape.
     """
@@ -60,13 +63,19 @@ def build_pipeline(
         raise UsageError(f"unknown pipeline mode '{mode}'")
     if mode == "views" and (boxes is None or boxes.ndim != 3 or boxes.shape[0] != len(order) or boxes.shape[2] != 5):
         raise UsageError("views mode needs boxes of shape [len(order), V, 5]")
+    branches = [preprocess] if isinstance(preprocess, Preprocess) else list(preprocess)
+    if mode == "train" and len(branches) > 1:
+        raise UsageError("train mode takes one preprocessing")
     decode_device = "mixed" if device == "cuda" else "cpu"
     layout = layout_of(manifest)
+    groups = [boxes.shape[1] if mode == "views" else 1] * len(branches)
 
     @pipeline_def
     def _pipe():
         images, index = layout.dali_source(manifest, order, batch_size, decode_device, "Reader")
-        return (*_MODES[mode](images, preprocess, boxes, batch_size), index)
+        vb = (_box_source(boxes, batch_size), boxes.shape[1]) if mode == "views" else None
+        outs = [o for p in branches for o in _MODES[mode](images, p, vb, batch_size)]
+        return (*outs, index)
 
     pipe = _pipe(
         batch_size=batch_size, num_threads=num_threads,
@@ -74,7 +83,29 @@ def build_pipeline(
         seed=seed, prefetch_queue_depth=2, exec_dynamic=True,
     )
     pipe.build()
+    pipe.kd_groups = groups
     return pipe
+
+
+def _interp(p: Preprocess):
+    from nvidia.dali import types
+
+    return {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}[p.interpolation]
+
+
+def _resize_for_eval(images, p: Preprocess):
+    """``center``: the shorter side to ``resize``; ``squash``: both sides to ``resize`` (timm's crop modes)."""
+    from nvidia.dali import fn
+
+    if p.crop_mode == "squash":
+        return fn.resize(images, size=[p.resize, p.resize], antialias=True, interp_type=_interp(p))
+    return fn.resize(images, resize_shorter=p.resize, antialias=True, interp_type=_interp(p))
+
+
+def _box_source(boxes: np.ndarray, batch_size: int):
+    from nvidia.dali import fn
+
+    return fn.external_source(source=_BoxSource(boxes.astype(np.float32), batch_size), batch=True, name="Boxes")
 
 
 def _normalize(img, preprocess: Preprocess, mirror=None):
@@ -88,11 +119,11 @@ def _normalize(img, preprocess: Preprocess, mirror=None):
 
 
 def _eval_ops(images, preprocess: Preprocess, boxes, batch_size: int) -> list:
-    """Resize the shorter side to ``resize``, center-crop ``crop`` (padding when smaller)."""
+    """Resize (``crop_mode``), center-crop ``crop`` (padding when smaller)."""
     from nvidia.dali import fn
 
     size = preprocess.crop
-    images = fn.resize(images, resize_shorter=preprocess.resize, antialias=True)
+    images = _resize_for_eval(images, preprocess)
     return [_normalize(fn.crop(images, crop=(size, size), out_of_bounds_policy="pad"), preprocess)]
 
 
@@ -105,10 +136,10 @@ def _train_ops(images, preprocess: Preprocess, boxes, batch_size: int) -> list:
     if preprocess.train == "rrc":
         images = fn.random_resized_crop(
             images, size=(size, size), random_area=list(preprocess.scale),
-            random_aspect_ratio=list(preprocess.ratio), antialias=True,
+            random_aspect_ratio=list(preprocess.ratio), antialias=True, interp_type=_interp(preprocess),
         )
     elif preprocess.train == "pad_crop":
-        images = fn.resize(images, resize_shorter=preprocess.resize, antialias=True)
+        images = _resize_for_eval(images, preprocess)
         images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad")
         p = preprocess.pad
         anchor = fn.random.uniform(values=[float(v) for v in range(-p, p + 1)], shape=2)
@@ -119,18 +150,19 @@ def _train_ops(images, preprocess: Preprocess, boxes, batch_size: int) -> list:
     return [_normalize(images, preprocess, flip)]
 
 
-def _view_ops(images, preprocess: Preprocess, boxes: np.ndarray, batch_size: int) -> list:
-    """One output per stored view: crop the box, resize to ``crop``, flip when the box says so."""
+def _view_ops(images, preprocess: Preprocess, boxes: tuple, batch_size: int) -> list:
+    """One output per stored view (``boxes``: the boxes' external source and the number of views V): crop the
+    box, resize to ``crop``, flip when the box says so."""
     from nvidia.dali import fn, types
 
     size = preprocess.crop
-    vb = fn.external_source(source=_BoxSource(boxes.astype(np.float32), batch_size), batch=True, name="Boxes")
+    vb, num_views = boxes
     outs = []
-    for v in range(boxes.shape[1]):
+    for v in range(num_views):
         start = fn.stack(vb[v, 0], vb[v, 1])
         shape = fn.stack(vb[v, 2], vb[v, 3])
         crop = fn.slice(images, start, shape, axis_names="HW", out_of_bounds_policy="trim_to_shape")
-        crop = fn.resize(crop, size=(size, size), antialias=True)
+        crop = fn.resize(crop, size=(size, size), antialias=True, interp_type=_interp(preprocess))
         outs.append(_normalize(crop, preprocess, fn.cast(vb[v, 4], dtype=types.INT32)))
     return outs
 
@@ -184,6 +216,7 @@ def dali_error_summary(message: str) -> str:
 
 def iterate(pipe, num_samples: int, batch_size: int, device: str = "cpu") -> Iterator[Batch]:
     """Run ``pipe`` for exactly one pass over ``num_samples`` samples, dropping the padding at the end."""
+    groups = getattr(pipe, "kd_groups", None)
     remaining = num_samples
     while remaining > 0:
         try:
@@ -191,8 +224,11 @@ def iterate(pipe, num_samples: int, batch_size: int, device: str = "cpu") -> Ite
         except RuntimeError as e:  # DALI reports a failed batch (a file it cannot decode), not which file
             raise DecodeError(dali_error_summary(str(e))) from e
         n = min(batch_size, remaining)
-        views = [_to_torch(o, device)[:n] for o in outs[:-1]]
+        tensors = [_to_torch(o, device)[:n] for o in outs[:-1]]
         index = _to_torch(outs[-1], "cpu").reshape(-1)[:n].to(torch.int64)
-        images = views[0] if len(views) == 1 else torch.stack(views, dim=1)
+        branches, k = [], 0
+        for g in groups or [len(tensors)]:  # each branch: [B, 3, H, W], or [B, V, 3, H, W] with V views
+            branches.append(tensors[k] if g == 1 else torch.stack(tensors[k:k + g], dim=1))
+            k += g
         remaining -= n
-        yield Batch(images, index)
+        yield Batch(branches[0], index, branches if len(branches) > 1 else None)

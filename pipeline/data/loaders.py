@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,14 +62,17 @@ def resolve_loader(name: str) -> str:
     return name
 
 
-def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess: Preprocess, mode: str = "eval",
+def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess: Preprocess | Sequence[Preprocess],
+                 mode: str = "eval",
                  batch_size: int = 64, workers: int = 2, device: str = "cpu", seed: int = 0,
                  boxes: np.ndarray | None = None) -> Iterator[Batch]:
     """One pass over ``manifest`` samples ``order`` -> :class:`Batch` objects (``images`` [B, 3, H, W] float32,
     or [B, V, 3, H, W] in ``views`` mode with V > 1; ``index`` [B] int64), the last batch short.
 
-    ``loader``: ``dali`` or ``torch`` (resolve ``auto`` with :func:`resolve_loader` first). Raises UsageError on
-    bad arguments; iterating raises :class:`DecodeError` when a batch cannot be decoded.
+    ``loader``: ``dali`` or ``torch`` (resolve ``auto`` with :func:`resolve_loader` first). Several
+    ``preprocess`` (``eval`` and ``views`` modes): each image is decoded once and preprocessed per branch; the
+    batches carry every branch in ``Batch.branches``. Raises UsageError on bad arguments; iterating raises
+    :class:`DecodeError` when a batch cannot be decoded.
     """
     order = np.asarray(order, dtype=np.int64)
     _check(order, mode, boxes, device)
@@ -99,11 +102,14 @@ class TorchSamples(torch.utils.data.Dataset):
     """Position k -> (image tensor, sample index, ok). A sample that fails to decode yields ``ok = False`` and a
     zero image instead of raising inside a worker, so the main process can name it (:class:`DecodeError`)."""
 
-    def __init__(self, manifest: Manifest, order: np.ndarray, preprocess: Preprocess, mode: str, seed: int,
-                 boxes: np.ndarray | None):
+    def __init__(self, manifest: Manifest, order: np.ndarray, preprocess: Preprocess | Sequence[Preprocess],
+                 mode: str, seed: int, boxes: np.ndarray | None):
         from pipeline.data.layouts import layout_of
 
-        self.manifest, self.order, self.p, self.mode, self.seed = manifest, order, preprocess, mode, seed
+        self.branches = [preprocess] if isinstance(preprocess, Preprocess) else list(preprocess)
+        if mode == "train" and len(self.branches) > 1:
+            raise UsageError("train mode takes one preprocessing")
+        self.manifest, self.order, self.mode, self.seed = manifest, order, mode, seed
         self.boxes = boxes
         self.layout = layout_of(manifest)
         self.views = boxes.shape[1] if mode == "views" else 1
@@ -111,22 +117,23 @@ class TorchSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
+    def __getitem__(self, k: int) -> tuple[list[torch.Tensor], int, bool]:
         i = int(self.order[k])
         try:
             img = self.layout.load_tensor(self.manifest, i)
         except Exception as e:  # noqa: BLE001  (any decoder error: reported by index in the main process)
             log.debug("cannot decode sample %d: %s", i, e)
-            shape = (self.views, 3, self.p.crop, self.p.crop) if self.views > 1 else (3, self.p.crop, self.p.crop)
-            return torch.zeros(shape), i, False
+            return [torch.zeros((self.views, 3, p.crop, p.crop) if self.views > 1 else (3, p.crop, p.crop))
+                    for p in self.branches], i, False
+        return [self._transform(img, p, k, i) for p in self.branches], i, True
+
+    def _transform(self, img: torch.Tensor, p: Preprocess, k: int, i: int) -> torch.Tensor:
         if self.mode == "eval":
-            out = _eval_transform(img, self.p)
-        elif self.mode == "train":
-            out = _train_transform(img, self.p, np.random.default_rng([self.seed, i]))
-        else:  # one view: [3, H, W], as DALI's single output
-            views = [_box_transform(img, self.p, b) for b in self.boxes[k]]
-            out = torch.stack(views) if len(views) > 1 else views[0]
-        return out, i, True
+            return _eval_transform(img, p)
+        if self.mode == "train":
+            return _train_transform(img, p, np.random.default_rng([self.seed, i]))
+        views = [_box_transform(img, p, b) for b in self.boxes[k]]
+        return torch.stack(views) if len(views) > 1 else views[0]  # one view: [3, H, W], as DALI's output
 
 
 def _normalize(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
@@ -136,15 +143,24 @@ def _normalize(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
     return (img.float() - mean) / std
 
 
-def _resize_shorter(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size``, the longer one scaled and rounded half up (as DALI's ``resize_shorter``;
-    torchvision truncates, a pixel off on non-square images)."""
+def _mode(p: Preprocess):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(p.interpolation)
+
+
+def _resize_shorter(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
+    """``center``: the shorter side to ``resize``, the longer one scaled and rounded half up (as DALI's
+    ``resize_shorter``; torchvision truncates, a pixel off on non-square images); ``squash``: both to ``resize``."""
     import torchvision.transforms.v2.functional as F
 
     h, w = img.shape[-2:]
+    size, mode = p.resize, _mode(p)
+    if p.crop_mode == "squash":
+        return F.resize(img, [size, size], interpolation=mode, antialias=True)
     if h <= w:
-        return F.resize(img, [size, math.floor(w * size / h + 0.5)], antialias=True)
-    return F.resize(img, [math.floor(h * size / w + 0.5), size], antialias=True)
+        return F.resize(img, [size, math.floor(w * size / h + 0.5)], interpolation=mode, antialias=True)
+    return F.resize(img, [math.floor(h * size / w + 0.5), size], interpolation=mode, antialias=True)
 
 
 def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -158,7 +174,7 @@ def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _eval_transform(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
-    return _normalize(_center_crop(_resize_shorter(img, p.resize), p.crop), p)
+    return _normalize(_center_crop(_resize_shorter(img, p), p.crop), p)
 
 
 def _train_transform(img: torch.Tensor, p: Preprocess, rng: np.random.Generator) -> torch.Tensor:
@@ -168,9 +184,9 @@ def _train_transform(img: torch.Tensor, p: Preprocess, rng: np.random.Generator)
         h, w = img.shape[-2:]
         y, x, bh, bw = rrc_box(rng, h, w, p.scale, p.ratio)
         img = F.resized_crop(img, round(y * h), round(x * w), round(bh * h), round(bw * w), [p.crop, p.crop],
-                             antialias=True)
+                             interpolation=_mode(p), antialias=True)
     elif p.train == "pad_crop":
-        img = _center_crop(_resize_shorter(img, p.resize), p.crop)
+        img = _center_crop(_resize_shorter(img, p), p.crop)
         dy, dx = rng.integers(-p.pad, p.pad + 1, size=2)
         img = F.crop(F.pad(img, [p.pad]), p.pad + int(dy), p.pad + int(dx), p.crop, p.crop)
     else:
@@ -188,19 +204,20 @@ def _box_transform(img: torch.Tensor, p: Preprocess, box: np.ndarray) -> torch.T
     y, x, bh, bw, flip = (float(v) for v in box)
     top, left = round(y * h), round(x * w)
     height, width = max(1, min(h - top, round(bh * h))), max(1, min(w - left, round(bw * w)))
-    out = F.resized_crop(img, top, left, height, width, [p.crop, p.crop], antialias=True)
+    out = F.resized_crop(img, top, left, height, width, [p.crop, p.crop], interpolation=_mode(p), antialias=True)
     if flip >= 0.5:
         out = F.horizontal_flip(out)
     return _normalize(out, p)
 
 
-def _torch_batches(manifest: Manifest, order: np.ndarray, preprocess: Preprocess, mode: str, batch_size: int,
+def _torch_batches(manifest: Manifest, order: np.ndarray, preprocess: Preprocess | Sequence[Preprocess], mode: str,
+                   batch_size: int,
                    workers: int, device: str, seed: int, boxes: np.ndarray | None) -> Iterator[Batch]:
     ds = TorchSamples(manifest, order, preprocess, mode, seed, boxes)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                      pin_memory=device == "cuda", drop_last=False)
-    for images, index, ok in dl:
+    for branches, index, ok in dl:
         if not bool(ok.all()):
             bad = int(index[~ok][0])
             raise DecodeError(f"cannot decode sample {bad}", sample=bad)
-        yield Batch(images, index.to(torch.int64))
+        yield Batch(branches[0], index.to(torch.int64), branches if len(branches) > 1 else None)

@@ -1,11 +1,20 @@
-"""One model registry for teachers and students: torchvision classification models by name, plus the
-architectures the recipes need that torchvision lacks (CIFAR ResNets, MobileNetV1, a small demo CNN).
+"""One model registry for teachers and students. Four name forms:
+
+- a registered name (CIFAR ResNets, MobileNetV1, the demo CNNs: :mod:`pipeline.models.cifar`);
+- a torchvision classification model (``resnet34``, ``efficientnet_b0``, ``vit_b_16``, ...);
+- ``timm/<name>`` with timm's names and pretrained tags (``timm/resnet50.a1_in1k``,
+  ``timm/convnext_tiny.fb_in22k_ft_in1k``);
+- ``module.path:function``, a user's callable returning an ``nn.Module`` (called with ``num_classes=C`` when it
+  takes that argument), so nobody has to edit the registry.
 
 ``create_model(name, num_classes, weights)``: ``weights`` is ``None``/``"none"`` (random init, seeded by the
-caller), ``"DEFAULT"`` or a torchvision weights enum name (``IMAGENET1K_V1`` or ``ResNet34_Weights.IMAGENET1K_V1``),
-or a checkpoint path: a bare ``state_dict`` or a ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper, with
+caller), ``"DEFAULT"`` (torchvision's or timm's pretrained weights, downloaded by their own loaders where a
+network exists), a torchvision weights enum name (``IMAGENET1K_V1`` or ``ResNet34_Weights.IMAGENET1K_V1``), or a
+checkpoint path: a bare ``state_dict`` or a ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper, with
 ``module.`` prefixes (DDP) stripped. Any checkpoint of the right architecture is a valid teacher (Tf-KD
-self-teachers, De-KD's poorly trained teachers).
+self-teachers, De-KD's poorly trained teachers). ``num_classes=None`` keeps the weights' own classes (a
+pretrained model's, or a checkpoint's, read from its classifier): teachers keep theirs and are mapped onto the
+dataset's classes afterwards (:mod:`pipeline.models.teachers`).
 """
 
 from __future__ import annotations
@@ -37,14 +46,14 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return deco
 
 
-def _torchvision_names() -> list[str]:
+def torchvision_names() -> list[str]:
     import torchvision.models as tvm
 
     return sorted(tvm.list_models(module=tvm))
 
 
 def available_models() -> list[str]:
-    return sorted(set(_MODELS) | set(_torchvision_names()))
+    return sorted(set(_MODELS) | set(torchvision_names()))
 
 
 def _strip_prefixes(sd: dict) -> dict:
@@ -114,34 +123,128 @@ def weights_identity(weights: str | None) -> dict:
     return {"weights": weights}
 
 
-def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
-    """Build model ``name`` with ``num_classes`` outputs and load ``weights`` (see module docstring)."""
+def weights_kind(weights: str | None) -> str:
+    """``none`` (random init), ``path`` (a checkpoint file) or ``named`` (DEFAULT or an enum name)."""
+    if weights is None or str(weights).lower() == "none":
+        return "none"
+    return "path" if weights_identity(weights).get("sha256") else "named"
+
+
+def create_model(name: str, num_classes: int | None, weights: str | None = None) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs (None: the weights' own) and load ``weights`` (see the
+    module docstring). Raises UsageError for unknown names, weights that do not exist or do not fit."""
+    kind = weights_kind(weights)
+    if name.startswith("timm/"):
+        return _timm_model(name[len("timm/"):], num_classes, weights, kind)
+    if ":" in name:
+        build = _callable_builder(name)
+    elif name in _MODELS:
+        def build(c: int) -> nn.Module:
+            return _MODELS[name](num_classes=c)
+    elif name in torchvision_names():
+        if kind == "named":
+            return _torchvision_pretrained(name, str(weights), num_classes)
+        import torchvision.models as tvm
+
+        def build(c: int) -> nn.Module:
+            return tvm.get_model(name, weights=None, num_classes=c)
+    else:
+        raise UsageError(f"unknown model '{name}'; valid: {', '.join(available_models())}, timm/<name> "
+                         "(timm.list_models()) or module.path:function")
+    if kind == "named":
+        raise UsageError(f"model '{name}' has no named weights; give a checkpoint path or none")
+    if kind == "path":
+        return _from_checkpoint(build, name, str(weights), num_classes)
+    if num_classes is None:
+        raise UsageError(f"model '{name}' with random weights needs a number of classes")
+    return build(num_classes)
+
+
+def _torchvision_pretrained(name: str, weights: str, num_classes: int | None) -> nn.Module:
     import torchvision.models as tvm
 
-    is_path = weights is not None and str(weights).lower() != "none" and weights_identity(weights).get("sha256")
-    if name in _MODELS:
-        model = _MODELS[name](num_classes=num_classes)
-        if weights is not None and str(weights).lower() != "none" and not is_path:
-            raise UsageError(f"model '{name}' has no named weights; give a checkpoint path or none")
-    elif name in _torchvision_names():
-        if weights is not None and str(weights).lower() != "none" and not is_path:
-            w = _torchvision_weights(name, str(weights))
-            n_w = len(w.meta.get("categories", [])) or num_classes
-            if n_w != num_classes:
-                raise UsageError(f"weights {w} predict {n_w} classes but the dataset has {num_classes}")
-            try:
-                model = tvm.get_model(name, weights=w)
-            except Exception as e:  # no network here: say so in one line
-                raise UsageError(f"cannot load torchvision weights {w}: {' '.join(str(e).split())[:200]}") from None
-            return model
-        model = tvm.get_model(name, weights=None, num_classes=num_classes)
-    else:
-        raise UsageError(f"unknown model '{name}'; valid: {', '.join(available_models())}")
-    if is_path:
-        sd = load_checkpoint_state(weights)
+    w = _torchvision_weights(name, weights)
+    n_w = len(w.meta.get("categories", [])) or num_classes
+    if num_classes is not None and n_w != num_classes:
+        raise UsageError(f"weights {w} predict {n_w} classes but the dataset has {num_classes}")
+    try:
+        return tvm.get_model(name, weights=w)
+    except Exception as e:  # no network here: say so in one line
+        raise UsageError(f"cannot load torchvision weights {w}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _timm_model(tname: str, num_classes: int | None, weights: str | None, kind: str) -> nn.Module:
+    """``timm.create_model``: pretrained (``DEFAULT``, timm's own download), random, or a checkpoint."""
+    import timm
+
+    if not timm.is_model(tname):
+        raise UsageError(f"unknown timm model '{tname}' (see timm.list_models('{tname.split('.')[0]}*'))")
+    try:
+        native = timm.models.get_pretrained_cfg(tname).num_classes
+    except RuntimeError as e:  # an invalid pretrained tag
+        raise UsageError(f"timm model '{tname}': {e}") from None
+
+    def build(c: int) -> nn.Module:
+        return timm.create_model(tname, pretrained=False, num_classes=c)
+
+    if kind == "path":
+        return _from_checkpoint(build, f"timm/{tname}", str(weights), num_classes)
+    if kind == "named":
+        if str(weights) != "DEFAULT":
+            raise UsageError(f"timm model '{tname}' takes --weights DEFAULT (timm's pretrained weights of its tag), "
+                             "none or a checkpoint path; choose other weights with the tag: timm/<arch>.<tag>")
         try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).split("\n")[0] + " " + " ".join(str(e).split("\n")[1:2])
-            raise UsageError(f"checkpoint {weights} does not fit {name} with {num_classes} classes: {first.strip()[:300]}") from None
+            return timm.create_model(tname, pretrained=True,
+                                     **({} if num_classes is None else {"num_classes": num_classes}))
+        except Exception as e:  # no network, no cached file
+            raise UsageError(f"cannot load timm pretrained weights of {tname}: {' '.join(str(e).split())[:200]} "
+                             "(no network? give a local checkpoint file)") from None
+    return build(native if num_classes is None else num_classes)
+
+
+def _callable_builder(name: str) -> Callable[[int], nn.Module]:
+    """``module.path:function`` -> a builder calling it (with ``num_classes`` when it takes it)."""
+    import importlib
+    import inspect
+
+    mod_name, _, fn_name = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import module '{mod_name}' of model '{name}': {e}") from None
+    except AttributeError:
+        raise UsageError(f"module '{mod_name}' has no '{fn_name}' (model '{name}')") from None
+    takes = "num_classes" in inspect.signature(fn).parameters
+
+    def build(c: int) -> nn.Module:
+        model = fn(num_classes=c) if takes else fn()
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model '{name}' returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    return build
+
+
+def _from_checkpoint(build: Callable[[int], nn.Module], name: str, path: str, num_classes: int | None) -> nn.Module:
+    """Build with ``num_classes`` (None: the checkpoint's, read from its classifier) and load it strictly."""
+    sd = load_checkpoint_state(path)
+    n = num_classes if num_classes is not None else _checkpoint_classes(build, sd)
+    model = build(n)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).split("\n")[0] + " " + " ".join(str(e).split("\n")[1:2])
+        raise UsageError(f"checkpoint {path} does not fit {name} with {n} classes: {first.strip()[:300]}") from None
     return model
+
+
+def _checkpoint_classes(build: Callable[[int], nn.Module], sd: dict[str, torch.Tensor], probe: int = 7) -> int:
+    """The class count a checkpoint was trained with: build a probe with ``probe`` classes and read the sizes of
+    the tensors whose first dimension is that count (the classifier's weight and bias) from the checkpoint."""
+    shapes = {k: tuple(v.shape) for k, v in build(probe).state_dict().items()}
+    found = {sd[k].shape[0] for k, s in shapes.items() if k in sd and s and s[0] == probe and tuple(sd[k].shape) != s}
+    if len(found) == 1:
+        return int(found.pop())
+    if not found:  # the checkpoint has `probe` classes itself (a wrong guess fails the strict load, named)
+        return probe
+    raise UsageError(f"cannot tell the number of classes of this checkpoint (classifier sizes {sorted(found)})")

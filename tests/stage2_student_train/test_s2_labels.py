@@ -149,9 +149,9 @@ real_create, real_init = reg.create_model, ens.TeacherEnsemble.__init__
 def create_spy(name, *a, **k):
     calls.append(name)
     return real_create(name, *a, **k)
-def init_spy(self, models):
+def init_spy(self, models, *args, **kwargs):
     ensembles.append(len(models))
-    real_init(self, models)
+    real_init(self, models, *args, **kwargs)
 reg.create_model = pm.create_model = ens.create_model = create_spy
 ens.TeacherEnsemble.__init__ = init_spy
 from pipeline.train_student import main
