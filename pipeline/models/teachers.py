@@ -103,17 +103,23 @@ def class_map_for(arch: str, teacher_classes: int, classes: Sequence[str],
             raise UsageError(f"--class-map maps class '{bad[0]}' to output {class_map[bad[0]]}, but {arch} has "
                              f"{teacher_classes} outputs")
         return [class_map[c] for c in classes]
-    if teacher_classes == len(classes):
-        return None
-    if teacher_classes == 1000:
+    if teacher_classes == 1000 and (len(classes) != 1000 or all(_is_wnid(c) for c in classes)):
+        # by wnid, also when all 1000 are there: a file list (the WSLD release's) may number them in another order
         index = {w: k for k, w in enumerate(imagenet_wnids())}
         unknown = [c for c in classes if c not in index]
         if unknown:
             raise UsageError(f"{arch} predicts the 1000 ImageNet classes but class folder '{unknown[0]}' is not an "
                              "ImageNet-1k wnid: name the folders by wnid (n01440764, ...) or give --class-map FILE")
-        return [index[c] for c in classes]
+        idx = [index[c] for c in classes]
+        return None if idx == list(range(teacher_classes)) else idx
+    if teacher_classes == len(classes):
+        return None
     raise UsageError(f"{arch} predicts {teacher_classes} classes but the dataset has {len(classes)}: give --class-map "
                      "FILE (dataset class -> teacher output index)")
+
+
+def _is_wnid(name: str) -> bool:
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
 
 
 def output_classes(model: nn.Module, crop: int) -> int:

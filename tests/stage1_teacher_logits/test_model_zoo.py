@@ -150,3 +150,23 @@ def test_a_users_callable_as_teacher(photo_tree: Path, tmp_path: Path, monkeypat
     bank = LabelBank(out)
     assert bank.teachers[0]["arch"] == "my_nets:tiny" and bank.shape[-1] == 3
     sys.modules.pop("my_nets", None)
+
+
+def test_wsld_file_list_with_its_own_class_order(tmp_path: Path, capsys):
+    """The WSLD release's layout: ``train_list.txt`` of ``relpath label`` numbering the wnids in directory-listing
+    order (not sorted). A 1000-class teacher is mapped by wnid, so label k gets its own class's logit."""
+    from timm.data import ImageNetInfo
+
+    root = make_image_tree(tmp_path / "wsld", classes=WNIDS, per_class=2, sizes=((40, 52),))
+    order = [WNIDS[2], WNIDS[0], WNIDS[1]]  # label 0 = the third wnid, ...
+    lines = [f"{w}/{f.name} {k}" for k, w in enumerate(order) for f in sorted((root / "train" / w).iterdir())]
+    (root / "train_list.txt").write_text("\n".join(lines) + "\n")
+    m = build_manifest(root, "train")
+    assert m.layout == "filelist" and m.classes == tuple(order)
+    torch.manual_seed(5)
+    ckpt = tmp_path / "r18.pt"
+    torch.save(create_model("resnet18", 1000, "none").state_dict(), ckpt)
+    out = tmp_path / "b.zarr"
+    assert _dump(root, out, "--teacher", "resnet18", "--weights", str(ckpt), "--preset", "tiny") == 0
+    names = list(ImageNetInfo().label_names())
+    assert LabelBank(out).attrs["class_maps"] == [[names.index(w) for w in order]]
