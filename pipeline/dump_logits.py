@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bank path or fsspec URL (default: $KD_CACHE/<dataset>-<split>/<teachers>-<key8>.zarr)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a different bank at --out")
     p.add_argument("--dtype", choices=["float16", "float32"])
+    p.add_argument("--format", help="dense (default), topk (with --topk K) or int8: compact banks are written "
+                                    "directly, chunk by chunk")
+    p.add_argument("--topk", type=int, help="K classes kept per vector with --format topk (plus the true class)")
     p.add_argument("--rows-per-chunk", type=int, dest="rows_per_chunk")
     p.add_argument("--skip-corrupt", action="store_true", default=None, dest="skip_corrupt",
                    help="record undecodable images as skipped instead of failing")
