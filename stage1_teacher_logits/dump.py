@@ -337,7 +337,7 @@ class _ChunkRun:
             for k in range(len(out)):
                 p = pos + k
                 if buf is None:
-                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c)
+                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c, self.cfg.dtype)
                 if plan.real[p]:
                     i = int(plan.order[p])
                     buf.put(i, out[k], self.manifest.labels[i], boxes[p - start] if boxes is not None else None)
@@ -382,14 +382,15 @@ def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
 
 
 class _ChunkBuffer:
-    """The rows of one row chunk, collected in memory (float32 teacher logits [r, T, V, C]) and written (with its
-    done flag) once complete; :func:`pipeline.bank.writer.write_chunk` encodes them for a compact bank."""
+    """The rows of one row chunk, collected in memory (teacher logits [r, T, V, C] in the bank dtype, the rounding
+    every bank applies: half the memory of float32 for a chunk of many views) and written (with its done flag)
+    once complete; :func:`pipeline.bank.writer.write_chunk` encodes them for a compact bank."""
 
-    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int):
+    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32"):
         n = g["labels"].shape[0]
         r = min(n, (j + 1) * rows) - j * rows
         self.g, self.j, self.start = g, j, j * rows
-        self.logits = np.full((r, t, v, c), np.nan, np.float32)
+        self.logits = np.full((r, t, v, c), np.nan, dtype)
         self.labels = np.full(r, -1, np.int32)
         self.views = np.full((r, v, 5), np.nan, np.float32)
 

@@ -53,6 +53,7 @@ FIDELITY_TEMPERATURES = (1.0, 2.0, 4.0)
 # compaction time.
 FIDELITY_ROWS = 256
 FIDELITY_WIDTH = 2 + len(FIDELITY_TEMPERATURES)  # [count, KL at each T, top-1 agreements]
+ENCODE_ELEMENTS = 1 << 24  # values encoded at once (64 MB of float32; encoding needs a few times that)
 
 
 def _log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -193,24 +194,36 @@ def sums_width(t: int) -> int:
     return sums_layout(t)["metrics"][1]
 
 
-def encode_chunk(x: np.ndarray, labels: np.ndarray, skipped: np.ndarray, fmt: str, k: int | None
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def encode_chunk(x: np.ndarray, labels: np.ndarray, skipped: np.ndarray, fmt: str, k: int | None,
+                 dtype: str = "float32") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Encode one row chunk and measure it: the one encoding of both the dump and ``labels compact``.
 
-    x [r, T, V, C] float32: the logits as a dense bank stores them (rounded to the bank dtype; NaN rows for
-    skipped samples); labels [r]; skipped [r]. Returns ({array name: stored array}, sums [W] float64 laid out
-    as :func:`sums_layout`).
+    x [r, T, V, C]: the chunk's logits (NaN rows for skipped samples), rounded here to the bank ``dtype`` (what a
+    dense bank stores) before encoding; labels [r]; skipped [r]. Returns ({array name: stored array}, sums [W]
+    float64 laid out as :func:`sums_layout`). Rows are encoded in blocks of at most :data:`ENCODE_ELEMENTS`
+    values (every operation is per vector, so the blocks change no value; they bound the temporaries of a
+    chunk with many views: a 4096-row chunk of 100 views x 1000 classes is 1.6 GB in float32).
     """
     r, t = x.shape[:2]
     c = x.shape[-1]
-    arrays = encode(x, fmt, k, labels)
     step = max(1, r // FIDELITY_ROWS)
-    sample = decode({n: a[::step] for n, a in arrays.items()}, fmt, c, labels[::step])
-    view0 = decode({n: a[:, :, :1] for n, a in arrays.items()}, fmt, c, labels)
-    sums = np.concatenate([fidelity_sums(x[::step], sample), st.metric_states(x, labels, skipped),
-                           st.metric_states(view0, labels, skipped)])
-    assert len(sums) == sums_width(t)
-    return arrays, sums
+    block = max(1, ENCODE_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))
+    parts: list[dict[str, np.ndarray]] = []
+    lay = sums_layout(t)
+    sums = np.zeros(sums_width(t), np.float64)
+    for s in range(0, r, block):
+        e = min(r, s + block)
+        xb = np.asarray(x[s:e]).astype(dtype, copy=False).astype(np.float32, copy=False)
+        lb, sb = labels[s:e], skipped[s:e]
+        arrays = encode(xb, fmt, k, lb)
+        first = -s % step  # the chunk's fidelity sample: rows 0, step, 2 step, ... of the chunk
+        sample = decode({n: a[first::step] for n, a in arrays.items()}, fmt, c, lb[first::step])
+        view0 = decode({n: a[:, :, :1] for n, a in arrays.items()}, fmt, c, lb)
+        sums[slice(*lay["fidelity"])] += fidelity_sums(xb[first::step], sample)
+        sums[slice(*lay["source_metrics"])] += st.metric_states(xb, lb, sb)
+        sums[slice(*lay["metrics"])] += st.metric_states(view0, lb, sb)
+        parts.append(arrays)
+    return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}, sums
 
 
 # --- fidelity -----------------------------------------------------------------------------------------------

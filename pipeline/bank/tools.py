@@ -203,7 +203,8 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
                   "views": daskio.rows_array(bank.group["views"], rows),
                   "skipped": daskio.rows_array(bank.group["skipped"], rows)}
-        job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c)
+        job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c,
+                               dtype=str(bank.attrs.get("dtype", "float16")))
         vec = _run_job(g, job, scheduler, progress, f"compact ({fmt}) {src}", f"compact into {out}")
         lay = {key: slice(*span) for key, span in cp.sums_layout(t).items()}
         fidelity = cp.fidelity_from_sums(vec[lay["fidelity"]])

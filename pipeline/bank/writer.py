@@ -113,8 +113,8 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
         if fmt == "dense":
             g["logits"][s:e] = logits.astype(g["logits"].dtype, copy=False)
         else:
-            x = np.asarray(logits).astype(g.attrs["dtype"]).astype(np.float32)
-            arrays, sums = cp.encode_chunk(x, np.asarray(labels), np.asarray(skipped, bool), fmt, g.attrs.get("topk"))
+            arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
+                                           g.attrs.get("topk"), g.attrs["dtype"])
             for name, a in arrays.items():
                 g[name][s:e] = a
             g["chunk_sums"][j] = sums

@@ -200,3 +200,20 @@ def test_compact_bank_trains_a_student_for_one_epoch(demo_root: Path, demo_bank:
                   "--preset", "demo", "--epochs", "1", "--batch-size", "32", "--output-dir", str(tmp_path / "run"),
                   "--device", "cpu"])
     assert rc == 0
+
+
+@pytest.mark.parametrize("fmt, k", [("topk", 4), ("int8", None)])
+def test_encode_chunk_in_row_blocks_changes_no_value(fmt, k, monkeypatch) -> None:
+    """encode_chunk bounds its temporaries by encoding rows in blocks; every stored value is per vector, so the
+    blocks change none (the sums only in their float summation order)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((50, 2, 3, 40)) * 4).astype(np.float32)
+    labels, skipped = rng.integers(0, 40, 50), np.zeros(50, bool)
+    x[7], skipped[7] = np.nan, True
+    whole, s1 = cp.encode_chunk(x, labels, skipped, fmt, k, "float16")
+    monkeypatch.setattr(cp, "ENCODE_ELEMENTS", 2 * 3 * 40 * 7)  # 7 rows per block
+    blocks, s2 = cp.encode_chunk(x, labels, skipped, fmt, k, "float16")
+    for name in whole:
+        assert whole[name].tobytes() == blocks[name].tobytes(), name
+    np.testing.assert_allclose(s1, s2, rtol=1e-9)
+    assert s1[0] == (50 - 1) * 2 * 3  # fidelity counted every vector of every finite row (chunk < 512 rows)
