@@ -135,6 +135,19 @@ class LabelBank:
             raise BankError(f"label bank {self.path} is damaged: array '{name}' chunk {bad} unreadable "
                             f"({type(e).__name__}); run python -m pipeline.labels verify") from None
 
+    def _check_readable(self, name: str) -> None:
+        """Every chunk of ``name`` decodes (read chunk by chunk, nothing kept); BankError naming the first that
+        does not."""
+        if name not in self.group:
+            raise BankError(f"label bank {self.path} is damaged: array '{name}' is missing; "
+                            "run python -m pipeline.labels verify")
+        arr = self.group[name]
+        step = arr.chunks[0]
+        for j, s in enumerate(range(0, arr.shape[0], step)):
+            if not _readable(arr, s, s + step):
+                raise BankError(f"label bank {self.path} is damaged: array '{name}' chunk {j} unreadable; "
+                                "run python -m pipeline.labels verify")
+
     def read_logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed)."""
         stop = self.num_samples if stop is None else stop
@@ -154,8 +167,8 @@ class LabelBank:
         (stage 2 takes true classes from the manifest, and views only when replaying them, but a damaged one of
         these is a damaged bank) and a missing payload array."""
         skipped = self.skipped()
-        self._read_whole("views")
         labels = self.labels()
+        self._check_readable("views")
         missing = np.flatnonzero(labels < 0)  # a missing labels chunk reads back as the fill value -1
         if len(missing):
             raise BankError(f"label bank {self.path} is damaged: array 'labels' has no value in rows "
