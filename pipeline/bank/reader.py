@@ -1,7 +1,9 @@
 """Reading a label bank: open, validate against a dataset, load into memory, verify every chunk.
 
-Stage 2 loads the bank (or the rows it needs) into memory once and gathers by index: per-batch random zarr
-reads run at ~5k rows/s, an in-memory gather at ~1M rows/s (docs/DESIGN.md, "Measured facts").
+Stage 2 loads the bank into memory once, in its own format (:mod:`pipeline.bank.resident`, through the checked
+reads here), and gathers by index: per-batch random zarr reads run at ~5k rows/s, an in-memory gather at ~1M
+rows/s (docs/DESIGN.md, "Measured facts"). :meth:`LabelBank.read_logits` / :meth:`LabelBank.load` reconstruct
+dense logits of any format (tools, verify).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ one row per (sample, view) (views moved next to the sample axis, so that a gathe
 | format | resident arrays (rows = N * V) | bytes per (sample, view) |
 |---|---|---|
 | dense | ``logits`` [N*V, T, C] in the bank's dtype (float16 or float32: never narrowed) | T * C * 2 (or 4) |
-| topk  | ``values`` [N*V, T, K+1] float16 (top K, then the true class), ``indices`` [N*V, T, K+1] int16/int32, ``fill`` [N*V, T] float32 (the tail's log-probability, :func:`pipeline.bank.compact.topk_fill`) | T * (4 (K+1) + 4) |
+| topk  | ``packed`` [N*V, T, B] uint8: per vector the tail's log-probability ``fill`` (float32, :func:`pipeline.bank.compact.topk_fill`), the K+1 kept classes (int16/int32: the top K, then the true class) and their log-probabilities (float16), padded to 4 bytes | T * (4 (K+1) + 4) (int16) |
 | int8  | ``q`` [N*V, T, C] int8, ``scale`` [N*V, T] float16 | T * (C + 2) |
 
 :meth:`ResidentBank.gather` takes sample indices [B] (and the view of each, or view 0), gathers their payload
@@ -83,8 +83,7 @@ def resident_nbytes(bank: LabelBank) -> int:
     """Bytes a :class:`ResidentBank` of ``bank`` holds (see the module table)."""
     n, t, v, c = bank.shape
     if bank.format == "topk":
-        k1 = int(bank.attrs["topk"]) + 1
-        return n * v * t * (k1 * (2 + np.dtype(index_dtype(c)).itemsize) + 4)
+        return n * v * t * _topk_offsets(int(bank.attrs["topk"]), c)[-1]
     if bank.format == "int8":
         return n * v * t * (c + 2)
     return dense_nbytes(bank)
@@ -150,9 +149,10 @@ class ResidentBank:
                 for name, a in rows.items():
                     self.arrays[name][s * v:e * v].copy_(torch.from_numpy(np.ascontiguousarray(a)))
                 bar.update()
-        # CPU gather through numpy: a row memcpy, ~1M rows/s on one core; torch's advanced indexing on CPU goes
-        # through its thread pool and ran 10x slower on a busy 2-core machine (bench/stage2.py)
-        self._host = {k: a.numpy() for k, a in self.arrays.items()} if self.device.type == "cpu" else None
+        # CPU gather through numpy, each (sample, view) row as one opaque item (a memcpy per row: 1.3x faster than
+        # numpy's fancy indexing of fp16 rows); torch's advanced indexing on CPU goes through its thread pool and
+        # ran 10x slower on a busy 2-core machine (bench/stage2.py)
+        self._host = {k: _row_items(a.numpy()) for k, a in self.arrays.items()} if self.device.type == "cpu" else None
 
     @property
     def nbytes(self) -> int:
@@ -182,7 +182,8 @@ class ResidentBank:
             rows_np = index.cpu().numpy().astype(np.int64, copy=False)
             if v > 1:
                 rows_np = rows_np * v + (0 if view is None else view.cpu().numpy())
-            part = {k: torch.from_numpy(a[rows_np]) for k, a in self._host.items()}
+            part = {k: torch.from_numpy(items[rows_np].view(dt).reshape((len(rows_np),) + shape))
+                    for k, (items, dt, shape) in self._host.items()}
         else:
             rows = index.to(self.device, torch.int64)
             if v > 1:
@@ -190,6 +191,20 @@ class ResidentBank:
             part = {k: a[rows] for k, a in self.arrays.items()}
         part = {k: a.to(device, non_blocking=True) for k, a in part.items()}
         return self._densify(part)
+
+
+def _row_items(a: np.ndarray) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
+    """A C-contiguous [R, ...] array as R opaque items (numpy void), with what turns gathered items back."""
+    flat = np.ascontiguousarray(a).reshape(len(a), -1)
+    return flat.view(np.dtype((np.void, flat.shape[1] * a.itemsize))).reshape(len(a)), a.dtype, a.shape[1:]
+
+
+def _topk_offsets(k: int, c: int) -> tuple[int, int, int, int]:
+    """Byte offsets in a packed top-k vector (the fill is bytes [0, 4)): start of the indices, start of the
+    values, their end, the row width (padded to 4 bytes, so the float32 fill stays aligned)."""
+    k1, isz = k + 1, np.dtype(index_dtype(c)).itemsize
+    end = 4 + k1 * (isz + 2)
+    return 4, 4 + isz * k1, end, -(-end // 4) * 4
 
 
 def _rows_first(a: np.ndarray) -> np.ndarray:
@@ -220,31 +235,40 @@ class DenseResident(ResidentBank):
 
 
 class TopKResident(ResidentBank):
-    """``values``/``indices`` [N*V, T, K+1] (the top K, then the true class) and the tail ``fill`` [N*V, T];
-    densify = the fill broadcast to [B, T, C], then one scatter of the K+1 kept log-probabilities (the true class
-    written twice when it is in the top K, with the same value)."""
+    """One packed row per vector (one random access per gathered row: three separate arrays cost 3x the cache
+    misses, 77 vs 17 us per 256-row batch on a 20M-row bank): ``[fill f32 | K+1 indices | K+1 values f16 | pad]``
+    (the top K, then the true class). Densify = the fill broadcast to [B, T, C], then one scatter of the K+1 kept
+    log-probabilities (the true class written twice, with the same value, when it is in the top K)."""
 
     format = "topk"
 
     def _layout(self, bank):
         n, t, v, c = self.shape
-        k1 = int(bank.attrs["topk"]) + 1
-        return {"values": ((t, k1), torch.float16), "indices": ((t, k1), _torch_dtype(index_dtype(c))),
-                "fill": ((t,), torch.float32)}
+        self._idx_dtype = index_dtype(c)
+        self._offsets = _topk_offsets(int(bank.attrs["topk"]), c)
+        return {"packed": ((t, self._offsets[-1]), torch.uint8)}
 
     def _convert(self, raw, labels):
         vals, idx, tgt = raw["topk_values"], raw["topk_indices"], raw["target_logprob"]
         fill = cp.topk_fill(vals, idx, tgt, labels, self.shape[3])
         lab = np.broadcast_to(labels.astype(idx.dtype).reshape(-1, 1, 1, 1), tgt.shape + (1,))
         bad = _not_finite(vals) | _not_finite(tgt) | (idx.reshape(len(idx), -1) < 0).any(axis=1)
-        return {"values": _rows_first(np.concatenate([vals, tgt[..., None]], axis=-1)),
-                "indices": _rows_first(np.concatenate([idx, lab], axis=-1)), "fill": _rows_first(fill), "_bad": bad}
+        o_idx, o_val, o_end, width = self._offsets
+        out = np.zeros((len(vals) * self.shape[2], self.shape[1], width), np.uint8)
+        out[..., :o_idx].view(np.float32)[..., 0] = _rows_first(fill)
+        out[..., o_idx:o_val].view(self._idx_dtype)[...] = _rows_first(np.concatenate([idx, lab], axis=-1))
+        out[..., o_val:o_end].view(np.float16)[...] = _rows_first(np.concatenate([vals, tgt[..., None]], axis=-1))
+        return {"packed": out, "_bad": bad}
 
     def _densify(self, rows):
-        fill = rows["fill"]
+        g = rows["packed"]
+        o_idx, o_val, o_end, _ = self._offsets
+        fill = g[..., :o_idx].view(torch.float32)[..., 0]
+        indices = g[..., o_idx:o_val].view(_torch_dtype(self._idx_dtype))
+        values = g[..., o_val:o_end].view(torch.float16)
         b, t = fill.shape
         out = fill.unsqueeze(-1).expand(b, t, self.shape[3]).contiguous()
-        return out.scatter_(2, rows["indices"].long(), rows["values"].float())
+        return out.scatter_(2, indices.long(), values.float())
 
 
 class Int8Resident(ResidentBank):

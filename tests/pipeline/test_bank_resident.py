@@ -152,3 +152,15 @@ def test_several_formats_on_the_teacher_axis(tmp_path: Path):
     view = view_choice(index, 2, 3, V).numpy()
     for j, b in enumerate(banks):
         assert np.array_equal(out[:, j * T:(j + 1) * T].numpy(), _expected(b, index.numpy(), view), equal_nan=True)
+
+
+def test_topk_with_int32_indices(tmp_path: Path):
+    """C > 32767: int32 indices in the packed rows (another alignment of the row layout)."""
+    path, _ = make_bank(tmp_path / "wide.zarr", "topk", 4, n=20, t=2, v=2, c=40000, skipped=(3,))
+    bank = LabelBank(path)
+    assert bank.group["topk_indices"].dtype == np.int32
+    (res,) = load_residents([bank])
+    assert res.nbytes == resident_nbytes(bank) == 20 * 2 * 2 * 36  # fill 4 + 5 indices x 4 + 5 values x 2, padded
+    index, view = np.array([0, 19, 3, 7]), np.array([1, 0, 1, 1])
+    out = res.gather(torch.from_numpy(index), torch.from_numpy(view)).numpy()
+    assert np.array_equal(out, _expected(bank, index, view), equal_nan=True)
