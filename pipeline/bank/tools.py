@@ -140,8 +140,8 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
 
     with daskio.atomic_output(out, overwrite) as tmp:
         attrs = {k: val for k, val in ref.attrs.items()
-                 if k not in ("format", "compact_arrays", "topk", "fidelity", "metrics", "source_metrics",
-                              "raw_bytes_per_vector")}
+                 if k not in ("format", "compact_arrays", "topk", "tail", "chunk_sums_layout", "fidelity", "metrics",
+                              "source_metrics", "raw_bytes_per_vector")}
         attrs.update({"key": key, "teachers": teachers, "sources": sources,
                       "ensemble": {"mode": mode, "num_members": t_all},
                       "config": {"tool": "ensemble", "mode": mode, "inputs": [s["path"] for s in sources]}})

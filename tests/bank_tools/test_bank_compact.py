@@ -187,6 +187,7 @@ def test_compact_of_demo_bank_and_ensemble_of_compact(demo_bank: Path, tmp_path:
     assert info["fidelity"]["top1_agreement"] == 1.0 and info["shape"]["C"] == 10
     ens = tmp_path / "ens.zarr"
     assert main(["ensemble", str(demo_bank), str(out), "-o", str(ens), "--mode", "stack", "--no-progress"]) == 0
+    assert not {"tail", "chunk_sums_layout", "compact_arrays", "fidelity"} & set(LabelBank(ens).attrs)  # dense
     x = LabelBank(ens).read_logits()
     np.testing.assert_allclose(x[:, 1], LabelBank(out).read_logits()[:, 0], atol=0.02, rtol=2e-3)
 
