@@ -78,7 +78,7 @@ def bench_steps(bank_path: Path, steps: int, warmup: int, rounds: int, size: int
     from stage2_student_train.optim import build_optimizer, build_scheduler
 
     bank = BankLabelSource([LabelBank(bank_path)])
-    n = bank.logits.shape[0]
+    n = bank.num_samples
     labels = torch.randint(0, c, (n,))
     live = LiveTeacherLabelSource(parse_teachers([teacher], ["none"]), c, "cpu")
     variants = {"ce": (kd_losses.build_loss("ce", num_classes=c), None),
@@ -141,7 +141,7 @@ def bench_components(bank_path: Path, size: int, batch: int, student: str, teach
     from stage2_student_train.label_sources import BankLabelSource
 
     bank = BankLabelSource([LabelBank(bank_path)])
-    n = bank.logits.shape[0]
+    n = bank.num_samples
     ce, kd = kd_losses.build_loss("ce", num_classes=c), kd_losses.build_loss("kd", num_classes=c)
     gen = torch.Generator().manual_seed(3)
 
@@ -225,7 +225,7 @@ def bench_gather(rows: int, c: int, batch: int, iters: int, bank_path: Path, zar
     del t, rows_np
 
     src = BankLabelSource([LabelBank(bank_path)])
-    n = src.logits.shape[0]
+    n = src.num_samples
     bidx = [torch.randint(0, n, (batch,), generator=gen) for _ in range(iters)]
     out = src({"index": bidx[0], "epoch": 0})["teacher_logits"]
     assert out.shape == (batch, 1, c) and out.dtype == torch.float32

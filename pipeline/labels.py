@@ -1,6 +1,7 @@
 """Label-bank tools: ``python -m pipeline.labels {info,verify,ensemble,compact,stats} ...``.
 
-- ``info``: shape, teachers, views, metrics, format, size on disk, bytes per sample and per view.
+- ``info``: shape, teachers, views, metrics, format, size on disk, bytes per sample and per view; for compact
+  banks the fidelity to the dense teacher (KL at T = 1, 2, 4, top-1 agreement) measured when they were written.
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
 - ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
@@ -48,8 +49,12 @@ def bank_info(path: str) -> dict:
         "bytes_per_view": round(size / max(n * v, 1), 2),
         "skipped": int(bank.skipped().sum()),
     }
+    if bank.format != "dense":
+        info["compact"] = {k: a[k] for k in ("topk", "tail", "raw_bytes_per_vector") if k in a}
     if "fidelity" in a:
         info["fidelity"] = a["fidelity"]
+    if "source_metrics" in a:
+        info["source_metrics"] = a["source_metrics"]
     if "sources" in a:
         info["sources"] = a["sources"]
     return info
@@ -79,8 +84,14 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"metrics     {name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}")
     print(f"size        {info['bytes_on_disk'] / 1e6:.2f} MB  {info['bytes_per_sample']} B/sample  "
           f"{info['bytes_per_view']} B/view  skipped {info['skipped']}")
+    if "compact" in info:
+        cmp = info["compact"]
+        kept = f"top {cmp['topk']} + true class, tail {cmp.get('tail')}" if "topk" in cmp else "int8 + per-vector scale"
+        print(f"compact     {kept}  {cmp.get('raw_bytes_per_vector')} B/vector raw")
     if "fidelity" in info:
-        print(f"fidelity    {info['fidelity']}")
+        from pipeline.bank.compact import format_fidelity
+
+        print(f"fidelity    {format_fidelity(info['fidelity'])}")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Resumable (chunks marked done are skipped; an interrupted dump re-run with the same command writes only the
 missing chunks and produces the same bytes), shardable over torchrun ranks (each rank owns whole row chunks),
-content-addressed (the same command twice is a no-op that prints the bank path).
+content-addressed (the same command twice is a no-op that prints the bank path). ``--format topk --topk K`` /
+``--format int8`` write a compact bank directly, chunk by chunk (the writer encodes each chunk; no dense array
+is written), with the same guarantees.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from tqdm import tqdm
 from pipeline import storage
 from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
 from pipeline.bank.reader import open_group
-from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK
-from pipeline.bank.writer import create_bank, done_flags, mark_complete, write_chunk
+from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
+from pipeline.bank.stats import entry_names
+from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete, write_chunk
 from pipeline.config import to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
@@ -55,6 +58,8 @@ class DumpConfig:
     out: str | None = None
     overwrite: bool = False
     dtype: str = "float16"
+    format: str = "dense"
+    topk: int | None = None
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK
     skip_corrupt: bool = False
     views: int = 1
@@ -83,6 +88,17 @@ def _check(cfg: DumpConfig) -> None:
     if cfg.amp and cfg.device != "cuda":
         raise UsageError("--amp autocasts the teachers on CUDA only (fp16 on a CPU is slower than fp32): drop "
                          "--amp or use --device cuda")
+    if cfg.format not in FORMATS:
+        raise UsageError(f"unknown --format '{cfg.format}'; valid: {', '.join(FORMATS)}")
+    if cfg.format == "topk" and cfg.topk is None:
+        raise UsageError("--format topk needs --topk K (classes kept per vector, e.g. --topk 10)")
+    if cfg.format != "topk" and cfg.topk is not None:
+        raise UsageError(f"--topk applies to --format topk only, not {cfg.format}")
+
+
+def _check_topk(cfg: DumpConfig, num_classes: int) -> None:
+    if cfg.format == "topk" and not 1 <= cfg.topk <= num_classes:
+        raise UsageError(f"--topk {cfg.topk} out of range: 1 <= K <= {num_classes} (the number of classes)")
 
 
 class PrepareStatus(enum.Enum):
@@ -134,6 +150,7 @@ class BankDump:
     :meth:`write_chunks` (every rank, its own chunks) and :meth:`finalize` (rank 0)."""
 
     def __init__(self, cfg: DumpConfig, manifest: Manifest):
+        _check_topk(cfg, manifest.num_classes)
         self.manifest = manifest
         self.loader = resolve_loader(cfg.loader)
         self.specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
@@ -169,6 +186,8 @@ class BankDump:
             preprocessing=pre,
             views=view_record(cfg.view_policy, cfg.views, cfg.view_seed, self.preset),
             dtype=cfg.dtype,
+            format=cfg.format,
+            topk=cfg.topk,
             class_maps=tuple(tuple(m) if m is not None else None for m in self.class_maps)
             if any(m is not None for m in self.class_maps) else None,
         )
@@ -219,14 +238,14 @@ class BankDump:
             attrs["class_maps"] = [list(m) if m is not None else None for m in self.spec.class_maps]
         m = self.manifest
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
-                    self.cfg.rows_per_chunk)
+                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk)
         return PrepareStatus.NEW
 
     # --- write ----------------------------------------------------------------------------------------------
     def write_chunks(self, model: TeacherEnsemble, info: DistInfo) -> None:
         """This rank's share: every not-done chunk j with j % world_size == rank."""
         g = open_group(self.path, "r+")
-        rows = g["logits"].chunks[0]
+        rows = g["labels"].chunks[0]
         done = done_flags(g)
         mine = [j for j in range(math.ceil(len(self.manifest) / rows))
                 if j % info.world_size == info.rank and not done[j]]
@@ -244,11 +263,16 @@ class BankDump:
 
     # --- finalize -------------------------------------------------------------------------------------------
     def finalize(self) -> None:
-        """Teacher metrics read back from the bank, then ``complete = True``."""
+        """Teacher metrics read back from the bank (dense) or summed from the per-chunk sums stored with the
+        chunks (compact: ``metrics`` of what stage 2 reads, ``source_metrics`` of the teachers, ``fidelity``),
+        then ``complete = True``."""
         g = open_group(self.path, "r+")
-        metrics = teacher_metrics(g, list(self.spec.teachers))
-        mark_complete(g, {"metrics": metrics})
-        log.info("bank complete: %s  %s", self.path, metrics)
+        if self.cfg.format == "dense":
+            extra = {"metrics": teacher_metrics(g, list(self.spec.teachers))}
+        else:
+            extra = chunk_sums_attrs(g, entry_names(list(self.spec.teachers), len(self.specs)))
+        mark_complete(g, extra)
+        log.info("bank complete: %s  %s", self.path, extra)
 
 
 class ChunkPlan:
@@ -302,6 +326,7 @@ class _ChunkRun:
                  info: DistInfo):
         self.dump, self.cfg, self.g, self.model, self.plan, self.sampler = dump, dump.cfg, g, model, plan, sampler
         self.manifest = dump.manifest
+        self.dump_shape = tuple(g.attrs["shape"])
         self.layout = layout_of(self.manifest)
         self.skip: set[int] = set()
         real_order = plan.order[plan.real]
@@ -340,7 +365,7 @@ class _ChunkRun:
         boxes = self.sampler.boxes(self.manifest, sub)
         it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
                           self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes)
-        t, v, c = self.g["logits"].shape[1:]
+        t, v, c = self.dump_shape[1:]
         buf: _ChunkBuffer | None = None
         pos = start
         while True:
@@ -351,11 +376,11 @@ class _ChunkRun:
             except DecodeError as e:
                 return self._after_decode_error(pos, e)
             out = self._teachers(batch.inputs(), t, c)
-            _check_finite(out, batch.index.numpy(), self.skip, self.manifest, self.g["logits"].dtype)
+            _check_finite(out, batch.index.numpy(), self.skip, self.manifest, self.cfg.dtype)
             for k in range(len(out)):
                 p = pos + k
                 if buf is None:
-                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c)
+                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c, self.cfg.dtype)
                 if plan.real[p]:
                     i = int(plan.order[p])
                     buf.put(i, out[k], self.manifest.labels[i], boxes[p - start] if boxes is not None else None)
@@ -403,13 +428,15 @@ def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
 
 
 class _ChunkBuffer:
-    """The rows of one row chunk, collected in memory and written (with its done flag) once complete."""
+    """The rows of one row chunk, collected in memory (teacher logits [r, T, V, C] in the bank dtype, the rounding
+    every bank applies: half the memory of float32 for a chunk of many views) and written (with its done flag)
+    once complete; :func:`pipeline.bank.writer.write_chunk` encodes them for a compact bank."""
 
-    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int):
-        n = g["logits"].shape[0]
+    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32"):
+        n = g["labels"].shape[0]
         r = min(n, (j + 1) * rows) - j * rows
         self.g, self.j, self.start = g, j, j * rows
-        self.logits = np.full((r, t, v, c), np.nan, np.float32)
+        self.logits = np.full((r, t, v, c), np.nan, dtype)
         self.labels = np.full(r, -1, np.int32)
         self.views = np.full((r, v, 5), np.nan, np.float32)
 

@@ -2,8 +2,9 @@
 
 Three implementations of one :class:`LabelSource` protocol:
 
-- :class:`BankLabelSource`: one or more label banks held in memory and gathered by sample index (the point of
-  this project: no per-step zarr reads, no teacher model);
+- :class:`BankLabelSource`: one or more label banks held in memory (compact banks compact) and gathered by
+  sample index, only the batch's rows densified (the point of this project: no per-step zarr reads, no teacher
+  model);
 - :class:`LiveTeacherLabelSource`: a teacher ensemble run on every batch (comparisons only);
 - :class:`NoLabelSource`: methods without a teacher (``ce``, ``ls``, ``tfkd_reg``).
 
@@ -14,6 +15,7 @@ stage 1 and, with a bank, never builds a teacher model. See docs/DESIGN.md, "Lab
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -23,6 +25,7 @@ import torch
 import kd_losses
 from pipeline.bank.identity import cache_root, cached_banks, teacher_match
 from pipeline.bank.reader import LabelBank
+from pipeline.bank.resident import load_residents
 from pipeline.data import Manifest
 from pipeline.data.presets import resolve_preset
 from pipeline.errors import BankError, UsageError
@@ -62,11 +65,20 @@ class LabelSource(Protocol):
 
 def view_choice(index: torch.Tensor, epoch: int, seed: int, num_views: int) -> torch.Tensor:
     """Which stored view sample ``index`` uses in ``epoch``: a seeded hash, so every view gets used and runs
-    are reproducible. -> [B] int64 in [0, num_views)."""
-    x = index.to(torch.int64) * 0x9E3779B1 + (epoch + 1) * 0x85EBCA77 + (seed + 1) * 0xC2B2AE3D
+    are reproducible. -> [B] int64 in [0, num_views). CPU tensors are hashed through numpy (15 us instead of
+    50 us per 256-row batch: the per-step label gather is ~250 us), with the same int64 arithmetic."""
+    if index.device.type == "cpu":
+        return torch.from_numpy(_view_hash(index.numpy().astype(np.int64), epoch, seed, num_views))
+    return _view_hash(index.to(torch.int64), epoch, seed, num_views)
+
+
+def _view_hash(x, epoch: int, seed: int, num_views: int):
+    """The hash of :func:`view_choice` on an int64 numpy array or torch tensor (wrapping multiplication,
+    arithmetic shifts, floor modulo: the same on both)."""
+    x = x * 0x9E3779B1 + (epoch + 1) * 0x85EBCA77 + (seed + 1) * 0xC2B2AE3D
     x = (x ^ (x >> 15)) * 0x2C1B3C6D
     x = x ^ (x >> 12)
-    return torch.remainder(x, num_views)
+    return x % num_views
 
 
 class NoLabelSource:
@@ -87,11 +99,19 @@ class NoLabelSource:
 
 
 class BankLabelSource:
-    """Teacher logits of one or more banks held in memory: ``logits`` [N, T, V, C] (several banks: concatenated
-    on T), gathered by ``batch['index']``; with ``replay_seed`` the view of each sample follows
-    :func:`view_choice`, else view 0."""
+    """Teacher logits of one or more banks held in memory (:mod:`pipeline.bank.resident`: dense banks in their
+    dtype, compact banks compact), gathered by ``batch['index']`` and densified to [B, T, C] float32 on the
+    batch's device (several banks: concatenated on T); with ``replay_seed`` the view of each sample follows
+    :func:`view_choice`, else view 0.
 
-    def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None):
+    Attributes: ``residents`` (one :class:`pipeline.bank.resident.ResidentBank` per bank), ``num_samples``,
+    ``num_views``, ``skipped``, ``teachers``, ``paths``; ``views``: the first bank's boxes [N, V, 5], read from
+    the bank when accessed (None without stored views). The boxes are not held: :meth:`boxes` reads the one
+    box per sample an epoch replays, chunk by chunk (20 B per sample and view would be half a top-10 bank).
+    """
+
+    def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None,
+                 progress: bool = False):
         first = banks[0]
         for b in banks[1:]:
             for what, a, c in (("num_samples", b.num_samples, first.num_samples),
@@ -100,50 +120,53 @@ class BankLabelSource:
                 if a != c:
                     raise BankError(f"banks {first.path} and {b.path} differ in field '{what}' ({c} vs {a})")
         self.paths = [b.path for b in banks]
-        logits = torch.cat([b.load(torch.float16) for b in banks], dim=1)
-        if device == "cuda":
-            free = torch.cuda.mem_get_info()[0]
-            if logits.numel() * 2 < 0.25 * free:
-                logits = logits.to(device)
-            else:
-                logits = logits.pin_memory()
-        self.logits = logits
-        # CPU gather through numpy: a row memcpy, ~1M rows/s on one core; torch's advanced indexing on CPU goes
-        # through its thread pool and ran 10x slower on a busy 2-core machine (bench/stage2.py)
-        self._rows = logits[:, :, 0].numpy() if logits.device.type == "cpu" else None
+        self.residents = load_residents(banks, device, progress)
         self.device = device
+        self.num_samples = first.num_samples
         self.num_views = first.num_views
-        self.views = torch.from_numpy(first.views()) if first.num_views > 1 or _has_boxes(first) else None
+        self._views_bank = first if first.num_views > 1 or _has_boxes(first) else None
         self.skipped = np.logical_or.reduce([b.skipped() for b in banks])
         self.teachers = [t for b in banks for t in b.teachers]
         self.preprocessing = first.attrs.get("preprocessing")
         self.replay_seed = replay_seed
 
     @property
+    def views(self) -> torch.Tensor | None:
+        """[N, V, 5] crop boxes of the first bank (read now), or None when it stores no views."""
+        return None if self._views_bank is None else torch.from_numpy(self._views_bank.views())
+
+    @property
     def rows_device(self) -> str:
-        """Where the soft labels are held: ``cuda`` (GPU memory) or ``cpu`` (pinned when training on a GPU)."""
-        return self.logits.device.type
+        """Where the soft labels are held: ``cuda`` (GPU memory) or ``cpu`` (host memory)."""
+        return str(torch.device(self.residents[0].device).type)
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
-        if self.views is None:
+        if self._views_bank is None:
             raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
-        idx = torch.from_numpy(np.asarray(order, np.int64))
-        v = view_choice(idx, epoch, self.replay_seed or 0, self.num_views)
-        return self.views[idx, v].numpy()[:, None, :]
+        idx = np.asarray(order, np.int64)
+        v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views).numpy()
+        bank = self._views_bank
+        step = max(1, bank.rows_per_chunk)
+        out = np.empty((len(idx), 5), np.float32)
+        by_row = np.argsort(idx, kind="stable")
+        bounds = np.searchsorted(idx[by_row], np.arange(0, self.num_samples + step, step))
+        for j in range(len(bounds) - 1):
+            sel = by_row[bounds[j]:bounds[j + 1]]
+            if len(sel):
+                s = j * step
+                chunk = bank.read_rows("views", s, min(self.num_samples, s + step))
+                out[sel] = chunk[idx[sel] - s, v[sel]]
+        return out[:, None, :]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         index = batch["index"]
-        idx = index.to(self.logits.device)
+        view = None
         if self.replay_seed is not None and self.num_views > 1:
             view = view_choice(index, batch["epoch"], self.replay_seed, self.num_views)
-            out = self.logits[idx, :, view.to(self.logits.device)]
-        elif self._rows is not None:
-            out = torch.from_numpy(self._rows[index.cpu().numpy()])
-        else:
-            out = self.logits[idx, :, 0]
         image = batch.get("image")
-        target = image.device if image is not None else self.device
-        return {"teacher_logits": out.to(target, non_blocking=True).float()}
+        target = image.device if image is not None else torch.device(self.device)
+        out = [r.gather(index, view, target) for r in self.residents]
+        return {"teacher_logits": out[0] if len(out) == 1 else torch.cat(out, dim=1)}
 
 
 def _has_boxes(bank: LabelBank) -> bool:
@@ -228,6 +251,9 @@ def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
                         "slightly (docs/GPU.md gives the measured logit difference)", b.path, made_by, cfg.loader)
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
-    src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None)
-    log.info("soft labels from %s: [N, T, V, C] = %s", ", ".join(paths), tuple(src.logits.shape))
+    src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None,
+                          progress=int(os.environ.get("RANK", "0")) == 0)
+    log.info("soft labels from %s: %s", ", ".join(paths),
+             ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
+                       for r in src.residents))
     return src

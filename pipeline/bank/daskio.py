@@ -124,12 +124,16 @@ def _settle_cluster(client: Any, futures: list, keys: set, timeout: float = 60.0
 
 # --- dask views of banks ------------------------------------------------------------------------------------
 def _decode_block(*blocks: np.ndarray, fmt: str, names: tuple[str, ...], num_classes: int) -> np.ndarray:
+    """One row block of a compact bank's arrays (every one 4-D: per-vector arrays [r, T, V, 1], then the labels
+    [r, 1, 1, 1]) -> float32 logits [r, T, V, C]."""
     from pipeline.bank.compact import decode
 
-    arrays = dict(zip(names, blocks))
-    if "scale" in arrays:
-        arrays["scale"] = arrays["scale"][..., 0]
-    return decode(arrays, fmt, num_classes)
+    *payload, labels = blocks
+    arrays = {nm: (b[..., 0] if nm in _PER_VECTOR else b) for nm, b in zip(names, payload)}
+    return decode(arrays, fmt, num_classes, labels.reshape(-1))
+
+
+_PER_VECTOR = ("scale", "target_logprob")  # compact arrays with one value per (sample, teacher, view)
 
 
 def logits_array(bank, rows: int | None = None) -> da.Array:
@@ -147,6 +151,7 @@ def logits_array(bank, rows: int | None = None) -> da.Array:
         for nm in names:
             a = da.from_zarr(g[nm])
             arrs.append(a[..., None] if a.ndim == 3 else a)
+        arrs.append(da.from_zarr(g["labels"])[:, None, None, None])  # top-k reconstruction needs the true class
         r0 = arrs[0].chunks[0]
         arrs = [a.rechunk({0: r0}) for a in arrs]
         x = da.map_blocks(_decode_block, *arrs, fmt=bank.format, names=names, num_classes=c, dtype=np.float32,

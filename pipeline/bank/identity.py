@@ -3,8 +3,9 @@
 Both stages call :func:`bank_identity`: stage 1 to name the bank it writes, stage 2 to find the bank a
 ``--teacher`` flag refers to. The key hashes everything that determines the stored values: the teachers
 (arch + weights identity, including a checkpoint's sha256 and a random init's seed), the manifest fingerprint,
-the preprocessing, the view policy and the dtype. Same inputs -> same key -> same path. See docs/DESIGN.md,
-"Bank identity and cache".
+the preprocessing, the view policy, the dtype and, for compact banks only, the compact format (a dense bank's key
+is what it was before compact dumps existed, so existing caches stay valid). Same inputs -> same key -> same
+path. See docs/DESIGN.md, "Bank identity and cache".
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.bank.schema import SCHEMA_VERSION
+from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS
 from pipeline.errors import UsageError
 
 VIEW_POLICIES = ("center", "rrc", "rrc+flip")
@@ -25,10 +26,14 @@ _KEYED_TEACHER_FIELDS = ("arch", "weights", "sha256", "init_seed")
 
 
 def bank_key(teachers: Sequence[dict[str, Any]], fingerprint: str, preprocessing: dict[str, Any],
-             views: dict[str, Any], dtype: str, extra: dict[str, Any] | None = None) -> str:
-    """sha256 hex of a canonical JSON of the inputs (teacher order matters: it is the T axis). ``extra``: what
-    only some banks have (class maps), hashed when given so that other banks keep their keys."""
-    payload = {
+             views: dict[str, Any], dtype: str, compact: dict[str, Any] | None = None,
+             extra: dict[str, Any] | None = None) -> str:
+    """sha256 hex of a canonical JSON of the inputs (teacher order matters: it is the T axis).
+
+    ``compact``: :func:`compact_record` of a compact bank; None (dense) adds nothing to the payload. ``extra``:
+    what only some banks have (class maps, stored embeddings), hashed when given so that other banks keep their
+    keys."""
+    payload: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "teachers": [{k: t[k] for k in sorted(t) if k in _KEYED_TEACHER_FIELDS} for t in teachers],
         "fingerprint": fingerprint,
@@ -37,6 +42,8 @@ def bank_key(teachers: Sequence[dict[str, Any]], fingerprint: str, preprocessing
         "dtype": dtype,
         **(extra or {}),
     }
+    if compact:
+        payload["compact"] = compact
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -58,20 +65,38 @@ def view_record(policy: str, num_views: int, seed: int, preset: Any) -> dict[str
     return rec
 
 
+def compact_record(fmt: str, topk: int | None = None) -> dict[str, Any] | None:
+    """What a compact format adds to the key: None for ``dense``; ``{"format", "topk", "tail"}`` for ``topk``
+    (the tail rule is part of what the stored values mean); ``{"format": "int8"}``."""
+    if fmt == "dense":
+        return None
+    if fmt == "topk":
+        return {"format": "topk", "topk": int(topk), "tail": TOPK_TAILS[0]}
+    return {"format": fmt}
+
+
+def format_suffix(fmt: str, topk: int | None = None) -> str:
+    """File-name suffix of a compact bank: ``""`` (dense), ``-top10``, ``-int8``."""
+    return "" if fmt == "dense" else f"-top{int(topk)}" if fmt == "topk" else f"-{fmt}"
+
+
 @dataclass(frozen=True)
 class BankSpec:
     """Everything that determines a bank's values, except the dataset.
 
     ``teachers``: identity records (:meth:`pipeline.models.teachers.TeacherSpec.identity`), in T-axis order;
     ``preprocessing``: :func:`preprocessing_record` (plus ``per_teacher`` records when teachers differ);
-    ``views``: :func:`view_record`; ``dtype``: stored dtype; ``class_maps``: per teacher, the teacher output
-    index of each dataset class (None: one to one).
+    ``views``: :func:`view_record`; ``dtype``: the logits dtype (stored by dense banks, rounded to before
+    encoding by compact ones); ``format``/``topk``: ``dense``, ``topk`` with K, or ``int8``; ``class_maps``: per
+    teacher, the teacher output index of each dataset class (None: one to one).
     """
 
     teachers: tuple[dict[str, Any], ...]
     preprocessing: dict[str, Any]
     views: dict[str, Any]
     dtype: str = "float16"
+    format: str = "dense"
+    topk: int | None = None
     class_maps: tuple[tuple[int, ...] | None, ...] | None = None
 
 
@@ -136,13 +161,16 @@ def teacher_id(teachers: Sequence[dict[str, Any]]) -> str:
     return "+".join(t["arch"].replace("/", "-").replace(":", "-") for t in teachers)
 
 
-def default_bank_path(dataset: str, split: str, teachers: Sequence[dict[str, Any]], key: str) -> Path:
-    """``<cache_root>/<dataset>-<split>/<teacher-id>-<key8>.zarr``."""
-    return cache_root() / f"{dataset}-{split}" / f"{teacher_id(teachers)}-{key[:8]}.zarr"
+def default_bank_path(dataset: str, split: str, teachers: Sequence[dict[str, Any]], key: str,
+                      suffix: str = "") -> Path:
+    """``<cache_root>/<dataset>-<split>/<teacher-id>-<key8><suffix>.zarr`` (suffix: :func:`format_suffix`)."""
+    return cache_root() / f"{dataset}-{split}" / f"{teacher_id(teachers)}-{key[:8]}{suffix}.zarr"
 
 
 def bank_identity(spec: BankSpec, manifest: Any) -> BankIdentity:
     """Key and default path of the bank ``spec`` describes on ``manifest`` (a :class:`pipeline.data.Manifest`)."""
     extra = {"class_maps": [list(m) if m is not None else None for m in spec.class_maps]} if spec.class_maps else None
-    key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype, extra)
-    return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key))
+    key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype,
+                   compact_record(spec.format, spec.topk), extra)
+    suffix = format_suffix(spec.format, spec.topk)
+    return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key, suffix))

@@ -15,10 +15,6 @@ from pipeline.bank import stats as st
 from pipeline.bank.daskio import Output
 
 FP16_MAX = float(np.finfo(np.float16).max)
-# Fidelity (KL at T=1, T=4, top-1 agreement) is measured on every (len // 256)-th row of each chunk: a stride
-# sample over a class-sorted manifest, ~25% of ImageNet with 1024-row chunks (standard error far below the
-# digits reported), every row of small banks. It was 28% of the compaction time on every row.
-FIDELITY_ROWS = 256
 
 
 def _combine(x: np.ndarray, mode: str) -> np.ndarray:
@@ -49,17 +45,19 @@ def ensemble_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, 
 
 
 def compact_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                  skipped: np.ndarray, out: Output, fmt: str, k: int | None, c: int) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    arrays = cp.unpack(cp.encode_packed(x, fmt, k), fmt, c, k)
+                  skipped: np.ndarray, out: Output, fmt: str, k: int | None, c: int, dtype: str) -> np.ndarray:
+    """Encode one row chunk with the dump's encoder (:func:`pipeline.bank.compact.encode_chunk`) and write it
+    with its ``chunk_sums`` row; returns the sums (fidelity, source and reconstruction metric states)."""
+    labels, skipped = np.asarray(labels), np.asarray(skipped, bool)
+    arrays, sums = cp.encode_chunk(np.asarray(x), labels, skipped, fmt, k, dtype)
     for name, a in arrays.items():
         out.write(name, start, stop, a)
     out.write("labels", start, stop, labels)
     out.write("views", start, stop, views)
     out.write("skipped", start, stop, skipped)
-    approx = cp.decode(arrays, fmt, c)
-    step = max(1, len(x) // FIDELITY_ROWS)  # fidelity: a stride sample of the chunk (metrics: every row)
-    return np.concatenate([cp.fidelity_sums(x[::step], approx[::step]), st.metric_states(approx, labels, skipped)])
+    j = start // out.array("labels").chunks[0]
+    out.write("chunk_sums", j, j + 1, sums[None])
+    return sums
 
 
 def stats_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, skipped: np.ndarray,

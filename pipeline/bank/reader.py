@@ -1,7 +1,9 @@
 """Reading a label bank: open, validate against a dataset, load into memory, verify every chunk.
 
-Stage 2 loads the bank (or the rows it needs) into memory once and gathers by index: per-batch random zarr
-reads run at ~5k rows/s, an in-memory gather at ~1M rows/s (docs/DESIGN.md, "Measured facts").
+Stage 2 loads the bank into memory once, in its own format (:mod:`pipeline.bank.resident`, through the checked
+reads here), and gathers by index: per-batch random zarr reads run at ~5k rows/s, an in-memory gather at ~1M
+rows/s (docs/DESIGN.md, "Measured facts"). :meth:`LabelBank.read_logits` / :meth:`LabelBank.load` reconstruct
+dense logits of any format (tools, verify).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import zarr
 
 from pipeline import storage
-from pipeline.bank.schema import ARRAYS, SCHEMA_VERSION
+from pipeline.bank.schema import ARRAYS, FORMATS, SCHEMA_VERSION
 from pipeline.errors import BankError
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,13 @@ class LabelBank:
         if version != SCHEMA_VERSION:
             raise BankError(f"{path}: unknown schema_version {version!r} (this version reads {SCHEMA_VERSION})")
         self.format = self.attrs.get("format", "dense")
+        if self.format not in FORMATS:
+            raise BankError(f"label bank {path} has unknown format {self.format!r} (this version reads "
+                            f"{', '.join(FORMATS)})")
+        if self.format == "topk" and "target_logprob" not in self.attrs.get("compact_arrays", []):
+            src = (self.attrs.get("sources") or [{}])[0].get("path", "SRC")
+            raise BankError(f"label bank {path} is a top-k bank of an older layout (no target_logprob): rebuild it "
+                            f"with python -m pipeline.labels compact {src} -o OUT --topk {self.attrs.get('topk', 'K')}")
 
     # --- shape -------------------------------------------------------------------------------------------
     @property
@@ -128,6 +137,19 @@ class LabelBank:
             raise BankError(f"label bank {self.path} is damaged: array '{name}' chunk {bad} unreadable "
                             f"({type(e).__name__}); run python -m pipeline.labels verify") from None
 
+    def _check_readable(self, name: str) -> None:
+        """Every chunk of ``name`` decodes (read chunk by chunk, nothing kept); BankError naming the first that
+        does not."""
+        if name not in self.group:
+            raise BankError(f"label bank {self.path} is damaged: array '{name}' is missing; "
+                            "run python -m pipeline.labels verify")
+        arr = self.group[name]
+        step = arr.chunks[0]
+        for j, s in enumerate(range(0, arr.shape[0], step)):
+            if not _readable(arr, s, s + step):
+                raise BankError(f"label bank {self.path} is damaged: array '{name}' chunk {j} unreadable; "
+                                "run python -m pipeline.labels verify")
+
     def read_logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed)."""
         stop = self.num_samples if stop is None else stop
@@ -137,16 +159,19 @@ class LabelBank:
 
         return reconstruct(self, start, stop)
 
-    def load(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        """The whole bank in memory: [N, T, V, C] tensor, read chunk by chunk (sequential reads)."""
-        n = self.num_samples
-        out = torch.empty(self.shape, dtype=dtype)
-        step = max(1, self.rows_per_chunk)
+    @property
+    def payload_arrays(self) -> list[str]:
+        """The arrays that hold the labels: ``["logits"]`` or the compact arrays."""
+        return ["logits"] if self.format == "dense" else list(self.attrs.get("compact_arrays", []))
+
+    def check_row_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labels [N], skipped [N]) after refusing a damaged ``labels``, ``views``, ``skipped`` or ``done`` array
+        (stage 2 takes true classes from the manifest, and views only when replaying them, but a damaged one of
+        these is a damaged bank) and a missing payload array."""
         skipped = self.skipped()
-        # stage 2 takes true classes from the manifest (and views only when replaying them), but a damaged
-        # labels, views or done array is a damaged bank: refuse it too
-        self._read_whole("views")
-        missing = np.flatnonzero(self.labels() < 0)  # a missing labels chunk reads back as the fill value -1
+        labels = self.labels()
+        self._check_readable("views")
+        missing = np.flatnonzero(labels < 0)  # a missing labels chunk reads back as the fill value -1
         if len(missing):
             raise BankError(f"label bank {self.path} is damaged: array 'labels' has no value in rows "
                             f"{missing[:5].tolist()}; run python -m pipeline.labels verify")
@@ -155,7 +180,45 @@ class LabelBank:
             if len(undone):
                 raise BankError(f"label bank {self.path} is damaged: array 'done' marks chunks {undone[:5].tolist()} "
                                 "not done; run python -m pipeline.labels verify")
-        name = "logits" if self.format == "dense" else "/".join(self.attrs.get("compact_arrays", ["logits"]))
+        for name in self.payload_arrays:
+            if name not in self.group:
+                raise BankError(f"label bank {self.path} (format {self.format}) is damaged: array '{name}' is "
+                                "missing; run python -m pipeline.labels verify")
+        return labels, skipped
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of array ``name``; an unreadable chunk is a BankError naming it."""
+        try:
+            return np.asarray(self.group[name][start:stop])
+        except Exception as e:  # checksum mismatch, truncated chunk, ...: never train on a damaged bank
+            step = max(1, self.rows_per_chunk)
+            raise BankError(f"label bank {self.path} is damaged: array '{name}' rows {start}-{stop - 1} (chunk "
+                            f"{start // step}) unreadable ({type(e).__name__}); run python -m pipeline.labels verify") from None
+
+    def refuse_bad_rows(self, bad: np.ndarray, start: int, what: str = "logits") -> None:
+        """BankError when ``bad`` [r] (rows of a chunk starting at ``start`` that are not finite, or hold a fill
+        value, and are not skipped) has any True: a missing chunk file reads back as its fill value."""
+        if bad.any():
+            raise BankError(f"label bank {self.path} is damaged: non-finite {what} in rows "
+                            f"{(start + np.flatnonzero(bad)[:5]).tolist()} (chunk {start // max(1, self.rows_per_chunk)}); "
+                            "run python -m pipeline.labels verify")
+
+    def missing_row_chunks(self, name: str) -> list[int]:
+        """Row chunks of ``name`` whose chunk file is not stored (for arrays whose fill value is a valid value,
+        such as int8 ``q``: zarr would silently return the fill)."""
+        arr = self.group[name]
+        rest = (0,) * (arr.ndim - 1)
+        return [j for j in range(math.ceil(arr.shape[0] / arr.chunks[0]))
+                if not _chunk_exists(self.group, name, (j, *rest))]
+
+    def load(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """The whole bank in memory, dense: [N, T, V, C] tensor, read chunk by chunk (compact formats
+        reconstructed). Stage 2 holds banks through :mod:`pipeline.bank.resident` instead (compact stays compact)."""
+        n = self.num_samples
+        out = torch.empty(self.shape, dtype=dtype)
+        step = max(1, self.rows_per_chunk)
+        _, skipped = self.check_row_arrays()
+        name = "/".join(self.payload_arrays)
         for s in range(0, n, step):
             try:
                 rows = self.read_logits(s, min(n, s + step))
@@ -164,10 +227,7 @@ class LabelBank:
             except Exception as e:  # checksum mismatch, truncated chunk, ...: never train on a damaged bank
                 raise BankError(f"label bank {self.path} is damaged: array '{name}' rows {s}-{min(n, s + step) - 1} (chunk "
                                 f"{s // step}) unreadable ({type(e).__name__}); run python -m pipeline.labels verify") from None
-            bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) & ~skipped[s:s + len(rows)]
-            if bad.any():  # a missing chunk file reads back as the NaN fill value
-                raise BankError(f"label bank {self.path} is damaged: non-finite logits in rows "
-                                f"{(s + np.flatnonzero(bad)[:5]).tolist()} (chunk {s // step}); run python -m pipeline.labels verify")
+            self.refuse_bad_rows(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) & ~skipped[s:s + len(rows)], s)
             out[s:s + step] = torch.from_numpy(np.ascontiguousarray(rows))
         return out
 
@@ -202,7 +262,8 @@ def verify_bank(path: str | Path) -> list[str]:
     expected = {"logits": (n, t, v, c), "labels": (n,), "views": (n, v, 5), "skipped": (n,)}
     if bank.format != "dense":
         expected.pop("logits")
-    for name in (*ARRAYS, *bank.attrs.get("compact_arrays", [])):
+    extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format != "dense" else []
+    for name in (*ARRAYS, *extra):
         if name not in g:
             if name == "logits" and bank.format != "dense":
                 continue
@@ -212,7 +273,7 @@ def verify_bank(path: str | Path) -> list[str]:
         if name in expected and tuple(arr.shape) != expected[name]:
             problems.append(f"array '{name}' has shape {tuple(arr.shape)}, attrs say {expected[name]}")
             continue
-        required = name in ("logits", "labels", "views") or name in bank.attrs.get("compact_arrays", [])
+        required = name in ("logits", "labels", "views") or name in extra
         for idx in _chunk_keys(arr):
             sl = tuple(slice(i * ch, min((i + 1) * ch, s)) for i, ch, s in zip(idx, arr.chunks, arr.shape))
             key = "/".join(map(str, idx))

@@ -2,14 +2,19 @@
 
 | node     | shape, dtype                     | meaning                                             |
 |----------|----------------------------------|-----------------------------------------------------|
-| logits   | (N, T, V, C) float16 / float32   | raw logits of T teachers on V views                 |
+| logits   | (N, T, V, C) float16 / float32   | raw logits of T teachers on V views (dense banks)   |
 | labels   | (N,) int32                       | true class                                          |
 | views    | (N, V, 5) float32                | crop box (y, x, h, w normalized) and flip           |
 | skipped  | (N,) bool                        | samples skipped as corrupt (``--skip-corrupt``)      |
 | done     | (N / rows_per_chunk,) bool       | chunk completion, for resume (one zarr chunk each)  |
 
-Row chunks of ``logits``, ``labels``, ``views`` and ``skipped`` coincide, so a writer that owns a row chunk
-owns every file it touches: ranks never write inside each other's chunks.
+Compact banks (``format`` ``topk`` or ``int8``) store the arrays of :func:`compact_array_specs` instead of
+``logits``, plus ``chunk_sums`` (n_chunks, W) float64: per row chunk, the fidelity and metric sums measured when
+the chunk was encoded (:func:`pipeline.bank.compact.encode_chunk`), written with the chunk before its done flag
+so that they survive a kill and a resume.
+
+Row chunks of every per-row array coincide, so a writer that owns a row chunk owns every file it touches: ranks
+never write inside each other's chunks.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 SCHEMA_VERSION = 1
 ARRAYS = ("logits", "labels", "views", "skipped", "done")
+FORMATS = ("dense", "topk", "int8")
+COMPACT_FORMATS = ("topk", "int8")
+# How a top-k bank's non-kept classes are reconstructed (attr ``tail``): "uniform" spreads the remaining mass
+# evenly over them (FKD's rule). Kept = the top K and the sample's true class (``target_logprob``).
+TOPK_TAILS = ("uniform",)
 # Chosen by bench/bank_chunks.py (BENCHMARKS.md): 4096 rows wrote ~1.5x and loaded ~1.6x faster than 1024
 # (100k x 1000 fp16); ImageNet gets 313 files per array, and resume granularity stays a few seconds of GPU work.
 DEFAULT_ROWS_PER_CHUNK = 4096
@@ -34,11 +44,42 @@ def compressors(dtype: str) -> list:
             Crc32cCodec()]
 
 
-def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype: str, rows_per_chunk: int) -> None:
-    """Create the (empty) arrays of a bank in ``group``."""
+def index_dtype(num_classes: int) -> str:
+    """Class indices of a top-k bank: int16, int32 beyond 32767 classes."""
+    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+
+
+def compact_array_specs(fmt: str, shape: tuple[int, int, int, int], k: int | None = None
+                        ) -> dict[str, tuple[tuple[int, ...], str, float | int]]:
+    """{name: (shape, dtype, fill value)} of the payload arrays of compact format ``fmt``.
+
+    Fill values flag a chunk that was never written: NaN for floats, -1 for top-k indices (no class). ``q`` has
+    no free value; a missing ``q`` chunk is found by its missing file (``verify``, the stage-2 loader).
+    """
+    n, t, v, c = shape
+    if fmt == "topk":
+        return {"topk_values": ((n, t, v, int(k)), "float16", float("nan")),
+                "topk_indices": ((n, t, v, int(k)), index_dtype(c), -1),
+                "target_logprob": ((n, t, v), "float16", float("nan"))}
+    if fmt == "int8":
+        return {"q": ((n, t, v, c), "int8", 0), "scale": ((n, t, v), "float16", float("nan"))}
+    raise ValueError(f"unknown compact format {fmt!r}")
+
+
+def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype: str, rows_per_chunk: int,
+                       fmt: str = "dense", k: int | None = None, sums_width: int = 0) -> None:
+    """Create the (empty) arrays of a bank in ``group``: ``logits`` (dense) or the compact arrays of ``fmt`` and
+    ``chunk_sums`` [n_chunks, sums_width], then labels, views, skipped, done."""
     r = max(1, min(rows_per_chunk, n))
-    group.create_array("logits", shape=(n, t, v, c), chunks=(r, t, v, c), dtype=dtype,
-                       compressors=compressors(dtype), fill_value=float("nan"))
+    if fmt == "dense":
+        group.create_array("logits", shape=(n, t, v, c), chunks=(r, t, v, c), dtype=dtype,
+                           compressors=compressors(dtype), fill_value=float("nan"))
+    else:
+        for name, (shape, dt, fill) in compact_array_specs(fmt, (n, t, v, c), k).items():
+            group.create_array(name, shape=shape, chunks=(r,) + tuple(shape[1:]), dtype=dt,
+                               compressors=compressors(dt), fill_value=fill)
+        group.create_array("chunk_sums", shape=(math.ceil(n / r), sums_width), chunks=(1, sums_width),
+                           dtype="float64", compressors=compressors("float64"), fill_value=float("nan"))
     group.create_array("labels", shape=(n,), chunks=(r,), dtype="int32", compressors=compressors("int32"),
                        fill_value=-1)
     group.create_array("views", shape=(n, v, 5), chunks=(r, v, 5), dtype="float32",

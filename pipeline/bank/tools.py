@@ -6,7 +6,8 @@
   ``stack``: concatenate on the teacher axis. The result is a normal dense, complete bank.
 - ``compact SRC -o OUT --format topk --topk K`` | ``--format int8``: a compact bank (see
   :mod:`pipeline.bank.compact`), read back transparently by :class:`pipeline.bank.reader.LabelBank`; its
-  attrs carry ``fidelity`` (mean KL(p || p^) at T=1 and T=4, top-1 agreement) against the source.
+  attrs carry ``fidelity`` (mean KL(p || p^) at T = 1, 2, 4, top-1 agreement) against the source. It encodes
+  each row chunk exactly as ``dump_logits --format`` does (:func:`pipeline.bank.compact.encode_chunk`).
 - ``stats BANK --plots DIR``: teacher metrics, entropy distribution, per-class accuracy, reliability diagram,
   confusion matrix (PNG), agreement between teachers; ``stats.json`` in DIR and a summary on stdout.
 
@@ -34,7 +35,8 @@ from pipeline import __version__, storage
 from pipeline.bank import compact as cp
 from pipeline.bank import daskio, jobs, stats as st
 from pipeline.bank.reader import LabelBank
-from pipeline.bank.schema import SCHEMA_VERSION, compressors, create_bank_arrays
+from pipeline.bank.writer import format_attrs
+from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS, compact_array_specs, create_bank_arrays
 from pipeline.errors import BankError, UsageError
 
 log = logging.getLogger(__name__)
@@ -138,8 +140,8 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
 
     with daskio.atomic_output(out, overwrite) as tmp:
         attrs = {k: val for k, val in ref.attrs.items()
-                 if k not in ("format", "compact_arrays", "topk", "fidelity", "metrics", "source_metrics",
-                              "raw_bytes_per_vector")}
+                 if k not in ("format", "compact_arrays", "topk", "tail", "chunk_sums_layout", "fidelity", "metrics",
+                              "source_metrics", "raw_bytes_per_vector")}
         attrs.update({"key": key, "teachers": teachers, "sources": sources,
                       "ensemble": {"mode": mode, "num_members": t_all},
                       "config": {"tool": "ensemble", "mode": mode, "inputs": [s["path"] for s in sources]}})
@@ -164,14 +166,8 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
 def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: int) -> zarr.Group:
     n, t, v, c = src.shape
     g = zarr.open_group(str(path), mode="w")
-    create_bank_arrays(g, n, t, v, c, "float16", rows)
-    del g["logits"]  # the compact arrays replace it
-    r = int(g["labels"].chunks[0])
-    specs = cp.array_specs(fmt, (n, t, v, c), k)
-    for name, (shape, dt) in specs.items():  # float arrays fill with NaN: a missing chunk decodes to NaN rows,
-        fill = float("nan") if np.dtype(dt).kind == "f" else 0  # which LabelBank.load refuses
-        g.create_array(name, shape=shape, chunks=(r,) + tuple(shape[1:]), dtype=dt, compressors=compressors(dt),
-                       fill_value=fill)
+    # float arrays fill with NaN and top-k indices with -1: a missing chunk is refused by the stage-2 loader
+    create_bank_arrays(g, n, t, v, c, str(src.attrs.get("dtype", "float16")), rows, fmt, k, cp.sums_width(t))
     return g
 
 
@@ -197,8 +193,8 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         raise UsageError(f"--rows-per-chunk {rows_per_chunk} must be >= 1")
     rows = int(rows_per_chunk or bank.rows_per_chunk)
     sources = [_source_record(bank)]
-    params = {"format": fmt, **({"topk": k} if fmt == "topk" else {})}
-    names = list(cp.array_specs(fmt, bank.shape, k))
+    params = {"format": fmt, **({"topk": k, "tail": TOPK_TAILS[0]} if fmt == "topk" else {})}
+    names = list(compact_array_specs(fmt, bank.shape, k))
     t_names = st.entry_names(bank.teachers, t)
 
     with daskio.atomic_output(out, overwrite) as tmp:
@@ -207,17 +203,18 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
                   "views": daskio.rows_array(bank.group["views"], rows),
                   "skipped": daskio.rows_array(bank.group["skipped"], rows)}
-        job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c)
+        job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c,
+                               dtype=str(bank.attrs.get("dtype", "float16")))
         vec = _run_job(g, job, scheduler, progress, f"compact ({fmt}) {src}", f"compact into {out}")
-        fidelity = cp.fidelity_from_sums(vec[:4])
-        metrics = st.metrics_from_states(vec[4:], t_names)
+        lay = {key: slice(*span) for key, span in cp.sums_layout(t).items()}
+        fidelity = cp.fidelity_from_sums(vec[lay["fidelity"]])
+        metrics = st.metrics_from_states(vec[lay["metrics"]], t_names)
         attrs = {key: val for key, val in bank.attrs.items() if key not in ("metrics", "complete", "created")}
         attrs.update({
-            "schema_version": SCHEMA_VERSION, "format": fmt, "compact_arrays": names, **params,
+            "schema_version": SCHEMA_VERSION, **format_attrs(fmt, bank.shape, k),
             "shape": [n, t, v, c], "rows_per_chunk": int(g["labels"].chunks[0]),
             "key": _derived_key("compact", params, sources), "sources": sources,
             "source_metrics": bank.attrs.get("metrics"), "fidelity": fidelity,
-            "raw_bytes_per_vector": _raw_bytes(fmt, c, k),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__, "complete": False,
         })
@@ -227,10 +224,6 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         mark_complete(g, {"metrics": metrics})
     log.info("compact (%s) %s -> %s  fidelity %s", fmt, src, out, fidelity)
     return out
-
-
-def _raw_bytes(fmt: str, c: int, k: int | None) -> int:
-    return 4 * int(k) if fmt == "topk" else c + 2
 
 
 # --- stats --------------------------------------------------------------------------------------------------
@@ -312,8 +305,7 @@ def _run_compact(args: argparse.Namespace) -> int:
                        args.progress)
     info = LabelBank(out).attrs
     f = info["fidelity"]
-    print(f"{out}\nformat {fmt}  fidelity: KL(T=1) {f['kl_t1']:.3g}  KL(T=4) {f['kl_t4']:.3g}  "
-          f"top-1 agreement {f['top1_agreement']:.4f}")
+    print(f"{out}\nformat {fmt}  fidelity: {cp.format_fidelity(f)}")
     return 0
 
 

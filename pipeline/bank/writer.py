@@ -1,8 +1,13 @@
-"""Writing a label bank chunk by chunk, resumably.
+"""Writing a label bank chunk by chunk, resumably, dense or compact.
 
 A chunk's data arrays are written first and its ``done`` flag last, so a crash at any point leaves either
 a finished chunk or one that the next run rewrites. Each writer (rank) owns whole row chunks. The
 ``complete`` attr is set once, by rank 0, after every chunk is done; a complete bank is read-only.
+
+A compact bank (``fmt`` ``topk`` / ``int8``) is written the same way: :func:`write_chunk` takes the teacher's
+logits of the chunk, rounds them to the bank dtype (what a dense bank would store), encodes them
+(:func:`pipeline.bank.compact.encode_chunk`, shared with ``labels compact``) and writes the compact arrays and
+the chunk's fidelity/metric sums (``chunk_sums[j]``) before the done flag. No dense array is ever written.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import zarr
 
 from pipeline import __version__
 from pipeline import storage
-from pipeline.bank.schema import SCHEMA_VERSION, create_bank_arrays
+from pipeline.bank import compact as cp
+from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS, compact_array_specs, create_bank_arrays
 from pipeline.errors import BankError
 
 log = logging.getLogger(__name__)
@@ -26,9 +32,26 @@ log = logging.getLogger(__name__)
 _WRITE_ALL = {"array.write_empty_chunks": True}
 
 
+def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = None) -> dict[str, Any]:
+    """The attrs that describe a bank's format: ``format`` and, for compact banks, ``compact_arrays``, ``topk``
+    and ``tail`` (top-k), ``chunk_sums_layout`` and ``raw_bytes_per_vector``."""
+    if fmt == "dense":
+        return {"format": "dense"}
+    out: dict[str, Any] = {"format": fmt, "compact_arrays": list(compact_array_specs(fmt, shape, k)),
+                           "chunk_sums_layout": {n: list(v) for n, v in cp.sums_layout(shape[1]).items()},
+                           "raw_bytes_per_vector": cp.raw_bytes_per_vector(fmt, shape[3], k)}
+    if fmt == "topk":
+        out.update({"topk": int(k), "tail": TOPK_TAILS[0]})
+    return out
+
+
 def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, int, int], dtype: str,
-                rows_per_chunk: int) -> zarr.Group:
-    """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, chunking, version added)."""
+                rows_per_chunk: int, fmt: str = "dense", k: int | None = None) -> zarr.Group:
+    """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, format, chunking, version added).
+
+    ``dtype``: the logits dtype (dense: stored; compact: what the logits are rounded to before encoding).
+    ``fmt``/``k``: ``dense``, ``topk`` with K, or ``int8``.
+    """
     n, t, v, c = shape
     # Local paths: build the bank aside and rename it into place, so that a kill during creation never leaves
     # a bank without its attrs (which a rerun would refuse as "a different bank"). URL stores are created in place.
@@ -39,14 +62,14 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
         for stale in Path(path).parent.glob(f".{Path(path).name}.creating-*"):  # left by a killed creator
             storage.remove(stale)
     g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
-    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk)
+    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, cp.sums_width(t) if fmt != "dense" else 0)
     full = {
         **attrs,
         "schema_version": SCHEMA_VERSION,
-        "format": "dense",
+        **format_attrs(fmt, shape, k),
         "shape": [n, t, v, c],
         "dtype": dtype,
-        "rows_per_chunk": int(g["logits"].chunks[0]),
+        "rows_per_chunk": int(g["labels"].chunks[0]),
         "complete": False,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
@@ -76,18 +99,46 @@ def done_flags(g: zarr.Group) -> np.ndarray:
 
 def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, views: np.ndarray,
                 skipped: np.ndarray) -> None:
-    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r]), then mark it done."""
-    r = g["logits"].chunks[0]
+    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r]), then mark it done.
+
+    Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums."""
+    r = g["labels"].chunks[0]
     s = j * r
     e = s + len(labels)
-    if e > g["logits"].shape[0] or (e - s != r and e != g["logits"].shape[0]):
+    n = g["labels"].shape[0]
+    if e > n or (e - s != r and e != n):
         raise BankError(f"chunk {j} write of {len(labels)} rows does not fit the bank layout")
+    fmt = g.attrs.get("format", "dense")
     with zarr.config.set(_WRITE_ALL):
-        g["logits"][s:e] = logits.astype(g["logits"].dtype, copy=False)
+        if fmt == "dense":
+            g["logits"][s:e] = logits.astype(g["logits"].dtype, copy=False)
+        else:
+            arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
+                                           g.attrs.get("topk"), g.attrs["dtype"])
+            for name, a in arrays.items():
+                g[name][s:e] = a
+            g["chunk_sums"][j] = sums
         g["labels"][s:e] = labels.astype(np.int32, copy=False)
         g["views"][s:e] = views.astype(np.float32, copy=False)
         g["skipped"][s:e] = skipped.astype(bool, copy=False)
         g["done"][j] = True
+
+
+def chunk_sums_attrs(g: zarr.Group, names: list[str]) -> dict[str, Any]:
+    """``fidelity``, ``metrics`` (of the reconstruction, what stage 2 reads) and ``source_metrics`` (of the
+    logits before encoding) of a compact bank, from the per-chunk sums its writers stored (``names``: the
+    metric entries, :func:`pipeline.bank.stats.entry_names`)."""
+    from pipeline.bank import stats as st
+
+    sums = np.asarray(g["chunk_sums"][:], np.float64)
+    if not np.isfinite(sums).all():
+        bad = np.flatnonzero(~np.isfinite(sums).all(axis=1))
+        raise BankError(f"label bank is damaged: array 'chunk_sums' has no value for chunks {bad[:10].tolist()}")
+    total = sums.sum(axis=0)
+    lay = {k: slice(*v) for k, v in cp.sums_layout(int(g.attrs["shape"][1])).items()}
+    return {"fidelity": cp.fidelity_from_sums(total[lay["fidelity"]]),
+            "metrics": st.metrics_from_states(total[lay["metrics"]], names),
+            "source_metrics": st.metrics_from_states(total[lay["source_metrics"]], names)}
 
 
 def mark_complete(g: zarr.Group, extra: dict[str, Any]) -> None:

@@ -252,3 +252,18 @@ def test_bank_key_sensitivity_and_default_path(tmp_path: Path, monkeypatch):
     assert cache_root() == tmp_path / "xdg" / "offline-kd" / "label_banks"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_root() == Path.home() / ".cache" / "offline-kd" / "label_banks"
+
+
+def test_dense_key_unchanged_and_compact_formats_keyed():
+    """A dense bank's key is what it was before compact dumps existed (existing caches stay valid: the value was
+    recorded before the change); the compact format enters only a compact bank's key."""
+    from pipeline.bank.identity import compact_record, format_suffix
+
+    args = ([{"name": "x", "arch": "resnet34", "weights": "DEFAULT"}], "fp-1", {"name": "imagenet", "crop": 224},
+            {"policy": "center", "num_views": 1}, "float16")
+    assert bank_key(*args) == "b16ca2f4f24372b027d0b47065be1769f7b408fa44fac61d1d1ad0af517b63c4"
+    assert bank_key(*args, compact_record("dense")) == bank_key(*args)
+    keys = {bank_key(*args, compact_record("topk", 10)), bank_key(*args, compact_record("topk", 5)),
+            bank_key(*args, compact_record("int8")), bank_key(*args)}
+    assert len(keys) == 4
+    assert (format_suffix("dense"), format_suffix("topk", 10), format_suffix("int8")) == ("", "-top10", "-int8")

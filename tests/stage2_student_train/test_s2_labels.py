@@ -37,7 +37,9 @@ def _zarr_logits(bank: Path, index: np.ndarray) -> torch.Tensor:
 
 def test_bank_labels_gather_exact_rows(demo_bank):
     src = BankLabelSource([LabelBank(demo_bank)])
-    assert tuple(src.logits.shape) == (300, 1, 1, 10) and src.logits.dtype == torch.float16
+    (res,) = src.residents  # held as stored: dense fp16 [N * V, T, C]
+    assert res.shape == (300, 1, 1, 10) and res.format == "dense" and src.num_samples == 300
+    assert tuple(res.arrays["logits"].shape) == (300, 1, 10) and res.arrays["logits"].dtype == torch.float16
     idx = np.array([299, 0, 17, 17, 64, 63, 128, 5, 191, 192])  # chunk edges (64 rows), repeats, last row
     out = src({"index": torch.from_numpy(idx), "epoch": 0})["teacher_logits"]
     assert out.shape == (10, 1, 10) and out.dtype == torch.float32

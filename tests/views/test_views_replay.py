@@ -142,3 +142,15 @@ def test_views_with_ensemble(demo_root, tmp_path):
     # Teachers are seeded differently (seed + i), so the two T slices differ; views differ too.
     assert not torch.allclose(logits[:, 0], logits[:, 1])
     assert not torch.allclose(logits[:, :, 0], logits[:, :, 1])
+
+
+def test_view_choice_is_the_same_hash_on_cpu_and_in_torch():
+    """CPU indices are hashed through numpy; the torch path (accelerator indices) gives the same views."""
+    from stage2_student_train.label_sources import _view_hash
+
+    idx = torch.cat([torch.arange(5000), torch.randint(-2 ** 62, 2 ** 62, (5000,), generator=torch.Generator().manual_seed(0))])
+    for epoch, seed, k in ((0, 0, 8), (3, 11, 7), (40, 2, 100)):
+        np_path = view_choice(idx, epoch, seed, k)
+        torch_path = _view_hash(idx, epoch, seed, k)
+        assert torch.equal(np_path, torch_path) and np_path.dtype == torch.int64
+        assert int(np_path.min()) >= 0 and int(np_path.max()) < k

@@ -1,0 +1,327 @@
+"""Label banks held in memory for stage 2: compact banks stay compact, only gathered rows are densified.
+
+A :class:`ResidentBank` holds one bank's label payload, read chunk by chunk straight into preallocated arrays,
+one row per (sample, view) (views moved next to the sample axis, so that a gather is a copy of whole rows):
+
+| format | resident arrays (rows = N * V) | bytes per (sample, view) |
+|---|---|---|
+| dense | ``logits`` [N*V, T, C] in the bank's dtype (float16 or float32: never narrowed) | T * C * 2 (or 4) |
+| topk  | ``packed`` [N*V, T, B] uint8: per vector the tail's log-probability ``fill`` (float32, :func:`pipeline.bank.compact.topk_fill`), the K+1 kept classes (int16/int32: the top K, then the true class) and their log-probabilities (float16), padded to 4 bytes | T * (4 (K+1) + 4) (int16) |
+| int8  | ``q`` [N*V, T, C] int8, ``scale`` [N*V, T] float16 | T * (C + 2) |
+
+:meth:`ResidentBank.gather` takes sample indices [B] (and the view of each, or view 0), gathers their payload
+rows where the arrays live, moves them to the requested device and densifies them there to [B, T, C] float32,
+bit for bit what :meth:`pipeline.bank.reader.LabelBank.read_logits` reconstructs. The arrays live on the host
+(pinned when the training device is CUDA) or, when they fit in a quarter of its free memory, on the training
+device; no code here names a device type other than through ``torch.device``.
+
+:func:`load_residents` checks the memory first: the host bytes of every bank are compared with the memory
+available (``MemAvailable`` from ``/proc/meminfo`` x :data:`MEMORY_FRACTION`, or ``$KD_MEMORY_BUDGET_GB``), and a
+bank that does not fit is refused in one line that gives its size and suggests a compact format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.bank import compact as cp
+from pipeline.bank.reader import LabelBank
+from pipeline.bank.schema import index_dtype
+from pipeline.errors import BankError
+
+log = logging.getLogger(__name__)
+
+BUDGET_ENV = "KD_MEMORY_BUDGET_GB"
+MEMORY_FRACTION = 0.8  # of MemAvailable: the rest is left to the data pipeline, the model and the allocator
+DEVICE_FRACTION = 0.25  # of the training device's free memory a bank may take (the rest is for training)
+PROGRESS_MIN_CHUNKS = 32
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux), else free physical pages; None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def host_budget() -> tuple[int | None, str]:
+    """(bytes the resident banks may take on the host, how that was decided)."""
+    env = os.environ.get(BUDGET_ENV)
+    if env:
+        try:
+            return int(float(env) * 1e9), f"${BUDGET_ENV}"
+        except ValueError:
+            raise BankError(f"${BUDGET_ENV}={env!r} is not a number of GB") from None
+    avail = available_host_bytes()
+    if avail is None:
+        return None, "unknown"
+    return int(avail * MEMORY_FRACTION), f"{MEMORY_FRACTION:.0%} of MemAvailable {avail / 1e9:.1f} GB"
+
+
+def dense_nbytes(bank: LabelBank) -> int:
+    """Bytes of the bank's dense logits [N, T, V, C] in its dtype."""
+    return math.prod(bank.shape) * np.dtype(bank.attrs.get("dtype", "float16")).itemsize
+
+
+def resident_nbytes(bank: LabelBank) -> int:
+    """Bytes a :class:`ResidentBank` of ``bank`` holds (see the module table)."""
+    n, t, v, c = bank.shape
+    if bank.format == "topk":
+        return n * v * t * _topk_offsets(int(bank.attrs["topk"]), c)[-1]
+    if bank.format == "int8":
+        return n * v * t * (c + 2)
+    return dense_nbytes(bank)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.3g} GB"
+
+
+def check_host_memory(banks: list[LabelBank]) -> None:
+    """Refuse, in one line, banks whose resident size does not fit in the host budget (:func:`host_budget`)."""
+    if not banks:
+        return
+    budget, how = host_budget()
+    need = sum(resident_nbytes(b) for b in banks)
+    if budget is None or need <= budget:
+        return
+    dense = [b for b in banks if b.format == "dense"]
+    if dense:
+        b = max(dense, key=dense_nbytes)
+        raise BankError(
+            f"label bank {b.path} is {_gb(dense_nbytes(b))} of dense {b.attrs.get('dtype')} logits [N, T, V, C] = "
+            f"{list(b.shape)}: {_gb(need)} of labels do not fit in {_gb(budget)} of memory ({how}); dump it with "
+            f"--format topk --topk 10, or compact it: python -m pipeline.labels compact {b.path} -o OUT --topk 10")
+    raise BankError(f"label banks {', '.join(b.path for b in banks)} need {_gb(need)} in memory, more than "
+                    f"{_gb(budget)} ({how}); use a smaller --topk, fewer views, or a machine with more memory")
+
+
+# --- resident banks -------------------------------------------------------------------------------------------
+class ResidentBank:
+    """One bank's labels in memory, gathered and densified by row. Subclasses define the resident arrays
+    (:meth:`_layout`), how a chunk of the stored arrays becomes resident rows (:meth:`_convert`), and how
+    gathered rows become float32 logits (:meth:`_densify`).
+
+    Attributes: ``path``; ``format``; ``shape`` (N, T, V, C); ``device`` (where the arrays live); ``arrays``
+    {name: tensor [N*V, ...]}; ``nbytes``.
+    """
+
+    format = ""
+
+    def __init__(self, bank: LabelBank, device: str | torch.device = "cpu", pin: bool = False,
+                 progress: bool = False):
+        if bank.format != self.format:
+            raise ValueError(f"{type(self).__name__} holds {self.format} banks, not {bank.format}")
+        self.path = bank.path
+        self.shape: tuple[int, int, int, int] = bank.shape
+        self.device = torch.device(device)
+        n, t, v, c = self.shape
+        labels, skipped = bank.check_row_arrays()
+        self._check_files(bank)
+        pin = pin and self.device.type == "cpu"
+        self.arrays = {name: torch.empty((n * v, *shape), dtype=dtype, device=self.device, pin_memory=pin)
+                       for name, (shape, dtype) in self._layout(bank).items()}
+        starts = range(0, n, max(1, bank.rows_per_chunk))
+        # a bar for long loads only (ImageNet: 313 chunks); closed on errors, so an error starts its own line
+        with tqdm(total=len(starts), desc=f"load {self.format} bank", unit="chunk", mininterval=1.0,
+                  disable=not progress or len(starts) < PROGRESS_MIN_CHUNKS) as bar:
+            for s in starts:
+                e = min(n, s + starts.step)
+                raw = {name: bank.read_rows(name, s, e) for name in bank.payload_arrays}
+                rows = self._convert(raw, labels[s:e])
+                bank.refuse_bad_rows(rows.pop("_bad") & ~skipped[s:e], s, "/".join(bank.payload_arrays))
+                for name, a in rows.items():
+                    self.arrays[name][s * v:e * v].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+                bar.update()
+        # CPU gather through numpy, each (sample, view) row as one opaque item (a memcpy per row: 1.3x faster than
+        # numpy's fancy indexing of fp16 rows); torch's advanced indexing on CPU goes through its thread pool and
+        # ran 10x slower on a busy 2-core machine (bench/stage2.py)
+        self._host = {k: _row_items(a.numpy()) for k, a in self.arrays.items()} if self.device.type == "cpu" else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in self.arrays.values())
+
+    def _check_files(self, bank: LabelBank) -> None:
+        """Refuse payload chunks that are not stored when the fill value cannot reveal them (int8 ``q``)."""
+
+    def _layout(self, bank: LabelBank) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def _convert(self, raw: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+        """Stored arrays of rows [s, e) -> resident rows [(e - s) * V, ...] and ``_bad`` [e - s] (rows holding
+        non-finite values or fill values)."""
+        raise NotImplementedError
+
+    def _densify(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gather(self, index: torch.Tensor, view: torch.Tensor | None = None,
+               device: str | torch.device | None = None) -> torch.Tensor:
+        """Logits of samples ``index`` [B] (int) on views ``view`` [B] (None: view 0) -> [B, T, C] float32 on
+        ``device`` (default: where the arrays live); only these B rows are densified."""
+        v = self.shape[2]
+        device = self.device if device is None else torch.device(device)
+        if self._host is not None:
+            rows_np = index.cpu().numpy().astype(np.int64, copy=False)
+            if v > 1:
+                rows_np = rows_np * v + (0 if view is None else view.cpu().numpy())
+            part = {k: torch.from_numpy(items[rows_np].view(dt).reshape((len(rows_np),) + shape))
+                    for k, (items, dt, shape) in self._host.items()}
+        else:
+            rows = index.to(self.device, torch.int64)
+            if v > 1:
+                rows = rows * v + (0 if view is None else view.to(self.device, torch.int64))
+            part = {k: a[rows] for k, a in self.arrays.items()}
+        part = {k: a.to(device, non_blocking=True) for k, a in part.items()}
+        return self._densify(part)
+
+
+def _row_items(a: np.ndarray) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
+    """A C-contiguous [R, ...] array as R opaque items (numpy void), with what turns gathered items back."""
+    flat = np.ascontiguousarray(a).reshape(len(a), -1)
+    return flat.view(np.dtype((np.void, flat.shape[1] * a.itemsize))).reshape(len(a)), a.dtype, a.shape[1:]
+
+
+def _topk_offsets(k: int, c: int) -> tuple[int, int, int, int]:
+    """Byte offsets in a packed top-k vector (the fill is bytes [0, 4)): start of the indices, start of the
+    values, their end, the row width (padded to 4 bytes, so the float32 fill stays aligned)."""
+    k1, isz = k + 1, np.dtype(index_dtype(c)).itemsize
+    end = 4 + k1 * (isz + 2)
+    return 4, 4 + isz * k1, end, -(-end // 4) * 4
+
+
+def _rows_first(a: np.ndarray) -> np.ndarray:
+    """[r, T, V, ...] -> [r * V, T, ...] (a sample's views become consecutive rows)."""
+    a = np.swapaxes(a, 1, 2)
+    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
+def _not_finite(a: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+
+
+class DenseResident(ResidentBank):
+    """``logits`` [N*V, T, C] in the bank's dtype; densify = cast to float32."""
+
+    format = "dense"
+
+    def _layout(self, bank):
+        n, t, v, c = self.shape
+        return {"logits": ((t, c), _torch_dtype(bank.attrs.get("dtype", "float16")))}
+
+    def _convert(self, raw, labels):
+        x = raw["logits"]
+        return {"logits": _rows_first(x), "_bad": _not_finite(x)}
+
+    def _densify(self, rows):
+        return rows["logits"].float()
+
+
+class TopKResident(ResidentBank):
+    """One packed row per vector (one random access per gathered row: three separate arrays cost 3x the cache
+    misses, 77 vs 17 us per 256-row batch on a 20M-row bank): ``[fill f32 | K+1 indices | K+1 values f16 | pad]``
+    (the top K, then the true class). Densify = the fill broadcast to [B, T, C], then one scatter of the K+1 kept
+    log-probabilities (the true class written twice, with the same value, when it is in the top K)."""
+
+    format = "topk"
+
+    def _layout(self, bank):
+        n, t, v, c = self.shape
+        self._idx_dtype = index_dtype(c)
+        self._offsets = _topk_offsets(int(bank.attrs["topk"]), c)
+        return {"packed": ((t, self._offsets[-1]), torch.uint8)}
+
+    def _convert(self, raw, labels):
+        vals, idx, tgt = raw["topk_values"], raw["topk_indices"], raw["target_logprob"]
+        fill = cp.topk_fill(vals, idx, tgt, labels, self.shape[3])
+        lab = np.broadcast_to(labels.astype(idx.dtype).reshape(-1, 1, 1, 1), tgt.shape + (1,))
+        bad = _not_finite(vals) | _not_finite(tgt) | (idx.reshape(len(idx), -1) < 0).any(axis=1)
+        o_idx, o_val, o_end, width = self._offsets
+        out = np.zeros((len(vals) * self.shape[2], self.shape[1], width), np.uint8)
+        out[..., :o_idx].view(np.float32)[..., 0] = _rows_first(fill)
+        out[..., o_idx:o_val].view(self._idx_dtype)[...] = _rows_first(np.concatenate([idx, lab], axis=-1))
+        out[..., o_val:o_end].view(np.float16)[...] = _rows_first(np.concatenate([vals, tgt[..., None]], axis=-1))
+        return {"packed": out, "_bad": bad}
+
+    def _densify(self, rows):
+        g = rows["packed"]
+        o_idx, o_val, o_end, _ = self._offsets
+        fill = g[..., :o_idx].view(torch.float32)[..., 0]
+        indices = g[..., o_idx:o_val].view(_torch_dtype(self._idx_dtype))
+        values = g[..., o_val:o_end].view(torch.float16)
+        b, t = fill.shape
+        out = fill.unsqueeze(-1).expand(b, t, self.shape[3]).contiguous()
+        return out.scatter_(2, indices.long(), values.float())
+
+
+class Int8Resident(ResidentBank):
+    """``q`` [N*V, T, C] int8 and ``scale`` [N*V, T] float16; densify = ``-(q + 128) * scale``."""
+
+    format = "int8"
+
+    def _check_files(self, bank):
+        missing = bank.missing_row_chunks("q")
+        if missing:
+            raise BankError(f"label bank {bank.path} is damaged: array 'q' chunk {missing[0]} is missing; "
+                            "run python -m pipeline.labels verify")
+
+    def _layout(self, bank):
+        n, t, v, c = self.shape
+        return {"q": ((t, c), torch.int8), "scale": ((t,), torch.float16)}
+
+    def _convert(self, raw, labels):
+        return {"q": _rows_first(raw["q"]), "scale": _rows_first(raw["scale"]), "_bad": _not_finite(raw["scale"])}
+
+    def _densify(self, rows):
+        return -(rows["q"].float() + 128.0) * rows["scale"].float().unsqueeze(-1)
+
+
+RESIDENTS: dict[str, type[ResidentBank]] = {c.format: c for c in (DenseResident, TopKResident, Int8Resident)}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "float32": torch.float32, "int16": torch.int16, "int32": torch.int32}[str(name)]
+
+
+def load_residents(banks: list[LabelBank], device: str | torch.device = "cpu", progress: bool = False
+                   ) -> list[ResidentBank]:
+    """Every bank resident, placed: on ``device`` when it is an accelerator and the bank fits in
+    :data:`DEVICE_FRACTION` of its free memory, else on the host (pinned for an accelerator). The host share is
+    checked against the memory budget before anything is read (:func:`check_host_memory`)."""
+    dev = torch.device(device)
+    place: list[Any] = []
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+        used = 0
+        for b in banks:
+            need = resident_nbytes(b)
+            on_device = used + need <= DEVICE_FRACTION * free
+            used += need if on_device else 0
+            place.append(dev if on_device else torch.device("cpu"))
+    else:
+        place = [dev] * len(banks)
+    check_host_memory([b for b, p in zip(banks, place) if p.type == "cpu"])
+    out = []
+    for b, p in zip(banks, place):
+        r = RESIDENTS[b.format](b, p, pin=dev.type == "cuda" and p.type == "cpu", progress=progress)
+        log.info("label bank %s resident on %s: %s %s (%s dense)", b.path, p, b.format, _gb(r.nbytes),
+                 _gb(dense_nbytes(b)))
+        out.append(r)
+    return out
