@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view-seed", type=int, dest="view_seed", help=f"seed of the view boxes {d('view_seed')}")
     p.add_argument("--seed", type=int, help=f"init seed for teachers with --weights none {d('seed')}")
     p.add_argument("--amp", action="store_true", default=None, help="autocast the teachers (CUDA only)")
+    p.add_argument("--features", action="store_true", default=None,
+                   help="also store each teacher's pooled penultimate embedding (for rkd, pkt, sp, crd, fitnet)")
     p.add_argument("--class-map", dest="class_map",
                    help="file of 'class_name teacher_index' lines (or JSON): dataset class -> teacher output "
                         "(default: one to one, or by ImageNet wnid for 1000-class teachers)")

@@ -69,6 +69,7 @@ class DumpConfig:
     amp: bool = False
     loader: str = "auto"
     class_map: str = ""  # a file: dataset class -> teacher output index (default: one to one, or by wnid)
+    features: bool = False  # also store each teacher's pooled penultimate embedding (embedding-level methods)
 
 
 def _check(cfg: DumpConfig) -> None:
@@ -163,6 +164,7 @@ class BankDump:
         self.preset = self.branches[0]
         self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader)  # recorded resolved
         self.class_maps: list[list[int] | None] = [None] * len(self.specs)
+        self.feature_dims: list[int] | None = None
         self._identify()
 
     def build_teachers(self) -> TeacherEnsemble:
@@ -173,6 +175,8 @@ class BankDump:
                                crops=[p.crop for p in self.teacher_pre], branch_of=self.branch_of,
                                class_map=read_class_map(cfg.class_map) if cfg.class_map else None)
         self.class_maps = class_maps_record(model)
+        if cfg.features:
+            self.feature_dims = model.enable_features([p.crop for p in self.teacher_pre])
         self._identify()
         return model
 
@@ -190,6 +194,7 @@ class BankDump:
             topk=cfg.topk,
             class_maps=tuple(tuple(m) if m is not None else None for m in self.class_maps)
             if any(m is not None for m in self.class_maps) else None,
+            feature_dims=tuple(self.feature_dims) if self.feature_dims else None,
         )
         ident = bank_identity(self.spec, self.manifest)
         self.key = ident.key
@@ -238,7 +243,7 @@ class BankDump:
             attrs["class_maps"] = [list(m) if m is not None else None for m in self.spec.class_maps]
         m = self.manifest
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
-                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk)
+                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims)
         return PrepareStatus.NEW
 
     # --- write ----------------------------------------------------------------------------------------------
@@ -375,15 +380,19 @@ class _ChunkRun:
                 return None
             except DecodeError as e:
                 return self._after_decode_error(pos, e)
-            out = self._teachers(batch.inputs(), t, c)
+            out, feats = self._teachers(batch.inputs(), t, c)
             _check_finite(out, batch.index.numpy(), self.skip, self.manifest, self.cfg.dtype)
+            if feats is not None:
+                _check_finite(feats, batch.index.numpy(), self.skip, self.manifest, self.cfg.dtype, "embeddings")
             for k in range(len(out)):
                 p = pos + k
                 if buf is None:
-                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c, self.cfg.dtype)
+                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c, self.cfg.dtype,
+                                       max(self.dump.feature_dims) if feats is not None else 0)
                 if plan.real[p]:
                     i = int(plan.order[p])
-                    buf.put(i, out[k], self.manifest.labels[i], boxes[p - start] if boxes is not None else None)
+                    buf.put(i, out[k], self.manifest.labels[i], boxes[p - start] if boxes is not None else None,
+                            feats[k] if feats is not None else None)
                 if p + 1 == plan.chunk_end[p]:  # chunk filled: write it now, so a later decode error cannot lose it
                     buf.flush(self.skip)
                     buf = None
@@ -406,17 +415,20 @@ class _ChunkRun:
         self.suspect[int(plan.order[found[0]])] = found[1]
         return chunk_start
 
-    def _teachers(self, inputs: list[torch.Tensor], t: int, c: int) -> np.ndarray:
+    def _teachers(self, inputs: list[torch.Tensor], t: int, c: int) -> tuple[np.ndarray, np.ndarray | None]:
         """One tensor per preprocessing branch, [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] float32
-        (every view of its branch through each teacher)."""
+        (every view of its branch through each teacher), and with ``--features`` the embeddings [B, T, V, D]."""
         inputs = [x.to(self.cfg.device, non_blocking=True) for x in inputs]
         with torch.autocast("cuda", enabled=self.cfg.amp and self.cfg.device == "cuda"):
             if inputs[0].ndim == 5:
                 b_, v_ = inputs[0].shape[:2]
                 out = self.model([x.flatten(0, 1) for x in inputs]).reshape(b_, v_, t, c).transpose(1, 2)
+                f = self.model.features
+                feats = None if f is None else f.reshape(b_, v_, t, -1).transpose(1, 2)
             else:
                 out = self.model(inputs)[:, :, None, :]
-        return out.float().cpu().numpy()
+                feats = None if self.model.features is None else self.model.features[:, :, None, :]
+        return out.float().cpu().numpy(), None if feats is None else feats.float().cpu().numpy()
 
 
 def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
@@ -432,35 +444,41 @@ class _ChunkBuffer:
     every bank applies: half the memory of float32 for a chunk of many views) and written (with its done flag)
     once complete; :func:`pipeline.bank.writer.write_chunk` encodes them for a compact bank."""
 
-    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32"):
+    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32", d: int = 0):
         n = g["labels"].shape[0]
         r = min(n, (j + 1) * rows) - j * rows
         self.g, self.j, self.start = g, j, j * rows
         self.logits = np.full((r, t, v, c), np.nan, dtype)
         self.labels = np.full(r, -1, np.int32)
         self.views = np.full((r, v, 5), np.nan, np.float32)
+        self.features = np.full((r, t, v, d), np.nan, np.float32) if d else None
 
-    def put(self, i: int, logits: np.ndarray, label: int, boxes: np.ndarray | None) -> None:
+    def put(self, i: int, logits: np.ndarray, label: int, boxes: np.ndarray | None,
+            features: np.ndarray | None = None) -> None:
         r = i - self.start
         self.logits[r] = logits
         self.labels[r] = label
         self.views[r] = boxes if boxes is not None else np.nan
+        if self.features is not None:
+            self.features[r] = features
 
     def flush(self, skip: set[int]) -> None:
         skipped = np.array([(self.start + k) in skip for k in range(len(self.labels))], bool)
         self.logits[skipped] = np.nan
+        if self.features is not None:
+            self.features[skipped] = np.nan
         if (self.labels[~skipped] < 0).any():
             raise BankError(f"internal error: chunk {self.j} incomplete at flush")
-        write_chunk(self.g, self.j, self.logits, self.labels, self.views, skipped)
+        write_chunk(self.g, self.j, self.logits, self.labels, self.views, skipped, self.features)
 
 
 def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest,
-                  dtype: np.dtype | str = np.float32) -> None:
+                  dtype: np.dtype | str = np.float32, what: str = "logits") -> None:
     bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
     for k in np.flatnonzero(bad):
         i = int(index[k])
         if i not in skip:
-            raise BankError(f"teacher produced non-finite logits for sample {i} ({manifest.files[i]}); "
+            raise BankError(f"teacher produced non-finite {what} for sample {i} ({manifest.files[i]}); "
                             "nothing was marked done for its chunk")
     # finite in float32 but beyond the bank dtype's range (|x| > 65504 in float16): would be stored as inf
     with np.errstate(over="ignore"):
@@ -468,7 +486,7 @@ def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: 
     for k in np.flatnonzero(over):
         i = int(index[k])
         if i not in skip:
-            raise BankError(f"teacher logits of sample {i} ({manifest.files[i]}) reach "
+            raise BankError(f"teacher {what} of sample {i} ({manifest.files[i]}) reach "
                             f"{float(np.abs(out[k]).max()):.4g}, beyond the range of {np.dtype(dtype).name}: dump "
                             "with --dtype float32; nothing was marked done for its chunk")
 

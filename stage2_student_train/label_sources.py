@@ -25,7 +25,7 @@ import torch
 import kd_losses
 from pipeline.bank.identity import cache_root, cached_banks, teacher_match
 from pipeline.bank.reader import LabelBank
-from pipeline.bank.resident import load_residents
+from pipeline.bank.resident import FeatureResident, feature_nbytes, load_residents
 from pipeline.data import Manifest
 from pipeline.data.presets import resolve_preset
 from pipeline.errors import BankError, UsageError
@@ -44,6 +44,7 @@ class LabelSource(Protocol):
         skipped: [N] bool, samples without soft labels (excluded from training), or None.
         num_views: V, views stored per sample (1 for live teachers and none).
         preprocessing: the bank's ``preprocessing`` attr (how its teachers saw the images), or None.
+        feature_dim: D of the ``teacher_features`` it adds (built with ``features=True``), else None.
     """
 
     teachers: list[dict[str, Any]]
@@ -51,6 +52,7 @@ class LabelSource(Protocol):
     skipped: np.ndarray | None
     num_views: int
     preprocessing: dict[str, Any] | None
+    feature_dim: int | None
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         """Crop boxes [len(order), 1, 5] (y, x, h, w, flip) of the view each sample replays in ``epoch``;
@@ -59,7 +61,8 @@ class LabelSource(Protocol):
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Entries to add to ``batch`` (which holds ``image`` [B, 3, H, W], ``index`` [B], ``epoch``):
-        ``{"teacher_logits": [B, T, C] float32 on the images' device}``, or ``{}``."""
+        ``{"teacher_logits": [B, T, C] float32}`` (and ``"teacher_features": [B, T, D]`` float32 when built
+        with ``features=True``) on the images' device, or ``{}``."""
         ...
 
 
@@ -90,6 +93,7 @@ class NoLabelSource:
         self.skipped: np.ndarray | None = None
         self.num_views = 1
         self.preprocessing: dict[str, Any] | None = None
+        self.feature_dim: int | None = None
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
@@ -111,7 +115,9 @@ class BankLabelSource:
     """
 
     def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, features: bool = False):
+        """``features``: also hold the banks' stored embeddings and add ``teacher_features`` [B, T, D] (every
+        bank's zero-padded to the widest D); a bank without them is a one-line UsageError."""
         first = banks[0]
         for b in banks[1:]:
             for what, a, c in (("num_samples", b.num_samples, first.num_samples),
@@ -120,7 +126,19 @@ class BankLabelSource:
                 if a != c:
                     raise BankError(f"banks {first.path} and {b.path} differ in field '{what}' ({c} vs {a})")
         self.paths = [b.path for b in banks]
-        self.residents = load_residents(banks, device, progress)
+        self.feature_residents: list[FeatureResident] = []
+        self.feature_dim: int | None = None
+        reserve = 0
+        if features:
+            lacking = [b.path for b in banks if not b.feature_meta]
+            if lacking:
+                raise UsageError(f"this method needs the teachers' stored embeddings; {lacking[0]} has none: dump "
+                                 "it again with --features")
+            reserve = sum(feature_nbytes(b) for b in banks)
+        self.residents = load_residents(banks, device, progress, reserve=reserve)
+        if features:
+            self.feature_residents = load_residents(banks, device, progress, kind=FeatureResident)
+            self.feature_dim = max(r.dim for r in self.feature_residents)
         self.device = device
         self.num_samples = first.num_samples
         self.num_views = first.num_views
@@ -166,7 +184,12 @@ class BankLabelSource:
         image = batch.get("image")
         target = image.device if image is not None else torch.device(self.device)
         out = [r.gather(index, view, target) for r in self.residents]
-        return {"teacher_logits": out[0] if len(out) == 1 else torch.cat(out, dim=1)}
+        entries = {"teacher_logits": out[0] if len(out) == 1 else torch.cat(out, dim=1)}
+        if self.feature_residents:
+            f = [r.gather(index, view, target) for r in self.feature_residents]
+            f = [torch.nn.functional.pad(x, (0, self.feature_dim - x.shape[-1])) for x in f]
+            entries["teacher_features"] = f[0] if len(f) == 1 else torch.cat(f, dim=1)
+        return entries
 
 
 def _has_boxes(bank: LabelBank) -> bool:
@@ -177,10 +200,12 @@ class LiveTeacherLabelSource:
     """Runs a teacher ensemble on each batch's images (eval mode, inference mode) -> [B, T, C]."""
 
     def __init__(self, specs: Sequence[TeacherSpec], classes: Sequence[str] | int, device: str, seed: int = 0,
-                 crop: int = 224):
+                 crop: int = 224, features: bool = False):
         """``classes``: the dataset's class names (or their number): pretrained teachers are mapped onto them;
-        ``crop``: the input size (to count a pretrained teacher's outputs)."""
+        ``crop``: the input size (to count a pretrained teacher's outputs); ``features``: also add the teachers'
+        embeddings (``teacher_features`` [B, T, D], zero-padded to the widest)."""
         self.model = build_teachers(list(specs), classes, device, seed, crops=[crop] * len(specs))
+        self.feature_dim = max(self.model.enable_features([crop] * len(specs))) if features else None
         self.teachers = [s.identity() for s in specs]
         self.paths: list[str] = []
         self.skipped: np.ndarray | None = None
@@ -191,7 +216,10 @@ class LiveTeacherLabelSource:
         raise UsageError("--replay-views replays a bank's stored views; a live teacher has none")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"teacher_logits": self.model(batch["image"]).clone()}
+        entries = {"teacher_logits": self.model(batch["image"]).clone()}
+        if self.feature_dim is not None:
+            entries["teacher_features"] = self.model.features.clone()
+        return entries
 
 
 def find_bank(manifest: Manifest, specs: Sequence[TeacherSpec], replay_views: bool = False,
@@ -231,7 +259,8 @@ def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
         specs = parse_teachers(cfg.live_teacher, cfg.live_teacher_weights, cfg.seed,
                                ("--live-teacher", "--live-teacher-weights"))
         crop = resolve_preset(cfg.preset, train).crop
-        return LiveTeacherLabelSource(specs, train.classes, cfg.device, cfg.seed, crop)
+        return LiveTeacherLabelSource(specs, train.classes, cfg.device, cfg.seed, crop,
+                                      features=kd_losses.needs_features(cfg.method))
     if not kd_losses.needs_teacher(cfg.method):
         if cfg.banks or cfg.teacher:
             log.info("method '%s' uses no teacher: ignoring the bank", cfg.method)
@@ -252,7 +281,7 @@ def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
     src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None,
-                          progress=int(os.environ.get("RANK", "0")) == 0)
+                          progress=int(os.environ.get("RANK", "0")) == 0, features=kd_losses.needs_features(cfg.method))
     log.info("soft labels from %s: %s", ", ".join(paths),
              ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
                        for r in src.residents))

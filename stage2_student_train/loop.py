@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -69,11 +69,14 @@ def train_one_epoch(
     total_steps: int | None = None,
     log_every: int = 50,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    feature_tap: Any = None,
 ) -> dict[str, float]:
     """One pass over ``batches``; returns the sample-weighted means of every loss part, images/s and time.
 
     ``targets`` [N] int64: true classes by sample index; ``label_source``: a
-    :class:`~stage2_student_train.label_sources.LabelSource` (its entries are added to each batch) or None.
+    :class:`~stage2_student_train.label_sources.LabelSource` (its entries are added to each batch) or None;
+    ``feature_tap``: a :class:`pipeline.models.features.FeatureTap` on the student, for losses that read
+    ``batch['student_features']`` [B, D] (the embedding of the same forward pass).
     Raises TrainingDiverged (exit 1) when the loss becomes non-finite on any rank.
     """
     model.train()
@@ -89,6 +92,8 @@ def train_one_epoch(
             batch.update(label_source(batch))
         with autocast_context(device, amp):
             logits = model(batch["image"])
+        if feature_tap is not None:
+            batch["student_features"] = feature_tap.pop()
         out = criterion(logits.float(), batch)
         loss = out["loss"]
         finite = all_reduce_sum(torch.isfinite(loss.detach()).float(), info) / info.world_size

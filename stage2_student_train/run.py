@@ -30,6 +30,7 @@ from pipeline.distributed import DistInfo, barrier, broadcast_buffers, cleanup, 
 from pipeline.errors import UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models import create_model
+from pipeline.models.features import FeatureTap, embedding_dim
 from stage2_student_train import checkpoint as ckpt
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.inputs import check_config, load_manifests, undecodable
@@ -46,10 +47,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_criterion(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The method's loss with its hyperparameters validated (unknown method or hparam -> one-line error)."""
+def build_criterion(cfg: TrainConfig, num_classes: int, **dims: int | None) -> nn.Module:
+    """The method's loss with its hyperparameters validated (unknown method or hparam -> one-line error).
+    ``dims``: what losses with learned heads and memories are built with (``num_samples``, ``student_dim``,
+    ``teacher_dim``, ``num_teachers``)."""
     try:
-        return kd_losses.build_loss(cfg.method, num_classes=num_classes, **cfg.loss)
+        return kd_losses.build_loss(cfg.method, num_classes=num_classes, **dims, **cfg.loss)
     except KeyError as e:  # UnknownLossError
         raise UsageError(str(e)) from None
     except (TypeError, ValueError) as e:
@@ -133,6 +136,7 @@ class Run:
     label_source: LabelSource
     steps: int  # optimizer steps per epoch
     tb: Any  # TensorBoard SummaryWriter on rank 0, else None
+    tap: FeatureTap | None = None  # the student's embedding, for methods that need it
 
     @property
     def num_classes(self) -> int:
@@ -171,11 +175,18 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     scaler, DDP, TensorBoard."""
     train_m, val_m = load_manifests(cfg)
     num_classes = train_m.num_classes
-    seed_everything(cfg.seed)  # before the criterion: SL-Enc's network is initialised from the seed too
-    criterion = build_criterion(cfg, num_classes).to(cfg.device)
+    seed_everything(cfg.seed)
     model = create_model(cfg.student, num_classes, cfg.student_weights).to(cfg.device)
     label_source = build_label_source(cfg, train_m)
     preset = _choose_preset(cfg, train_m, label_source)
+    tap = FeatureTap(model) if kd_losses.needs_features(cfg.method) else None
+    # the loss's own parameters (SL-Enc's network, CRD's heads and memories) from seed + 1, whatever the label
+    # source drew before (a live teacher's random init reseeds the global generator)
+    seed_everything(cfg.seed + 1)
+    dims = {"num_samples": len(train_m), "num_teachers": len(label_source.teachers) or None,
+            "teacher_dim": label_source.feature_dim,
+            "student_dim": embedding_dim(model, preset.crop) if tap is not None else None}
+    criterion = build_criterion(cfg, num_classes, **dims).to(cfg.device)
     excluded = undecodable(train_m, cfg.skip_corrupt)
     if label_source.skipped is not None:
         excluded |= label_source.skipped
@@ -196,7 +207,8 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cfg.device == "cuda" else None)
     parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler)
     tb = _tensorboard(out) if info.is_main else None
-    return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, ddp_model, label_source, steps, tb)
+    return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, ddp_model, label_source, steps, tb,
+               tap)
 
 
 def _choose_preset(cfg: TrainConfig, train_m: Manifest, label_source: LabelSource) -> Preprocess:
@@ -233,7 +245,7 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
     return train_one_epoch(
         run.ddp_model, p.criterion, p.optimizer, p.scheduler, batches, targets, run.label_source, epoch,
         device=cfg.device, amp=cfg.amp, scaler=p.scaler, channels_last=cfg.channels_last, info=info,
-        total_steps=run.steps, log_every=cfg.log_every, on_step=on_step,
+        total_steps=run.steps, log_every=cfg.log_every, on_step=on_step, feature_tap=run.tap,
     )
 
 

@@ -98,6 +98,7 @@ class BankSpec:
     format: str = "dense"
     topk: int | None = None
     class_maps: tuple[tuple[int, ...] | None, ...] | None = None
+    feature_dims: tuple[int, ...] | None = None  # the teachers' embedding widths, when embeddings are stored
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,12 @@ def default_bank_path(dataset: str, split: str, teachers: Sequence[dict[str, Any
 
 def bank_identity(spec: BankSpec, manifest: Any) -> BankIdentity:
     """Key and default path of the bank ``spec`` describes on ``manifest`` (a :class:`pipeline.data.Manifest`)."""
-    extra = {"class_maps": [list(m) if m is not None else None for m in spec.class_maps]} if spec.class_maps else None
+    extra: dict[str, Any] = {}
+    if spec.class_maps:
+        extra["class_maps"] = [list(m) if m is not None else None for m in spec.class_maps]
+    if spec.feature_dims:
+        extra["features"] = list(spec.feature_dims)
     key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype,
-                   compact_record(spec.format, spec.topk), extra)
+                   compact_record(spec.format, spec.topk), extra or None)
     suffix = format_suffix(spec.format, spec.topk)
     return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key, suffix))

@@ -160,6 +160,21 @@ class LabelBank:
         return reconstruct(self, start, stop)
 
     @property
+    def feature_meta(self) -> dict[str, Any] | None:
+        """``attrs["features"]`` (format, per-teacher dims, arrays) of a bank that stores embeddings, else None."""
+        return self.attrs.get("features")
+
+    def read_features(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Embeddings of rows [start, stop) as [n, T, V, D] float32 (BankError when the bank stores none)."""
+        from pipeline.bank.features import decode_features
+
+        meta = self.feature_meta
+        if not meta:
+            raise BankError(f"label bank {self.path} stores no embeddings: dump it with --features")
+        stop = self.num_samples if stop is None else stop
+        return decode_features({name: self.read_rows(name, start, stop) for name in meta["arrays"]}, meta["format"])
+
+    @property
     def payload_arrays(self) -> list[str]:
         """The arrays that hold the labels: ``["logits"]`` or the compact arrays."""
         return ["logits"] if self.format == "dense" else list(self.attrs.get("compact_arrays", []))
@@ -263,6 +278,7 @@ def verify_bank(path: str | Path) -> list[str]:
     if bank.format != "dense":
         expected.pop("logits")
     extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format != "dense" else []
+    extra += list((bank.feature_meta or {}).get("arrays", []))
     for name in (*ARRAYS, *extra):
         if name not in g:
             if name == "logits" and bank.format != "dense":

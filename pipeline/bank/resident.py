@@ -93,12 +93,13 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.3g} GB"
 
 
-def check_host_memory(banks: list[LabelBank]) -> None:
-    """Refuse, in one line, banks whose resident size does not fit in the host budget (:func:`host_budget`)."""
+def check_host_memory(banks: list[LabelBank], reserve: int = 0) -> None:
+    """Refuse, in one line, banks whose resident size (plus ``reserve`` bytes: their embeddings, when loaded too)
+    does not fit in the host budget (:func:`host_budget`)."""
     if not banks:
         return
     budget, how = host_budget()
-    need = sum(resident_nbytes(b) for b in banks)
+    need = sum(resident_nbytes(b) for b in banks) + reserve
     if budget is None or need <= budget:
         return
     dense = [b for b in banks if b.format == "dense"]
@@ -126,8 +127,7 @@ class ResidentBank:
 
     def __init__(self, bank: LabelBank, device: str | torch.device = "cpu", pin: bool = False,
                  progress: bool = False):
-        if bank.format != self.format:
-            raise ValueError(f"{type(self).__name__} holds {self.format} banks, not {bank.format}")
+        self._check_format(bank)
         self.path = bank.path
         self.shape: tuple[int, int, int, int] = bank.shape
         self.device = torch.device(device)
@@ -141,11 +141,12 @@ class ResidentBank:
         # a bar for long loads only (ImageNet: 313 chunks); closed on errors, so an error starts its own line
         with tqdm(total=len(starts), desc=f"load {self.format} bank", unit="chunk", mininterval=1.0,
                   disable=not progress or len(starts) < PROGRESS_MIN_CHUNKS) as bar:
+            names = self._payload(bank)
             for s in starts:
                 e = min(n, s + starts.step)
-                raw = {name: bank.read_rows(name, s, e) for name in bank.payload_arrays}
+                raw = {name: bank.read_rows(name, s, e) for name in names}
                 rows = self._convert(raw, labels[s:e])
-                bank.refuse_bad_rows(rows.pop("_bad") & ~skipped[s:e], s, "/".join(bank.payload_arrays))
+                bank.refuse_bad_rows(rows.pop("_bad") & ~skipped[s:e], s, "/".join(names))
                 for name, a in rows.items():
                     self.arrays[name][s * v:e * v].copy_(torch.from_numpy(np.ascontiguousarray(a)))
                 bar.update()
@@ -157,6 +158,14 @@ class ResidentBank:
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() for a in self.arrays.values())
+
+    def _check_format(self, bank: LabelBank) -> None:
+        if bank.format != self.format:
+            raise ValueError(f"{type(self).__name__} holds {self.format} banks, not {bank.format}")
+
+    def _payload(self, bank: LabelBank) -> list[str]:
+        """The stored arrays this resident reads."""
+        return bank.payload_arrays
 
     def _check_files(self, bank: LabelBank) -> None:
         """Refuse payload chunks that are not stored when the fill value cannot reveal them (int8 ``q``)."""
@@ -296,31 +305,85 @@ class Int8Resident(ResidentBank):
 RESIDENTS: dict[str, type[ResidentBank]] = {c.format: c for c in (DenseResident, TopKResident, Int8Resident)}
 
 
+class FeatureResident(ResidentBank):
+    """A bank's stored embeddings (:mod:`pipeline.bank.features`): ``features`` [N*V, T, D] (float16/32) or
+    ``features_q`` int8 [N*V, T, D] + ``features_scale`` [N*V, T] float16; :meth:`gather` -> [B, T, D] float32."""
+
+    format = "features"
+
+    def _check_format(self, bank: LabelBank) -> None:
+        if not bank.feature_meta:
+            raise BankError(f"label bank {bank.path} stores no embeddings: dump it with --features")
+        self._fmt = bank.feature_meta["format"]
+
+    def _payload(self, bank: LabelBank) -> list[str]:
+        return list(bank.feature_meta["arrays"])
+
+    def _check_files(self, bank: LabelBank) -> None:
+        if self._fmt == "int8":
+            missing = bank.missing_row_chunks("features_q")
+            if missing:
+                raise BankError(f"label bank {bank.path} is damaged: array 'features_q' chunk {missing[0]} is "
+                                "missing; run python -m pipeline.labels verify")
+
+    def _layout(self, bank):
+        n, t, v, c = self.shape
+        d = max(bank.feature_meta["dims"])
+        self.dim = d
+        if self._fmt == "int8":
+            return {"features_q": ((t, d), torch.int8), "features_scale": ((t,), torch.float16)}
+        return {"features": ((t, d), _torch_dtype(self._fmt))}
+
+    def _convert(self, raw, labels):
+        if self._fmt == "int8":
+            return {"features_q": _rows_first(raw["features_q"]), "features_scale": _rows_first(raw["features_scale"]),
+                    "_bad": _not_finite(raw["features_scale"])}
+        return {"features": _rows_first(raw["features"]), "_bad": _not_finite(raw["features"])}
+
+    def _densify(self, rows):
+        if self._fmt == "int8":
+            return rows["features_q"].float() * rows["features_scale"].float().unsqueeze(-1)
+        return rows["features"].float()
+
+
+def feature_nbytes(bank: LabelBank) -> int:
+    """Bytes a :class:`FeatureResident` of ``bank`` holds."""
+    n, t, v, _ = bank.shape
+    meta = bank.feature_meta or {}
+    if not meta:
+        return 0
+    d = max(meta["dims"])
+    return n * v * t * (d + 2 if meta["format"] == "int8" else d * np.dtype(meta["format"]).itemsize)
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     return {"float16": torch.float16, "float32": torch.float32, "int16": torch.int16, "int32": torch.int32}[str(name)]
 
 
-def load_residents(banks: list[LabelBank], device: str | torch.device = "cpu", progress: bool = False
-                   ) -> list[ResidentBank]:
+def load_residents(banks: list[LabelBank], device: str | torch.device = "cpu", progress: bool = False,
+                   kind: type[ResidentBank] | None = None, reserve: int = 0) -> list[ResidentBank]:
     """Every bank resident, placed: on ``device`` when it is an accelerator and the bank fits in
     :data:`DEVICE_FRACTION` of its free memory, else on the host (pinned for an accelerator). The host share is
-    checked against the memory budget before anything is read (:func:`check_host_memory`)."""
+    checked against the memory budget before anything is read (:func:`check_host_memory`, with ``reserve`` bytes
+    more). ``kind``: :class:`FeatureResident` for the banks' embeddings (checked with the labels, through
+    ``reserve``); default: their labels in their own format."""
     dev = torch.device(device)
     place: list[Any] = []
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
         used = 0
         for b in banks:
-            need = resident_nbytes(b)
+            need = feature_nbytes(b) if kind is FeatureResident else resident_nbytes(b)
             on_device = used + need <= DEVICE_FRACTION * free
             used += need if on_device else 0
             place.append(dev if on_device else torch.device("cpu"))
     else:
         place = [dev] * len(banks)
-    check_host_memory([b for b, p in zip(banks, place) if p.type == "cpu"])
+    if kind is not FeatureResident:
+        check_host_memory([b for b, p in zip(banks, place) if p.type == "cpu"], reserve)
     out = []
     for b, p in zip(banks, place):
-        r = RESIDENTS[b.format](b, p, pin=dev.type == "cuda" and p.type == "cpu", progress=progress)
+        r = (kind or RESIDENTS[b.format])(b, p, pin=dev.type == "cuda" and p.type == "cpu", progress=progress)
         log.info("label bank %s resident on %s: %s %s (%s dense)", b.path, p, b.format, _gb(r.nbytes),
                  _gb(dense_nbytes(b)))
         out.append(r)

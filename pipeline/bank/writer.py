@@ -24,7 +24,8 @@ import zarr
 from pipeline import __version__
 from pipeline import storage
 from pipeline.bank import compact as cp
-from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS, compact_array_specs, create_bank_arrays
+from pipeline.bank import features as fe
+from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS, compact_array_specs, compressors, create_bank_arrays
 from pipeline.errors import BankError
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,13 @@ def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = Non
 
 
 def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, int, int], dtype: str,
-                rows_per_chunk: int, fmt: str = "dense", k: int | None = None) -> zarr.Group:
+                rows_per_chunk: int, fmt: str = "dense", k: int | None = None,
+                feature_dims: list[int] | None = None) -> zarr.Group:
     """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, format, chunking, version added).
 
     ``dtype``: the logits dtype (dense: stored; compact: what the logits are rounded to before encoding).
-    ``fmt``/``k``: ``dense``, ``topk`` with K, or ``int8``.
+    ``fmt``/``k``: ``dense``, ``topk`` with K, or ``int8``. ``feature_dims``: the teachers' embedding widths
+    when the bank stores embeddings (:mod:`pipeline.bank.features`).
     """
     n, t, v, c = shape
     # Local paths: build the bank aside and rename it into place, so that a kill during creation never leaves
@@ -63,10 +66,19 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
             storage.remove(stale)
     g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
     create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, cp.sums_width(t) if fmt != "dense" else 0)
+    feats: dict[str, Any] = {}
+    if feature_dims:
+        ffmt = fe.feature_format(fmt, dtype)
+        r = int(g["labels"].chunks[0])
+        for name, (fshape, dt, fill) in fe.feature_array_specs(ffmt, n, t, v, max(feature_dims)).items():
+            g.create_array(name, shape=fshape, chunks=(r,) + tuple(fshape[1:]), dtype=dt,
+                           compressors=compressors(dt), fill_value=fill)
+        feats = {"features": fe.features_attr(ffmt, feature_dims, n, t, v)}
     full = {
         **attrs,
         "schema_version": SCHEMA_VERSION,
         **format_attrs(fmt, shape, k),
+        **feats,
         "shape": [n, t, v, c],
         "dtype": dtype,
         "rows_per_chunk": int(g["labels"].chunks[0]),
@@ -98,8 +110,9 @@ def done_flags(g: zarr.Group) -> np.ndarray:
 
 
 def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                skipped: np.ndarray) -> None:
-    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r]), then mark it done.
+                skipped: np.ndarray, features: np.ndarray | None = None) -> None:
+    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r], and the embeddings
+    [r, T, V, D] of a bank that stores them), then mark it done.
 
     Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums."""
     r = g["labels"].chunks[0]
@@ -118,6 +131,12 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
             for name, a in arrays.items():
                 g[name][s:e] = a
             g["chunk_sums"][j] = sums
+        meta = g.attrs.get("features")
+        if meta:
+            if features is None:
+                raise BankError(f"chunk {j}: this bank stores embeddings and none were given")
+            for name, a in fe.encode_features(np.asarray(features, np.float32), meta["format"]).items():
+                g[name][s:e] = a
         g["labels"][s:e] = labels.astype(np.int32, copy=False)
         g["views"][s:e] = views.astype(np.float32, copy=False)
         g["skipped"][s:e] = skipped.astype(bool, copy=False)

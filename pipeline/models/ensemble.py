@@ -34,7 +34,21 @@ class TeacherEnsemble(nn.Module):
         self.mapped = [m is not None for m in maps]
         for t, m in enumerate(maps):
             self.register_buffer(f"class_map_{t}", m if m is not None else torch.zeros(0, dtype=torch.long))
+        self.taps: list | None = None
+        self.feature_dims: list[int] = []
+        self.features: torch.Tensor | None = None
         self.eval()
+
+    def enable_features(self, crops: Sequence[int]) -> list[int]:
+        """From now on every forward also records each teacher's pooled penultimate embedding (its classifier's
+        input, :class:`pipeline.models.features.FeatureTap`) in ``self.features`` [B, T, D] float32, zero-padded
+        to the widest teacher's D. ``crops``: each teacher's input size (to probe its embedding width). Returns
+        the widths."""
+        from pipeline.models.features import FeatureTap, embedding_dim
+
+        self.feature_dims = [embedding_dim(m, c) for m, c in zip(self.models, crops)]
+        self.taps = [FeatureTap(m) for m in self.models]
+        return self.feature_dims
 
     def train(self, mode: bool = True) -> "TeacherEnsemble":
         # Teachers never leave eval mode: BN statistics must stay frozen.
@@ -44,12 +58,16 @@ class TeacherEnsemble(nn.Module):
     def forward(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """images [B, 3, H, W], or one such tensor per branch -> logits [B, T, C]."""
         inputs = [images] if torch.is_tensor(images) else list(images)
-        outs = []
+        outs, feats = [], []
         for t, m in enumerate(self.models):
             z = m(inputs[self.branch_of[t]]).float()
             if self.mapped[t]:
                 z = z.index_select(1, getattr(self, f"class_map_{t}"))
             outs.append(z)
+            if self.taps is not None:
+                f = self.taps[t].pop().float()
+                feats.append(torch.nn.functional.pad(f, (0, max(self.feature_dims) - f.shape[1])))
+        self.features = torch.stack(feats, dim=1) if feats else None
         return torch.stack(outs, dim=1)
 
 

@@ -33,7 +33,7 @@ def _parts(method: str) -> set[str]:
     return set(crit(torch.randn(2, 10), batch))
 
 
-# Embedding-level methods need student/teacher features, which the loop does not provide yet.
+# Embedding-level methods need a bank with stored embeddings: tests/stage2_student_train/test_s2_embedding.py.
 LOGIT_METHODS = [m for m in kd_losses.available_losses() if not kd_losses.needs_features(m)]
 
 

@@ -1,0 +1,51 @@
+"""Stored embeddings keep the logits' guarantees (issue 17): a dump missing chunks (killed) is resumed to the same
+bytes, features and logits alike; a bank with embeddings is another bank than one without (its key differs)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.bank.reader import LabelBank
+from pipeline.bank.writer import done_flags
+from pipeline.dump_logits import main as dump
+
+
+def _args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--teacher", "democnn_s", "--weights", "none", "--data", str(root), "--split", "train", "--preset",
+            "demo", "--batch-size", "32", "--rows-per-chunk", "64", "--workers", "1", "--out", str(out), *extra]
+
+
+def test_resumed_feature_dump_equals_uninterrupted(demo_root: Path, tmp_path: Path):
+    ref = tmp_path / "ref.zarr"
+    assert dump(_args(demo_root, ref, "--features")) == 0
+    cut = tmp_path / "cut.zarr"
+    shutil.copytree(ref, cut)
+    g = zarr.open_group(str(cut), mode="r+")
+    g.attrs["complete"] = False
+    for j in (1, 3):  # as if killed before these chunks' done flags: their files gone
+        g["done"][j] = False
+        for name in ("features", "logits"):
+            for f in (cut / name / "c" / str(j)).rglob("*"):
+                if f.is_file():
+                    f.unlink()
+    assert done_flags(g).sum() == len(done_flags(g)) - 2
+    assert dump(_args(demo_root, cut, "--features")) == 0
+    a, b = LabelBank(ref), LabelBank(cut)
+    assert b.complete
+    assert np.array_equal(a.read_features(), b.read_features())
+    assert np.array_equal(a.read_logits(), b.read_logits())
+
+
+def test_embeddings_are_part_of_the_identity(demo_root: Path, tmp_path: Path, demo_bank: Path, capsys):
+    """Dumping --features to a bank made without them is a different bank: refused without --overwrite (it would
+    otherwise be reported complete, without embeddings)."""
+    out = tmp_path / "b.zarr"
+    assert dump(_args(demo_root, out)) == 0
+    capsys.readouterr()
+    assert dump(_args(demo_root, out, "--features")) == 2
+    assert "holds a different bank" in capsys.readouterr().err
+    assert LabelBank(out).feature_meta is None
