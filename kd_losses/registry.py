@@ -171,6 +171,21 @@ class BoundLoss(nn.Module):
         return ", ".join([repr(self.name), *(f"{k}={v!r}" for k, v in self.hparams.items())])
 
 
+def check_hparams(name: str, hparams: dict[str, Any]) -> LossSpec:
+    """The spec of loss ``name`` after checking ``hparams`` against its signature: an unknown name raises
+    ``TypeError`` listing the valid ones, a ``Literal`` hparam outside its choices ``ValueError``."""
+    spec = get_spec(name)
+    valid = spec.hparam_names()
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"unknown hparam(s) for loss {name!r}: {', '.join(unknown)}; "
+            f"valid: {', '.join(valid) if valid else '(none)'}"
+        )
+    spec.check_choices(hparams)
+    return spec
+
+
 def build_loss(
     name: str,
     *,
@@ -191,15 +206,7 @@ def build_loss(
       ``TypeError`` naming it. They are never hparams. For function losses ``num_classes`` only checks
       the class dimension of ``student_logits`` at call time and the others are ignored.
     """
-    spec = get_spec(name)
-    valid = spec.hparam_names()
-    unknown = sorted(set(hparams) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"unknown hparam(s) for loss {name!r}: {', '.join(unknown)}; "
-            f"valid: {', '.join(valid) if valid else '(none)'}"
-        )
-    spec.check_choices(hparams)
+    spec = check_hparams(name, hparams)
     if not spec.is_module:
         return BoundLoss(spec, hparams, num_classes)
     kwargs = dict(hparams)

@@ -78,6 +78,7 @@ class TrainConfig:
     channels_last: bool = False
     loader: str = "auto"  # image loader: dali, torch, or auto (dali where installed)
     max_steps_per_epoch: int = 0
+    eval_every: int = 1  # evaluate every k epochs (and after the last)
     log_every: int = 50
     output_dir: str = ""
     resume: bool = False

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import kd_losses
+
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.loaders import resolve_loader
 from pipeline.errors import UsageError
@@ -30,6 +32,12 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if not cfg.data:
         raise UsageError("no dataset given: use --data ROOT (ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg, "
                          f"file lists, CIFAR pickles or packed shards); {DEMO_HINT}")
+    try:
+        kd_losses.check_hparams(cfg.method, dict(cfg.loss))
+    except KeyError as e:  # UnknownLossError, listing the valid names
+        raise UsageError(str(e)) from None
+    except (TypeError, ValueError) as e:  # an unknown hyperparameter or a value outside its choices
+        raise UsageError(" ".join(str(e).split())) from None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
     if cfg.epochs < 1 or cfg.batch_size < 1:

@@ -160,6 +160,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         train_stats = _train_epoch(run, epoch)
         _save_last(run, epoch, best)  # the epoch's training is kept even if its evaluation fails
+        if (epoch + 1) % max(cfg.eval_every, 1) and epoch != cfg.epochs - 1:
+            continue
         val, acc = _evaluate(run)
         metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
                    "lr": run.parts.optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - t_start}

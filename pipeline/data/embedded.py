@@ -59,13 +59,26 @@ def prepare_default_dataset(out: str | Path = DEFAULT_DATA_DIR, per_class: dict[
 
     Args:
         per_class: optional cap of images per class per split (``{"train": 1000, "val": 200}``), taking the
-            first ones in the original order so the subset is deterministic.
+            first ones in the original order so the subset is deterministic. ``train`` comes from Fashion-MNIST's
+            training set, ``val`` from its test set.
+    """
+    caps = per_class or {}
+    return write_tree(out, {"train": ("train", 0, caps.get("train")), "val": ("val", 0, caps.get("val"))}, quality)
+
+
+def write_tree(out: str | Path, splits: dict[str, tuple[str, int, int | None]], quality: int = 95) -> Path:
+    """Write ``out/<split>/<class>/<NNNNN>.jpg`` for each ``split: (source, start, count)``: per class, the images
+    of rank ``start`` to ``start + count`` (None: to the end) in Fashion-MNIST's ``source`` set (``train`` or
+    ``val`` = its test set), in the original order. File names are the source indices. Idempotent (a marker
+    records what was written); a partial tree is rebuilt.
+
+    Disjoint ranges of the training set give a held-out split that is never the test set (hyperparameter choice).
     """
     from PIL import Image
 
     out = Path(out)
     marker = out / ".complete"
-    want = repr(sorted((per_class or {}).items())) + f" q{quality}"
+    want = repr(sorted(splits.items())) + f" q{quality}"
     if marker.is_file() and marker.read_text() == want:
         log.info("embedded dataset ready at %s", out)
         return out
@@ -73,17 +86,17 @@ def prepare_default_dataset(out: str | Path = DEFAULT_DATA_DIR, per_class: dict[
         shutil.rmtree(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for split in ("train", "val"):
-        images, labels = load_fashion_mnist(split)
-        cap = (per_class or {}).get(split)
-        counts = np.zeros(len(FASHION_MNIST_CLASSES), int)
+    for split, (source, start, count) in splits.items():
+        images, labels = load_fashion_mnist(source)
+        rank = np.zeros(len(FASHION_MNIST_CLASSES), int)
         for c in FASHION_MNIST_CLASSES:
             (tmp / split / c).mkdir(parents=True, exist_ok=True)
         for i in tqdm(range(len(labels)), desc=f"writing {split}", unit="img", mininterval=1.0):
             y = int(labels[i])
-            if cap is not None and counts[y] >= cap:
+            r = rank[y]
+            rank[y] += 1
+            if r < start or (count is not None and r >= start + count):
                 continue
-            counts[y] += 1
             rgb = np.repeat(images[i][:, :, None], 3, axis=2)
             Image.fromarray(rgb).save(tmp / split / FASHION_MNIST_CLASSES[y] / f"{i:05d}.jpg", quality=quality)
     tmp.rename(out)

@@ -1,28 +1,49 @@
-"""Every results suite runs end to end in its tiny configuration (keeps the experiment code alive)."""
+"""Every results suite runs end to end in its tiny configuration (keeps the experiment code alive): teachers,
+banks (dense, views, compact-on-write, embeddings), every arm, the measurements, the summaries, the claims table
+and the plots; a second run reuses every finished run."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from pipeline.experiments import SCALES, main, suites
+from pipeline.experiments.plan import claims
+from pipeline.experiments.report import compare
 
 
 @pytest.mark.slow
 def test_all_suites_tiny(tmp_path, demo_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     md = tmp_path / "RESULTS.md"
-    rc = main(["all", "--scale", "tiny", "--root", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data"),
-               "--results", str(md), "--cache", str(tmp_path / "banks")])
-    assert rc == 0
+    common = ["--scale", "tiny", "--root", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data"),
+              "--results", str(md)]
+    assert main(["all", *common]) == 0
     text = md.read_text()
+    assert text.index("## Claims") < text.index("<!-- suite:methods -->")
+    for c in claims(SCALES["tiny"]):
+        assert f"| {c.claim} |" in text
     for name in suites(SCALES["tiny"]):
         assert f"<!-- suite:{name} -->" in text and f"<!-- /suite:{name} -->" in text
         assert (tmp_path / "results" / f"{name}.png").is_file()
-    # Re-running reuses every finished run and rewrites sections in place (no duplicates).
-    rc = main(["methods", "--scale", "tiny", "--root", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data"),
-               "--results", str(md), "--cache", str(tmp_path / "banks")])
-    assert rc == 0
-    assert md.read_text().count("<!-- suite:methods -->") == 1
+        summary = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+        assert all(len(a["top1"]) == 1 for a in summary["arms"].values())
+    assert "Step time (one interleaved measurement" in text and "Exactness" in text
+    jobs = sorted((tmp_path / "runs" / "tiny" / "jobs").iterdir())
+    mtimes = {p: (p / "final.json").stat().st_mtime_ns for p in jobs}
+    # Re-running one suite reuses every finished run and rewrites RESULTS.md whole (no duplicated section)
+    assert main(["methods", *common]) == 0
+    assert md.read_text().count("<!-- suite:methods -->") == 1 and "<!-- suite:embedding -->" in md.read_text()
+    assert {p: (p / "final.json").stat().st_mtime_ns for p in jobs} == mtimes
+
+
+def test_verdicts():
+    assert compare([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], ">")[2] == "held"
+    assert compare([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], ">")[2] == "reversed"
+    assert compare([1.0, 3.0, 2.0], [1.5, 2.5, 2.0], ">")[2] == "within noise"
+    assert compare([0.02, 0.021], [0.03, 0.031], "<")[2] == "held"  # a lower ECE, as expected
+    assert compare([1.0, 1.1], [1.05, 1.0], "~")[2] == "held" and compare([3.0, 3.1], [1.0, 1.1], "~")[2] == "not held"
 
 
 def test_unknown_suite_is_a_usage_error(capsys):

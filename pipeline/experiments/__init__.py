@@ -1,0 +1,168 @@
+"""``python -m pipeline.experiments SUITE...`` (``make results``): the seeds' claims, tested on the embedded data.
+
+Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views, formats, embedding (or ``all``). A
+run: write the data trees; train the teachers (shared by every suite); dump their banks (content-addressed,
+shared); for every method, train its small hyperparameter grid on held-out training images and keep the best
+setting; train every arm with 3 seeds at that setting (one optimizer and schedule for all); measure what
+training runs cannot (interleaved step times, bank-vs-live exactness); rewrite RESULTS.md (claims table first)
+and the plots in ``results/``. Training runs go ``--jobs`` at a time in their own processes; finished runs are
+reused and interrupted ones resumed, so a stopped suite continues where it stopped. ``--scale tiny`` runs every
+suite in a few steps (what the tests use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline import storage
+from pipeline.errors import UsageError, cli_entry, setup_logging
+from pipeline.experiments import measure, report
+from pipeline.experiments.plan import GRIDS, SCALES, SMALL, TEACHERS, Scale, Suite, fixed_loss, suites
+from pipeline.experiments.runner import Job, Runner
+
+log = logging.getLogger("pipeline.experiments")
+
+__all__ = ["SCALES", "main", "run_suites", "suites"]
+
+
+def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, results: Path | None,
+               device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Run the suites ``names`` (teachers, banks, grids, arms); write their summaries and RESULTS.md."""
+    t0 = time.time()
+    plan = [suites(scale)[n] for n in names]
+    runner = Runner(root, scale, device)
+    runner.prepare_data(data_root)
+    methods = sorted({a.method for s in plan for a in s.arms})
+    needed = {t for s in plan for a in s.arms for t in (*a.teachers, *([a.live] if a.live else []))}
+    needed |= {t for m in methods if m in GRIDS and scale.grid for t in GRIDS[m][1]}
+    runner.run_jobs([runner.teacher_job(TEACHERS[t]) for t in sorted(needed)], "teachers")
+    if scale.grid:
+        runner.run_jobs([j for m in methods if m in GRIDS for _, j in runner.grid_jobs(m)], "hyperparameter grids")
+    chosen = {m: runner.choose(m) for m in methods}
+    jobs = {(s.name, a.label, seed): runner.job({**runner.arm_overrides(a, chosen[a.method][0]), "seed": seed})
+            for s in plan for a in s.arms for seed in scale.seeds}
+    runner.run_jobs(list(jobs.values()), "students")
+    out = {}
+    for s in plan:
+        out[s.name] = summarize(s, runner, jobs, chosen)
+        log.info("suite %s summarised", s.name)
+    if results is not None:
+        folder = results.parent / "results"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, summ in out.items():
+            (folder / f"{name}.json").write_text(json.dumps(summ, indent=1))
+        summaries = report.load_summaries(folder)
+        plots = {n: f"results/{report.plot(n, summ, folder)}" for n, summ in summaries.items()}
+        report.write_results(results, scale, summaries, plots, list(suites(scale)))
+    log.info("suites %s done in %.1f min", ", ".join(names), (time.time() - t0) / 60)
+    return out
+
+
+def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job],
+              chosen: dict[str, tuple[dict[str, Any], list]]) -> dict[str, Any]:
+    """The suite's summary: per arm the seeds' metrics, chosen hyperparameters and grid; teachers' and baseline's
+    convergence; measurements."""
+    scale = runner.scale
+    arms: dict[str, Any] = {}
+    for a in suite.arms:
+        finals = [jobs[(suite.name, a.label, s)].final() for s in scale.seeds]
+        setting, grid = chosen[a.method]
+        banks = (finals[0].get("bank") or "").split(",") if a.teachers else []
+        arms[a.label] = {
+            "method": a.method, "student": a.student, "chosen": setting,
+            "loss": {**fixed_loss(a.method, scale), **setting, **a.loss},
+            "grid": grid, **{k: [f[k] for f in finals] for k in ("top1", "ece", "nll")},
+            "bank_bytes": sum(storage.size(b) for b in banks) / (10 * scale.student) if banks else None,
+        }
+    teachers = {}
+    for name in sorted({t for a in suite.arms for t in (*a.teachers, *([a.live] if a.live else []))}):
+        job = runner.teacher_job(TEACHERS[name])
+        rows = job.metrics()
+        teachers[name] = {"arch": TEACHERS[name].arch, "epochs": len(rows), "train_images": _train_images(runner, name),
+                          "last_top1": [r["top1"] for r in rows[-3:]], "train_loss": rows[-1]["train_loss"]}
+    base = next((a for a in suite.arms if a.method == "ce" and a.student == SMALL and not a.extra), None)
+    baseline = None
+    if base is not None:
+        rows = [jobs[(suite.name, base.label, s)].metrics() for s in scale.seeds]
+        baseline = {"label": base.label, "last_top1": [[r["top1"] for r in rs[-3:]] for rs in rows],
+                    "train_loss": [rs[-1]["train_loss"] for rs in rows]}
+    return {"title": suite.title, "recipe": _recipe(scale), "setup": _setup(scale), "note": suite.note,
+            "teachers": teachers, "baseline": baseline, "arms": arms,
+            "measurements": _measure(suite, runner) if suite.name == "offline-vs-live" else {}}
+
+
+def _train_images(runner: Runner, name: str) -> int:
+    t = TEACHERS[name]
+    from pipeline.data import build_manifest
+
+    return len(build_manifest(runner.trees[t.data], "train"))
+
+
+def _recipe(scale: Scale) -> str:
+    return (f"Student `{SMALL}`, {scale.student_epochs} epochs, {len(scale.seeds)} seed(s) per arm "
+            f"({', '.join(map(str, scale.seeds))}).")
+
+
+def _setup(scale: Scale) -> str:
+    return (f"the student (`{SMALL}`, 0.1M parameters) trains on {10 * scale.student} training images "
+            f"({scale.student} per class) for {scale.student_epochs} epochs; the big teacher (`democnn`, 0.6M) on "
+            f"{10 * scale.teacher} for {scale.teacher_epochs} epochs; every method uses one recipe (SGD, nesterov, "
+            f"lr {scale.lr}, weight decay 5e-4, batch {scale.batch_size}, cosine schedule with half an epoch of "
+            "warm-up, pad-and-crop + flip augmentation; random-resized crops in the views suite); each method's "
+            f"temperature and weights are chosen from at most 4 settings on {10 * scale.holdout} held-out training "
+            f"images (never the test set); models are evaluated on {10 * scale.val} test images.")
+
+
+def _measure(suite: Suite, runner: Runner) -> dict[str, str]:
+    """Interleaved step times and bank-vs-live exactness (offline-vs-live suite)."""
+    bank = runner.bank("big", "demo", {})
+    teacher = runner.teacher_ckpt("big")
+    t = measure.step_times(bank, teacher, SMALL, runner.scale.batch_size,
+                           rounds=2 if runner.scale.max_steps else 5)
+    e = measure.exactness(str(runner.trees["student"]), bank, teacher, "demo",
+                          batches=1 if runner.scale.max_steps else 4, batch=runner.scale.batch_size)
+    return {
+        "Step time (one interleaved measurement, 1 thread, batch "
+        f"{t['batch']}, {t['size']} px, median of {t['rounds']} rounds)":
+            f"CE {t['ms']['ce']:.1f} ms, KD from the bank {t['ms']['bank']:.1f} ms ({t['bank_over_ce']:.3f}x CE), "
+            f"KD from the live teacher {t['ms']['live']:.1f} ms ({t['live_over_bank']:.2f}x the bank)",
+        "Exactness (the same eval-transform batches through the bank and the live teacher)":
+            f"max |logit difference| {e['logits_abs']:.2e} (fp16 storage), max relative per-step loss difference "
+            f"kd {e['kd_rel']:.2e}, wsld {e['wsld_rel']:.2e}",
+    }
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", nargs="+", help="suite name(s) or 'all'")
+    p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full (default) or tiny")
+    p.add_argument("--root", default="results/runs", help="where runs and banks go (default: results/runs)")
+    p.add_argument("--data-root", default="data/results", help="where the data trees are written")
+    p.add_argument("--results", default="RESULTS.md", help="the file rewritten ('' = none) (default: RESULTS.md)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    p.add_argument("--jobs", type=int, default=None, help="training processes at once (default: the scale's)")
+    args = p.parse_args(argv)
+    setup_logging()
+    scale = SCALES[args.scale]
+    if args.jobs:
+        from dataclasses import replace
+
+        scale = replace(scale, jobs=args.jobs)
+    names = list(suites(scale)) if args.suite == ["all"] else args.suite
+    for n in names:
+        if n not in suites(scale):
+            raise UsageError(f"unknown suite '{n}'; valid: {', '.join(suites(scale))}, all")
+    out = run_suites(names, scale, Path(args.root) / args.scale, Path(args.data_root), Path(args.results)
+                     if args.results else None, args.device)
+    for n, s in out.items():
+        for label, a in s["arms"].items():
+            print(f"{n:18s} {label:50s} top1 {report.mean_std(a['top1']):>14s}  ece {report.mean_std(a['ece'], 4)}")
+    return 0
+

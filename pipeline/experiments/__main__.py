@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.experiments import main
+
+sys.exit(main())

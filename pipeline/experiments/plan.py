@@ -1,0 +1,249 @@
+"""What the result suites run: the scale, the teachers, each suite's arms, each method's hyperparameter grid, and
+the claims they test.
+
+Everything here is data; :mod:`pipeline.experiments.runner` turns it into training jobs and bank dumps, and
+:mod:`pipeline.experiments.report` into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big the suites run (the embedded Fashion-MNIST; ``*_per_class`` are images per class).
+
+    The student trains on the first ``student`` training images of each class; hyperparameters are chosen on
+    ``holdout`` further training images (never the test set); the big teacher trains on every training image but
+    the held-out ones; every model is evaluated on ``val`` images per class of the test set.
+    """
+
+    student: int = 1000
+    holdout: int = 300
+    teacher: int = 5700
+    val: int = 500
+    teacher_epochs: int = 12
+    small_teacher_epochs: int = 15
+    student_epochs: int = 15
+    seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 128
+    lr: float = 0.05
+    labeled: int = 50  # per class, label-efficiency suite
+    views: tuple[int, ...] = (4, 16)
+    topk: tuple[int, ...] = (1, 2, 4)
+    jobs: int = 2  # training processes at once (0: one after another in this process)
+    max_steps: int = 0  # > 0: cap the steps per epoch (tiny scale)
+    grid: bool = True  # False: every method at its published defaults (tiny scale)
+
+
+SCALES = {
+    "full": Scale(),
+    "tiny": Scale(student=12, holdout=6, teacher=24, val=6, teacher_epochs=1, small_teacher_epochs=1,
+                  student_epochs=1, seeds=(0,), batch_size=32, labeled=4, views=(2,), topk=(2,), max_steps=2,
+                  grid=False, jobs=0),
+}
+
+BIG, SMALL = "democnn", "democnn_s"
+
+
+@dataclass(frozen=True)
+class TeacherJob:
+    """A teacher trained with plain cross-entropy. ``data``: ``teacher`` (the big teacher's training set) or
+    ``student`` (the student's); ``epochs``: None = the scale's for its size."""
+
+    name: str
+    arch: str
+    data: str = "student"
+    epochs: int | None = None
+    seed: int = 100
+
+
+TEACHERS = {t.name: t for t in (
+    TeacherJob("big", BIG, data="teacher"),
+    TeacherJob("self", SMALL),  # Tf-KD's self-teacher: the student's architecture, trained normally
+    TeacherJob("poor", BIG, epochs=1),  # De-KD's poorly trained teacher
+    TeacherJob("r8", "resnet8"),
+    TeacherJob("r14", "resnet14"),
+)}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of a suite: a student recipe, run once per seed.
+
+    ``teachers``: names in :data:`TEACHERS` whose banks are stacked on T; ``live``: run this teacher instead of
+    its bank; ``bank``: bank options (``views``, ``format``, ``topk``, ``features``); ``loss``: fixed loss
+    hyperparameters (the grid's choice fills the rest); ``extra``: other config keys.
+    """
+
+    label: str
+    method: str
+    student: str = SMALL
+    teachers: tuple[str, ...] = ()
+    live: str | None = None
+    bank: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    preset: str = "demo"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    arms: tuple[Arm, ...]
+    note: str = ""
+
+
+def _ce() -> Arm:
+    return Arm("ce", "ce")
+
+
+def _kd(**kw: Any) -> Arm:
+    return Arm(kw.pop("label", "kd"), "kd", teachers=("big",), **kw)
+
+
+def suites(scale: Scale) -> dict[str, Suite]:
+    """Every suite at ``scale``, in the order RESULTS.md lists them."""
+    ratio = max(1, scale.student // max(scale.labeled, 1))  # as many steps as the all-images arms, as many evals
+    few = {"train_subset": 10 * scale.labeled, "epochs": scale.student_epochs * ratio, "eval_every": ratio}
+    out = [
+        Suite("methods", "Logit methods from one bank", (
+            _ce(), Arm("ls", "ls"), _kd(), Arm("wsld", "wsld", teachers=("big",)), Arm("tfkd_reg", "tfkd_reg"),
+            Arm("dkd", "dkd", teachers=("big",)), Arm("dist", "dist", teachers=("big",)))),
+        Suite("tfkd", "Tf-KD: self-teacher, manual teacher, Re-KD, De-KD", (
+            _ce(), Arm("tfkd_self (self-teacher)", "tfkd_self", teachers=("self",)),
+            Arm("tfkd_self (big teacher)", "tfkd_self", teachers=("big",)), Arm("tfkd_reg (manual teacher)", "tfkd_reg"),
+            Arm("De-KD: kd from a 1-epoch teacher", "kd", teachers=("poor",)),
+            Arm("big student, ce", "ce", student=BIG),
+            Arm("Re-KD: big student, kd from the small self-teacher", "kd", student=BIG, teachers=("self",)))),
+        Suite("label-opt", "Label optimization: SL, SL-Ens, SL-KD, SL-Enc vs vanilla, LS, KD", (
+            _ce(), Arm("ls", "ls"), _kd(), Arm("sl", "sl", teachers=("big",)),
+            Arm("sl_enc", "sl_enc", teachers=("big",)),
+            Arm("sl_ens (3 teachers)", "sl_ens", teachers=("big", "r8", "r14")),
+            Arm("sl_kd (3 teachers)", "sl_kd", teachers=("big", "r8", "r14")))),
+        Suite("label-efficiency", "Label efficiency: teacher labels on unlabelled images vs few labels", (
+            Arm(f"ce, {scale.labeled} labels per class (as many steps)", "ce", extra=few),
+            _kd(label="teacher labels only (kd, alpha 1), every image", loss={"alpha": 1.0}),
+            _ce())),
+        Suite("offline-vs-live", "Offline bank vs live teacher", (
+            _kd(label="kd, bank"), _kd(label="kd, live", live="big"),
+            Arm("wsld, bank", "wsld", teachers=("big",)), Arm("wsld, live", "wsld", live="big"))),
+        Suite("views", "Consistent views: center bank vs K replayed views vs live teacher (random-resized crops)",
+              tuple(a for m in ("kd", "wsld") for a in (
+                  Arm(f"{m}, center bank", m, teachers=("big",), preset="demo_rrc"),
+                  *[Arm(f"{m}, {k} views", m, teachers=("big",), bank={"views": k}, preset="demo_rrc",
+                        extra={"replay_views": True}) for k in scale.views],
+                  Arm(f"{m}, live", m, live="big", preset="demo_rrc")))),
+        Suite("formats", "Bank formats: dense vs top-k (compact on write) vs int8", (
+            _kd(label="dense fp16"),
+            *[_kd(label=f"top-{k}", bank={"format": "topk", "topk": k}) for k in scale.topk],
+            _kd(label="int8", bank={"format": "int8"}))),
+        Suite("embedding", "Embedding-level methods from stored embeddings", (
+            _ce(), _kd(),
+            *[Arm(m, m, teachers=("big",), bank={"features": True}) for m in ("rkd", "pkt", "sp", "crd", "fitnet")])),
+    ]
+    return {s.name: s for s in out}
+
+
+# Per method: a grid of at most 4 settings around the published values (the first is the published default), the
+# teachers it is chosen with, and the bank it reads. Chosen once on the held-out images, used by every arm.
+GRIDS: dict[str, tuple[tuple[dict[str, Any], ...], tuple[str, ...], dict[str, Any]]] = {
+    "ls": (({"eps": 0.1}, {"eps": 0.05}, {"eps": 0.2}), (), {}),
+    "kd": (({"alpha": 0.9, "T": 4.0}, {"alpha": 0.5, "T": 4.0}, {"alpha": 0.9, "T": 2.0}, {"alpha": 0.5, "T": 2.0}),
+           ("big",), {}),
+    "wsld": (({"alpha": 2.25, "T": 4.0}, {"alpha": 2.5, "T": 2.0}, {"alpha": 1.0, "T": 4.0}, {"alpha": 1.0, "T": 2.0}),
+             ("big",), {}),
+    "dkd": (({"beta": 8.0, "T": 4.0}, {"beta": 2.0, "T": 4.0}, {"beta": 8.0, "T": 2.0}, {"beta": 2.0, "T": 2.0}),
+            ("big",), {}),
+    "dist": (({"beta": 1.0, "gamma": 1.0, "T": 1.0}, {"beta": 2.0, "gamma": 2.0, "T": 1.0},
+              {"beta": 1.0, "gamma": 1.0, "T": 4.0}, {"beta": 2.0, "gamma": 2.0, "T": 4.0}), ("big",), {}),
+    "tfkd_reg": (({"alpha": 0.1, "T": 20.0}, {"alpha": 0.5, "T": 20.0}, {"alpha": 0.1, "T": 40.0}), (), {}),
+    "tfkd_self": (({"alpha": 0.95, "T": 6.0}, {"alpha": 0.5, "T": 6.0}, {"alpha": 0.95, "T": 2.0},
+                   {"alpha": 0.5, "T": 2.0}), ("self",), {}),
+    "sl": (({"alpha": 0.1, "T": 3.0}, {"alpha": 0.3, "T": 3.0}, {"alpha": 1.0, "T": 3.0}), ("big",), {}),
+    "sl_enc": (({"alpha": 0.1, "T": 3.0}, {"alpha": 0.3, "T": 3.0}, {"alpha": 1.0, "T": 3.0}), ("big",), {}),
+    "sl_ens": (({"alpha": 0.1, "T": 3.0}, {"alpha": 0.3, "T": 3.0}, {"alpha": 1.0, "T": 3.0}),
+               ("big", "r8", "r14"), {}),
+    "sl_kd": (({"alpha": 0.1, "T": 3.0}, {"alpha": 0.3, "T": 3.0}, {"alpha": 1.0, "T": 3.0}),
+              ("big", "r8", "r14"), {}),
+    "rkd": (({"weight": 1.0}, {"weight": 0.1}, {"weight": 10.0}), ("big",), {"features": True}),
+    "pkt": (({"weight": 30000.0}, {"weight": 1000.0}, {"weight": 100.0}), ("big",), {"features": True}),
+    "sp": (({"weight": 3000.0}, {"weight": 300.0}, {"weight": 30.0}), ("big",), {"features": True}),
+    "crd": (({"weight": 0.8}, {"weight": 0.4}, {"weight": 1.6}), ("big",), {"features": True}),
+    "fitnet": (({"weight": 1.0}, {"weight": 0.1}, {"weight": 10.0}), ("big",), {"features": True}),
+}
+
+
+def fixed_loss(method: str, scale: Scale) -> dict[str, Any]:
+    """Loss settings that follow the scale rather than a grid: DKD's KD-weight warm-up (20 of 240 epochs in the
+    paper) is a quarter of the run; CRD draws at most 4096 negatives (fewer than the training images)."""
+    if method == "dkd":
+        return {"warmup_epochs": max(1, scale.student_epochs // 4)}
+    if method == "crd":
+        return {"nce_k": min(4096, 10 * scale.student - 1)}
+    return {}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``a`` vs ``b`` (arm labels of ``suite``) on ``metric``: ``expect`` ``>`` (a's value higher), ``<`` (lower:
+    a lower ECE is a better calibration) or ``~`` (equal within noise)."""
+
+    suite: str
+    a: str
+    b: str
+    expect: str = ">"
+    metric: str = "top1"
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    source: str
+    published: str
+    comparisons: tuple[Comparison, ...]
+
+
+def claims(scale: Scale) -> list[Claim]:
+    k = max(scale.views)
+    return [
+        Claim("WSLD > KD > CE", "seeds 000, 001 (Zhou et al. 2021)",
+              "R34→R18 ImageNet: CE 69.75, KD 71.03–71.37, WSLD 72.04 top-1",
+              (Comparison("methods", "wsld", "kd"), Comparison("methods", "kd", "ce"))),
+        Claim("SL-family students are better calibrated than KD; SL-KD is the best SL variant", "seed 002",
+              "CIFAR-100 R20: KD 68.20 / ECE .061, SL 69.17 / .021, SL-KD 69.67 / .014",
+              (Comparison("label-opt", "sl_kd (3 teachers)", "kd", "<", "ece"),
+               Comparison("label-opt", "sl", "kd", "<", "ece"),
+               Comparison("label-opt", "sl_kd (3 teachers)", "sl", ">"))),
+        Claim("Tf-KD self-training and the manually designed teacher help; Re-KD and De-KD still help", "seed 004",
+              "ImageNet R18 self-KD 70.42 vs 69.76; CIFAR-100 ResNeXt29 81.03 → 82.08",
+              (Comparison("tfkd", "tfkd_self (self-teacher)", "ce"),
+               Comparison("tfkd", "tfkd_reg (manual teacher)", "ce"),
+               Comparison("tfkd", "De-KD: kd from a 1-epoch teacher", "ce"),
+               Comparison("tfkd", "Re-KD: big student, kd from the small self-teacher", "big student, ce"))),
+        Claim("An offline bank gives the live teacher's accuracy at a fraction of the time", "mission; FKD (Shen & "
+              "Xing 2022)", "FKD: same accuracy, epoch 487 s vs 579 s",
+              (Comparison("offline-vs-live", "kd, bank", "kd, live", "~"),
+               Comparison("offline-vs-live", "wsld, bank", "wsld, live", "~"))),
+        Claim(f"Replayed views ({k}) beat a single center-view label and match a live teacher on random crops",
+              "Beyer et al. 2022; FKD", "consistent teaching: precomputed single labels overfit",
+              (Comparison("views", f"kd, {k} views", "kd, center bank"), Comparison("views", f"kd, {k} views",
+                                                                                     "kd, live", "~"),
+               Comparison("views", f"wsld, {k} views", "wsld, center bank"),
+               Comparison("views", f"wsld, {k} views", "wsld, live", "~"))),
+        Claim("Top-k and int8 banks train students as well as the dense bank", "FKD (top-5 per crop); this project",
+              "FKD: top-5 soft labels reach the full-label accuracy",
+              tuple(Comparison("formats", lab, "dense fp16", "~")
+                    for lab in [f"top-{max(scale.topk)}", "int8"])),
+        Claim("Teacher labels on unlabelled images beat few labels alone", "seed 004 (label efficiency); "
+              "semi-supervised KD", "—",
+              (Comparison("label-efficiency", "teacher labels only (kd, alpha 1), every image",
+                          f"ce, {scale.labeled} labels per class (as many steps)"),)),
+        Claim("Embedding-level methods (RKD, PKT, SP, CRD, FitNet) improve on CE; CRD is competitive with KD",
+              "REFERENCE.md (RepDistiller tables)", "ImageNet R34→R18: CRD 70.93, KD 71.03–71.37, CE 69.75",
+              tuple(Comparison("embedding", m, "ce") for m in ("rkd", "pkt", "sp", "crd", "fitnet"))
+              + (Comparison("embedding", "crd", "kd", "~"),)),
+    ]

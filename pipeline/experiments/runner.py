@@ -1,0 +1,232 @@
+"""Turns the plan into work: data trees, teacher and student training jobs (run in parallel processes, resumable,
+shared across suites by their config), bank dumps (content-addressed, shared), and the grid choice.
+
+A job is a resolved TrainConfig written to ``<root>/jobs/<hash>/job.yaml`` and run as
+``python -m pipeline.train_student --config job.yaml`` (``--resume`` when its ``last.pt`` exists); the hash is
+over the config, so the same run asked for by two suites runs once, and a finished one (``final.json``) is
+never run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import from_dict
+from pipeline.errors import UsageError
+from pipeline.experiments.plan import GRIDS, SMALL, TEACHERS, Arm, Scale, TeacherJob, fixed_loss
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: ``config`` (TrainConfig keys; output_dir is derived) and its directory."""
+
+    config: dict[str, Any]
+    root: Path
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def dir(self) -> Path:
+        return self.root / "jobs" / self.key
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "final.json").is_file()
+
+    def final(self) -> dict[str, Any]:
+        return json.loads((self.dir / "final.json").read_text())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.dir / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+class Runner:
+    """Runs the plan's jobs and dumps under ``root`` for ``scale`` on ``device``."""
+
+    def __init__(self, root: Path, scale: Scale, device: str = "cpu"):
+        self.root, self.scale, self.device = root, scale, device
+        self.cache = root / "banks"
+        self.trees: dict[str, Path] = {}
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def prepare_data(self, data_root: Path) -> None:
+        """Three trees from the embedded Fashion-MNIST: ``student`` (train: the student's images, val: test
+        images), ``grid`` (the same train split; val: held-out training images, for the grid), ``teacher`` (every
+        training image but the held-out ones; val: test images)."""
+        from pipeline.data.embedded import write_tree
+
+        s = self.scale
+        test = ("val", 0, s.val)
+        self.trees = {
+            "student": write_tree(data_root / f"student-{s.student}-{s.val}", {"train": ("train", 0, s.student),
+                                                                              "val": test}),
+            "grid": write_tree(data_root / f"grid-{s.student}-{s.holdout}", {
+                "train": ("train", 0, s.student), "val": ("train", s.student, s.holdout)}),
+            "teacher": write_tree(data_root / f"teacher-{s.teacher}-{s.val}", {
+                "train": ("train", s.student + s.holdout, max(0, s.teacher - s.student)) if s.teacher > s.student
+                else ("train", 0, s.teacher), "val": test}),
+        }
+        if s.teacher > s.student:  # the big teacher also sees the student's images (never the held-out ones)
+            self._merge_student_images()
+
+    def _merge_student_images(self) -> None:
+        import shutil
+
+        dst = self.trees["teacher"] / "train"
+        marker = self.trees["teacher"] / ".with-student"
+        if marker.is_file():
+            return
+        for f in (self.trees["student"] / "train").rglob("*.jpg"):
+            shutil.copy(f, dst / f.parent.name / f.name)
+        marker.write_text("student images added\n")
+
+    # --- jobs ---------------------------------------------------------------------------------------------------
+    def job(self, overrides: dict[str, Any]) -> Job:
+        """A training job: the common recipe (one optimizer and schedule for every method) plus ``overrides``."""
+        s = self.scale
+        base = {"data": str(self.trees["student"]), "device": self.device, "batch_size": s.batch_size,
+                "workers": 1, "epochs": s.student_epochs, "max_steps_per_epoch": s.max_steps, "log_every": 1000,
+                "loader": "dali", "optim": {"name": "sgd", "lr": s.lr, "momentum": 0.9, "nesterov": True,
+                                            "weight_decay": 5e-4},
+                "sched": {"name": "cosine", "warmup_epochs": 0.5}}
+        cfg = _merge(base, overrides)
+        from stage2_student_train.config import TrainConfig
+
+        from_dict(TrainConfig, {**cfg, "output_dir": "x"})  # a bad key fails here, not in a worker
+        return Job(cfg, self.root)
+
+    def run_jobs(self, jobs: list[Job], what: str) -> None:
+        """Run every unfinished job, ``scale.jobs`` at a time, each in its own process (1 thread); raise after
+        all ended when one failed."""
+        todo = list({j.key: j for j in jobs if not j.done}.values())
+        if not todo:
+            return
+        log.info("%s: %d run(s) to do (%d already done), %s", what, len(todo), len(jobs) - len(todo),
+                 f"{self.scale.jobs} at a time" if self.scale.jobs else "in this process")
+        t0 = time.time()
+        if self.scale.jobs == 0:  # tiny scale: no process start-up per run
+            failed = [j for j in todo if not self._run_here(j)]
+        else:
+            with ThreadPoolExecutor(self.scale.jobs) as ex:
+                failed = [j for j, ok in zip(todo, ex.map(self._run_one, todo)) if not ok]
+        log.info("%s: done in %.1f min", what, (time.time() - t0) / 60)
+        if failed:
+            tail = (failed[0].dir / "log.txt").read_text()[-600:]
+            raise UsageError(f"{len(failed)} run(s) failed, first {failed[0].dir}: {' '.join(tail.split())}")
+
+    def _run_here(self, job: Job) -> bool:
+        from stage2_student_train import TrainConfig, run_training
+
+        job.dir.mkdir(parents=True, exist_ok=True)
+        resume = (job.dir / "last.pt").is_file()
+        cfg = from_dict(TrainConfig, {**job.config, "output_dir": str(job.dir), "resume": resume,
+                                      "overwrite": not resume})
+        old = os.environ.get("KD_CACHE")
+        os.environ["KD_CACHE"] = str(self.cache)
+        try:
+            run_training(cfg)
+        except UsageError as e:
+            (job.dir / "log.txt").write_text(f"error: {e}\n")
+        finally:
+            if old is None:
+                os.environ.pop("KD_CACHE", None)
+            else:
+                os.environ["KD_CACHE"] = old
+        return job.done
+
+    def _run_one(self, job: Job) -> bool:
+        job.dir.mkdir(parents=True, exist_ok=True)
+        (job.dir / "job.yaml").write_text(yaml.safe_dump({**job.config, "output_dir": str(job.dir)}))
+        cmd = [sys.executable, "-m", "pipeline.train_student", "--config", str(job.dir / "job.yaml")]
+        cmd += ["--resume"] if (job.dir / "last.pt").is_file() else ["--overwrite"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "KD_CACHE": str(self.cache)}
+        with open(job.dir / "log.txt", "a") as out:
+            rc = subprocess.run(cmd, env=env, stdout=out, stderr=out, cwd=REPO).returncode
+        return rc == 0 and job.done
+
+    # --- teachers and banks ---------------------------------------------------------------------------------------
+    def teacher_job(self, t: TeacherJob) -> Job:
+        s = self.scale
+        epochs = t.epochs or (s.teacher_epochs if t.data == "teacher" else s.small_teacher_epochs)
+        return self.job({"method": "ce", "student": t.arch, "data": str(self.trees[t.data]), "seed": t.seed,
+                         "epochs": epochs, "preset": "demo"})
+
+    def teacher_ckpt(self, name: str) -> tuple[str, str]:
+        """(arch, checkpoint) of teacher ``name`` (its job must be done)."""
+        t = TEACHERS[name]
+        job = self.teacher_job(t)
+        return t.arch, str(job.dir / "last.pt")
+
+    def bank(self, name: str, preset: str, opts: dict[str, Any], tree: str = "student") -> str:
+        """The bank of teacher ``name`` on ``tree``'s train split (dumped once: content-addressed in the cache)."""
+        from stage1_teacher_logits.dump import DumpConfig, run_dump
+
+        arch, ckpt = self.teacher_ckpt(name)
+        views = int(opts.get("views", 1))
+        cfg = {"teacher": [arch], "weights": [ckpt], "data": str(self.trees[tree]), "split": "train",
+               "preset": preset, "device": self.device, "batch_size": 256, "workers": 2, "rows_per_chunk": 2048,
+               "format": opts.get("format", "dense"), "topk": opts.get("topk"), "features": bool(opts.get("features")),
+               "loader": "dali", **({"views": views, "view_policy": "rrc+flip"} if views > 1 else {})}
+        old = os.environ.get("KD_CACHE")
+        os.environ["KD_CACHE"] = str(self.cache)
+        try:
+            return run_dump(from_dict(DumpConfig, cfg))
+        finally:
+            if old is None:
+                os.environ.pop("KD_CACHE", None)
+            else:
+                os.environ["KD_CACHE"] = old
+
+    # --- arms -----------------------------------------------------------------------------------------------------
+    def arm_overrides(self, arm: Arm, loss: dict[str, Any], tree: str = "student") -> dict[str, Any]:
+        """The config of ``arm`` (with loss hyperparameters ``loss``) on ``tree`` (``student`` or ``grid``)."""
+        over: dict[str, Any] = {"method": arm.method, "student": arm.student, "preset": arm.preset,
+                                "data": str(self.trees[tree]),
+                                "loss": {**fixed_loss(arm.method, self.scale), **loss, **arm.loss}, **arm.extra}
+        if arm.live:
+            arch, ck = self.teacher_ckpt(arm.live)
+            over.update({"live_teacher": [arch], "live_teacher_weights": [ck]})
+        elif arm.teachers:
+            over["banks"] = [self.bank(t, arm.preset, arm.bank, tree) for t in arm.teachers]
+        return over
+
+    def grid_jobs(self, method: str) -> list[tuple[dict[str, Any], Job]]:
+        """The grid of ``method``: (setting, job on the held-out split, seed 0) for each setting."""
+        settings, teachers, bank = GRIDS[method]
+        arm = Arm(method, method, teachers=teachers, bank=bank)
+        return [(s, self.job({**self.arm_overrides(arm, s, "grid"), "seed": 0})) for s in settings]
+
+    def choose(self, method: str) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
+        """The grid setting with the best held-out top-1 (ties: the earlier, i.e. the published one) and every
+        setting's held-out top-1. Without a grid (or for methods that have none): the loss's defaults."""
+        if method not in GRIDS or not self.scale.grid:
+            return {}, []
+        scored = [(s, j.final()["top1"]) for s, j in self.grid_jobs(method)]
+        best = max(range(len(scored)), key=lambda i: (scored[i][1], -i))
+        return scored[best][0], scored
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
