@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs.append(run)
     print()
     print(format_table(collect([str(r) for r in runs])))
+    print(f"\nlabel bank: {bank}")
     return 0
 
 
