@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from pipeline.errors import UsageError
+
+MODES = ("eval", "train", "views")
 
 
 @dataclass
@@ -30,3 +35,18 @@ class DecodeError(RuntimeError):
     def __init__(self, message: str, sample: int | None = None):
         super().__init__(message)
         self.sample = sample
+
+
+def check_request(order: np.ndarray, mode: str, boxes: np.ndarray | None, device: str, branches: int = 1) -> None:
+    """What both loaders refuse, in one line: an unknown device or mode, an empty order, boxes of the wrong shape
+    for ``views``, several preprocessing branches in ``train`` mode."""
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device '{device}'; valid: cpu, cuda")
+    if len(order) == 0:
+        raise UsageError("empty sample list")
+    if mode not in MODES:
+        raise UsageError(f"unknown pipeline mode '{mode}'")
+    if mode == "views" and (boxes is None or boxes.ndim != 3 or boxes.shape[0] != len(order) or boxes.shape[2] != 5):
+        raise UsageError("views mode needs boxes of shape [len(order), V, 5]")
+    if mode == "train" and branches > 1:
+        raise UsageError("train mode takes one preprocessing")

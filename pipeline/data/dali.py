@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.batch import Batch, DecodeError
+from pipeline.data.batch import Batch, DecodeError, check_request
 from pipeline.data.manifest import Manifest
 from pipeline.data.presets import Preprocess
 from pipeline.errors import UsageError
@@ -54,18 +54,9 @@ def build_pipeline(
 
     from pipeline.data.layouts import layout_of
 
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device '{device}'; valid: cpu, cuda")
     order = np.asarray(order, dtype=np.int64)
-    if len(order) == 0:
-        raise UsageError("empty sample list")
-    if mode not in _MODES:
-        raise UsageError(f"unknown pipeline mode '{mode}'")
-    if mode == "views" and (boxes is None or boxes.ndim != 3 or boxes.shape[0] != len(order) or boxes.shape[2] != 5):
-        raise UsageError("views mode needs boxes of shape [len(order), V, 5]")
     branches = [preprocess] if isinstance(preprocess, Preprocess) else list(preprocess)
-    if mode == "train" and len(branches) > 1:
-        raise UsageError("train mode takes one preprocessing")
+    check_request(order, mode, boxes, device, len(branches))
     decode_device = "mixed" if device == "cuda" else "cpu"
     layout = layout_of(manifest)
     groups = [boxes.shape[1] if mode == "views" else 1] * len(branches)

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.batch import Batch, DecodeError
+from pipeline.data.batch import Batch, DecodeError, check_request
 from pipeline.data.crops import rrc_box
 from pipeline.data.manifest import Manifest
 from pipeline.data.presets import Preprocess
@@ -38,7 +38,6 @@ from pipeline.errors import UsageError
 log = logging.getLogger(__name__)
 
 LOADERS = ("dali", "torch")
-MODES = ("eval", "train", "views")
 
 
 def dali_available() -> bool:
@@ -75,7 +74,7 @@ def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess:
     :class:`DecodeError` when a batch cannot be decoded.
     """
     order = np.asarray(order, dtype=np.int64)
-    _check(order, mode, boxes, device)
+    check_request(order, mode, boxes, device, 1 if isinstance(preprocess, Preprocess) else len(preprocess))
     if loader == "dali":
         from pipeline.data.dali import build_pipeline, iterate
 
@@ -84,17 +83,6 @@ def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess:
     if loader == "torch":
         return _torch_batches(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes)
     raise UsageError(f"unknown loader '{loader}'; valid: {', '.join(LOADERS)}")
-
-
-def _check(order: np.ndarray, mode: str, boxes: np.ndarray | None, device: str) -> None:
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device '{device}'; valid: cpu, cuda")
-    if len(order) == 0:
-        raise UsageError("empty sample list")
-    if mode not in MODES:
-        raise UsageError(f"unknown pipeline mode '{mode}'")
-    if mode == "views" and (boxes is None or boxes.ndim != 3 or boxes.shape[0] != len(order) or boxes.shape[2] != 5):
-        raise UsageError("views mode needs boxes of shape [len(order), V, 5]")
 
 
 # --- torch ------------------------------------------------------------------------------------------------
@@ -107,8 +95,6 @@ class TorchSamples(torch.utils.data.Dataset):
         from pipeline.data.layouts import layout_of
 
         self.branches = [preprocess] if isinstance(preprocess, Preprocess) else list(preprocess)
-        if mode == "train" and len(self.branches) > 1:
-            raise UsageError("train mode takes one preprocessing")
         self.manifest, self.order, self.mode, self.seed = manifest, order, mode, seed
         self.boxes = boxes
         self.layout = layout_of(manifest)

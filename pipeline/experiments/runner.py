@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.config import from_dict
 from pipeline.errors import UsageError
-from pipeline.experiments.plan import GRIDS, SMALL, TEACHERS, Arm, Scale, TeacherJob, fixed_loss
+from pipeline.experiments.plan import GRIDS, TEACHERS, Arm, Scale, TeacherJob, fixed_loss
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]

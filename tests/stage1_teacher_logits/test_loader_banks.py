@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 from pipeline.dump_logits import main as dump
