@@ -75,6 +75,20 @@ def test_fp16_overflow_teacher_dumps_as_float32(demo_root: Path, tmp_path: Path)
     logits = LabelBank(out).read_logits()
     assert logits.dtype == np.float32 and np.isfinite(logits).all() and np.abs(logits).max() > 65504
     assert verify_bank(out) == []
+    # stage 2 keeps the bank's precision (issue 14, point 9): the gathered rows are the stored float32 values, and
+    # a student trains from them with finite losses (before: the bank was loaded as float16, logits became inf
+    # and the first step stopped the run)
+    from pipeline.train_student import main as train
+    from stage2_student_train.label_sources import BankLabelSource
+
+    rows = BankLabelSource([LabelBank(out)])({"index": torch.arange(5), "epoch": 0})["teacher_logits"]
+    assert torch.equal(rows, torch.from_numpy(logits[:5, :, 0])) and rows.abs().max() > 65504
+    run = tmp_path / "run"
+    assert train(["--method", "kd", "--student", "democnn_s", "--labels", str(out), "--data", str(demo_root),
+                  "--batch-size", "32", "--epochs", "1", "--workers", "1", "--output-dir", str(run),
+                  "max_steps_per_epoch=2"]) == 0
+    rows = [__import__("json").loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(rows[0]["train_loss"])
 
 
 def test_overflow_in_a_later_chunk_keeps_earlier_chunks_only(demo_root: Path, tmp_path: Path, capsys):

@@ -177,3 +177,18 @@ def test_crd_kill_and_resume_is_bit_identical(tmp_path, demo_root, feature_bank)
     assert_same_state(a["criterion"], b["criterion"])
     assert any("memory" in k for k in a["criterion"])
     assert [r["train_loss"] for r in read_metrics(killed)] == [r["train_loss"] for r in read_metrics(ref)]
+
+
+def test_timm_teacher_embedding_is_pre_logits(demo_root, tmp_path):
+    """For a timm teacher the stored embedding is ``forward_head(forward_features(x), pre_logits=True)``."""
+    out = tmp_path / "t.zarr"
+    _dump(demo_root, out, "--teacher", "timm/resnet10t", "--weights", "none", "--batch-size", "50")
+    bank = LabelBank(out)
+    torch.manual_seed(0)  # the dump's random init of teacher 0 (seed + 0)
+    model = create_model("timm/resnet10t", 10, "none").eval()
+    m = build_manifest(demo_root, "train")
+    (b,) = iterate(build_pipeline(m, np.arange(10), get_preset("demo"), "eval", 10, 1), 10, 10)
+    with torch.no_grad():
+        want = model.forward_head(model.forward_features(b.images), pre_logits=True).numpy()
+    assert bank.feature_meta["dims"] == [want.shape[1]]
+    np.testing.assert_allclose(bank.read_features(0, 10)[:, 0, 0], want, rtol=2.0 ** -10, atol=1e-4)
