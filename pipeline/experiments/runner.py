@@ -1,8 +1,9 @@
 """Turns the plan into work: data trees, teacher and student training jobs (run in parallel processes, resumable,
 shared across suites by their config), bank dumps (content-addressed, shared), and the grid choice.
 
-A job is a resolved TrainConfig written to ``<root>/jobs/<hash>/job.yaml`` and run as
-``python -m pipeline.train_student --config job.yaml`` (``--resume`` when its ``last.pt`` exists); the hash is
+A job is a resolved TrainConfig written to ``<root>/jobs/<hash>.yaml`` and run as
+``python -m pipeline.train_student --config <hash>.yaml`` into ``<root>/jobs/<hash>/`` (``--resume`` when its
+``last.pt`` exists; the run's output beside it in ``<hash>.log``); the hash is
 over the config, so the same run asked for by two suites runs once, and a finished one (``final.json``) is
 never run again.
 """
@@ -129,7 +130,8 @@ class Runner:
                 failed = [j for j, ok in zip(todo, ex.map(self._run_one, todo)) if not ok]
         log.info("%s: done in %.1f min", what, (time.time() - t0) / 60)
         if failed:
-            tail = (failed[0].dir / "log.txt").read_text()[-600:]
+            log_file = failed[0].dir.with_suffix(".log")
+            tail = log_file.read_text()[-600:] if log_file.is_file() else ""
             raise UsageError(f"{len(failed)} run(s) failed, first {failed[0].dir}: {' '.join(tail.split())}")
 
     def _run_here(self, job: Job) -> bool:
@@ -144,7 +146,7 @@ class Runner:
         try:
             run_training(cfg)
         except UsageError as e:
-            (job.dir / "log.txt").write_text(f"error: {e}\n")
+            job.dir.with_suffix(".log").write_text(f"error: {e}\n")
         finally:
             if old is None:
                 os.environ.pop("KD_CACHE", None)
@@ -153,12 +155,14 @@ class Runner:
         return job.done
 
     def _run_one(self, job: Job) -> bool:
-        job.dir.mkdir(parents=True, exist_ok=True)
-        (job.dir / "job.yaml").write_text(yaml.safe_dump({**job.config, "output_dir": str(job.dir)}))
-        cmd = [sys.executable, "-m", "pipeline.train_student", "--config", str(job.dir / "job.yaml")]
+        # the job's files sit beside its run directory, which --overwrite may replace
+        job.dir.parent.mkdir(parents=True, exist_ok=True)
+        spec = job.dir.with_suffix(".yaml")
+        spec.write_text(yaml.safe_dump({**job.config, "output_dir": str(job.dir)}))
+        cmd = [sys.executable, "-m", "pipeline.train_student", "--config", str(spec)]
         cmd += ["--resume"] if (job.dir / "last.pt").is_file() else ["--overwrite"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "KD_CACHE": str(self.cache)}
-        with open(job.dir / "log.txt", "a") as out:
+        with open(job.dir.with_suffix(".log"), "a") as out:
             rc = subprocess.run(cmd, env=env, stdout=out, stderr=out, cwd=REPO).returncode
         return rc == 0 and job.done
 
