@@ -10,6 +10,7 @@ without knowing which kind it got.
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,45 @@ class LossSpec:
             hint = hints.get(key)
             if typing.get_origin(hint) is typing.Literal:
                 check_choice(self.name, key, value, typing.get_args(hint))
+
+
+# Admissible values of hparams by name, shared by every loss that takes them: (low, high, low open, high open,
+# integer). A value outside (or of the wrong type) is a one-line ValueError before any training starts.
+_RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
+    "T": (0.0, math.inf, True, True, False), "nce_t": (0.0, math.inf, True, True, False),
+    "eps": (0.0, 1.0, False, True, False), "a": (0.0, 1.0, False, False, False),
+    "momentum": (0.0, 1.0, False, False, False),
+    "feat_dim": (1, math.inf, False, True, True), "nce_k": (1, math.inf, False, True, True),
+    "noise_dim": (1, math.inf, False, True, True), "hidden": (1, math.inf, False, True, True),
+    "warmup_epochs": (0, math.inf, False, True, True),
+}
+_NONNEGATIVE = ("alpha", "beta", "gamma", "weight", "multiplier")  # and every "*_weight"
+
+
+def _range_of(key: str) -> tuple[float, float, bool, bool, bool] | None:
+    if key in _RANGES:
+        return _RANGES[key]
+    if key in _NONNEGATIVE or key.endswith("_weight"):
+        return (0.0, math.inf, False, True, False)
+    return None
+
+
+def check_range(loss_name: str, key: str, value: Any) -> None:
+    """One-line ValueError when hparam ``key`` of ``loss_name`` is not a number in its admissible range (a
+    temperature ``T`` > 0, weights and mixing coefficients >= 0, ``eps`` in [0, 1), sizes integers >= 1)."""
+    rng = _range_of(key)
+    if rng is None:
+        if key == "use_gt" and not isinstance(value, bool):
+            raise ValueError(f"loss {loss_name!r}: {key} must be true or false, got {value!r}")
+        return
+    lo, hi, lo_open, hi_open, integer = rng
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        raise ValueError(f"loss {loss_name!r}: {key} must be {kind}, got {value!r}")
+    if (value < lo or (lo_open and value == lo)) or (value > hi or (hi_open and value == hi)):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"loss {loss_name!r}: {key}={value!r} is outside {interval}")
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -173,7 +213,8 @@ class BoundLoss(nn.Module):
 
 def check_hparams(name: str, hparams: dict[str, Any]) -> LossSpec:
     """The spec of loss ``name`` after checking ``hparams`` against its signature: an unknown name raises
-    ``TypeError`` listing the valid ones, a ``Literal`` hparam outside its choices ``ValueError``."""
+    ``TypeError`` listing the valid ones, a ``Literal`` hparam outside its choices or a value outside its range
+    (:func:`check_range`) ``ValueError``."""
     spec = get_spec(name)
     valid = spec.hparam_names()
     unknown = sorted(set(hparams) - set(valid))
@@ -183,6 +224,9 @@ def check_hparams(name: str, hparams: dict[str, Any]) -> LossSpec:
             f"valid: {', '.join(valid) if valid else '(none)'}"
         )
     spec.check_choices(hparams)
+    for key, value in hparams.items():
+        if key != "epoch":
+            check_range(name, key, value)
     return spec
 
 

@@ -20,10 +20,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline import storage
 from pipeline.errors import UsageError
 
 # The stateful parts of a run, saved and restored by name (each has state_dict / load_state_dict).
 STATEFUL = ("model", "criterion", "optimizer", "scheduler", "scaler")
+# Config keys (dotted) that define what a run trains: resuming with another value would continue a different
+# experiment under the old one's name. Epochs, logging, workers, device and the schedule's length may change.
+RUN_DEFINING = ("method", "loss", "student", "banks", "live_teacher", "data", "layout", "train_split", "preset",
+                "train_subset", "augment", "replay_views", "batch_size", "optim.name")
+_PATH_KEYS = ("data", "banks")
 
 
 @dataclass
@@ -51,11 +57,48 @@ def save_best(path: str | Path, model: nn.Module, epoch: int, top1: float, confi
     save_atomic({"model": model.state_dict(), "epoch": epoch, "top1": top1, "config": config, "arch": arch}, path)
 
 
-def restore_training(path: str | Path, parts: TrainingParts) -> tuple[int, float]:
-    """Load every stateful part and the RNG states from ``last.pt``; returns (next epoch, best top-1 so far)."""
-    state = load(path)
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if dotted in _PATH_KEYS and value:
+        value = [storage.absolute(v) for v in value] if isinstance(value, (list, tuple)) else storage.absolute(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_resumable(saved: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
+    """Raise UsageError when ``config`` (the resolved config of this run, as a dict) differs from the checkpoint's
+    ``saved`` config in a key of :data:`RUN_DEFINING`."""
+    diff = [f"{key} {_lookup(saved, key)!r} -> {_lookup(config, key)!r}" for key in RUN_DEFINING
+            if _lookup(saved, key) != _lookup(config, key)]
+    if diff:
+        raise UsageError(f"--resume: {path} was trained with another configuration ({'; '.join(diff)}); rerun with "
+                         "the checkpoint's settings (its config.yaml), or use a new --output-dir or --overwrite")
+
+
+def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, Any] | None = None) -> tuple[int, float]:
+    """Load every stateful part and the RNG states from ``last.pt``; returns (next epoch, best top-1 so far).
+
+    With ``config`` (this run's resolved config), refuses a checkpoint of another run (:func:`check_resumable`).
+    Raises UsageError when the file is not a training checkpoint or its state does not fit ``parts`` (another
+    architecture, class count or optimizer)."""
+    try:
+        state = load(path)
+    except Exception as e:  # truncated, not a torch file, unpicklable objects
+        raise UsageError(f"--resume: cannot read checkpoint {path}: {' '.join(str(e).split())[:160]}") from None
+    missing = [k for k in (*STATEFUL, "epoch", "best_top1", "rng") if k not in state]
+    if missing:
+        raise UsageError(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
+                         "a best.pt or teacher checkpoint starts a run with --student-weights instead")
+    if config is not None and isinstance(state.get("config"), dict):
+        check_resumable(state["config"], config, path)
     for name in STATEFUL:
-        getattr(parts, name).load_state_dict(state[name])
+        try:
+            getattr(parts, name).load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = " ".join(str(e).split())[:200]
+            raise UsageError(f"--resume: the {name} state in {path} does not fit this run "
+                             f"(saved for {state.get('arch', '?')}): {first}") from None
     set_rng_state(state["rng"])
     return int(state["epoch"]) + 1, float(state["best_top1"])
 

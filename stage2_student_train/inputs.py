@@ -7,6 +7,7 @@ training starts; a warning where the run is valid but may not be what the user m
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.loaders import resolve_loader
 from pipeline.errors import UsageError
 from stage2_student_train.config import TrainConfig
+from stage2_student_train.optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("--device cuda but no CUDA device is available")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("epochs and batch_size must be >= 1")
+    _check_numbers(cfg)
     if cfg.amp == "fp16" and cfg.device != "cuda":
         raise UsageError("--amp fp16 on a CPU runs about 9x slower than fp32 (no fp16 kernels): use --amp bf16 "
                          "or none on a CPU, fp16 on CUDA")
@@ -50,9 +53,44 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                          "drop --live-teacher")
     if cfg.resume_from and not Path(cfg.resume_from).is_file():
         raise UsageError(f"--resume: checkpoint file not found: {cfg.resume_from}")
+    if cfg.replay_views and not cfg.augment:
+        raise UsageError("--replay-views trains on the bank's stored augmented views and --no-augment on center "
+                         "crops: drop one of them")
+    if cfg.banks and cfg.teacher:
+        log.warning("--labels gives the bank: --teacher %s is not used to look one up", " ".join(cfg.teacher))
+        cfg = replace(cfg, teacher=(), teacher_weights=())
     out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else
                              f"runs/{cfg.method}-{cfg.student}-seed{cfg.seed}")
     return replace(cfg, loader=resolve_loader(cfg.loader), output_dir=out)
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Optimizer, schedule and loop settings a run cannot use: one-line UsageError naming the key."""
+    o, sc = cfg.optim, cfg.sched
+    if o.name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer '{o.name}' (optim.name / --opt); valid: {', '.join(OPTIMIZERS)}")
+    if sc.name not in SCHEDULES:
+        raise UsageError(f"unknown schedule '{sc.name}' (sched.name / --lr-scheduler); valid: {', '.join(SCHEDULES)}")
+    bad = [(key, value, need) for key, value, ok, need in (
+        ("optim.lr", o.lr, 0 < o.lr < math.inf, "> 0"),
+        ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, ">= 0"),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.betas", list(o.betas), len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two in [0, 1)"),
+        ("sched.warmup_epochs", sc.warmup_epochs, 0 <= sc.warmup_epochs < math.inf, ">= 0"),
+        ("sched.warmup_start_factor", sc.warmup_start_factor, 0 <= sc.warmup_start_factor <= 1, "in [0, 1]"),
+        ("sched.min_lr_factor", sc.min_lr_factor, 0 <= sc.min_lr_factor <= 1, "in [0, 1]"),
+        ("sched.gamma", sc.gamma, 0 < sc.gamma < math.inf, "> 0"),
+        ("sched.step_size", sc.step_size, sc.step_size >= 1, ">= 1"),
+        ("sched.milestones", list(sc.milestones), all(m >= 0 for m in sc.milestones), ">= 0 each"),
+        ("workers", cfg.workers, cfg.workers >= 0, ">= 0"),
+        ("eval_every", cfg.eval_every, cfg.eval_every >= 1, ">= 1"),
+        ("log_every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
+        ("max_steps_per_epoch", cfg.max_steps_per_epoch, cfg.max_steps_per_epoch >= 0, ">= 0 (0: all)"),
+        ("train_subset", cfg.train_subset, cfg.train_subset >= 0, ">= 0 (0: all)"),
+    ) if not ok]
+    if bad:
+        key, value, need = bad[0]
+        raise UsageError(f"{key}={value} must be {need}")
 
 
 def load_manifests(cfg: TrainConfig) -> tuple[Manifest, Manifest]:

@@ -99,7 +99,10 @@ def train_one_epoch(
         finite = all_reduce_sum(torch.isfinite(loss.detach()).float(), info) / info.world_size
         if finite.item() < 1.0:
             pbar.close()  # so the error is a line of its own, not glued to the progress bar
-            raise TrainingDiverged(f"loss became non-finite at epoch {epoch} step {step}; stopped, last good checkpoint kept")
+            kept = (f"last.pt of epoch {epoch - 1} is kept" if epoch > 0 else
+                    "no epoch had finished, so there is no checkpoint")
+            raise TrainingDiverged(f"loss became non-finite at epoch {epoch} step {step}; stopped ({kept}): lower "
+                                   "the lr or the loss weights, or try --amp none")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()

@@ -100,7 +100,8 @@ def prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> Path:
             elif not cfg.resume:
                 raise UsageError(f"output dir {out} exists: pass --resume to continue it or --overwrite to replace it")
             elif not (Path(cfg.resume_from) if cfg.resume_from else out / "last.pt").is_file():
-                raise UsageError(f"--resume: no checkpoint {out / 'last.pt'} to resume from")
+                raise UsageError(f"--resume: no checkpoint {out / 'last.pt'} to resume from (the run in {out} "
+                                 "finished no epoch): rerun with --overwrite to start it again")
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
     return out
@@ -149,7 +150,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     start_epoch, best = 0, -1.0
     last = Path(cfg.resume_from) if cfg.resume_from else run.out / "last.pt"
     if cfg.resume and last.is_file():
-        start_epoch, best = ckpt.restore_training(last, run.parts)
+        start_epoch, best = ckpt.restore_training(last, run.parts, to_dict(cfg))
         log.info("resumed from %s at epoch %d", last, start_epoch)
     if info.is_main:
         save_yaml(cfg, run.out / "config.yaml")

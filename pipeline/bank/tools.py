@@ -87,6 +87,14 @@ def check_compatible(banks: list[LabelBank]) -> None:
                 raise BankError(f"cannot combine banks: field '{field}' differs: {sa} in {ref.path}, {sc} in {b.path}")
 
 
+def _warn_features_dropped(banks: list[LabelBank], tool: str) -> None:
+    """The derived bank holds soft labels only: stored embeddings are not copied (their attribute is dropped)."""
+    for b in banks:
+        if b.feature_meta is not None:
+            log.warning("%s: %s stores teacher embeddings; the %s bank keeps soft labels only (embedding KD reads "
+                        "the source bank)", tool, b.path, tool)
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return s if len(s) <= 70 else s[:67] + "..."
@@ -118,6 +126,7 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
         raise UsageError(f"unknown --dtype '{dtype}'; valid: float16, float32")
     banks = [_open_complete(p) for p in paths]
     check_compatible(banks)
+    _warn_features_dropped(banks, "ensemble")
     daskio.check_output(out, overwrite)
     ref = banks[0]
     n, _, v, c = ref.shape
@@ -141,7 +150,7 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
     with daskio.atomic_output(out, overwrite) as tmp:
         attrs = {k: val for k, val in ref.attrs.items()
                  if k not in ("format", "compact_arrays", "topk", "tail", "chunk_sums_layout", "fidelity", "metrics",
-                              "source_metrics", "raw_bytes_per_vector")}
+                              "source_metrics", "raw_bytes_per_vector", "features")}
         attrs.update({"key": key, "teachers": teachers, "sources": sources,
                       "ensemble": {"mode": mode, "num_members": t_all},
                       "config": {"tool": "ensemble", "mode": mode, "inputs": [s["path"] for s in sources]}})
@@ -178,6 +187,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         raise UsageError(f"unknown --format '{fmt}'; valid: {', '.join(cp.FORMATS)}")
     bank = _open_complete(src)
     n, t, v, c = bank.shape
+    _warn_features_dropped([bank], "compact")
     if bank.format != "dense":
         raise BankError(f"{src} is already compact (format {bank.format}); compact its dense source instead")
     if fmt == "topk":
@@ -209,7 +219,8 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         lay = {key: slice(*span) for key, span in cp.sums_layout(t).items()}
         fidelity = cp.fidelity_from_sums(vec[lay["fidelity"]])
         metrics = st.metrics_from_states(vec[lay["metrics"]], t_names)
-        attrs = {key: val for key, val in bank.attrs.items() if key not in ("metrics", "complete", "created")}
+        attrs = {key: val for key, val in bank.attrs.items()
+                 if key not in ("metrics", "complete", "created", "features")}
         attrs.update({
             "schema_version": SCHEMA_VERSION, **format_attrs(fmt, bank.shape, k),
             "shape": [n, t, v, c], "rows_per_chunk": int(g["labels"].chunks[0]),

@@ -147,3 +147,27 @@ def test_missing_or_misshaped_teacher(name: str) -> None:
         loss_fn(torch.zeros(2, 3), {"label": torch.tensor([0, 1])})
     with pytest.raises(ValueError, match=r"must be \[B, T, C\]"):
         loss_fn(torch.zeros(2, 3), {"label": torch.tensor([0, 1]), "teacher_logits": torch.zeros(2, 3)})
+
+
+# Values no loss accepts for an hparam of that name (a temperature of 0, a negative weight, eps of 1, a size 0).
+_BAD = {"T": [0, -1.0, float("nan"), "4"], "nce_t": [0.0], "eps": [1.0, -0.1], "a": [1.5], "momentum": [-0.5],
+        "feat_dim": [0, 12.5], "nce_k": [0], "noise_dim": [0], "hidden": [0], "warmup_epochs": [-1],
+        "alpha": [-0.1, float("inf")], "beta": [-1.0], "gamma": [-1.0], "weight": [-1.0], "multiplier": [-2.0],
+        "ce_weight": [-1.0], "kd_weight": [-0.5], "distance_weight": [-1.0], "angle_weight": [-1.0],
+        "use_gt": ["yes"]}
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_hparams_outside_their_range_are_refused(name: str) -> None:
+    """Every numeric hparam of every loss has a range: defaults pass, out-of-range or mistyped values are a one-line
+    ValueError naming the loss and the hparam (the CLI turns it into exit code 2 before training)."""
+    spec = registry.get_spec(name)
+    defaults = spec.resolved_hparams({})
+    kd_losses.check_hparams(name, {k: v for k, v in defaults.items() if k != "epoch"})
+    numeric = [k for k, v in defaults.items() if isinstance(v, (int, float)) and k != "epoch"]
+    assert set(numeric) <= set(_BAD), f"{name}: no out-of-range case for {set(numeric) - set(_BAD)}"
+    for key in [k for k in defaults if k in _BAD]:
+        for bad in _BAD[key]:
+            with pytest.raises(ValueError, match=rf"{name}.*{key}") as info:
+                kd_losses.check_hparams(name, {key: bad})
+            assert "\n" not in str(info.value)

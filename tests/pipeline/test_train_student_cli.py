@@ -162,6 +162,40 @@ def test_unknown_names_are_one_line_exit_2(tmp_path, demo_root, capsys, extra, s
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--lr", "-1"], "optim.lr=-1.0 must be > 0"),
+    (["--wd", "-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
+    (["optim.momentum=1.5"], "optim.momentum=1.5 must be in [0, 1)"),
+    (["optim.name=adamw", "optim.betas=[0.9, 1.2]"], "optim.betas=[0.9, 1.2] must be two in [0, 1)"),
+    (["sched.warmup_epochs=-1"], "sched.warmup_epochs=-1.0 must be >= 0"),
+    (["sched.min_lr_factor=2"], "sched.min_lr_factor=2.0 must be in [0, 1]"),
+    (["sched.gamma=0"], "sched.gamma=0.0 must be > 0"),
+    (["sched.step_size=0"], "sched.step_size=0 must be >= 1"),
+    (["eval_every=0"], "eval_every=0 must be >= 1"),
+    (["-j", "-2"], "workers=-2 must be >= 0"),
+    (["loss.T=0"], "'kd': T=0 is outside (0, inf)"),
+    (["loss.alpha=-0.5"], "'kd': alpha=-0.5 is outside [0, inf)"),
+    (["--replay-views", "--no-augment"], "--replay-views trains on the bank's stored augmented views"),
+])
+def test_values_a_run_cannot_use_are_one_line_exit_2(tmp_path, demo_root, demo_bank, capsys, extra, words):
+    """Out-of-range numbers (torch's own ValueError would be a traceback at build time, a negative weight decay or
+    a zero temperature would train silently wrong) and conflicting flags are refused before any output."""
+    capsys.readouterr()
+    assert main(["--method", "kd", "--labels", str(demo_bank), *_args(demo_root, tmp_path / "r"), *extra]) == 2
+    msg = _one_error_line(capsys)
+    assert words in msg, msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_teacher_beside_labels_is_reported_not_silently_ignored(tmp_path, demo_root, demo_bank, caplog):
+    with caplog.at_level("WARNING"):
+        assert main(["--method", "kd", "--labels", str(demo_bank), "--teacher", "resnet8",
+                     *_args(demo_root, tmp_path / "r")]) == 0
+    assert any("--teacher resnet8 is not used" in r.getMessage() for r in caplog.records)
+    cfg = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert cfg["teacher"] == [] and cfg["banks"] == [str(demo_bank)]
+
+
 def test_real_process_exit_code(tmp_path, demo_root):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.train_student", "--method", "nope",

@@ -49,3 +49,22 @@ def test_embeddings_are_part_of_the_identity(demo_root: Path, tmp_path: Path, de
     assert dump(_args(demo_root, out, "--features")) == 2
     assert "holds a different bank" in capsys.readouterr().err
     assert LabelBank(out).feature_meta is None
+
+
+def test_derived_banks_drop_embeddings(demo_root: Path, tmp_path: Path, caplog):
+    """``labels compact`` / ``labels ensemble`` copy soft labels only: a derived bank must not claim embeddings it
+    does not hold (attrs["features"] without the array would fail at stage 2's first read)."""
+    from pipeline.bank.tools import compact_bank, ensemble_banks
+
+    src = tmp_path / "f.zarr"
+    assert dump(_args(demo_root, src, "--features")) == 0
+    assert LabelBank(src).feature_meta is not None
+    with caplog.at_level("WARNING"):
+        outs = [compact_bank(str(src), str(tmp_path / "k.zarr"), fmt="int8", progress=False, scheduler="sync"),
+                ensemble_banks([str(src)], str(tmp_path / "e.zarr"), progress=False, scheduler="sync")]
+    assert sum("keeps soft labels only" in r.getMessage() for r in caplog.records) == 2
+    for out in outs:
+        b = LabelBank(out)
+        assert b.complete and b.feature_meta is None
+        assert "features" not in zarr.open_group(out, mode="r")
+        assert np.isfinite(b.read_logits()).all()

@@ -111,16 +111,29 @@ def _error_lines(stderr: str) -> list[str]:
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train, tmp_path, demo_bank, capsys):
     out = tmp_path / "run"
     assert train(out, "max_steps_per_epoch=2", labels=(demo_bank,)) == 0
+    # the second epoch overflows: an alpha of 1e39 makes alpha * KD inf in float32. --resume refuses another loss
+    # than the checkpoint's, so the checkpoint is made to say this run was configured with it
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    state["config"]["loss"]["alpha"] = 1e39
+    torch.save(state, out / "last.pt")
     good = (out / "last.pt").read_bytes()
     capsys.readouterr()
-    # resume for a second epoch with an overflowing loss weight (alpha * KD = inf in float32): stop, exit 1
     assert train(out, "--resume", "max_steps_per_epoch=2", "loss.alpha=1e39", epochs=2, labels=(demo_bank,)) == 1
     err = _error_lines(capsys.readouterr().err)
-    assert len(err) == 1 and "non-finite" in err[0] and "epoch 1" in err[0]
+    assert len(err) == 1 and "non-finite" in err[0] and "epoch 1" in err[0] and "last.pt of epoch 0 is kept" in err[0]
     assert (out / "last.pt").read_bytes() == good  # the last good checkpoint is kept untouched
     assert (out / "best.pt").is_file()
     assert [r["epoch"] for r in read_metrics(out)] == [0]
     assert json.loads((out / "final.json").read_text())["epochs"] == 1  # the finished 1-epoch run's summary
+
+
+def test_non_finite_loss_in_the_first_epoch_says_there_is_no_checkpoint(train, tmp_path, demo_bank, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train(out, "max_steps_per_epoch=2", "loss.alpha=1e39", labels=(demo_bank,)) == 1
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "epoch 0" in err[0] and "no epoch had finished, so there is no checkpoint" in err[0]
+    assert not (out / "last.pt").exists()
 
 
 def test_huge_lr_diverges_with_exit_code_1(train, tmp_path, capsys):

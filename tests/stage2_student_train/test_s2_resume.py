@@ -144,3 +144,35 @@ def test_resume_without_checkpoint_is_refused(train, tmp_path, capsys):
     assert train(out, "--resume", method="ce") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "last.pt" in err[0]
+
+
+def test_resume_refuses_another_run(train, tmp_path, demo_bank, capsys):
+    """--resume continues the run of its checkpoint: a changed method, loss hyperparameter, student or batch size
+    is refused with one line naming the key (exit 2) and the checkpoint is left as it was; epochs may grow."""
+    out = tmp_path / "run"
+    assert train(out, "--method", "kd", "loss.T=4", labels=(demo_bank,)) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    changes = {"method": ("--method", "wsld"), "loss": ("--method", "kd", "loss.T=2"),
+               "student": ("--method", "kd", "loss.T=4", "--student", "democnn"),
+               "batch_size": ("--method", "kd", "loss.T=4", "--batch-size", "16")}
+    for key, extra in changes.items():
+        assert train(out, *extra, "--resume", labels=(demo_bank,)) == 2, key
+        err = capsys.readouterr().err.strip()
+        assert "trained with another configuration" in err and f"{key} " in err and len(err.splitlines()) == 1, err
+        assert (out / "last.pt").read_bytes() == before
+    assert train(out, "--method", "kd", "loss.T=4", "--resume", epochs=2, labels=(demo_bank,)) == 0
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit(train, tmp_path, demo_bank, capsys):
+    """``--resume PATH`` of another architecture's run, or of a best.pt (weights only), is one line, exit 2."""
+    other = tmp_path / "other"
+    assert train(other, "--student", "democnn", labels=(demo_bank,)) == 0
+    capsys.readouterr()
+    out = tmp_path / "new"
+    for path, words in ((other / "best.pt", "not a training checkpoint"),
+                        (other / "last.pt", "trained with another configuration")):
+        assert train(out, "--resume", str(path), labels=(demo_bank,)) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
