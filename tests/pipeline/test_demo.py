@@ -22,12 +22,14 @@ def test_demo_flow(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     lines = [l for l in text.splitlines() if l.strip()]
-    header = lines[-5].split()
-    assert header[:2] == ["run", "method"] and {"bank", "top1", "top5", "ece", "time_s"} <= set(header)
-    rows = {l.split()[0]: dict(zip(header, l.split())) for l in lines[-4:]}
+    start = next(i for i, l in enumerate(lines) if l.split()[:2] == ["run", "method"])
+    header, table = lines[start].split(), lines[start:start + 5]
+    assert {"bank", "top1", "top5", "ece", "time_s"} <= set(header)
+    rows = {l.split()[0]: dict(zip(header, l.split())) for l in table[1:]}
     assert set(rows) == {"teacher-ce", "student-ce", "student-kd", "student-wsld"}
     banks = list((tmp_path / "cache").glob("*/democnn-*.zarr"))
     assert len(banks) == 1  # one bank, dumped once, from the teacher's best checkpoint
+    assert lines[start + 5] == f"label bank: {banks[0]}"  # the demo says where its bank is
     for m in ("kd", "wsld"):
         f = json.loads((out / f"student-{m}" / "final.json").read_text())
         assert f["bank"].endswith(banks[0].name) and f["teacher"] == "democnn" and f["epochs"] == 1
@@ -36,4 +38,4 @@ def test_demo_flow(tmp_path, monkeypatch, capsys):
     # a second run reuses every step and prints the same table
     assert main(argv) == 0
     again = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
-    assert again[-5:] == lines[-5:]
+    assert again[-6:] == table + [lines[start + 5]]
