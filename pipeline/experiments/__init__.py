@@ -3,9 +3,9 @@
 Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views, formats, embedding (or ``all``). A
 run: write the data trees; train the teachers (shared by every suite); dump their banks (content-addressed,
 shared); for every method, train its small hyperparameter grid on held-out training images and keep the best
-setting; train every arm with 3 seeds at that setting (one optimizer and schedule for all); measure what
-training runs cannot (interleaved step times, bank-vs-live exactness); rewrite RESULTS.md (claims table first)
-and the plots in ``results/``. Training runs go ``--jobs`` at a time in their own processes; finished runs are
+setting; train every arm with the scale's seeds (2 at full scale) at that setting (one optimizer and schedule for
+all); measure what training runs cannot (interleaved step times, bank-vs-live exactness); rewrite RESULTS.md
+(claims table first) and the plots in ``results/``. Training runs go ``--jobs`` at a time in their own processes; finished runs are
 reused and interrupted ones resumed, so a stopped suite continues where it stopped. ``--scale tiny`` runs every
 suite in a few steps (what the tests use).
 """
