@@ -42,6 +42,8 @@ class LabelSource(Protocol):
         paths: the banks read ([] for a live teacher or none).
         skipped: [N] bool, samples without soft labels (excluded from training), or None.
         num_views: V, views stored per sample (1 for live teachers and none).
+        stores_views: whether the source stores random-crop views (boxes) that ``--replay-views`` replays (a bank
+            dumped with ``--view-policy rrc``, even with one view); False for a center-crop bank, live or none.
         preprocessing: the bank's ``preprocessing`` attr (how its teachers saw the images), or None.
         feature_dim: D of the ``teacher_features`` it adds (built with ``features=True``), else None.
     """
@@ -50,6 +52,7 @@ class LabelSource(Protocol):
     paths: list[str]
     skipped: np.ndarray | None
     num_views: int
+    stores_views: bool
     preprocessing: dict[str, Any] | None
     feature_dim: int | None
 
@@ -91,6 +94,7 @@ class NoLabelSource:
         self.paths: list[str] = []
         self.skipped: np.ndarray | None = None
         self.num_views = 1
+        self.stores_views = False
         self.preprocessing: dict[str, Any] | None = None
         self.feature_dim: int | None = None
 
@@ -142,6 +146,7 @@ class BankLabelSource:
         self.num_samples = first.num_samples
         self.num_views = first.num_views
         self._views_bank = first if first.num_views > 1 or _has_boxes(first) else None
+        self.stores_views = self._views_bank is not None
         self.skipped = np.logical_or.reduce([b.skipped() for b in banks])
         self.teachers = [t for b in banks for t in b.teachers]
         self.preprocessing = first.attrs.get("preprocessing")
@@ -209,6 +214,7 @@ class LiveTeacherLabelSource:
         self.paths: list[str] = []
         self.skipped: np.ndarray | None = None
         self.num_views = 1
+        self.stores_views = False
         self.preprocessing: dict[str, Any] | None = None
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:

@@ -222,10 +222,10 @@ def _choose_preset(cfg: TrainConfig, train_m: Manifest, label_source: LabelSourc
     if bank_pre and cfg.preset != "auto" and bank_pre.get("name") != preset.name:
         log.warning("--preset %s differs from the preprocessing the bank was dumped with (%s): the student sees the "
                     "images otherwise than the teacher did", preset.name, bank_pre.get("name"))
-    if label_source.num_views > 1 and not cfg.replay_views:
-        log.warning("the bank stores %d views per image; without --replay-views every sample uses view 0 with the "
-                    "random %s augmentation: pass --replay-views to train on the stored views",
-                    label_source.num_views, preset.train)
+    if label_source.stores_views and not cfg.replay_views:
+        log.warning("the bank stores %d random-crop view(s) per image; without --replay-views every sample uses "
+                    "view 0's soft labels with the student's own random %s augmentation: pass --replay-views to "
+                    "train on the stored views", label_source.num_views, preset.train)
     return preset
 
 

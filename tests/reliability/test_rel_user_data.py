@@ -131,15 +131,23 @@ def test_6_labels_with_live_teacher_is_refused(demo_root: Path, demo_bank: Path,
     assert not (tmp_path / "r").exists()
 
 
-def test_6_multiview_bank_without_replay_warns(demo_root: Path, tmp_path: Path, caplog, capsys):
+@pytest.mark.parametrize("views", [2, 1])
+def test_6_view_bank_without_replay_warns(demo_root: Path, demo_bank: Path, tmp_path: Path, caplog, capsys,
+                                          views: int):
+    """A bank of random-crop views (several, or one rrc view) read without --replay-views says so; a center bank
+    does not."""
     bank = tmp_path / "v.zarr"
     assert dump(["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--preset", "demo",
-                 "--views", "2", "--view-policy", "rrc", "--batch-size", "50", "--workers", "1", "--out",
+                 "--views", str(views), "--view-policy", "rrc", "--batch-size", "50", "--workers", "1", "--out",
                  str(bank)]) == 0
     with caplog.at_level(logging.WARNING):
         assert train(train_args(demo_root, tmp_path / "r", labels=[bank])) == 0
-    assert any("stores 2 views per image; without --replay-views every sample uses view 0" in r.getMessage()
-               for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if "without --replay-views" in r.getMessage()]
+    assert len(said) == 1 and f"stores {views} random-crop view(s) per image" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert train(train_args(demo_root, tmp_path / "c", labels=[demo_bank])) == 0
+    assert not [r for r in caplog.records if "--replay-views" in r.getMessage()]
 
 
 def test_6_broken_pipe_is_quiet(demo_bank: Path):
