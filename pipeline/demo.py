@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import resolve
-from pipeline.errors import cli_entry, setup_logging
+from pipeline.errors import CliParser, cli_entry, setup_logging
 
 log = logging.getLogger("pipeline.demo")
 
@@ -37,7 +37,7 @@ def _train(config: str, out: Path, data: Path, device: str, extra: dict) -> None
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+    p = CliParser(prog="python -m pipeline.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/fashion-mnist", help="where to write the embedded dataset")
     p.add_argument("--out", default="runs/demo", help="run directories")

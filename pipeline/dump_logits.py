@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from pipeline.config import default_of, resolve
-from pipeline.errors import cli_entry, setup_logging
+from pipeline.errors import CliParser, cli_entry, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     def d(key: str) -> str:
         return f"(default: {default_of(DumpConfig, key)})"
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.dump_logits", description=__doc__,
+    p = CliParser(prog="python -m pipeline.dump_logits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", action="append",
                    help="model name (repeatable: ensemble on the T axis); python -c 'import pipeline.models as m; "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import functools
 import logging
 import os
+import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 log = logging.getLogger("pipeline")
 
@@ -20,6 +23,25 @@ class UsageError(Exception):
 
 class BankError(UsageError):
     """A label bank is missing, incomplete, corrupt or does not match the dataset."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with the entry points' error contract: a bad flag or value is one line on
+    stderr (``PROG: error: MESSAGE (see --help)``, no usage block) and exit code 2 (SystemExit, as argparse);
+    a misspelt flag names the closest real one. Subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        m = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if m:
+            flags = [s for a in self._actions for s in a.option_strings]
+            for arg in m.group(1).split():
+                close = difflib.get_close_matches(arg.split("=")[0], flags, n=1) if arg.startswith("-") else []
+                if close:
+                    message += f"; did you mean {close[0]}?"
+                    break
+        message = " ".join(message.splitlines())
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
 
 
 def setup_logging(verbose: bool = False, rank: int = 0) -> None:

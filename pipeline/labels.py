@@ -17,7 +17,7 @@ import sys
 from typing import Callable, Sequence
 
 from pipeline import storage
-from pipeline.errors import cli_entry, setup_logging
+from pipeline.errors import CliParser, cli_entry, setup_logging
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
 
@@ -127,7 +127,7 @@ def _load_tools() -> None:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     _load_tools()
-    parser = argparse.ArgumentParser(prog="python -m pipeline.labels", description=__doc__,
+    parser = CliParser(prog="python -m pipeline.labels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, (add, _, help_) in COMMANDS.items():

@@ -7,13 +7,12 @@ decimals, ECE and NLL with 4, seconds with 2). ``--markdown`` prints a Markdown 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.errors import UsageError, cli_entry
+from pipeline.errors import CliParser, UsageError, cli_entry
 
 COLUMNS = ("run", "method", "student", "teacher", "bank", "preset", "amp", "epochs", "top1", "top5", "ece", "nll",
            "time_s")
@@ -62,7 +61,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__)
+    p = CliParser(prog="python -m pipeline.report", description=__doc__)
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", action="store_true")

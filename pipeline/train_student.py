@@ -22,7 +22,7 @@ import sys
 from typing import Any, Sequence
 
 from pipeline.config import default_of, resolve
-from pipeline.errors import UsageError, cli_entry, setup_logging
+from pipeline.errors import CliParser, UsageError, cli_entry, setup_logging
 
 _LR_SCHEDULERS = {"steplr": "step", "multisteplr": "multistep", "cosineannealinglr": "cosine", "constant": "constant",
                   "step": "step", "multistep": "multistep", "cosine": "cosine"}
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     def d(key: str) -> str:
         return f"(default: {default_of(TrainConfig, key)})"
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.train_student", description=__doc__,
+    p = CliParser(prog="python -m pipeline.train_student", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("method and models")
     g.add_argument("--method", help=f"loss: {', '.join(available_losses())} {d('method')}")

@@ -15,12 +15,12 @@ import json
 import sys
 from typing import Sequence
 
-from pipeline.errors import cli_entry, setup_logging
+from pipeline.errors import CliParser, cli_entry, setup_logging
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__,
+    p = CliParser(prog="python -m pipeline.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("prepare-demo", help="write Fashion-MNIST as train/<class>/*.jpg, val/<class>/*.jpg")

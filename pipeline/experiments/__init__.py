@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline import storage
-from pipeline.errors import UsageError, cli_entry, setup_logging
+from pipeline.errors import CliParser, UsageError, cli_entry, setup_logging
 from pipeline.experiments import measure, report
 from pipeline.experiments.plan import GRIDS, SCALES, SMALL, TEACHERS, Scale, Suite, fixed_loss, suites
 from pipeline.experiments.runner import Job, Runner
@@ -139,7 +139,7 @@ def _measure(suite: Suite, runner: Runner) -> dict[str, str]:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.experiments", description=__doc__,
+    p = CliParser(prog="python -m pipeline.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="+", help="suite name(s) or 'all'")
     p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full (default) or tiny")

@@ -193,7 +193,13 @@ def test_argparse_errors_exit_2(capsys):
             main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert "Traceback" not in err and err.strip().splitlines()[-1].split(": error: ")[1]
+        assert len(err.strip().splitlines()) == 1 and err.split(": error: ")[1].strip(), err  # one line, no usage
+    with pytest.raises(SystemExit):
+        train(["--methd", "kd"])
+    assert "unrecognized arguments: --methd; did you mean --method?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dump(["--skip-corupt"])
+    assert "did you mean --skip-corrupt?" in capsys.readouterr().err
 
 
 # --- properties: manifest fingerprint ---------------------------------------------------------------------------
