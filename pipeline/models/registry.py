@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -66,15 +66,29 @@ def _strip_prefixes(sd: dict) -> dict:
     return out
 
 
-def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file -> state_dict (accepts bare, ``model`` and ``state_dict`` wrappers)."""
-    p = Path(path)
+def _read_checkpoint(p: Path) -> Any:
     if not p.is_file():
         raise UsageError(f"weights file not found: {p}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or not a torch file
         raise UsageError(f"cannot read checkpoint {p}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+
+
+def checkpoint_arch(path: str | Path) -> str | None:
+    """The model name a stage-2 checkpoint records (``best.pt``'s ``arch``, ``last.pt``'s ``config.student``),
+    or None for other files."""
+    obj = _read_checkpoint(Path(path))
+    if not isinstance(obj, dict):
+        return None
+    arch = obj.get("arch") or (obj.get("config") or {}).get("student")
+    return arch if isinstance(arch, str) else None
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file -> state_dict (accepts bare, ``model`` and ``state_dict`` wrappers)."""
+    p = Path(path)
+    obj = _read_checkpoint(p)
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -233,6 +247,10 @@ def _from_checkpoint(build: Callable[[int], nn.Module], name: str, path: str, nu
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
+        arch = checkpoint_arch(path)
+        if arch and arch != name:
+            raise UsageError(f"checkpoint {path} holds a '{arch}' model, not '{name}': name {arch} as the model "
+                             "(--student or --teacher)") from None
         first = str(e).split("\n")[0] + " " + " ".join(str(e).split("\n")[1:2])
         raise UsageError(f"checkpoint {path} does not fit {name} with {n} classes: {first.strip()[:300]}") from None
     return model

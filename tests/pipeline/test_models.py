@@ -110,6 +110,12 @@ def test_bad_checkpoints(tmp_path: Path):
     torch.save(create_model("resnet8", 10).state_dict(), other)
     with pytest.raises(UsageError, match="does not fit democnn_s"):
         create_model("democnn_s", 10, str(other))
+    # a stage-2 checkpoint records its model: the message names it instead of listing missing keys
+    for saved in ({"model": create_model("resnet8", 10).state_dict(), "arch": "resnet8"},  # best.pt
+                  {"model": create_model("resnet8", 10).state_dict(), "config": {"student": "resnet8"}}):  # last.pt
+        torch.save(saved, other)
+        with pytest.raises(UsageError, match="holds a 'resnet8' model, not 'democnn_s': name resnet8 as the model"):
+            create_model("democnn_s", 10, str(other))
     wrong_classes = tmp_path / "c5.pt"
     torch.save(create_model("democnn_s", 5).state_dict(), wrong_classes)
     with pytest.raises(UsageError, match="10 classes"):
