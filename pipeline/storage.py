@@ -17,6 +17,12 @@ import zarr
 PathLike = str | Path
 
 
+def name_for_path(model: str) -> str:
+    """A model name as one path component: ``timm/x.tag`` -> ``timm-x.tag``, ``pkg.mod:fn`` -> ``pkg.mod-fn`` (bank
+    file names, default run directories)."""
+    return model.replace("/", "-").replace(":", "-")
+
+
 def is_url(path: PathLike) -> bool:
     """Whether ``path`` is an fsspec URL (``scheme://...``) rather than a local path."""
     return "://" in str(path)

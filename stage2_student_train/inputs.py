@@ -19,6 +19,7 @@ import kd_losses
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.loaders import resolve_loader
 from pipeline.errors import UsageError
+from pipeline.storage import name_for_path
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.optim import OPTIMIZERS, SCHEDULES
 
@@ -60,7 +61,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         log.warning("--labels gives the bank: --teacher %s is not used to look one up", " ".join(cfg.teacher))
         cfg = replace(cfg, teacher=(), teacher_weights=())
     out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else
-                             f"runs/{cfg.method}-{cfg.student}-seed{cfg.seed}")
+                             f"runs/{cfg.method}-{name_for_path(cfg.student)}-seed{cfg.seed}")
     return replace(cfg, loader=resolve_loader(cfg.loader), output_dir=out)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS
 from pipeline.errors import UsageError
+from pipeline.storage import name_for_path
 
 VIEW_POLICIES = ("center", "rrc", "rrc+flip")
 # Teacher-identity fields that enter the key ("name" is a display label and does not).
@@ -159,7 +160,7 @@ def teacher_match(t: dict[str, Any]) -> tuple:
 def teacher_id(teachers: Sequence[dict[str, Any]]) -> str:
     """``resnet18+resnet34``: the teachers' archs, as used in bank file names (``timm/x.tag`` -> ``timm-x.tag``,
     ``pkg.mod:fn`` -> ``pkg.mod-fn``)."""
-    return "+".join(t["arch"].replace("/", "-").replace(":", "-") for t in teachers)
+    return "+".join(name_for_path(t["arch"]) for t in teachers)
 
 
 def default_bank_path(dataset: str, split: str, teachers: Sequence[dict[str, Any]], key: str,

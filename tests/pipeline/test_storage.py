@@ -65,3 +65,16 @@ def test_absolute_and_parent(tmp_path: Path, monkeypatch):
     assert not storage.parent_exists("rel/x.zarr")
     (tmp_path / "rel").mkdir()
     assert storage.parent_exists("rel/x.zarr")
+
+
+def test_model_names_become_one_path_component():
+    """Bank file names and default run directories: a timm name or a callable never nests directories."""
+    from pipeline.bank.identity import teacher_id
+    from stage2_student_train.config import TrainConfig
+    from stage2_student_train.inputs import check_config
+
+    assert storage.name_for_path("timm/resnet50.a1_in1k") == "timm-resnet50.a1_in1k"
+    assert storage.name_for_path("my.models:small") == "my.models-small"
+    assert teacher_id([{"arch": "timm/vit_tiny_patch16_224"}, {"arch": "resnet8"}]) == "timm-vit_tiny_patch16_224+resnet8"
+    cfg = check_config(TrainConfig(method="ce", student="timm/resnet18.a1_in1k", data="data", output_dir=""))
+    assert cfg.output_dir == "runs/ce-timm-resnet18.a1_in1k-seed0"
