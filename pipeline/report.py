@@ -8,6 +8,7 @@ decimals, ECE and NLL with 4, seconds with 2). ``--markdown`` prints a Markdown 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,15 +19,27 @@ COLUMNS = ("run", "method", "student", "teacher", "bank", "preset", "amp", "epoc
            "time_s")
 # one number format per column, whatever the magnitude
 FORMATS = {"top1": "{:.2f}", "top5": "{:.2f}", "ece": "{:.4f}", "nll": "{:.4f}", "time_s": "{:.2f}"}
+log = logging.getLogger(__name__)
 
 
-def collect(paths: Sequence[str]) -> list[dict]:
-    rows = []
+def collect(paths: Sequence[str], left_out: list[str] | None = None) -> list[dict]:
+    """One row per run directory with a readable ``final.json``. The others (unfinished runs, other folders,
+    unreadable files) are appended to ``left_out`` as ``"PATH (why)"``, or, without that list, named in a
+    warning."""
+    rows, quiet = [], left_out is not None
+    left_out = [] if left_out is None else left_out
     for p in paths:
         f = Path(p) / "final.json"
-        if not f.is_file():
+        try:
+            d = json.loads(f.read_text())
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            left_out.append(f"{p} (no final.json: unfinished or not a run)")
             continue
-        d = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            left_out.append(f"{p} (unreadable final.json: {' '.join(str(e).split())[:80]})")
+            continue
         bank = d.get("bank") or "-"
         banks = "+".join(Path(b).name for b in bank.split(",")) if bank not in ("-", "live") else bank
         rows.append({
@@ -36,6 +49,8 @@ def collect(paths: Sequence[str]) -> list[dict]:
             "ece": d.get("ece"), "nll": d.get("nll"), "time_s": d.get("train_time_s"),
         })
     rows.sort(key=lambda r: (str(r["bank"]), str(r["method"]), str(r["run"])))
+    if left_out and not quiet:
+        log.warning("%d path(s) left out of the table: %s", len(left_out), "; ".join(left_out))
     return rows
 
 
@@ -66,9 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    rows = collect(args.runs)
+    left_out: list[str] = []
+    rows = collect(args.runs, left_out)
     if not rows:
-        raise UsageError(f"no finished runs (final.json) among {len(args.runs)} path(s)")
+        raise UsageError(f"no finished runs (final.json) among {len(args.runs)} path(s): {'; '.join(left_out)[:400]}")
+    if left_out:
+        log.warning("%d path(s) left out of the table: %s", len(left_out), "; ".join(left_out))
     print(json.dumps(rows, indent=2) if args.json else format_table(rows, args.markdown))
     return 0
 

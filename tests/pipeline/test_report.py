@@ -4,6 +4,7 @@ top-1, top-5, ECE and time; runs that reused one bank sit side by side; unfinish
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def test_report_cli_glob(runs, demo_bank):
     header, rows = _table(proc.stdout)
     for col in ("method", "bank", "top1", "top5", "ece", "time_s"):
         assert col in header
-    assert set(rows) == {"a-kd", "b-ce", "c-wsld"}  # the unfinished run and the file are skipped
+    assert set(rows) == {"a-kd", "b-ce", "c-wsld"}  # the unfinished run and the file are left out, and named
+    assert "2 path(s) left out of the table" in proc.stderr and "d-unfinished (no final.json" in proc.stderr
     for name, row in rows.items():
         f = json.loads((runs / name / "final.json").read_text())
         cell = dict(zip(header, row))
@@ -71,10 +73,20 @@ def test_report_json_and_markdown(runs, capsys):
     assert md[0].startswith("| run | method |") and md[1].startswith("|---|") and "| kd |" in md[2]
 
 
-def test_report_without_finished_runs_is_exit_2(runs, capsys):
+def test_report_without_finished_runs_is_exit_2(runs, tmp_path, capsys, caplog):
     assert main([str(runs / "d-unfinished"), str(runs / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no finished runs" in err[0]
+    assert len(err) == 1 and "no finished runs" in err[0] and "nope (no final.json: unfinished or not a run)" in err[0]
+    bad = tmp_path / "e-corrupt"
+    bad.mkdir()
+    (bad / "final.json").write_text('{"top1": 7')  # a run killed while writing it (or edited by hand)
+    assert main([str(bad)]) == 2
+    assert "e-corrupt (unreadable final.json" in capsys.readouterr().err
+    (bad / "final.json").write_text("[1, 2]")
+    with caplog.at_level(logging.WARNING):
+        assert main([str(bad), str(runs / "a-kd")]) == 0
+    assert "a-kd" in capsys.readouterr().out
+    assert "e-corrupt (unreadable final.json: not a JSON object)" in caplog.text
 
 
 def test_report_shows_every_bank_preset_amp_and_one_format_per_column(tmp_path, demo_root, demo_bank, capsys):
