@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Sequence
 
-from pipeline.errors import CliParser, cli_entry, setup_logging
+from pipeline.errors import CliParser, UsageError, cli_entry, setup_logging
 
 
 @cli_entry
@@ -25,8 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("prepare-demo", help="write Fashion-MNIST as train/<class>/*.jpg, val/<class>/*.jpg")
     d.add_argument("--out", default="data/fashion-mnist")
-    d.add_argument("--train-per-class", type=int, default=None, help="cap of train images per class")
-    d.add_argument("--val-per-class", type=int, default=None, help="cap of val images per class")
+    d.add_argument("--train-per-class", type=int, default=None,
+                   help="cap of train images per class, >= 1 (default: all 6000)")
+    d.add_argument("--val-per-class", type=int, default=None, help="cap of val images per class, >= 1 (default: all 1000)")
 
     ls = sub.add_parser("list", help="write <split>_list.txt (relpath label) and classes.txt "
                                      "from ROOT/<split>/<class>/*")
@@ -58,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "prepare-demo":
         from pipeline.data.embedded import prepare_default_dataset
 
+        for flag, v in (("--train-per-class", args.train_per_class), ("--val-per-class", args.val_per_class)):
+            if v is not None and v < 1:
+                raise UsageError(f"{flag} must be at least 1 (leave it out for every image), got {v}")
         caps = {k: v for k, v in (("train", args.train_per_class), ("val", args.val_per_class)) if v}
         print(prepare_default_dataset(args.out, caps or None))
     elif args.cmd == "list":

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.data.__main__ import main
 from pipeline.data import build_manifest
@@ -51,3 +52,20 @@ def test_list_class_prefix_order_is_reported(tmp_path: Path, capsys):
 def test_list_refuses_missing_split(tmp_path: Path, capsys):
     assert main(["list", str(tmp_path), "--split", "val"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_prepare_demo_caps_below_one_are_refused(tmp_path: Path, capsys):
+    """``prepare-demo --train-per-class 0`` used to mean "every image" (60000 written for a typo); a cap < 1 is now
+    one line and exit 2, nothing written; a real cap writes exactly that many per class."""
+    from pipeline.data.embedded import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("embedded Fashion-MNIST not installed (make setup installs it)")
+    for flag, v in (("--train-per-class", "0"), ("--val-per-class", "-3")):
+        assert main(["prepare-demo", "--out", str(tmp_path / "d"), flag, v]) == 2
+        assert f"{flag} must be at least 1" in capsys.readouterr().err
+        assert not (tmp_path / "d").exists()
+    assert main(["prepare-demo", "--out", str(tmp_path / "d"), "--train-per-class", "2", "--val-per-class", "1"]) == 0
+    m = build_manifest(tmp_path / "d", "train")
+    assert len(m) == 20 and np.bincount(m.labels).tolist() == [2] * 10
+    assert len(build_manifest(tmp_path / "d", "val")) == 10
