@@ -286,10 +286,7 @@ class Int8Resident(ResidentBank):
     format = "int8"
 
     def _check_files(self, bank):
-        missing = bank.missing_row_chunks("q")
-        if missing:
-            raise BankError(f"label bank {bank.path} is damaged: array 'q' chunk {missing[0]} is missing; "
-                            "run python -m pipeline.labels verify")
+        _require_chunks(bank, "q")
 
     def _layout(self, bank):
         n, t, v, c = self.shape
@@ -300,6 +297,14 @@ class Int8Resident(ResidentBank):
 
     def _densify(self, rows):
         return -(rows["q"].float() + 128.0) * rows["scale"].float().unsqueeze(-1)
+
+
+def _require_chunks(bank: LabelBank, array: str) -> None:
+    """BankError when a chunk of ``array`` is missing (zarr would read it as fill values: zeros, silently)."""
+    missing = bank.missing_row_chunks(array)
+    if missing:
+        raise BankError(f"label bank {bank.path} is damaged: array '{array}' chunk {missing[0]} is missing; "
+                        "run python -m pipeline.labels verify")
 
 
 RESIDENTS: dict[str, type[ResidentBank]] = {c.format: c for c in (DenseResident, TopKResident, Int8Resident)}
@@ -321,10 +326,7 @@ class FeatureResident(ResidentBank):
 
     def _check_files(self, bank: LabelBank) -> None:
         if self._fmt == "int8":
-            missing = bank.missing_row_chunks("features_q")
-            if missing:
-                raise BankError(f"label bank {bank.path} is damaged: array 'features_q' chunk {missing[0]} is "
-                                "missing; run python -m pipeline.labels verify")
+            _require_chunks(bank, "features_q")
 
     def _layout(self, bank):
         n, t, v, c = self.shape

@@ -68,3 +68,24 @@ def test_derived_banks_drop_embeddings(demo_root: Path, tmp_path: Path, caplog):
         assert b.complete and b.feature_meta is None
         assert "features" not in zarr.open_group(out, mode="r")
         assert np.isfinite(b.read_logits()).all()
+
+
+def test_lost_embedding_chunk_is_refused_not_read_as_zeros(demo_root: Path, tmp_path: Path):
+    """A chunk file of the stored embeddings lost after the dump (disk, copy, sync) must not read back as the fill
+    value: stage 2 refuses the bank in one line naming the array, for float and int8 embeddings alike."""
+    import pytest
+
+    from pipeline.bank.resident import FeatureResident, load_residents
+    from pipeline.errors import BankError
+
+    for fmt, array, says in (("dense", "features", "damaged: non-finite features in rows [0, 1"),
+                             ("int8", "features_q", "damaged: array 'features_q' chunk 0 is missing")):
+        path = tmp_path / f"{fmt}.zarr"
+        assert dump(_args(demo_root, path, "--features", "--format", fmt)) == 0
+        assert array in LabelBank(path).feature_meta["arrays"]
+        load_residents([LabelBank(path)], kind=FeatureResident)  # intact: loads
+        victim = next(f for f in sorted((path / array / "c").rglob("*")) if f.is_file())
+        victim.unlink()
+        with pytest.raises(BankError) as e:
+            load_residents([LabelBank(path)], kind=FeatureResident)
+        assert says in str(e.value) and "\n" not in str(e.value), str(e.value)

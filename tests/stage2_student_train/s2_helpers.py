@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +101,22 @@ def assert_metrics_match(row: dict, want: dict) -> None:
     assert row["top5"] == pytest.approx(want["top5"], abs=1e-6)
     assert row["nll"] == pytest.approx(want["nll"], rel=1e-4)
     assert row["ece"] == pytest.approx(want["ece"], abs=1e-4)
+
+
+def kill_once_started(cmd: list[str], env: dict, cwd: Path, log: Path, marker: str = "epoch 1:",
+                      timeout_s: float = 240) -> int:
+    """Run ``cmd`` with stderr to ``log``, SIGKILL it as soon as ``marker`` appears there; -> its return code
+    (-SIGKILL). Fails the test when the process ends first or the marker never comes."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+        deadline = time.time() + timeout_s
+        try:
+            while marker not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.time() < deadline, f"'{marker}' never came"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from pipeline.dump_logits import main as dump
 from pipeline.models import create_model
 from pipeline.models.features import FeatureTap, embedding_dim
 from pipeline.models.teachers import parse_teachers
-from s2_helpers import assert_same_state, demo_args, read_metrics, subprocess_env
+from s2_helpers import assert_same_state, demo_args, kill_once_started, read_metrics, subprocess_env
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
 from stage2_student_train.loop import make_batch
@@ -153,19 +152,8 @@ def test_crd_kill_and_resume_is_bit_identical(tmp_path, demo_root, feature_bank)
         return [sys.executable, "-m", "pipeline.train_student",
                 *demo_args(demo_root, out, *args, epochs=3, labels=(feature_bank,))]
 
-    killed, log = tmp_path / "killed", tmp_path / "stderr.txt"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        deadline = time.time() + 240
-        try:
-            while "epoch 1:" not in log.read_text():
-                assert proc.poll() is None, log.read_text()[-2000:]
-                assert time.time() < deadline, "epoch 1 never started"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
+    killed = tmp_path / "killed"
+    assert kill_once_started(cmd(killed), env, tmp_path, tmp_path / "stderr.txt") == -signal.SIGKILL
     assert not (killed / "final.json").exists()
     resumed = subprocess.run(cmd(killed) + ["--resume"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -8,13 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 
 from pipeline.bank.reader import LabelBank
 from pipeline.models import file_sha256
-from s2_helpers import RESUME_ARGS, assert_same_state, demo_args, model_state, read_metrics, subprocess_env
+from s2_helpers import (RESUME_ARGS, assert_same_state, demo_args, kill_once_started, model_state, read_metrics,
+                        subprocess_env)
 
 SAME_KEYS = ("epoch", "top1", "top5", "nll", "ece", "train_loss", "train_kd", "train_ce", "lr")
 
@@ -65,19 +65,7 @@ def test_kill_and_resume(tmp_path, demo_root, demo_bank):
     log = tmp_path / "stderr.txt"
     # same intra-op thread count as this process: float reductions (hence bits) depend on it
     env = subprocess_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        deadline = time.time() + 240
-        try:
-            while "epoch 1:" not in log.read_text():
-                assert proc.poll() is None, log.read_text()[-2000:]
-                assert time.time() < deadline, "epoch 1 never started"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_once_started(cmd, env, tmp_path, log) == -signal.SIGKILL
     assert not (out / "final.json").exists()  # it really died before finishing
     killed_at = _full_state(out / "last.pt")["epoch"]
     assert killed_at in (0, 1)
