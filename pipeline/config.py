@@ -40,6 +40,15 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def _yaml_value(text: str, key: str, what: str) -> Any:
+    """A ``[...]`` / ``{...}`` value given as text, parsed as YAML; UsageError naming the key when it is not."""
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"config key '{key}': {text!r} is not a YAML {what} ({first})") from None
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -73,14 +82,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=key + ".")
     if origin in (tuple, list) or tp in (tuple, list):
         if isinstance(value, str):
-            value = yaml_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _yaml_value(value, key, "list") if value.strip().startswith("[") else [
+                v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             value = [value]
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, key) for v in value)
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml_load(value) or {}
+            value = _yaml_value(value, key, "mapping") or {}
         if not isinstance(value, Mapping):
             raise UsageError(f"config key '{key}': expected a mapping, got {value!r}")
         return dict(value)

@@ -70,10 +70,25 @@ def test_unknown_keys_list_valid_keys(tmp_path: Path):
     ("name=[1, 2]", "string"),
     ("nokey", "key=value"),
     ("=3", "empty key"),
+    ("milestones=[1", r"'milestones': '\[1' is not a YAML list"),
 ])
 def test_bad_values_are_usage_errors(override: str, match: str):
     with pytest.raises(UsageError, match=match):
         resolve(Run, None, None, [override])
+
+
+def test_malformed_list_and_mapping_overrides_are_one_line_exit_2(tmp_path: Path, capsys):
+    """``sched.milestones=[1`` or ``loss={T: 4`` on either stage's command line: one line naming the key, exit 2
+    (they were YAML parser tracebacks)."""
+    from pipeline.dump_logits import main as dump
+    from pipeline.train_student import main as train
+
+    for main, argv, key in ((train, ["--method", "kd", "sched.milestones=[1"], "sched.milestones"),
+                            (train, ["--method", "kd", "loss={T: 4"], "loss"),
+                            (dump, ["--teacher", "democnn_s", "--data", str(tmp_path), "teacher=[a"], "teacher")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"config key '{key}'" in err[0] and "is not a YAML" in err[0], err
 
 
 def test_yaml_file_errors(tmp_path: Path):
