@@ -87,16 +87,22 @@ class LossSpec:
 # integer). A value outside (or of the wrong type) is a one-line ValueError before any training starts.
 _RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
     "T": (0.0, math.inf, True, True, False), "nce_t": (0.0, math.inf, True, True, False),
-    "eps": (0.0, 1.0, False, True, False), "a": (0.0, 1.0, False, False, False),
+    "eps": (0.0, 1.0, False, True, False), "a": (0.0, 1.0, True, True, False),
     "momentum": (0.0, 1.0, False, False, False),
     "feat_dim": (1, math.inf, False, True, True), "nce_k": (1, math.inf, False, True, True),
     "noise_dim": (1, math.inf, False, True, True), "hidden": (1, math.inf, False, True, True),
     "warmup_epochs": (0, math.inf, False, True, True),
 }
 _NONNEGATIVE = ("alpha", "beta", "gamma", "weight", "multiplier")  # and every "*_weight"
+# Where a loss's own form bounds a key further: alpha mixes (1 - alpha) * CE + alpha * KD (above 1 the run would
+# maximise the cross-entropy).
+_LOSS_RANGES: dict[tuple[str, str], tuple[float, float, bool, bool, bool]] = {
+    (name, "alpha"): (0.0, 1.0, False, False, False) for name in ("kd", "tfkd_self", "tfkd_reg")}
 
 
-def _range_of(key: str) -> tuple[float, float, bool, bool, bool] | None:
+def _range_of(key: str, loss_name: str = "") -> tuple[float, float, bool, bool, bool] | None:
+    if (loss_name, key) in _LOSS_RANGES:
+        return _LOSS_RANGES[(loss_name, key)]
     if key in _RANGES:
         return _RANGES[key]
     if key in _NONNEGATIVE or key.endswith("_weight"):
@@ -106,8 +112,9 @@ def _range_of(key: str) -> tuple[float, float, bool, bool, bool] | None:
 
 def check_range(loss_name: str, key: str, value: Any) -> None:
     """One-line ValueError when hparam ``key`` of ``loss_name`` is not a number in its admissible range (a
-    temperature ``T`` > 0, weights and mixing coefficients >= 0, ``eps`` in [0, 1), sizes integers >= 1)."""
-    rng = _range_of(key)
+    temperature ``T`` > 0, weights and mixing coefficients >= 0, ``eps`` in [0, 1), Tf-KD's ``a`` in (0, 1), sizes
+    integers >= 1; ``alpha`` of kd / tfkd_self / tfkd_reg, which weighs the cross-entropy by 1 - alpha, in [0, 1])."""
+    rng = _range_of(key, loss_name)
     if rng is None:
         if key == "use_gt" and not isinstance(value, bool):
             raise ValueError(f"loss {loss_name!r}: {key} must be true or false, got {value!r}")

@@ -150,7 +150,7 @@ def test_missing_or_misshaped_teacher(name: str) -> None:
 
 
 # Values no loss accepts for an hparam of that name (a temperature of 0, a negative weight, eps of 1, a size 0).
-_BAD = {"T": [0, -1.0, float("nan"), "4"], "nce_t": [0.0], "eps": [1.0, -0.1], "a": [1.5], "momentum": [-0.5],
+_BAD = {"T": [0, -1.0, float("nan"), "4"], "nce_t": [0.0], "eps": [1.0, -0.1], "a": [1.5, 1, 0], "momentum": [-0.5],
         "feat_dim": [0, 12.5], "nce_k": [0], "noise_dim": [0], "hidden": [0], "warmup_epochs": [-1],
         "alpha": [-0.1, float("inf")], "beta": [-1.0], "gamma": [-1.0], "weight": [-1.0], "multiplier": [-2.0],
         "ce_weight": [-1.0], "kd_weight": [-0.5], "distance_weight": [-1.0], "angle_weight": [-1.0],
@@ -171,3 +171,9 @@ def test_hparams_outside_their_range_are_refused(name: str) -> None:
             with pytest.raises(ValueError, match=rf"{name}.*{key}") as info:
                 kd_losses.check_hparams(name, {key: bad})
             assert "\n" not in str(info.value)
+    if name in ("kd", "tfkd_self", "tfkd_reg"):  # (1 - alpha) * CE + alpha * KD: above 1 CE would be maximised
+        kd_losses.check_hparams(name, {"alpha": 1.0})
+        with pytest.raises(ValueError, match=rf"{name}.*alpha=1.5 is outside \[0, 1\]"):
+            kd_losses.check_hparams(name, {"alpha": 1.5})
+    elif "alpha" in defaults:  # a weight elsewhere (WSLD's 2.25, the SL family's)
+        kd_losses.check_hparams(name, {"alpha": 2.5})
