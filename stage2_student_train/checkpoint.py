@@ -10,6 +10,7 @@ weights for stage 1 (the model registry reads the ``model`` entry).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch.nn as nn
 
 from pipeline import storage
 from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 # The stateful parts of a run, saved and restored by name (each has state_dict / load_state_dict).
 STATEFUL = ("model", "criterion", "optimizer", "scheduler", "scaler")
@@ -92,6 +95,10 @@ def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, A
                          "a best.pt or teacher checkpoint starts a run with --student-weights instead")
     if config is not None and isinstance(state.get("config"), dict):
         check_resumable(state["config"], config, path)
+        before, now = state["config"].get("epochs"), config.get("epochs")
+        if before != now:  # extending (or shortening) a run is allowed, but never without a word
+            log.warning("--resume: %s was a run of %s epochs; this one runs to %s (pass --epochs %s to keep it)",
+                        path, before, now, before)
     for name in STATEFUL:
         try:
             getattr(parts, name).load_state_dict(state[name])

@@ -52,6 +52,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.live_teacher and (cfg.banks or cfg.teacher):
         raise UsageError("--live-teacher runs a teacher instead of reading a bank: drop --labels/--teacher, or "
                          "drop --live-teacher")
+    if cfg.resume and cfg.overwrite and not cfg.test_only:
+        raise UsageError("--resume continues the run in --output-dir and --overwrite replaces it: drop one of them")
     if cfg.resume_from and not Path(cfg.resume_from).is_file():
         raise UsageError(f"--resume: checkpoint file not found: {cfg.resume_from}")
     if cfg.replay_views and not cfg.augment:

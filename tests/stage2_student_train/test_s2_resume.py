@@ -5,6 +5,7 @@ end bit-for-bit where an uninterrupted 3-epoch run ends; best.pt / last.pt are u
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def test_resume_without_checkpoint_is_refused(train, tmp_path, capsys):
     assert len(err) == 1 and "last.pt" in err[0]
 
 
-def test_resume_refuses_another_run(train, tmp_path, demo_bank, capsys):
+def test_resume_refuses_another_run(train, tmp_path, demo_bank, capsys, caplog):
     """--resume continues the run of its checkpoint: a changed method, loss hyperparameter, student or batch size
     is refused with one line naming the key (exit 2) and the checkpoint is left as it was; epochs may grow."""
     out = tmp_path / "run"
@@ -149,8 +150,13 @@ def test_resume_refuses_another_run(train, tmp_path, demo_bank, capsys):
         err = capsys.readouterr().err.strip()
         assert "trained with another configuration" in err and f"{key} " in err and len(err.splitlines()) == 1, err
         assert (out / "last.pt").read_bytes() == before
-    assert train(out, "--method", "kd", "loss.T=4", "--resume", epochs=2, labels=(demo_bank,)) == 0
+    assert train(out, "--method", "kd", "loss.T=4", "--resume", "--overwrite", labels=(demo_bank,)) == 2
+    assert "--resume continues the run in --output-dir and --overwrite replaces it" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
+    with caplog.at_level(logging.WARNING):
+        assert train(out, "--method", "kd", "loss.T=4", "--resume", epochs=2, labels=(demo_bank,)) == 0
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+    assert "was a run of 1 epochs; this one runs to 2 (pass --epochs 1 to keep it)" in caplog.text
 
 
 def test_resume_from_a_checkpoint_that_does_not_fit(train, tmp_path, demo_bank, capsys):
