@@ -71,8 +71,10 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
 
 def check_resumable(saved: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
     """Raise UsageError when ``config`` (the resolved config of this run, as a dict) differs from the checkpoint's
-    ``saved`` config in a key of :data:`RUN_DEFINING`."""
-    diff = [f"{key} {_lookup(saved, key)!r} -> {_lookup(config, key)!r}" for key in RUN_DEFINING
+    ``saved`` config in a key of :data:`RUN_DEFINING` (``banks`` only when the checkpoint records them)."""
+    # a checkpoint without banks found its bank by --teacher before the lookup's result was recorded: not compared
+    keys = [k for k in RUN_DEFINING if not (k == "banks" and not _lookup(saved, k))]
+    diff = [f"{key} {_lookup(saved, key)!r} -> {_lookup(config, key)!r}" for key in keys
             if _lookup(saved, key) != _lookup(config, key)]
     if diff:
         raise UsageError(f"--resume: {path} was trained with another configuration ({'; '.join(diff)}); rerun with "

@@ -59,9 +59,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.replay_views and not cfg.augment:
         raise UsageError("--replay-views trains on the bank's stored augmented views and --no-augment on center "
                          "crops: drop one of them")
-    if cfg.banks and cfg.teacher:
-        log.warning("--labels gives the bank: --teacher %s is not used to look one up", " ".join(cfg.teacher))
-        cfg = replace(cfg, teacher=(), teacher_weights=())
+    if cfg.teacher_weights and not cfg.teacher:
+        raise UsageError("--teacher-weights names the weights of --teacher NAME, and no --teacher is given")
     out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else
                              f"runs/{cfg.method}-{name_for_path(cfg.student)}-seed{cfg.seed}")
     return replace(cfg, loader=resolve_loader(cfg.loader), output_dir=out)

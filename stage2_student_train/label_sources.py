@@ -258,6 +258,21 @@ def find_bank(manifest: Manifest, specs: Sequence[TeacherSpec], replay_views: bo
     )
 
 
+def _check_teachers_agree(cfg: Any, banks: list[LabelBank]) -> None:
+    """``--teacher`` (and ``--teacher-weights``) beside ``--labels``: they must name the banks' teachers, in order
+    (arch; with weights given, weights and checkpoint sha256 too); else a one-line UsageError."""
+    have = [t for b in banks for t in b.teachers]
+    if cfg.teacher_weights:
+        specs = parse_teachers(cfg.teacher, cfg.teacher_weights, cfg.seed, ("--teacher", "--teacher-weights"))
+        agree = [teacher_match(s.identity()) for s in specs] == [teacher_match(t) for t in have]
+    else:
+        agree = list(cfg.teacher) == [t.get("arch") for t in have]
+    if not agree:
+        held = " + ".join(f"{t.get('arch')} ({t.get('weights')})" for t in have)
+        raise UsageError(f"--teacher {' '.join(cfg.teacher)} is not what the bank(s) of --labels hold ({held}): "
+                         "drop --teacher/--teacher-weights (--labels gives the bank), or give that teacher's bank")
+
+
 def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
     """The label source a run needs: bank(s) in memory, a live teacher, or none (``cfg``: a TrainConfig)."""
     if cfg.live_teacher:
@@ -268,7 +283,8 @@ def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
                                       features=kd_losses.needs_features(cfg.method))
     if not kd_losses.needs_teacher(cfg.method):
         if cfg.banks or cfg.teacher:
-            log.info("method '%s' uses no teacher: ignoring the bank", cfg.method)
+            log.warning("method '%s' uses no teacher: the bank given (--labels/--teacher) is not read",
+                        cfg.method)
         return NoLabelSource()
     paths = list(cfg.banks)
     if not paths:
@@ -277,6 +293,8 @@ def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
         specs = parse_teachers(cfg.teacher, cfg.teacher_weights, cfg.seed, ("--teacher", "--teacher-weights"))
         paths = [find_bank(train, specs, cfg.replay_views, cfg.preset)]
     banks = [LabelBank(p) for p in paths]
+    if cfg.banks and cfg.teacher:
+        _check_teachers_agree(cfg, banks)
     for b in banks:
         b.validate(train)
         made_by = b.attrs.get("loader", "dali")

@@ -194,7 +194,9 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     if label_source.skipped is not None:
         excluded |= label_source.skipped
     val_keep = np.flatnonzero(~undecodable(val_m, cfg.skip_corrupt))
-    cfg = replace(cfg, preset=preset.name, loss=kd_losses.get_spec(cfg.method).resolved_hparams(cfg.loss))
+    # resolved: the preset, every loss hyperparameter, the bank(s) read (a --teacher lookup's; none when not read)
+    cfg = replace(cfg, preset=preset.name, loss=kd_losses.get_spec(cfg.method).resolved_hparams(cfg.loss),
+                  banks=tuple(label_source.paths))
     out = prepare_output_dir(cfg, info)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -187,13 +187,25 @@ def test_values_a_run_cannot_use_are_one_line_exit_2(tmp_path, demo_root, demo_b
     assert not (tmp_path / "r").exists()
 
 
-def test_teacher_beside_labels_is_reported_not_silently_ignored(tmp_path, demo_root, demo_bank, caplog):
-    with caplog.at_level("WARNING"):
-        assert main(["--method", "kd", "--labels", str(demo_bank), "--teacher", "resnet8",
-                     *_args(demo_root, tmp_path / "r")]) == 0
-    assert any("--teacher resnet8 is not used" in r.getMessage() for r in caplog.records)
+def test_teacher_beside_labels_must_name_the_banks_teacher(tmp_path, demo_root, demo_bank, capsys, caplog):
+    """--teacher beside --labels is checked against the bank's teachers, not dropped: another teacher (or
+    --teacher-weights without --teacher) is one line, exit 2, before any output; the bank's own teacher passes."""
+    for extra, words in ((["--teacher", "resnet8"], "--teacher resnet8 is not what the bank(s) of --labels hold "
+                          "(democnn_s (none))"),
+                         (["--teacher", "democnn_s", "--teacher-weights", "DEFAULT"], "is not what the bank(s)"),
+                         (["--teacher-weights", "none"], "no --teacher is given")):
+        assert main(["--method", "kd", "--labels", str(demo_bank), *extra, *_args(demo_root, tmp_path / "r")]) == 2
+        assert words in _one_error_line(capsys)
+        assert not (tmp_path / "r").exists()
+    assert main(["--method", "kd", "--labels", str(demo_bank), "--teacher", "democnn_s", "--teacher-weights", "none",
+                 *_args(demo_root, tmp_path / "r")]) == 0
     cfg = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
-    assert cfg["teacher"] == [] and cfg["banks"] == [str(demo_bank)]
+    assert cfg["teacher"] == ["democnn_s"] and cfg["banks"] == [str(demo_bank)]
+    # a method without a teacher says it does not read the bank, and the run records none
+    with caplog.at_level("WARNING"):
+        assert main(["--method", "ce", "--labels", str(demo_bank), *_args(demo_root, tmp_path / "ce")]) == 0
+    assert "method 'ce' uses no teacher: the bank given (--labels/--teacher) is not read" in caplog.text
+    assert yaml.safe_load((tmp_path / "ce" / "config.yaml").read_text())["banks"] == []
 
 
 def test_real_process_exit_code(tmp_path, demo_root):

@@ -107,6 +107,9 @@ def test_3_cache_found_by_fingerprint(image_tree: Path, tmp_path: Path, monkeypa
                   "--data", "my-copy", "--preset", "tiny", "--epochs", "1", "--batch-size", "8", "--workers", "1",
                   "--output-dir", str(run), "max_steps_per_epoch=1"]) == 0
     assert json.loads((run / "final.json").read_text())["bank"] == first
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["banks"] == [first]  # the lookup's result, recorded
 
 
 # --- 5. self-describing runs ------------------------------------------------------------------------------------
