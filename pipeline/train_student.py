@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 from pipeline.config import default_of, resolve
 from pipeline.errors import CliParser, UsageError, cli_entry, setup_logging
 
+log = logging.getLogger("pipeline.train_student")
 _LR_SCHEDULERS = {"steplr": "step", "multisteplr": "multistep", "cosineannealinglr": "cosine", "constant": "constant",
                   "step": "step", "multistep": "multistep", "cosine": "cosine"}
 
@@ -123,6 +125,21 @@ def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
     return cli
 
 
+# What --test-only reads: the model, the data and how it is decoded, where the checkpoint and test.json are.
+_TEST_ONLY_KEYS = {"student", "student_weights", "data", "layout", "val_split", "preset", "loader", "workers",
+                   "batch_size", "device", "amp", "channels_last", "skip_corrupt", "output_dir", "resume",
+                   "resume_from", "test_only", "seed"}
+
+
+def _warn_unused_with_test_only(cli: dict[str, Any], overrides: Sequence[str]) -> None:
+    """--test-only evaluates a checkpoint: name the training flags given with it (they change nothing)."""
+    given = [k for k, v in cli.items() if v is not None and k not in _TEST_ONLY_KEYS]
+    given += [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].split(".")[0] not in _TEST_ONLY_KEYS]
+    if given:
+        log.warning("--test-only evaluates a checkpoint; these training settings change nothing: %s",
+                    ", ".join(sorted(set(given))))
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     # intermixed: key=value overrides may sit between flags (argparse otherwise takes only the first run of them)
@@ -134,7 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, rank)
     from stage2_student_train import TrainConfig, run_training
 
-    cfg = resolve(TrainConfig, args.config, _cli_values(args), args.overrides)
+    cli = _cli_values(args)
+    cfg = resolve(TrainConfig, args.config, cli, args.overrides)
+    if cfg.test_only:
+        _warn_unused_with_test_only(cli, args.overrides)
     final = run_training(cfg)
     if rank == 0:  # one line per command, also under torchrun
         print(json.dumps(final))

@@ -238,7 +238,7 @@ def test_torchvision_flag_aliases(tmp_path, demo_root):
     assert main(["--method", "kd", "--label-smoothing", "0.1", "--data", str(demo_root)]) == 2
 
 
-def test_resume_from_a_file_and_test_only(tmp_path, demo_root, demo_bank, capsys):
+def test_resume_from_a_file_and_test_only(tmp_path, demo_root, demo_bank, capsys, caplog):
     first = tmp_path / "first"
     assert main(["--method", "kd", "--labels", str(demo_bank), *_args(demo_root, first)]) == 0
     # --resume PATH: continue that checkpoint's run for one more epoch in its folder
@@ -258,6 +258,13 @@ def test_resume_from_a_file_and_test_only(tmp_path, demo_root, demo_bank, capsys
     best = max(r["top1"] for r in rows)
     assert written["top1"] == pytest.approx(best, abs=1e-6)
     assert not (tmp_path / "t" / "last.pt").exists()
+    # training flags beside --test-only are named, not silently ignored; the evaluation is the same
+    with caplog.at_level("WARNING"):
+        assert main(["--test-only", "--resume", str(first / "best.pt"), "--student", "democnn_s", "--data",
+                     str(demo_root), "--batch-size", "50", "--workers", "1", "--output-dir", str(tmp_path / "t2"),
+                     "--epochs", "5", "--method", "wsld", "--lr", "0.3", "loss.T=2"]) == 0
+    assert "these training settings change nothing: epochs, loss.T, method, optim.lr" in caplog.text
+    assert json.loads((tmp_path / "t2" / "test.json").read_text())["top1"] == written["top1"]
 
 
 @pytest.mark.parametrize("entry", ["pipeline.train_student", "pipeline.dump_logits"])
