@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prepares data/fashion-mnist) (default: none, required)")
     p.add_argument("--split", choices=["train", "val", "test"], help=f"{d('split')}")
     p.add_argument("--layout", help=f"dataset layout: auto, imagefolder, filelist, cifar, shards {d('layout')}")
-    p.add_argument("--preset", help=f"preprocessing: auto (cifar for CIFAR pickles, else imagenet), "
+    p.add_argument("--preset", help=f"preprocessing: auto (each teacher's own: a timm tag's pretrained config or a torchvision "
+                                    f"enum's transforms; else cifar for CIFAR pickles, else imagenet), "
                                     f"{', '.join(sorted(PRESETS))} {d('preset')}")
     p.add_argument("--device", choices=["cpu", "cuda"], help=f"cpu (DALI CPU-only) or cuda (mixed decoding) "
                                                             f"{d('device')}")

@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     vf = sub.add_parser("verify", help="check every member of a pack (exit 1 on any problem)")
     vf.add_argument("root")
     vf.add_argument("--split", action="append", choices=["train", "val", "test"], help="default: all packed splits")
-    vf.add_argument("--source", default=None, help="also check the pack against this source dataset root")
+    vf.add_argument("--source", default=None, help="also check that the pack was made from this dataset root: the same file names, order "
+                    "and labels (its fingerprint; image bytes are checked against the pack's own crc32, not the source)")
     vf.add_argument("--no-decode", action="store_true", help="skip decoding (headers, sizes and crc32 only)")
     vf.add_argument("--workers", type=int, default=1, help="processes")
     args = p.parse_args(argv)

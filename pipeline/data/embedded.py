@@ -91,12 +91,14 @@ def write_tree(out: str | Path, splits: dict[str, tuple[str, int, int | None]], 
         rank = np.zeros(len(FASHION_MNIST_CLASSES), int)
         for c in FASHION_MNIST_CLASSES:
             (tmp / split / c).mkdir(parents=True, exist_ok=True)
-        for i in tqdm(range(len(labels)), desc=f"writing {split}", unit="img", mininterval=1.0):
-            y = int(labels[i])
+        chosen = []  # per class, its images ranked start .. start + count - 1 (in file order)
+        for i, y in enumerate(labels.tolist()):
             r = rank[y]
             rank[y] += 1
-            if r < start or (count is not None and r >= start + count):
-                continue
+            if r >= start and (count is None or r < start + count):
+                chosen.append(i)
+        for i in tqdm(chosen, desc=f"writing {split}", unit="img", mininterval=1.0):
+            y = int(labels[i])
             rgb = np.repeat(images[i][:, :, None], 3, axis=2)
             Image.fromarray(rgb).save(tmp / split / FASHION_MNIST_CLASSES[y] / f"{i:05d}.jpg", quality=quality)
     tmp.rename(out)

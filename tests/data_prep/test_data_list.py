@@ -66,6 +66,8 @@ def test_prepare_demo_caps_below_one_are_refused(tmp_path: Path, capsys):
         assert f"{flag} must be at least 1" in capsys.readouterr().err
         assert not (tmp_path / "d").exists()
     assert main(["prepare-demo", "--out", str(tmp_path / "d"), "--train-per-class", "2", "--val-per-class", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "20/20" in err and "10/10" in err and "60000" not in err  # the progress counts what is written
     m = build_manifest(tmp_path / "d", "train")
     assert len(m) == 20 and np.bincount(m.labels).tolist() == [2] * 10
     assert len(build_manifest(tmp_path / "d", "val")) == 10
