@@ -3,7 +3,7 @@
 Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views, formats, embedding (or ``all``). A
 run: write the data trees; train the teachers (shared by every suite); dump their banks (content-addressed,
 shared); for every method, train its small hyperparameter grid on held-out training images and keep the best
-setting; train every arm with the scale's seeds (2 at full scale) at that setting (one optimizer and schedule for
+setting; train every arm with the scale's seeds (3 at full scale) at that setting (one optimizer and schedule for
 all); measure what training runs cannot (interleaved step times, bank-vs-live exactness); rewrite RESULTS.md
 (claims table first) and the plots in ``results/``. Training runs go ``--jobs`` at a time in their own processes; finished runs are
 reused and interrupted ones resumed, so a stopped suite continues where it stopped. ``--scale tiny`` runs every
@@ -72,7 +72,7 @@ def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job
     for a in suite.arms:
         finals = [jobs[(suite.name, a.label, s)].final() for s in scale.seeds]
         setting, grid = chosen[a.method]
-        banks = (finals[0].get("bank") or "").split(",") if a.teachers else []
+        banks = (finals[0].get("bank") or "").split(",") if a.teachers and not a.live else []  # live: no bank
         arms[a.label] = {
             "method": a.method, "student": a.student, "chosen": setting,
             "loss": {**fixed_loss(a.method, scale), **setting, **a.loss},

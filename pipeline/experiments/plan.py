@@ -27,7 +27,7 @@ class Scale:
     teacher_epochs: int = 12
     small_teacher_epochs: int = 15
     student_epochs: int = 10
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 128
     lr: float = 0.05
     labeled: int = 50  # per class, label-efficiency suite
