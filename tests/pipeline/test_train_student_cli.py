@@ -174,7 +174,7 @@ def test_unknown_names_are_one_line_exit_2(tmp_path, demo_root, capsys, extra, s
     (["eval_every=0"], "eval_every=0 must be >= 1"),
     (["-j", "-2"], "workers=-2 must be >= 0"),
     (["loss.T=0"], "'kd': T=0 is outside (0, inf)"),
-    (["loss.alpha=-0.5"], "'kd': alpha=-0.5 is outside [0, inf)"),
+    (["loss.alpha=-0.5"], "'kd': alpha=-0.5 is outside [0, 1]"),
     (["--replay-views", "--no-augment"], "--replay-views trains on the bank's stored augmented views"),
 ])
 def test_values_a_run_cannot_use_are_one_line_exit_2(tmp_path, demo_root, demo_bank, capsys, extra, words):
