@@ -110,15 +110,17 @@ def _error_lines(stderr: str) -> list[str]:
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train, tmp_path, demo_bank, capsys):
     out = tmp_path / "run"
-    assert train(out, "max_steps_per_epoch=2", labels=(demo_bank,)) == 0
-    # the second epoch overflows: an alpha of 1e39 makes alpha * KD inf in float32. --resume refuses another loss
+    assert train(out, "max_steps_per_epoch=2", labels=(demo_bank,), method="wsld") == 0
+    # the second epoch overflows: an alpha of 1e39 makes WSLD's alpha * term inf in float32 (WSLD's alpha is an
+    # unbounded weight; KD's is a mixing coefficient in [0, 1]). --resume refuses another loss
     # than the checkpoint's, so the checkpoint is made to say this run was configured with it
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     state["config"]["loss"]["alpha"] = 1e39
     torch.save(state, out / "last.pt")
     good = (out / "last.pt").read_bytes()
     capsys.readouterr()
-    assert train(out, "--resume", "max_steps_per_epoch=2", "loss.alpha=1e39", epochs=2, labels=(demo_bank,)) == 1
+    assert train(out, "--resume", "max_steps_per_epoch=2", "loss.alpha=1e39", epochs=2, labels=(demo_bank,),
+                 method="wsld") == 1
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "non-finite" in err[0] and "epoch 1" in err[0] and "last.pt of epoch 0 is kept" in err[0]
     assert (out / "last.pt").read_bytes() == good  # the last good checkpoint is kept untouched
@@ -130,7 +132,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train, tmp_path, d
 def test_non_finite_loss_in_the_first_epoch_says_there_is_no_checkpoint(train, tmp_path, demo_bank, capsys):
     out = tmp_path / "run"
     capsys.readouterr()
-    assert train(out, "max_steps_per_epoch=2", "loss.alpha=1e39", labels=(demo_bank,)) == 1
+    assert train(out, "max_steps_per_epoch=2", "loss.alpha=1e39", labels=(demo_bank,), method="wsld") == 1
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "epoch 0" in err[0] and "no epoch had finished, so there is no checkpoint" in err[0]
     assert not (out / "last.pt").exists()
