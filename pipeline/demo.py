@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipeline.config import resolve
 from pipeline.errors import CliParser, cli_entry, setup_logging
@@ -28,11 +28,33 @@ REPO = Path(__file__).resolve().parents[1]
 def _train(config: str, out: Path, data: Path, device: str, extra: dict) -> None:
     from stage2_student_train import TrainConfig, run_training
 
-    if (out / "final.json").is_file():
+    cli = {"data": str(data), "device": device, "output_dir": str(out), "overwrite": True, **extra}
+    cfg = resolve(TrainConfig, REPO / "configs" / config, cli)
+    if (out / "final.json").is_file() and _same_run(out, cfg):
         log.info("reusing finished run %s", out)
         return
-    cli = {"data": str(data), "device": device, "output_dir": str(out), "overwrite": True, **extra}
-    run_training(resolve(TrainConfig, REPO / "configs" / config, cli))
+    run_training(cfg)
+
+
+def _same_run(out: Path, cfg: Any) -> bool:
+    """Whether the finished run in ``out`` is this one (method, student, epochs, data and, for a method with a
+    teacher, bank(s)): a run left by another demo (other data, an older bank) is trained again, not reused."""
+    import yaml
+
+    import kd_losses
+    from pipeline import storage
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+
+    def paths(v: Any) -> list[str]:
+        return [storage.absolute(x) for x in (v or [])]
+
+    return (saved.get("method"), saved.get("student"), saved.get("epochs")) == (cfg.method, cfg.student, cfg.epochs) \
+        and storage.absolute(saved.get("data") or "") == storage.absolute(cfg.data) \
+        and (not kd_losses.needs_teacher(cfg.method) or paths(saved.get("banks")) == paths(cfg.banks))
 
 
 @cli_entry

@@ -39,3 +39,15 @@ def test_demo_flow(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     again = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
     assert again[-6:] == table + [lines[start + 5]]
+    # a finished run of another bank (a stale runs/ folder from older data) is trained again, not reused
+    import yaml
+
+    cfg_path = out / "student-kd" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["banks"] = [str(tmp_path / "an-older-bank.zarr")]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    (out / "student-kd" / "final.json").write_text(json.dumps({**json.loads((out / "student-kd" / "final.json")
+                                                                          .read_text()), "bank": "stale"}))
+    assert main(argv) == 0
+    assert json.loads((out / "student-kd" / "final.json").read_text())["bank"].endswith(banks[0].name)
+    assert yaml.safe_load(cfg_path.read_text())["banks"] == [str(banks[0])]
