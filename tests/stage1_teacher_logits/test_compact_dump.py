@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from pipeline.bank.writer import done_flags
 from pipeline.dump_logits import main
 from pipeline.labels import bank_info
 from pipeline.labels import main as labels_main
+from s1_helpers import kill_dump_after_chunks
 
 REPO = Path(__file__).resolve().parents[2]
 TOPK_ARRAYS = ("topk_values", "topk_indices", "target_logprob")
@@ -141,27 +141,14 @@ def test_default_path_and_key_of_a_compact_dump(demo_root: Path, tmp_path: Path,
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(paths["topk"])
 
 
-def _done_files(bank: Path) -> int:
-    d = bank / "done" / "c"
-    return len(os.listdir(d)) if d.is_dir() else 0
-
-
 def test_sigkill_then_resume_of_a_compact_dump_is_bit_identical(demo_root: Path, tmp_path: Path, capsys):
     args = lambda out: ["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--preset",  # noqa: E731
                         "demo", "--rows-per-chunk", "16", "--batch-size", "8", "--workers", "1", "--views", "2",
                         "--view-policy", "rrc", "--format", "topk", "--topk", "2", "--out", str(out)]
     killed = tmp_path / "killed.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.dump_logits", *args(killed)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while _done_files(killed) < 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+    rc = kill_dump_after_chunks(args(killed), killed, env)
+    assert rc == -signal.SIGKILL, "the dump finished before it could be killed"
     g = zarr.open_group(str(killed), mode="r")
     done = done_flags(g)
     assert 2 <= done.sum() < 19 and dict(g.attrs)["complete"] is False

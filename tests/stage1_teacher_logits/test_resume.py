@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import zarr
 
 from pipeline.bank.writer import done_flags
 from pipeline.dump_logits import main
+from s1_helpers import kill_dump_after_chunks
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = 16  # 300 demo samples -> 19 chunks
@@ -24,11 +22,6 @@ def _args(demo_root: Path, out: Path) -> list[str]:
     return ["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--split", "train",
             "--preset", "demo", "--rows-per-chunk", str(ROWS), "--batch-size", "8", "--workers", "1",
             "--out", str(out)]
-
-
-def _done_files(bank: Path) -> int:
-    d = bank / "done" / "c"
-    return len(os.listdir(d)) if d.is_dir() else 0
 
 
 def _chunk_files(bank: Path, chunks: set[int]) -> dict[str, int]:
@@ -45,16 +38,8 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_root: Path, tmp_path: Pat
                                                   assert_banks_equal):
     killed = tmp_path / "killed.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.dump_logits", *_args(demo_root, killed)], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while _done_files(killed) < 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+    rc = kill_dump_after_chunks(_args(demo_root, killed), killed, env)
+    assert rc == -signal.SIGKILL, "the dump finished before it could be killed"
 
     g = zarr.open_group(str(killed), mode="r")
     n_chunks = g["done"].shape[0]
