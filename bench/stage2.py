@@ -76,6 +76,7 @@ def bench_steps(bank_path: Path, steps: int, warmup: int, rounds: int, size: int
     from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
     from stage2_student_train.loop import train_one_epoch
     from stage2_student_train.optim import build_optimizer, build_scheduler
+    from stage2_student_train.step import TrainModule
 
     bank = BankLabelSource([LabelBank(bank_path)])
     n = bank.num_samples
@@ -96,7 +97,7 @@ def bench_steps(bank_path: Path, steps: int, warmup: int, rounds: int, size: int
         torch.manual_seed(0)
         model = create_model(student, c).to(memory_format=torch.contiguous_format)
         opt = build_optimizer([model, crit], OptimConfig(lr=0.01))
-        sched = build_scheduler(opt, 1000, 1, ScheduleConfig(name="constant"))
+        sched = build_scheduler(opt, 1000, 1, ScheduleConfig(name="constant"), 0.01)
         state[name] = (model, opt, sched)
     step_times: dict[str, list[float]] = {k: [] for k in variants}
     round_times: dict[str, list[float]] = {k: [] for k in variants}
@@ -107,7 +108,7 @@ def bench_steps(bank_path: Path, steps: int, warmup: int, rounds: int, size: int
         crit, src = variants[name]
         model, opt, sched = state[name]
         stamps = [time.perf_counter()]
-        train_one_epoch(model, crit, opt, sched, batches(k), labels, src, 0, log_every=1,
+        train_one_epoch(TrainModule(model, crit), opt, sched, batches(k), labels, src, 0, log_every=1,
                         on_step=lambda step, parts: stamps.append(time.perf_counter()))
         return [b - a for a, b in zip(stamps, stamps[1:])]
 

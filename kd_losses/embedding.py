@@ -24,6 +24,7 @@ only, so their published weights are a starting point, not a reproduction.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -301,6 +302,16 @@ class FitNetLoss(nn.Module):
 # --- CRD ---------------------------------------------------------------------------------------------
 
 
+class LocalSync:
+    """One process: every rank's batch is this batch (see :class:`pipeline.distributed.BatchSync`)."""
+
+    def gather(self, t: Tensor) -> Tensor:
+        return t
+
+    def mean(self, value: Tensor, count: int) -> Tensor:
+        return value
+
+
 def _sample_index(batch: Batch, b: int, device: torch.device) -> Tensor:
     """batch['index'] [B] as int64 on ``device``."""
     idx = batch.get("index")
@@ -342,7 +353,10 @@ class CRDLoss(nn.Module):
     nce_k=16384, nce_t=0.07, momentum=0.5. nce_k must be < num_samples.
     Costs: the memories are 2·T·N·feat_dim·4 bytes of buffers, saved with every checkpoint (ImageNet-1k,
     T=1: 1.3 GB); each step gathers 2·T·B·(nce_k+1)·feat_dim·4 bytes (B=256: 4.3 GB per teacher).
-    Under DDP each rank updates only the rows of its own batch, so memories and Z differ across ranks.
+    Several processes: the memory updates and Z use every rank's batch through ``self.sync`` (a
+    :class:`LocalSync` by default; stage 2 sets :class:`pipeline.distributed.BatchSync`, which all-gathers the
+    indices and embeddings and averages Z's batch mean over ranks), so every rank holds the same memories and Z,
+    the ones a single process with the global batch would hold.
     forward: student_logits [B, C], batch['student_features'] [B, D_s], batch['teacher_features']
     [B, T, D_t], batch['index'] [B]; ``negatives`` [T, B, nce_k] overrides the draw. Returns ``loss``,
     ``ce``, ``crd`` (without ``weight``), ``kd``.
@@ -388,17 +402,21 @@ class CRDLoss(nn.Module):
         self.register_buffer("memory_teacher", torch.rand(shape).mul_(2 * stdv).add_(-stdv))
         self.register_buffer("z_student", torch.full((num_teachers,), -1.0))
         self.register_buffer("z_teacher", torch.full((num_teachers,), -1.0))
+        self.sync: Any = LocalSync()
 
     def _scores(self, memory: Tensor, z_const: Tensor, idx: Tensor, v: Tensor) -> Tensor:
-        """exp(<memory[idx], v>/nce_t) / Z, [B, K+1]; sets Z (in place) from this batch if unset."""
+        """exp(<memory[idx], v>/nce_t) / Z, [B, K+1]; sets Z (in place) from this batch (every rank's) if unset."""
         weights = memory[idx].to(v.dtype)  # [B, K+1, F], a copy: no gradient into the memory
         out = torch.exp(torch.bmm(weights, v[:, :, None]).squeeze(2) / self.nce_t)
         with torch.no_grad():
-            z_const.copy_(torch.where(z_const < 0, out.mean() * self.num_samples, z_const))
+            if bool(z_const < 0):
+                z_const.copy_(self.sync.mean(out.mean().to(z_const.dtype), out.shape[0]) * self.num_samples)
         return out / z_const.detach().clone().to(out.dtype)
 
     @torch.no_grad()
     def _update(self, memory: Tensor, idx: Tensor, v: Tensor) -> None:
+        """m[idx] <- normalize(momentum·m[idx] + (1 - momentum)·v) for every rank's rows (idx [B], v [B, F])."""
+        idx, v = self.sync.gather(idx), self.sync.gather(v.detach())
         rows = memory.index_select(0, idx) * self.momentum + v.to(memory.dtype) * (1.0 - self.momentum)
         memory.index_copy_(0, idx, F.normalize(rows, p=2, dim=1))
 

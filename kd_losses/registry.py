@@ -91,7 +91,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
     "momentum": (0.0, 1.0, False, False, False),
     "feat_dim": (1, math.inf, False, True, True), "nce_k": (1, math.inf, False, True, True),
     "noise_dim": (1, math.inf, False, True, True), "hidden": (1, math.inf, False, True, True),
-    "warmup_epochs": (0, math.inf, False, True, True),
+    "warmup_epochs": (0, math.inf, False, True, True), "noise_std": (0.0, math.inf, False, True, False),
 }
 _NONNEGATIVE = ("alpha", "beta", "gamma", "weight", "multiplier")  # and every "*_weight"
 # Where a loss's own form bounds a key further: alpha mixes (1 - alpha) * CE + alpha * KD (above 1 the run would

@@ -109,10 +109,10 @@ class SLEncLoss(nn.Module):
     """SL-Enc: the teacher's logits plus a learned perturbation g(eps), trained with the student.
 
     target = softmax((z_t + g(eps)) / T), g = Linear(noise_dim, hidden)-ReLU-Linear(hidden, K)-softmax,
-    eps ~ N(0, I) of shape [B, noise_dim], drawn per sample per call (pass ``noise`` or ``generator``
-    for determinism). g's output lies in the simplex, so the perturbation moves each logit by at most 1.
+    eps ~ N(0, noise_std² I) of shape [B, noise_dim], drawn per sample per call (pass ``noise`` or ``generator``
+    for determinism; ``noise_std=0``: eps = 0, a deterministic learned offset, nothing drawn). g's output lies in the simplex, so the perturbation moves each logit by at most 1.
     L = alpha·T²·mean_i H(target_i, softmax(z_s/T)_i); gradients reach both the student and g.
-    Several teachers: mean of logits. Defaults noise_dim=100, hidden=50, T=3, alpha=0.1.
+    Several teachers: mean of logits. Defaults noise_dim=100, hidden=50, T=3, alpha=0.1, noise_std=1.
     forward: student_logits [B, K], batch['teacher_logits'] [B, T_teachers, K] -> dict with ``loss``,
     ``kd`` (without alpha), ``ce`` (logged only).
     """
@@ -124,9 +124,11 @@ class SLEncLoss(nn.Module):
         hidden: int = 50,
         T: float = 3.0,
         alpha: float = 0.1,
+        noise_std: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.noise_std = noise_std
         self.noise_dim = noise_dim
         self.T = T
         self.alpha = alpha
@@ -152,8 +154,10 @@ class SLEncLoss(nn.Module):
             )
         zt = mean_teacher(batch, z, "sl_enc")
         weight = self.g[0].weight
-        if noise is None:
-            noise = torch.randn(
+        if noise is None and self.noise_std == 0:
+            noise = torch.zeros(z.shape[0], self.noise_dim, device=weight.device, dtype=weight.dtype)
+        elif noise is None:
+            noise = self.noise_std * torch.randn(
                 z.shape[0], self.noise_dim, generator=generator, device=weight.device, dtype=weight.dtype
             )
         perturbation = self.g(noise.to(device=weight.device, dtype=weight.dtype)).to(z.dtype)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -77,6 +78,63 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     out = t.detach().to(info.torch_device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
+
+
+def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's ``t`` [n_r, ...] concatenated in rank order -> [sum n_r, ...] on ``t``'s device (the first
+    dimension may differ across ranks; the others must agree). Gathered on the rank's device, like
+    :func:`all_reduce_sum`; no gradient flows through it."""
+    if not info.enabled:
+        return t
+    dev = info.torch_device
+    x = t.detach().to(dev).contiguous()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(info.world_size)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.int64, device=dev))
+    n = [int(s.item()) for s in sizes]
+    pad = torch.zeros((max(n) - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=dev)
+    parts = [torch.empty((max(n), *x.shape[1:]), dtype=x.dtype, device=dev) for _ in n]
+    dist.all_gather(parts, torch.cat([x, pad]))
+    return torch.cat([p[:k] for p, k in zip(parts, n)]).to(t.device)
+
+
+class BatchSync:
+    """What a loss whose buffers learn from the batch (CRD's memories and normalisation constants) needs to keep
+    those buffers identical on every rank: :meth:`gather` (every rank's rows, in rank order) and :meth:`mean`
+    (the sample-weighted mean of a per-rank mean). Single-process: both return their input. A loss holds one in
+    its ``sync`` attribute; stage 2 sets it to the run's (``stage2_student_train.step.TrainModule``)."""
+
+    def __init__(self, info: DistInfo | None = None):
+        self.info = info or DistInfo()
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return all_gather_cat(t, self.info)
+
+    def mean(self, value: torch.Tensor, count: int) -> torch.Tensor:
+        """Mean over all ranks' samples of a per-rank mean ``value`` (a tensor of any shape) over ``count``
+        samples."""
+        if not self.info.enabled:
+            return value
+        both = all_reduce_sum(torch.cat([value.detach().reshape(-1).double() * count,
+                                         torch.tensor([float(count)], dtype=torch.float64, device=value.device)]),
+                              self.info)
+        return (both[:-1] / both[-1]).reshape(value.shape).to(value.dtype)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of non-negative integers (e.g. ``(seed, PURPOSE, epoch, rank)``), through numpy's
+    ``SeedSequence``: distinct tuples give independent streams, with no packing arithmetic that could collide
+    (``seed*1000 + epoch*10 + rank`` repeats for more than 10 ranks)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` without a process group)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_buffers(module: nn.Module, info: DistInfo, src: int = 0) -> None:

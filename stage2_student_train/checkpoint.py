@@ -2,8 +2,16 @@
 temp file, fsync, rename) and how a run is restored from it.
 
 ``last.pt`` (every epoch): ``model``, ``criterion`` (a loss's parameters and buffers: SL-Enc's network, CRD's
-memories), ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``best_top1``, ``rng`` (Python, numpy, torch and
-CUDA generators), ``config`` (the resolved TrainConfig), ``num_classes``, ``arch``. ``best.pt``: ``model``,
+memories), ``optimizer``, ``scheduler`` (recorded; a resumed run positions its own schedule at the global step),
+``scaler``, ``epoch``, ``best_top1``, ``rng`` (one record per rank: Python, numpy, torch and that rank's own CUDA
+device), ``config`` (the resolved TrainConfig), ``identity`` (the training data's fingerprint, the banks' keys, the
+world size: what the run is, wherever its files are), ``num_classes``, ``arch``.
+
+Resuming (:func:`restore_training`): keys that define the run (``RUN_DEFINING``) must be equal, data and banks
+are compared by identity (fingerprint, bank key) rather than path (a moved copy resumes, the move is logged);
+optimizer settings (lr, momentum, nesterov, betas, weight decay) and the whole schedule may change and apply from
+the first resumed step, each change logged; another world size continues (its steps per epoch and per-rank
+random streams change, logged). ``best.pt``: ``model``,
 ``epoch``, ``top1``, ``config``, ``arch``. Both load with ``torch.load(weights_only=True)`` and are valid teacher
 weights for stage 1 (the model registry reads the ``model`` entry).
 """
@@ -31,8 +39,12 @@ STATEFUL = ("model", "criterion", "optimizer", "scheduler", "scaler")
 # Config keys (dotted) that define what a run trains: resuming with another value would continue a different
 # experiment under the old one's name. Epochs, logging, workers, device and the schedule's length may change.
 RUN_DEFINING = ("method", "loss", "student", "banks", "live_teacher", "data", "layout", "train_split", "preset",
-                "train_subset", "augment", "replay_views", "batch_size", "optim.name")
+                "train_subset", "augment", "replay_views", "batch_size", "optim.name", "optim.no_wd_bn_bias")
 _PATH_KEYS = ("data", "banks")
+# Settings a resumed run may change: applied from its first step, each change logged.
+CHANGEABLE = ("optim.lr", "optim.momentum", "optim.nesterov", "optim.betas", "optim.weight_decay", "sched.name",
+              "sched.warmup_epochs", "sched.warmup_start_factor", "sched.step_size", "sched.milestones",
+              "sched.gamma", "sched.min_lr_factor", "epochs")
 
 
 @dataclass
@@ -46,12 +58,21 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
 
 
+def run_identity(train_manifest: Any, bank_keys: list[str], info: Any) -> dict[str, Any]:
+    """What a run trains on, independent of paths: the training data's fingerprint, the banks' keys, the world
+    size (processes)."""
+    return {"data_fingerprint": train_manifest.fingerprint, "bank_keys": list(bank_keys),
+            "world_size": int(info.world_size)}
+
+
 def save_training(path: str | Path, parts: TrainingParts, epoch: int, best_top1: float, config: dict[str, Any],
-                  arch: str, num_classes: int) -> None:
-    """Write ``last.pt``: every stateful part, the epoch just finished, the RNG states and the run's identity."""
+                  arch: str, num_classes: int, identity: dict[str, Any] | None = None,
+                  rng: list[dict[str, Any]] | None = None) -> None:
+    """Write ``last.pt``: every stateful part, the epoch just finished, the RNG states of every rank (``rng``,
+    gathered by the caller; default: this process's) and the run's identity."""
     state: dict[str, Any] = {name: getattr(parts, name).state_dict() for name in STATEFUL}
-    state.update({"epoch": epoch, "best_top1": best_top1, "rng": rng_state(), "config": config,
-                  "num_classes": num_classes, "arch": arch})
+    state.update({"epoch": epoch, "best_top1": best_top1, "rng": rng if rng is not None else [rng_state()],
+                  "config": config, "identity": identity or {}, "num_classes": num_classes, "arch": arch})
     save_atomic(state, path)
 
 
@@ -69,24 +90,46 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_resumable(saved: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
+def check_resumable(saved: dict[str, Any], config: dict[str, Any], path: str | Path,
+                    saved_identity: dict[str, Any] | None = None, identity: dict[str, Any] | None = None) -> None:
     """Raise UsageError when ``config`` (the resolved config of this run, as a dict) differs from the checkpoint's
-    ``saved`` config in a key of :data:`RUN_DEFINING` (``banks`` only when the checkpoint records them)."""
-    # a checkpoint without banks found its bank by --teacher before the lookup's result was recorded: not compared
-    keys = [k for k in RUN_DEFINING if not (k == "banks" and not _lookup(saved, k))]
-    diff = [f"{key} {_lookup(saved, key)!r} -> {_lookup(config, key)!r}" for key in keys
-            if _lookup(saved, key) != _lookup(config, key)]
+    ``saved`` config in a key of :data:`RUN_DEFINING` (``banks`` only when the checkpoint records them). With both
+    identities (:func:`run_identity`), ``data`` and ``banks`` are compared by fingerprint and key instead of path:
+    the same data or bank at another path resumes (logged), other data is refused."""
+    saved_identity, identity = saved_identity or {}, identity or {}
+    by_identity = {"data": "data_fingerprint", "banks": "bank_keys"}
+    keys, diff = [], []
+    for key in RUN_DEFINING:
+        if key == "banks" and not _lookup(saved, key):
+            continue  # found by --teacher before the lookup's result was recorded: not compared
+        ident = by_identity.get(key)
+        if ident and saved_identity.get(ident) is not None and identity.get(ident) is not None:
+            if saved_identity[ident] != identity[ident]:
+                diff.append(f"{key} {_lookup(saved, key)!r} -> {_lookup(config, key)!r} ({ident.replace('_', ' ')} "
+                            "differs: other content)")
+            elif _lookup(saved, key) != _lookup(config, key):
+                log.info("--resume: %s moved: %r -> %r (same %s)", key, _lookup(saved, key), _lookup(config, key),
+                         ident.replace("_", " "))
+            continue
+        keys.append(key)
+    diff += [f"{key} {_lookup(saved, key)!r} -> {_lookup(config, key)!r}" for key in keys
+             if _lookup(saved, key) != _lookup(config, key)]
     if diff:
         raise UsageError(f"--resume: {path} was trained with another configuration ({'; '.join(diff)}); rerun with "
                          "the checkpoint's settings (its config.yaml), or use a new --output-dir or --overwrite")
 
 
-def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, Any] | None = None) -> tuple[int, float]:
-    """Load every stateful part and the RNG states from ``last.pt``; returns (next epoch, best top-1 so far).
+def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, Any] | None = None,
+                     identity: dict[str, Any] | None = None, info: Any = None) -> tuple[int, float]:
+    """Load the model, loss, optimizer and scaler states and this rank's RNG states from ``last.pt``; returns
+    (next epoch, best top-1 so far). The scheduler's stored state is not loaded: the caller positions this run's
+    schedule at the global step (``optim.build_scheduler``).
 
-    With ``config`` (this run's resolved config), refuses a checkpoint of another run (:func:`check_resumable`).
-    Raises UsageError when the file is not a training checkpoint or its state does not fit ``parts`` (another
-    architecture, class count or optimizer)."""
+    With ``config`` (this run's resolved config, as a dict), refuses a checkpoint of another run
+    (:func:`check_resumable`, by ``identity`` for data and banks), then applies this config's optimizer settings
+    over the restored ones, logging each setting that changed (:data:`CHANGEABLE`). ``info``: this process's
+    ``DistInfo`` (rank, world size). Raises UsageError when the file is not a training checkpoint or its state
+    does not fit ``parts`` (another architecture, class count or optimizer)."""
     try:
         state = load(path)
     except Exception as e:  # truncated, not a torch file, unpicklable objects
@@ -95,21 +138,49 @@ def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, A
     if missing:
         raise UsageError(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
                          "a best.pt or teacher checkpoint starts a run with --student-weights instead")
-    if config is not None and isinstance(state.get("config"), dict):
-        check_resumable(state["config"], config, path)
-        before, now = state["config"].get("epochs"), config.get("epochs")
-        if before != now:  # extending (or shortening) a run is allowed, but never without a word
-            log.warning("--resume: %s was a run of %s epochs; this one runs to %s (pass --epochs %s to keep it)",
-                        path, before, now, before)
+    saved_config = state.get("config") if isinstance(state.get("config"), dict) else None
+    if config is not None and saved_config is not None:
+        check_resumable(saved_config, config, path, state.get("identity"), identity)
+        _log_changes(saved_config, config, path)
     for name in STATEFUL:
+        if name == "scheduler":
+            continue
         try:
             getattr(parts, name).load_state_dict(state[name])
         except (RuntimeError, ValueError, KeyError) as e:
             first = " ".join(str(e).split())[:200]
             raise UsageError(f"--resume: the {name} state in {path} does not fit this run "
                              f"(saved for {state.get('arch', '?')}): {first}") from None
-    set_rng_state(state["rng"])
+    if config is not None:
+        from stage2_student_train.config import OptimConfig
+        from pipeline.config import from_dict
+        from stage2_student_train.optim import apply_settings
+
+        apply_settings(parts.optimizer, from_dict(OptimConfig, config.get("optim", {}), "optim."))
+    _restore_rng(state["rng"], state.get("identity", {}).get("world_size"), info, path)
     return int(state["epoch"]) + 1, float(state["best_top1"])
+
+
+def _log_changes(saved: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
+    """One warning naming every :data:`CHANGEABLE` setting that differs from the checkpoint's."""
+    changed = [f"{k} {_lookup(saved, k)!r} -> {_lookup(config, k)!r}" for k in CHANGEABLE
+               if _lookup(saved, k) is not None and _lookup(saved, k) != _lookup(config, k)]
+    if changed:
+        log.warning("--resume: %s was trained with other settings; from the first resumed step this run uses: %s",
+                    path, "; ".join(changed))
+
+
+def _restore_rng(saved: Any, saved_world: int | None, info: Any, path: str | Path) -> None:
+    """This rank's RNG states from a checkpoint's ``rng`` (one record per rank; a single dict in checkpoints of
+    earlier versions). Another world size: ranks keep the streams training derives per (seed, epoch, rank)."""
+    records = saved if isinstance(saved, list) else [saved]
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    if len(records) != world:
+        log.warning("--resume: %s was written by %d process(es), this run has %d: steps per epoch and each "
+                    "rank's random streams (derived from seed, epoch and rank) follow the new world size", path,
+                    saved_world or len(records), world)
+        return
+    set_rng_state(records[rank])
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,8 +190,8 @@ def rng_state() -> dict[str, Any]:
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())  # this rank's own device
     return state
 
 
@@ -129,8 +200,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # earlier checkpoints: every visible device's state, from rank 0
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

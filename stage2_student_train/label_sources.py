@@ -40,6 +40,7 @@ class LabelSource(Protocol):
     Attributes:
         teachers: identity records of the teachers on the T axis (bank attrs, or built from the live specs).
         paths: the banks read ([] for a live teacher or none).
+        bank_keys: their identities (the ``key`` attr: what made them, not where they are), in the same order.
         skipped: [N] bool, samples without soft labels (excluded from training), or None.
         num_views: V, views stored per sample (1 for live teachers and none).
         stores_views: whether the source stores random-crop views (boxes) that ``--replay-views`` replays (a bank
@@ -50,6 +51,7 @@ class LabelSource(Protocol):
 
     teachers: list[dict[str, Any]]
     paths: list[str]
+    bank_keys: list[str]
     skipped: np.ndarray | None
     num_views: int
     stores_views: bool
@@ -92,6 +94,7 @@ class NoLabelSource:
     def __init__(self) -> None:
         self.teachers: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.bank_keys: list[str] = []
         self.skipped: np.ndarray | None = None
         self.num_views = 1
         self.stores_views = False
@@ -129,6 +132,7 @@ class BankLabelSource:
                 if a != c:
                     raise BankError(f"banks {first.path} and {b.path} differ in field '{what}' ({c} vs {a})")
         self.paths = [b.path for b in banks]
+        self.bank_keys = [str(b.attrs.get("key", "")) for b in banks]
         self.feature_residents: list[FeatureResident] = []
         self.feature_dim: int | None = None
         reserve = 0
@@ -212,6 +216,7 @@ class LiveTeacherLabelSource:
         self.feature_dim = max(self.model.enable_features([crop] * len(specs))) if features else None
         self.teachers = [s.identity() for s in specs]
         self.paths: list[str] = []
+        self.bank_keys: list[str] = []
         self.skipped: np.ndarray | None = None
         self.num_views = 1
         self.stores_views = False

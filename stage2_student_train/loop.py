@@ -52,8 +52,7 @@ def make_batch(b: Batch, targets: torch.Tensor, device: str, epoch: int, channel
 
 
 def train_one_epoch(
-    model: nn.Module,
-    criterion: nn.Module,
+    module: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterable[Batch],
@@ -62,27 +61,25 @@ def train_one_epoch(
     epoch: int,
     *,
     device: str = "cpu",
-    amp: str = "none",
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
     info: DistInfo = DistInfo(),
     total_steps: int | None = None,
     log_every: int = 50,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    feature_tap: Any = None,
 ) -> dict[str, float]:
-    """One pass over ``batches``; returns the sample-weighted means of every loss part, images/s and time.
+    """One pass over ``batches``; returns the sample-weighted means of every loss part (``train_<part>``),
+    images/s, time, and the learning rate of the epoch's first and last steps (``lr_first``, ``lr_last``).
 
-    ``targets`` [N] int64: true classes by sample index; ``label_source``: a
-    :class:`~stage2_student_train.label_sources.LabelSource` (its entries are added to each batch) or None;
-    ``feature_tap``: a :class:`pipeline.models.features.FeatureTap` on the student, for losses that read
-    ``batch['student_features']`` [B, D] (the embedding of the same forward pass).
+    ``module``: a :class:`stage2_student_train.step.TrainModule` (student + loss; ``forward(batch)`` -> the loss
+    dict), or its DDP wrapper. ``targets`` [N] int64: true classes by sample index; ``label_source``: a
+    :class:`~stage2_student_train.label_sources.LabelSource` (its entries are added to each batch) or None.
     Raises TrainingDiverged (exit 1) when the loss becomes non-finite on any rank.
     """
-    model.train()
-    criterion.train()
+    module.train()
     sums: dict[str, float] = {}
     n_seen = 0
+    lr_first = lr_last = optimizer.param_groups[0]["lr"]
     t0 = time.time()
     pbar = tqdm(total=total_steps, desc=f"epoch {epoch}", unit="step", disable=not info.is_main, mininterval=1.0,
                 leave=False)
@@ -90,11 +87,7 @@ def train_one_epoch(
         batch = make_batch(b, targets, device, epoch, channels_last)
         if label_source is not None:
             batch.update(label_source(batch))
-        with autocast_context(device, amp):
-            logits = model(batch["image"])
-        if feature_tap is not None:
-            batch["student_features"] = feature_tap.pop()
-        out = criterion(logits.float(), batch)
+        out = module(batch)
         loss = out["loss"]
         finite = all_reduce_sum(torch.isfinite(loss.detach()).float(), info) / info.world_size
         if finite.item() < 1.0:
@@ -103,6 +96,7 @@ def train_one_epoch(
                     "no epoch had finished, so there is no checkpoint")
             raise TrainingDiverged(f"loss became non-finite at epoch {epoch} step {step}; stopped ({kept}): lower "
                                    "the lr or the loss weights, or try --amp none")
+        lr_last = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -118,17 +112,19 @@ def train_one_epoch(
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v * bs
         if on_step is not None and step % max(log_every, 1) == 0:
-            on_step(step, {**parts, "lr": optimizer.param_groups[0]["lr"]})
+            on_step(step, {**parts, "lr": lr_last})
         pbar.update(1)
         pbar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{n_seen / max(time.time() - t0, 1e-9):.0f}")
     pbar.close()
     elapsed = time.time() - t0
-    vec = torch.tensor([n_seen, elapsed] + [sums[k] for k in sorted(sums)], dtype=torch.float64)
+    names = sorted(sums)
+    vec = torch.tensor([n_seen, elapsed] + [sums[k] for k in names], dtype=torch.float64)
     vec = all_reduce_sum(vec, info)
     n_total = max(vec[0].item(), 1)
-    result = {f"train_{k}": vec[2 + i].item() / n_total for i, k in enumerate(sorted(sums))}
+    result = {f"train_{k}": vec[2 + i].item() / n_total for i, k in enumerate(names)}
     result["train_images_per_s"] = vec[0].item() / max(elapsed, 1e-9)
     result["train_time_s"] = elapsed
+    result["lr_first"], result["lr_last"] = lr_first, lr_last
     return result
 
 

@@ -57,8 +57,25 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig)
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
-                    cfg: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step scheduler: call ``.step()`` after every optimizer step."""
+def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig,
+                    base_lr: float, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step scheduler (call ``.step()`` after every optimizer step) positioned at global step ``start_step``:
+    every group's lr is set to ``base_lr * lr_factor(start_step)`` now, whatever the optimizer held (a resumed run
+    trains its first step at its own schedule's lr, never at a checkpoint's stored one)."""
     lr_factor(0, steps_per_epoch, epochs, cfg)  # validates the name now, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, epochs, cfg))
+    for g in optimizer.param_groups:
+        g["initial_lr"] = base_lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, epochs, cfg),
+                                             last_epoch=start_step - 1)
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set the hyperparameters of ``cfg`` on every group of ``optimizer`` (after a checkpoint's optimizer state
+    restored its own): momentum, nesterov, betas, weight decay (0 on the no-decay group of ``no_wd_bn_bias``).
+    The lr is the scheduler's (:func:`build_scheduler`)."""
+    for i, g in enumerate(optimizer.param_groups):
+        g["weight_decay"] = 0.0 if (cfg.no_wd_bn_bias and i == 1) else cfg.weight_decay
+        if cfg.name == "sgd":
+            g["momentum"], g["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
+        elif cfg.name == "adamw":
+            g["betas"] = tuple(cfg.betas)

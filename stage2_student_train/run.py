@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from pipeline.data import Manifest, layout_of
 from pipeline.data.batch import Batch, DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
 from pipeline.data.presets import Preprocess, resolve_preset
-from pipeline.distributed import DistInfo, barrier, broadcast_buffers, cleanup, init_distributed
+from pipeline.distributed import (DistInfo, barrier, broadcast_buffers, broadcast_object, cleanup, derive_seed,
+                                  gather_objects, init_distributed)
 from pipeline.errors import UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models import create_model
@@ -37,14 +38,33 @@ from stage2_student_train.inputs import check_config, load_manifests, undecodabl
 from stage2_student_train.label_sources import LabelSource, build_label_source
 from stage2_student_train.loop import evaluate, train_one_epoch
 from stage2_student_train.optim import build_optimizer, build_scheduler
+from stage2_student_train.step import TrainModule, wrap
 
 log = logging.getLogger(__name__)
 
 
+# Purposes of derived seeds (pipeline.distributed.derive_seed): each (seed, purpose, epoch, rank) is its own stream.
+SEED_TRAIN, SEED_LOADER = 1, 2
+
+
 def seed_everything(seed: int) -> None:
+    """Python, numpy and torch (every CUDA device too) from ``seed``: the same on every rank, so initialisation is
+    identical everywhere (DDP also broadcasts rank 0's parameters when it wraps the module)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseed everything random during training (dropout, CRD negatives, SL-Enc noise) for ``epoch`` on ``rank``:
+    a stream of its own per (seed, epoch, rank) (:func:`pipeline.distributed.derive_seed`), so ranks never share
+    masks or negatives, and a resumed epoch draws what the uninterrupted run drew, whatever ran before."""
+    seed_everything(derive_seed(seed, SEED_TRAIN, epoch, rank))
+
+
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """The image loader's seed (augmentation) of ``epoch`` on ``rank``: 31 bits, as DALI takes it."""
+    return derive_seed(seed, SEED_LOADER, epoch, rank) % 2**31
 
 
 def build_criterion(cfg: TrainConfig, num_classes: int, **dims: int | None) -> nn.Module:
@@ -71,6 +91,9 @@ def train_order(cfg: TrainConfig, n: int, excluded: np.ndarray | None, epoch: in
         pool = np.sort(np.random.default_rng([cfg.seed, 7919]).permutation(pool)[: cfg.train_subset])
     perm = np.random.default_rng([cfg.seed, epoch]).permutation(pool)
     per_rank = len(perm) // info.world_size
+    if per_rank == 0:  # decided alike on every rank, before any collective
+        raise UsageError(f"the training split has {len(perm)} usable samples, fewer than the {info.world_size} "
+                         "processes: use fewer processes (torchrun --nproc_per_node) or more data")
     return perm[info.rank::info.world_size][:per_rank]
 
 
@@ -79,6 +102,8 @@ def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: st
     if max_steps:
         order = order[: max_steps * cfg.batch_size]
         boxes = boxes[: len(order)] if boxes is not None else None
+    if len(order) == 0:  # a rank's empty val share: no batches (the loaders refuse an empty request)
+        return
     try:
         yield from load_batches(resolve_loader(cfg.loader), manifest, order, preset, mode, cfg.batch_size,
                                 cfg.workers, cfg.device, seed, boxes=boxes)
@@ -133,11 +158,11 @@ class Run:
     excluded: np.ndarray  # [N_train] bool: never trained on (skipped by the bank, undecodable)
     val_keep: np.ndarray  # val sample indices evaluated (all but undecodable ones)
     parts: ckpt.TrainingParts
-    ddp_model: nn.Module  # parts.model, wrapped in DDP under torchrun
+    module: nn.Module  # TrainModule(parts.model, parts.criterion), wrapped in DDP under torchrun
     label_source: LabelSource
     steps: int  # optimizer steps per epoch
     tb: Any  # TensorBoard SummaryWriter on rank 0, else None
-    tap: FeatureTap | None = None  # the student's embedding, for methods that need it
+    identity: dict[str, Any]  # what the data and banks are, whatever their paths (checkpoint.run_identity)
 
     @property
     def num_classes(self) -> int:
@@ -150,8 +175,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     start_epoch, best = 0, -1.0
     last = Path(cfg.resume_from) if cfg.resume_from else run.out / "last.pt"
     if cfg.resume and last.is_file():
-        start_epoch, best = ckpt.restore_training(last, run.parts, to_dict(cfg))
+        start_epoch, best = ckpt.restore_training(last, run.parts, to_dict(cfg), run.identity, info)
         log.info("resumed from %s at epoch %d", last, start_epoch)
+    # the schedule's position is the global step, whatever the checkpoint's scheduler stored (a resumed run
+    # follows its own config's schedule from its first step)
+    run.parts.scheduler = build_scheduler(run.parts.optimizer, run.steps, cfg.epochs, cfg.sched, cfg.optim.lr,
+                                          start_epoch * run.steps)
     if info.is_main:
         save_yaml(cfg, run.out / "config.yaml")
         _truncate_metrics(run.out / "metrics.jsonl", start_epoch)
@@ -165,7 +194,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             continue
         val, acc = _evaluate(run)
         metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
-                   "lr": run.parts.optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - t_start}
+                   "elapsed_s": time.time() - t_start}
         best = _record_epoch(run, epoch, metrics, best)
     final = _finalize(cfg, run.out, metrics, best, acc, run.label_source, info)
     if run.tb is not None:
@@ -190,10 +219,12 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
             "teacher_dim": label_source.feature_dim,
             "student_dim": embedding_dim(model, preset.crop) if tap is not None else None}
     criterion = build_criterion(cfg, num_classes, **dims).to(cfg.device)
-    excluded = undecodable(train_m, cfg.skip_corrupt)
+    # rank 0 scans the splits for undecodable files and tells the others (the same result or the same error)
+    excluded, val_bad = on_rank0(lambda: (undecodable(train_m, cfg.skip_corrupt),
+                                          undecodable(val_m, cfg.skip_corrupt)), info)
     if label_source.skipped is not None:
         excluded |= label_source.skipped
-    val_keep = np.flatnonzero(~undecodable(val_m, cfg.skip_corrupt))
+    val_keep = np.flatnonzero(~val_bad)
     # resolved: the preset, every loss hyperparameter, the bank(s) read (a --teacher lookup's; none when not read)
     cfg = replace(cfg, preset=preset.name, loss=kd_losses.get_spec(cfg.method).resolved_hparams(cfg.loss),
                   banks=tuple(label_source.paths))
@@ -205,15 +236,31 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     steps = math.ceil(n_per_rank / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    scheduler = build_scheduler(optimizer, steps, cfg.epochs, cfg.sched)
+    scheduler = build_scheduler(optimizer, steps, cfg.epochs, cfg.sched, cfg.optim.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and cfg.device == "cuda")
-    ddp_model = model
-    if info.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if cfg.device == "cuda" else None)
+    module = wrap(TrainModule(model, criterion, tap, cfg.amp, info), info)
     parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler)
     tb = _tensorboard(out) if info.is_main else None
-    return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, ddp_model, label_source, steps, tb,
-               tap)
+    identity = ckpt.run_identity(train_m, label_source.bank_keys, info)
+    return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, module, label_source, steps, tb,
+               identity)
+
+
+def on_rank0(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """``fn()`` run by rank 0 alone, its result (or its UsageError, raised on every rank alike) broadcast to all:
+    for work every rank would otherwise repeat (scanning a dataset) and that must not leave a rank waiting."""
+    if not info.enabled:
+        return fn()
+    result: tuple[str, Any] = ("", None)
+    if info.is_main:
+        try:
+            result = ("ok", fn())
+        except UsageError as e:
+            result = ("error", str(e))
+    status, value = broadcast_object(result, info)
+    if status == "error":
+        raise UsageError(value)
+    return value
 
 
 def _choose_preset(cfg: TrainConfig, train_m: Manifest, label_source: LabelSource) -> Preprocess:
@@ -237,7 +284,8 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
     order = train_order(cfg, len(run.train_m), run.excluded, epoch, info)
     boxes = run.label_source.boxes(order, epoch) if cfg.replay_views else None
     mode = "views" if cfg.replay_views else ("train" if cfg.augment else "eval")
-    batches = _batches(run.train_m, order, run.preset, mode, cfg, cfg.seed * 1000 + epoch * 10 + info.rank, boxes,
+    seed_epoch(cfg.seed, epoch, info.rank)
+    batches = _batches(run.train_m, order, run.preset, mode, cfg, loader_seed(cfg.seed, epoch, info.rank), boxes,
                        cfg.max_steps_per_epoch)
 
     def on_step(step: int, parts: dict[str, float]) -> None:
@@ -248,9 +296,9 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
     p = run.parts
     targets = torch.from_numpy(run.train_m.labels.astype(np.int64))
     return train_one_epoch(
-        run.ddp_model, p.criterion, p.optimizer, p.scheduler, batches, targets, run.label_source, epoch,
-        device=cfg.device, amp=cfg.amp, scaler=p.scaler, channels_last=cfg.channels_last, info=info,
-        total_steps=run.steps, log_every=cfg.log_every, on_step=on_step, feature_tap=run.tap,
+        run.module, p.optimizer, p.scheduler, batches, targets, run.label_source, epoch, device=cfg.device,
+        scaler=p.scaler, channels_last=cfg.channels_last, info=info, total_steps=run.steps, log_every=cfg.log_every,
+        on_step=on_step,
     )
 
 
@@ -259,17 +307,25 @@ def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
     cfg, info = run.cfg, run.info
     # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save) rank 0's
     broadcast_buffers(run.parts.model, info)
-    val_order = np.array_split(run.val_keep, info.world_size)[info.rank]
+    val_order = val_share(run.val_keep, info)
     targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
     return evaluate(run.parts.model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
                     device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info)
 
 
+def val_share(keep: np.ndarray, info: DistInfo) -> np.ndarray:
+    """This rank's contiguous share of the val samples ``keep``; empty for ranks beyond the number of samples
+    (they evaluate nothing and still take part in the all-reduce of the metric sums)."""
+    return np.array_split(keep, info.world_size)[info.rank]
+
+
 def _save_last(run: Run, epoch: int, best: float) -> None:
     """Rank 0: ``last.pt`` of a finished training epoch (written again with the epoch's top-1 after evaluation)."""
+    rng = gather_objects(ckpt.rng_state(), run.info)  # every rank's own generators
     if run.info.is_main:
         cfg = run.cfg
-        ckpt.save_training(run.out / "last.pt", run.parts, epoch, best, to_dict(cfg), cfg.student, run.num_classes)
+        ckpt.save_training(run.out / "last.pt", run.parts, epoch, best, to_dict(cfg), cfg.student, run.num_classes,
+                           run.identity, rng)
     barrier(run.info)
 
 
@@ -280,11 +336,13 @@ def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) ->
     top1 = metrics["top1"]
     is_best = top1 > best
     best = max(best, top1)
+    rng = gather_objects(ckpt.rng_state(), run.info)
     if run.info.is_main:
         with open(run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         config = to_dict(cfg)
-        ckpt.save_training(run.out / "last.pt", run.parts, epoch, best, config, cfg.student, run.num_classes)
+        ckpt.save_training(run.out / "last.pt", run.parts, epoch, best, config, cfg.student, run.num_classes,
+                           run.identity, rng)
         if is_best:
             ckpt.save_best(run.out / "best.pt", run.parts.model, epoch, top1, config, cfg.student)
         for k, v in metrics.items():
@@ -309,8 +367,8 @@ def _test_only(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     model = create_model(cfg.student, val_m.num_classes, weights).to(cfg.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    keep = np.flatnonzero(~undecodable(val_m, cfg.skip_corrupt))
-    order = np.array_split(keep, info.world_size)[info.rank]
+    keep = np.flatnonzero(~on_rank0(lambda: undecodable(val_m, cfg.skip_corrupt), info))
+    order = val_share(keep, info)
     val, _ = evaluate(model, _batches(val_m, order, preset, "eval", cfg, 0),
                       torch.from_numpy(val_m.labels.astype(np.int64)), device=cfg.device, amp=cfg.amp,
                       channels_last=cfg.channels_last, info=info)

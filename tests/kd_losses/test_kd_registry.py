@@ -151,7 +151,7 @@ def test_missing_or_misshaped_teacher(name: str) -> None:
 
 # Values no loss accepts for an hparam of that name (a temperature of 0, a negative weight, eps of 1, a size 0).
 _BAD = {"T": [0, -1.0, float("nan"), "4"], "nce_t": [0.0], "eps": [1.0, -0.1], "a": [1.5, 1, 0], "momentum": [-0.5],
-        "feat_dim": [0, 12.5], "nce_k": [0], "noise_dim": [0], "hidden": [0], "warmup_epochs": [-1],
+        "feat_dim": [0, 12.5], "nce_k": [0], "noise_dim": [0], "noise_std": [-1.0, float("inf")], "hidden": [0], "warmup_epochs": [-1],
         "alpha": [-0.1, float("inf")], "beta": [-1.0], "gamma": [-1.0], "weight": [-1.0], "multiplier": [-2.0],
         "ce_weight": [-1.0], "kd_weight": [-0.5], "distance_weight": [-1.0], "angle_weight": [-1.0],
         "use_gt": ["yes"]}

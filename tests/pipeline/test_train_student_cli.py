@@ -111,7 +111,7 @@ def test_config_yaml_and_dotted_overrides(tmp_path, demo_root, demo_bank):
     assert saved["epochs"] == 2 and saved["batch_size"] == 32  # CLI flags over YAML
     assert saved["optim"] == {**saved["optim"], "lr": 0.05, "momentum": 0.8}  # override over --lr over YAML
     assert saved["sched"]["name"] == "step"
-    assert [r["lr"] for r in _rows(out)] == pytest.approx([0.05 * 0.5, 0.05 * 0.25])  # step: x0.5 per epoch
+    assert [r["lr_first"] for r in _rows(out)] == pytest.approx([0.05, 0.05 * 0.5])  # step: x0.5 per epoch
     # the hparams the loss is built with: numbers, whatever YAML made of "1e-1"
     from pipeline.config import resolve
     from stage2_student_train import TrainConfig

@@ -120,3 +120,11 @@ def kill_once_started(cmd: list[str], env: dict, cwd: Path, log: Path, marker: s
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def nobn_cnn(num_classes: int = 10) -> torch.nn.Module:
+    """A small CNN without batch norm (no batch statistics): its gradient over a batch is the mean of per-sample
+    gradients, so 2 ranks x batch b and 1 rank x batch 2b train it alike (``--student s2_helpers:nobn_cnn``)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))

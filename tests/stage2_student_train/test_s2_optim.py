@@ -102,14 +102,14 @@ def test_scheduler_applies_the_factor_every_step():
     m = create_model("democnn_s", 10)
     opt = build_optimizer([m], OptimConfig(lr=0.4, no_wd_bn_bias=True))
     cfg = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_start_factor=0.25)
-    sched = build_scheduler(opt, 4, 3, cfg)
+    sched = build_scheduler(opt, 4, 3, cfg, 0.4)
     for step in range(12):
         for g in opt.param_groups:  # every group (decay and no-decay) follows the schedule
             assert g["lr"] == pytest.approx(0.4 * lr_factor(step, 4, 3, cfg), abs=1e-12)
         opt.step()
         sched.step()
     with pytest.raises(UsageError, match="unknown schedule 'poly'; valid: step, multistep, cosine, constant"):
-        build_scheduler(opt, 4, 3, ScheduleConfig(name="poly"))
+        build_scheduler(opt, 4, 3, ScheduleConfig(name="poly"), 0.4)
 
 
 def test_cli_adamw_multistep_warmup_no_wd(train, tmp_path, demo_bank):
@@ -123,7 +123,10 @@ def test_cli_adamw_multistep_warmup_no_wd(train, tmp_path, demo_bank):
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and "betas" in groups[0]
     assert all("exp_avg" in s for s in state["optimizer"]["state"].values())
     cfg = ScheduleConfig(name="multistep", milestones=(1, 2), gamma=0.1, warmup_epochs=0.5)
-    lrs = [r["lr"] for r in read_metrics(out)]
-    # the lr logged after epoch e is the one of the next step, 2 * (e + 1)
-    assert lrs == pytest.approx([0.01 * lr_factor(2 * (e + 1), 2, 3, cfg) for e in range(3)], rel=1e-9)
-    assert lrs == pytest.approx([0.001, 0.0001, 0.0001])
+    rows = read_metrics(out)
+    # the lr each epoch trained at: its first step 2e and its last step 2e + 1
+    assert [r["lr_first"] for r in rows] == pytest.approx([0.01 * lr_factor(2 * e, 2, 3, cfg) for e in range(3)],
+                                                          rel=1e-9)
+    assert [r["lr_last"] for r in rows] == pytest.approx([0.01 * lr_factor(2 * e + 1, 2, 3, cfg)
+                                                          for e in range(3)], rel=1e-9)
+    assert [r["lr_first"] for r in rows] == pytest.approx([0.01 * 0.1, 0.001, 0.0001])

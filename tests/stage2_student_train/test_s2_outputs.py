@@ -66,7 +66,7 @@ def test_run_outputs(reference_run, demo_root):
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert {"epoch", "top1", "top5", "nll", "ece", "train_loss", "lr"} <= set(r)
+        assert {"epoch", "top1", "top5", "nll", "ece", "train_loss", "lr_first", "lr_last"} <= set(r)
         assert 0.0 <= r["top1"] <= r["top5"] <= 100.0 and 0.0 <= r["ece"] <= 1.0 and r["nll"] > 0
         assert r["val_n"] == 100  # the whole val split (10 per class)
     # the last row is the evaluation of last.pt on the whole val set, accuracies in percent

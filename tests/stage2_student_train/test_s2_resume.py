@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
 
+import pytest
 import torch
+import yaml
 
 from pipeline.bank.reader import LabelBank
 from pipeline.models import file_sha256
 from s2_helpers import (RESUME_ARGS, assert_same_state, demo_args, kill_once_started, model_state, read_metrics,
                         subprocess_env)
 
-SAME_KEYS = ("epoch", "top1", "top5", "nll", "ece", "train_loss", "train_kd", "train_ce", "lr")
+SAME_KEYS = ("epoch", "top1", "top5", "nll", "ece", "train_loss", "train_kd", "train_ce", "lr_first", "lr_last")
 
 
 def _full_state(path):
@@ -156,7 +159,7 @@ def test_resume_refuses_another_run(train, tmp_path, demo_bank, capsys, caplog):
     with caplog.at_level(logging.WARNING):
         assert train(out, "--method", "kd", "loss.T=4", "--resume", epochs=2, labels=(demo_bank,)) == 0
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
-    assert "was a run of 1 epochs; this one runs to 2 (pass --epochs 1 to keep it)" in caplog.text
+    assert "from the first resumed step this run uses: epochs 1 -> 2" in caplog.text
 
 
 def test_resume_from_a_checkpoint_that_does_not_fit(train, tmp_path, demo_bank, capsys):
@@ -170,3 +173,74 @@ def test_resume_from_a_checkpoint_that_does_not_fit(train, tmp_path, demo_bank, 
         assert train(out, "--resume", str(path), labels=(demo_bank,)) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_applies_new_optimizer_settings_and_schedule(train, tmp_path, demo_bank, caplog):
+    """Issue 21, point 3 (kind 1): a resumed run trains with the optimizer settings and schedule its config.yaml
+    records, from its first step, and says which changed; the first step's lr is the schedule's (not the
+    checkpoint's stored lr)."""
+    out = tmp_path / "run"
+    common = ("--method", "kd", "max_steps_per_epoch=2", "sched.name=step", "sched.step_size=1", "sched.gamma=0.5")
+    assert train(out, *common, "--lr", "0.1", "--momentum", "0.9", labels=(demo_bank,), epochs=2) == 0
+    with caplog.at_level(logging.WARNING):
+        assert train(out, *common, "--lr", "0.02", "--momentum", "0.5", "--wd", "0.001", "--resume",
+                     labels=(demo_bank,), epochs=3) == 0
+    assert "optim.lr 0.1 -> 0.02" in caplog.text and "optim.momentum 0.9 -> 0.5" in caplog.text
+    assert "optim.weight_decay 0.0001 -> 0.001" in caplog.text
+    rows = read_metrics(out)
+    assert [r["lr_first"] for r in rows] == pytest.approx([0.1, 0.05, 0.02 * 0.25])  # epoch 2: the new lr's schedule
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    g = state["optimizer"]["param_groups"][0]
+    assert g["momentum"] == 0.5 and g["weight_decay"] == 0.001
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.02 and saved["optim"]["momentum"] == 0.5
+    # a changed schedule: constant from the resumed step (a stored lr of 1e11 would not matter either)
+    state["optimizer"]["param_groups"][0]["lr"] = 1e11
+    torch.save(state, out / "last.pt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert train(out, "--method", "kd", "max_steps_per_epoch=2", "sched.name=constant", "--lr", "0.02",
+                     "--momentum", "0.5", "--wd", "0.001", "--resume", labels=(demo_bank,), epochs=4) == 0
+    assert "sched.name 'step' -> 'constant'" in caplog.text
+    assert read_metrics(out)[-1]["lr_first"] == pytest.approx(0.02)
+    assert read_metrics(out)[-1]["lr_last"] == pytest.approx(0.02)
+
+
+def test_resume_refuses_optimizer_changes_it_cannot_apply(train, tmp_path, demo_bank, capsys):
+    """Issue 21, point 3 (kind 2): another optimizer, or other parameter groups (no_wd_bn_bias), cannot continue
+    the stored optimizer state: one line naming the key, exit 2, checkpoint untouched."""
+    out = tmp_path / "run"
+    assert train(out, "--method", "kd", "max_steps_per_epoch=1", labels=(demo_bank,)) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    for key, extra in (("optim.name", ("--opt", "adamw")), ("optim.no_wd_bn_bias", ("optim.no_wd_bn_bias=true",))):
+        assert train(out, "--method", "kd", "max_steps_per_epoch=1", *extra, "--resume", labels=(demo_bank,),
+                     epochs=2) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{key} " in err and len(err.splitlines()) == 1, err
+        assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_from_a_moved_copy_of_the_data(train, tmp_path, demo_root, demo_bank, capsys, caplog):
+    """Issue 21, point 3: data is identified by its fingerprint: a copy at another path resumes (the move is
+    logged), other data at the old path's place is refused in one line."""
+    out = tmp_path / "run"
+    assert train(out, "--method", "kd", "max_steps_per_epoch=1", labels=(demo_bank,)) == 0
+    copy = tmp_path / "scratch" / "data"
+    shutil.copytree(demo_root, copy)
+    with caplog.at_level(logging.INFO):
+        assert train(out, "--method", "kd", "max_steps_per_epoch=1", "--resume", labels=(demo_bank,), epochs=2,
+                     data=copy) == 0
+    assert "data moved" in caplog.text and "same data fingerprint" in caplog.text
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"] == str(copy)
+    # other content: one training image gone (a bank would no longer match either: a run without one)
+    out2 = tmp_path / "ce"
+    assert train(out2, "--method", "ce", "max_steps_per_epoch=1", data=copy) == 0
+    victim = sorted((copy / "train").rglob("*.jpg"))[0]
+    victim.unlink()
+    capsys.readouterr()
+    assert train(out2, "--method", "ce", "max_steps_per_epoch=1", "--resume", epochs=2, data=copy) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data fingerprint differs" in err and len(err.splitlines()) == 1, err
