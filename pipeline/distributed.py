@@ -12,14 +12,43 @@ through this module, and each hands its backend what it accepts (docs/GPU.md):
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from pipeline.errors import UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PeerFailed(UsageError):
+    """A collective failed because another process of the run stopped (its own error names the cause): one line
+    and exit code 1 here, instead of a traceback beside the real error."""
+
+    exit_code = 1
+
+
+def _collective(fn: F) -> F:
+    """Turn a collective's backend error (a peer closed its connection, a timeout) into :class:`PeerFailed`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:  # torch.distributed.DistBackendError and gloo/NCCL errors are RuntimeErrors
+            if not dist.is_initialized():
+                raise
+            first = " ".join(str(e).split())[:160]
+            raise PeerFailed(f"rank {dist.get_rank()}: another process of this run stopped (see its error); "
+                             f"{fn.__name__} failed: {first}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -66,11 +95,13 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return DistInfo(rank, world, local, device, group=True)
 
 
+@_collective
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
 
 
+@_collective
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``t`` over ranks (reduced on the rank's device, returned on ``t``'s device); ``t`` is not modified."""
     if not info.enabled:
@@ -80,6 +111,7 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out.to(t.device)
 
 
+@_collective
 def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Every rank's ``t`` [n_r, ...] concatenated in rank order -> [sum n_r, ...] on ``t``'s device (the first
     dimension may differ across ranks; the others must agree). Gathered on the rank's device, like
@@ -128,6 +160,7 @@ def derive_seed(*parts: int) -> int:
     return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
 
 
+@_collective
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` without a process group)."""
     if not info.enabled:
@@ -137,6 +170,7 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+@_collective
 def broadcast_buffers(module: nn.Module, info: DistInfo, src: int = 0) -> None:
     """Overwrite every buffer of ``module`` (BN running statistics) with rank ``src``'s, in place."""
     if info.enabled:
@@ -144,6 +178,7 @@ def broadcast_buffers(module: nn.Module, info: DistInfo, src: int = 0) -> None:
             dist.broadcast(buf, src)
 
 
+@_collective
 def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     if not info.enabled:
         return obj

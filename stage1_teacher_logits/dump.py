@@ -32,7 +32,7 @@ from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
 from pipeline.data.presets import get_preset, resolve_preset, weights_preprocess
-from pipeline.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
@@ -114,6 +114,13 @@ def run_dump(cfg: DumpConfig) -> str:
     """Dump (or resume, or reuse) the bank described by ``cfg``; returns its path."""
     _check(cfg)
     info = init_distributed(cfg.device)
+    try:
+        return _run_dump(cfg, info)
+    finally:  # the process group is shut down on every exit, errors included
+        cleanup(info)
+
+
+def _run_dump(cfg: DumpConfig, info: DistInfo) -> str:
     dump = BankDump(cfg, build_manifest(cfg.data, cfg.split, layout=cfg.layout))
     # Build the teachers before touching the bank: a bad name or checkpoint must not leave a bank behind.
     model = dump.build_teachers()

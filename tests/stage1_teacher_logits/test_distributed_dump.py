@@ -56,3 +56,27 @@ def test_torchrun_two_ranks_fsspec_url(demo_root: Path, tmp_path: Path, assert_b
 
     # the same command again through the URL: a no-op that prints the path
     assert main(_args(demo_root, url)) == 0
+
+
+def test_a_failed_rank_ends_the_dump_within_seconds(demo_root: Path, tmp_path: Path):
+    """Issue 21, point 5: an undecodable image in rank 1's share stops rank 1 with one line naming it; rank 0,
+    waiting at the next barrier, is ended by torchrun at once (no hang), and its finished chunks stay."""
+    import shutil
+    import time
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    victim = sorted(sorted((data / "train").iterdir())[-1].iterdir())[-1]  # the last sample: chunk 9, rank 1
+    victim.write_bytes(b"not a jpeg")
+    out = tmp_path / "bank.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "pipeline.dump_logits", *_args(data, str(out))]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert victim.name in r.stderr and "another process of this run stopped" in r.stderr
+    assert "]: Traceback" not in r.stderr  # no rank prints a traceback ("[rank0]: Traceback ...")
+    assert time.time() - t0 < 120
+    done = zarr.open_group(str(out), mode="r")["done"][:] if out.exists() else None
+    assert done is None or not done.all()
