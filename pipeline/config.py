@@ -243,3 +243,108 @@ def default_of(cls: type, key: str) -> Any:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --- key declarations -------------------------------------------------------------------------------------------
+# Each config key is declared once, on its dataclass field (:func:`key`): type and default (the annotation and the
+# default), help, CLI flags and aliases, what --resume does when it changes, whether --test-only uses it. The entry
+# points' parsers (:func:`add_arguments`), the resume check and the --test-only warning are generated from these
+# declarations (:func:`keys_where`), so forgetting one of them cannot silently change what a flag or --resume does.
+
+RESUME_MATCH = "match"  # defines the run: --resume refuses another value
+RESUME_APPLY = "apply"  # may change on --resume: applied from the first resumed step and logged
+RESUME_FREE = "free"  # how the run is executed or logged (workers, device, output): anything goes
+_RESUME_KINDS = (RESUME_MATCH, RESUME_APPLY, RESUME_FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cli:
+    """A key's command-line form: ``flags`` (the first is the main one; none = ``key=value`` only), ``action``
+    (``store_true``, ``store_false``, ``append`` for repeatable flags), ``choices``, ``type`` (a converter
+    instead of the annotation's type), ``group`` (help section), ``default_text`` (instead of the default)."""
+
+    flags: tuple[str, ...] = ()
+    action: str | None = None
+    choices: tuple[Any, ...] | None = None
+    type: Any = None
+    group: str = ""
+    default_text: str | None = None
+
+
+def key(default: Any = dataclasses.MISSING, *, help: str, flags: Sequence[str] = (), resume: str = RESUME_FREE,
+        test_only: bool = False, default_factory: Any = dataclasses.MISSING, action: str | None = None,
+        choices: Sequence[Any] | None = None, type: Any = None, group: str = "",
+        default_text: str | None = None) -> Any:
+    """A dataclass field declaring a config key (see the section comment above). ``resume``: ``match``,
+    ``apply`` or ``free``; ``test_only``: whether stage 2's ``--test-only`` reads it."""
+    if resume not in _RESUME_KINDS:
+        raise ValueError(f"resume must be one of {_RESUME_KINDS}, got {resume!r}")
+    meta = {"help": help, "cli": Cli(tuple(flags), action, tuple(choices) if choices else None, type, group,
+                                      default_text), "resume": resume, "test_only": test_only}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def declared_keys(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, annotated type) of every key of ``cls``, nested dataclasses walked (the nested field
+    itself is listed too)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        out.append((prefix + f.name, f, tp))
+        if dataclasses.is_dataclass(tp):
+            out += declared_keys(tp, prefix + f.name + ".")
+    return out
+
+
+def undeclared_keys(cls: type) -> list[str]:
+    """Keys of ``cls`` without a declaration (:func:`key`): a test keeps this empty."""
+    return [k for k, f, _ in declared_keys(cls) if "help" not in f.metadata]
+
+
+def keys_where(cls: type, *, resume: str | None = None, test_only: bool | None = None) -> tuple[str, ...]:
+    """Dotted keys whose declaration has this ``resume`` kind / ``test_only`` flag (nested dataclass fields are
+    containers: their own keys are listed instead)."""
+    return tuple(k for k, f, tp in declared_keys(cls) if not dataclasses.is_dataclass(tp)
+                 and (resume is None or f.metadata.get("resume") == resume)
+                 and (test_only is None or f.metadata.get("test_only") == test_only))
+
+
+def _scalar_type(tp: Any) -> Any:
+    """int / float / str of an annotation (``int | None`` -> int, ``tuple[str, ...]`` -> str)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _scalar_type(next(a for a in args if a is not type(None)))
+    if origin in (tuple, list):
+        return _scalar_type(args[0]) if args else str
+    return tp if tp in (int, float, str) else str
+
+
+def add_arguments(parser: Any, cls: type, groups: dict[str, Any] | None = None,
+                  names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Add every declared flag of ``cls`` to ``parser`` (an argparse parser), ``dest`` = the dotted key, values
+    ``None`` when not given (so :func:`resolve` layers them over the YAML file). ``groups``: argument groups by
+    name, created in order of first use when missing; returned (with the new ones) for flags that are not keys.
+    ``names``: values of ``{placeholders}`` in help texts (registries listed when the parser is built)."""
+    groups = {} if groups is None else groups
+    for dotted, f, tp in declared_keys(cls):
+        cli: Cli = f.metadata.get("cli") or Cli()
+        if not cli.flags:
+            continue
+        if cli.group and cli.group not in groups:
+            groups[cli.group] = parser.add_argument_group(cli.group)
+        target = groups.get(cli.group, parser)
+        default = cli.default_text if cli.default_text is not None else default_of(cls, dotted)
+        text = f.metadata["help"].format(**names) if names else f.metadata["help"]
+        kwargs: dict[str, Any] = {"dest": dotted, "help": f"{text} (default: {default})"}
+        if cli.action in ("store_true", "store_false"):
+            kwargs.update(action=cli.action, default=None)
+        else:
+            if not cli.choices:
+                kwargs["metavar"] = dotted.rsplit(".", 1)[-1].upper()
+            if cli.action == "append":
+                kwargs["action"] = "append"
+            kwargs["type"] = cli.type or _scalar_type(tp)
+            if cli.choices:
+                kwargs["choices"] = list(cli.choices)
+        target.add_argument(*cli.flags, **kwargs)
+    return groups

@@ -27,7 +27,7 @@ from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
 from pipeline.bank.stats import entry_names
 from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete, write_chunk
-from pipeline.config import to_dict
+from pipeline.config import RESUME_MATCH, key, to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
@@ -44,32 +44,60 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DumpConfig:
-    """Everything that defines a dump (stored in the bank's attrs as ``config``)."""
+    """Everything that defines a dump (stored in the bank's attrs as ``config``). Each key is declared once
+    (:func:`pipeline.config.key`): help, flags, and ``resume="match"`` for the keys that enter the bank's identity
+    (another value is another bank: a rerun never resumes or reuses a bank made otherwise); the others say how the
+    dump runs or where it writes. ``pipeline.dump_logits``'s parser is generated from these declarations."""
 
-    teacher: tuple[str, ...] = ()
-    weights: tuple[str, ...] = ()
-    data: str = ""
-    split: str = "train"
-    layout: str = "auto"
-    preset: str = "auto"
-    device: str = "cpu"
-    batch_size: int = 128
-    workers: int = 2
-    out: str | None = None
-    overwrite: bool = False
-    dtype: str = "float16"
-    format: str = "dense"
-    topk: int | None = None
-    rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK
-    skip_corrupt: bool = False
-    views: int = 1
-    view_policy: str = "center"
-    view_seed: int = 0
-    seed: int = 0
-    amp: bool = False
-    loader: str = "auto"
-    class_map: str = ""  # a file: dataset class -> teacher output index (default: one to one, or by wnid)
-    features: bool = False  # also store each teacher's pooled penultimate embedding (embedding-level methods)
+    teacher: tuple[str, ...] = key((), help="model name (repeatable: ensemble on the T axis); python -c 'import "
+                                            "pipeline.models as m; print(m.available_models())' lists them",
+                                   flags=("--teacher",), action="append", resume=RESUME_MATCH,
+                                   default_text="none, required")
+    weights: tuple[str, ...] = key((), help="per teacher: DEFAULT, a torchvision weights enum name, none, or a "
+                                            "checkpoint path", flags=("--weights",), action="append",
+                                   resume=RESUME_MATCH, default_text="DEFAULT")
+    data: str = key("", help="dataset root (ImageNet folders, *_list.txt, CIFAR pickles, packed shards; `make demo` "
+                             "prepares data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
+                    default_text="none, required")
+    split: str = key("train", help="split", flags=("--split",), choices=("train", "val", "test"), resume=RESUME_MATCH)
+    layout: str = key("auto", help="dataset layout: auto, imagefolder, filelist, cifar, shards", flags=("--layout",),
+                      resume=RESUME_MATCH)
+    preset: str = key("auto", help="preprocessing: auto (each teacher's own: a timm tag's pretrained config or a "
+                                   "torchvision enum's transforms; else cifar for CIFAR pickles, else imagenet), "
+                                   "{presets}", flags=("--preset",), resume=RESUME_MATCH)
+    device: str = key("cpu", help="cpu (DALI CPU-only) or cuda (mixed decoding)", flags=("--device",),
+                      choices=("cpu", "cuda"))
+    batch_size: int = key(128, help="images per teacher batch (batches never straddle chunks: any size gives the "
+                                    "same bank)", flags=("--batch-size", "-b"))
+    workers: int = key(2, help="loader threads/processes", flags=("--workers", "-j"))
+    out: str | None = key(None, help="bank path or fsspec URL", flags=("--out",),
+                          default_text="$KD_CACHE, else ~/.cache/offline-kd/label_banks, "
+                                       "/<dataset>-<split>/<teachers>-<key8>.zarr")
+    overwrite: bool = key(False, help="replace a different bank at --out", flags=("--overwrite",),
+                          action="store_true")
+    dtype: str = key("float16", help="stored logits; float32 for logits beyond +-65504", flags=("--dtype",),
+                     choices=("float16", "float32"), resume=RESUME_MATCH)
+    format: str = key("dense", help="dense, topk (with --topk K) or int8: compact banks are written directly, chunk "
+                                    "by chunk", flags=("--format",), resume=RESUME_MATCH)
+    topk: int | None = key(None, help="K classes kept per vector with --format topk (plus the true class)",
+                           flags=("--topk",), resume=RESUME_MATCH)
+    rows_per_chunk: int = key(DEFAULT_ROWS_PER_CHUNK, help="rows per zarr chunk (the unit of writing and resuming)",
+                              flags=("--rows-per-chunk",))
+    skip_corrupt: bool = key(False, help="record undecodable images as skipped instead of failing",
+                             flags=("--skip-corrupt",), action="store_true")
+    views: int = key(1, help="views per image (K)", flags=("--views",), resume=RESUME_MATCH)
+    view_policy: str = key("center", help="center, rrc, rrc+flip", flags=("--view-policy",), resume=RESUME_MATCH)
+    view_seed: int = key(0, help="seed of the view boxes", flags=("--view-seed",), resume=RESUME_MATCH)
+    seed: int = key(0, help="init seed for teachers with --weights none", flags=("--seed",), resume=RESUME_MATCH)
+    amp: bool = key(False, help="autocast the teachers (CUDA only)", flags=("--amp",), action="store_true",
+                    resume=RESUME_MATCH)
+    loader: str = key("auto", help="image loader: dali (NVIDIA DALI, the default where installed) or torch",
+                      flags=("--loader",), choices=("auto", "dali", "torch"))
+    class_map: str = key("", help="file of 'class_name teacher_index' lines (or JSON): dataset class -> teacher "
+                                  "output", flags=("--class-map",), resume=RESUME_MATCH,
+                         default_text="one to one, or by ImageNet wnid for 1000-class teachers")
+    features: bool = key(False, help="also store each teacher's pooled penultimate embedding (for rkd, pkt, sp, crd, "
+                                     "fitnet)", flags=("--features",), action="store_true", resume=RESUME_MATCH)
 
 
 def _check(cfg: DumpConfig) -> None:

@@ -30,22 +30,20 @@ import torch
 import torch.nn as nn
 
 from pipeline import storage
+from pipeline.config import RESUME_APPLY, RESUME_MATCH, keys_where
 from pipeline.errors import UsageError
+from stage2_student_train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 # The stateful parts of a run, saved and restored by name (each has state_dict / load_state_dict).
 STATEFUL = ("model", "criterion", "optimizer", "scheduler", "scaler")
-# Config keys (dotted) that define what a run trains: resuming with another value would continue a different
-# experiment under the old one's name. Epochs, logging, workers, device and the schedule's length may change.
-RUN_DEFINING = ("method", "loss", "student", "banks", "live_teacher", "data", "layout", "train_split", "preset",
-                "train_subset", "augment", "replay_views", "batch_size", "optim.name", "optim.no_wd_bn_bias")
+# Config keys (dotted) that define what a run trains (resuming with another value would continue a different
+# experiment under the old one's name), and the keys a resumed run may change (applied from its first step, logged):
+# both declared per key in stage2_student_train/config.py.
+RUN_DEFINING = keys_where(TrainConfig, resume=RESUME_MATCH)
+CHANGEABLE = keys_where(TrainConfig, resume=RESUME_APPLY)
 _PATH_KEYS = ("data", "banks")
-# Settings a resumed run may change: applied from its first step, each change logged.
-CHANGEABLE = ("optim.lr", "optim.momentum", "optim.nesterov", "optim.betas", "optim.weight_decay", "sched.name",
-              "sched.warmup_epochs", "sched.warmup_start_factor", "sched.step_size", "sched.milestones",
-              "sched.gamma", "sched.min_lr_factor", "epochs")
-
 
 @dataclass
 class TrainingParts:

@@ -2,25 +2,36 @@
 
 Precedence: dataclass defaults < ``--config`` YAML < CLI flags < ``key=value`` overrides. Unknown keys
 are errors. The resolved config is written to ``<output_dir>/config.yaml`` and stored in checkpoints.
+
+Every key is declared once, here (:func:`pipeline.config.key`): its help, CLI flags, what ``--resume`` does when
+it changes (``match``: refused; ``apply``: applied from the first resumed step and logged; ``free``) and whether
+``--test-only`` reads it. ``pipeline.train_student``'s parser, the resume check
+(``stage2_student_train.checkpoint``) and the ``--test-only`` warning are generated from these declarations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from pipeline.config import RESUME_APPLY, RESUME_MATCH, key
+
+_OPT, _DATA, _MODELS, _LABELS, _RUN = "optimisation", "data", "method and models", "soft labels", "run"
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """``name``: sgd | adamw. ``no_wd_bn_bias``: no weight decay on BN weights and biases (1-D params)."""
 
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    no_wd_bn_bias: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: str = key("sgd", help="optimizer: sgd or adamw", flags=("--opt",), resume=RESUME_MATCH, group=_OPT)
+    lr: float = key(0.1, help="base learning rate", flags=("--lr",), resume=RESUME_APPLY, group=_OPT)
+    momentum: float = key(0.9, help="SGD momentum", flags=("--momentum",), resume=RESUME_APPLY, group=_OPT)
+    nesterov: bool = key(False, help="Nesterov momentum (SGD)", resume=RESUME_APPLY)
+    weight_decay: float = key(1e-4, help="weight decay", flags=("--wd", "--weight-decay"), resume=RESUME_APPLY,
+                              group=_OPT)
+    no_wd_bn_bias: bool = key(False, help="no weight decay on 1-D parameters (BN weights, biases): another "
+                                          "parameter grouping", resume=RESUME_MATCH)
+    betas: tuple[float, float] = key((0.9, 0.999), help="AdamW betas", resume=RESUME_APPLY)
 
 
 @dataclass(frozen=True)
@@ -33,13 +44,19 @@ class ScheduleConfig:
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"warmup_start": "warmup_start_factor", "min_lr": "min_lr_factor"}
 
-    name: str = "cosine"
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.1
-    step_size: int = 30
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    min_lr_factor: float = 0.0
+    name: str = key("cosine", help="lr schedule: cosine, step, multistep, constant", resume=RESUME_APPLY)
+    warmup_epochs: float = key(0.0, help="linear warm-up epochs (may be fractional)", flags=("--lr-warmup-epochs",),
+                               resume=RESUME_APPLY, group=_OPT)
+    warmup_start_factor: float = key(0.1, help="the warm-up's first lr as a fraction of optim.lr",
+                                     resume=RESUME_APPLY)
+    step_size: int = key(30, help="epochs per step of the step schedule", flags=("--lr-step-size",),
+                         resume=RESUME_APPLY, group=_OPT)
+    milestones: tuple[int, ...] = key((), help="epochs at which the multistep schedule multiplies by gamma",
+                                      resume=RESUME_APPLY)
+    gamma: float = key(0.1, help="lr factor per step (step, multistep)", flags=("--lr-gamma",), resume=RESUME_APPLY,
+                       group=_OPT)
+    min_lr_factor: float = key(0.0, help="the cosine schedule's final lr as a fraction of optim.lr",
+                               resume=RESUME_APPLY)
 
 
 @dataclass(frozen=True)
@@ -48,42 +65,78 @@ class TrainConfig:
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"labels": "banks"}
 
-    method: str = "ce"
-    loss: dict[str, Any] = field(default_factory=dict)
-    student: str = "resnet18"
-    student_weights: str | None = None
+    method: str = key("ce", help="loss: {losses}",
+                      flags=("--method",), resume=RESUME_MATCH, group=_MODELS)
+    loss: dict[str, Any] = key(default_factory=dict, help="the method's hyperparameters (loss.T=4, loss.alpha=0.9)",
+                               resume=RESUME_MATCH)
+    student: str = key("resnet18", help="student model name", flags=("--student", "--model"), resume=RESUME_MATCH,
+                       test_only=True, group=_MODELS)
+    student_weights: str | None = key(None, help="initial student weights: DEFAULT, an enum name or a checkpoint",
+                                      flags=("--student-weights",), test_only=True, group=_MODELS)
     # Label banks: --labels paths (several = ensemble on the T axis), or --teacher names found in the cache.
-    banks: tuple[str, ...] = ()
-    teacher: tuple[str, ...] = ()
-    teacher_weights: tuple[str, ...] = ()
+    banks: tuple[str, ...] = key((), help="label bank path or URL (repeatable: ensemble on T)", flags=("--labels",),
+                                 action="append", resume=RESUME_MATCH, group=_LABELS,
+                                 default_text="found by --teacher")
+    teacher: tuple[str, ...] = key((), help="find the cached bank of this teacher (repeatable)",
+                                   flags=("--teacher",), action="append", group=_LABELS,
+                                   default_text="none: give --labels")
+    teacher_weights: tuple[str, ...] = key((), help="weights the bank's teacher was dumped with, one per --teacher",
+                                           flags=("--teacher-weights",), action="append", group=_LABELS,
+                                           default_text="DEFAULT")
     # Live-teacher mode (comparisons only): the same batch key filled by running the teacher each step.
-    live_teacher: tuple[str, ...] = ()
-    live_teacher_weights: tuple[str, ...] = ()
-    data: str = ""
-    layout: str = "auto"  # dataset layout: auto, imagefolder, filelist, cifar, shards
-    preset: str = "auto"  # auto: the bank's preprocessing, else the layout's default
-    train_split: str = "train"
-    val_split: str = "val"
-    augment: bool = True
-    replay_views: bool = False
-    skip_corrupt: bool = False  # leave out undecodable images instead of stopping
+    live_teacher: tuple[str, ...] = key((), help="run this teacher every step instead of reading a bank "
+                                                 "(comparisons only)", flags=("--live-teacher",), action="append",
+                                        resume=RESUME_MATCH, group=_LABELS)
+    live_teacher_weights: tuple[str, ...] = key((), help="one per --live-teacher", flags=("--live-teacher-weights",),
+                                                action="append", resume=RESUME_MATCH, group=_LABELS,
+                                                default_text="DEFAULT")
+    replay_views: bool = key(False, help="replay the bank's stored crops and flips (multi-view banks)",
+                             flags=("--replay-views",), action="store_true", resume=RESUME_MATCH, group=_LABELS)
+    data: str = key("", help="dataset root (folders, file lists, CIFAR pickles, packed shards; `make demo` prepares "
+                             "data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
+                    test_only=True, group=_DATA, default_text="none, required")
+    layout: str = key("auto", help="dataset layout: auto, imagefolder, filelist, cifar, shards", flags=("--layout",),
+                      resume=RESUME_MATCH, test_only=True, group=_DATA)
+    preset: str = key("auto", help="preprocessing: auto (the bank's, else by layout), {presets}", flags=("--preset",),
+                      resume=RESUME_MATCH,
+                      test_only=True, group=_DATA)
+    train_split: str = key("train", help="the split trained on", resume=RESUME_MATCH)
+    val_split: str = key("val", help="the split evaluated", test_only=True)
+    augment: bool = key(True, help="train on the eval transform (deterministic views)", flags=("--no-augment",),
+                        action="store_false", resume=RESUME_MATCH, group=_DATA, default_text="augment")
+    skip_corrupt: bool = key(False, help="leave out undecodable images (named in a warning) instead of stopping",
+                             flags=("--skip-corrupt",), action="store_true", test_only=True, group=_DATA)
     # Train on a seeded random subset of this many training samples (0 = all); the bank still covers all.
-    train_subset: int = 0
-    epochs: int = 90
-    batch_size: int = 256
-    workers: int = 4
-    device: str = "cpu"
-    seed: int = 0
-    amp: str = "none"
-    channels_last: bool = False
-    loader: str = "auto"  # image loader: dali, torch, or auto (dali where installed)
-    max_steps_per_epoch: int = 0
-    eval_every: int = 1  # evaluate every k epochs (and after the last)
-    log_every: int = 50
-    output_dir: str = ""
-    resume: bool = False
-    resume_from: str = ""  # a checkpoint file to resume from (default: <output_dir>/last.pt)
-    test_only: bool = False  # evaluate a checkpoint on the val split, no training
-    overwrite: bool = False
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train_subset: int = key(0, help="train on a seeded random subset of this many samples (0: all)",
+                            resume=RESUME_MATCH)
+    epochs: int = key(90, help="epochs", flags=("--epochs",), resume=RESUME_APPLY, group=_OPT)
+    batch_size: int = key(256, help="per process", flags=("--batch-size", "-b"), resume=RESUME_MATCH,
+                          test_only=True, group=_OPT)
+    workers: int = key(4, help="loader threads/processes", flags=("--workers", "-j"), test_only=True, group=_DATA)
+    device: str = key("cpu", help="cpu or cuda", flags=("--device",), choices=("cpu", "cuda"), test_only=True,
+                      group=_OPT)
+    seed: int = key(0, help="seed of initialisation, order, augmentation and every random stream", flags=("--seed",),
+                    test_only=True, group=_OPT)
+    amp: str = key("none", help="autocast (fp16: CUDA only)", flags=("--amp",), choices=("none", "bf16", "fp16"),
+                   test_only=True, group=_OPT)
+    channels_last: bool = key(False, help="channels_last student and inputs", flags=("--channels-last",),
+                              action="store_true", test_only=True, group=_OPT)
+    loader: str = key("auto", help="image loader: dali (NVIDIA DALI, default where installed) or torch",
+                      flags=("--loader",), choices=("auto", "dali", "torch"), test_only=True, group=_DATA)
+    max_steps_per_epoch: int = key(0, help="at most this many steps per epoch (0: the whole split)",
+                                   resume=RESUME_APPLY)
+    eval_every: int = key(1, help="evaluate every k epochs (and after the last)")
+    log_every: int = key(50, help="steps between TensorBoard step logs")
+    output_dir: str = key("", help="run directory", flags=("--output-dir",), test_only=True, group=_RUN,
+                          default_text="runs/<method>-<student>-seed<seed>, or the --resume file's folder")
+    resume: bool = key(False, help="continue the run in output_dir (--resume [PATH] on the command line)",
+                       test_only=True)
+    resume_from: str = key("", help="a checkpoint file to resume from (default: <output_dir>/last.pt)",
+                           test_only=True)
+    test_only: bool = key(False, help="evaluate a checkpoint (--resume PATH, --student-weights, or --output-dir's "
+                                      "last.pt) on the val split, print and write test.json; no training",
+                          flags=("--test-only",), action="store_true", test_only=True, group=_RUN)
+    overwrite: bool = key(False, help="replace an existing --output-dir", flags=("--overwrite",),
+                          action="store_true", group=_RUN)
+    optim: OptimConfig = key(default_factory=OptimConfig, help="optimizer settings (optim.*)")
+    sched: ScheduleConfig = key(default_factory=ScheduleConfig, help="lr schedule (sched.*)")

@@ -172,3 +172,42 @@ def test_renamed_keys_name_the_new_key(tmp_path: Path, old: str, new: str):
         resolve(TrainConfig, recipe)
     cfg = resolve(TrainConfig, overrides=[f"{new}=[x.zarr]" if new == "banks" else f"{new}=0.25"])
     assert cfg.banks == ("x.zarr",) if new == "banks" else getattr(cfg.sched, new.split(".")[1]) == 0.25
+
+
+def test_every_config_key_is_declared_once():
+    """Issue 21, point 6: each key of both stages carries its declaration (help, flags, resume kind, test-only);
+    the parsers, the resume check and the --test-only warning are generated from them."""
+    import dataclasses
+
+    from pipeline.config import Cli, declared_keys, key, keys_where, undeclared_keys
+    from pipeline.dump_logits import build_parser as dump_parser
+    from pipeline.train_student import build_parser as train_parser
+    from stage1_teacher_logits.dump import DumpConfig
+    from stage2_student_train.checkpoint import CHANGEABLE, RUN_DEFINING
+    from stage2_student_train.config import TrainConfig
+
+    assert undeclared_keys(TrainConfig) == [] and undeclared_keys(DumpConfig) == []
+
+    @dataclasses.dataclass(frozen=True)
+    class Forgotten:
+        declared: int = key(1, help="a declared key")
+        plain: int = 2
+
+    assert undeclared_keys(Forgotten) == ["plain"]  # the check catches a key added without a declaration
+    # every flag of a key is the parser's, with the key as its destination; the parser has no other flags but
+    # the few that are not one key
+    for cls, parser, extra in ((TrainConfig, train_parser(), {"label_smoothing", "lr_scheduler", "resume", "config",
+                                                              "verbose", "help"}),
+                               (DumpConfig, dump_parser(), {"config", "verbose", "help"})):
+        by_dest = {a.dest: a for a in parser._actions if a.option_strings}
+        for dotted, f, _ in declared_keys(cls):
+            cli: Cli = f.metadata["cli"]
+            if cli.flags:
+                assert by_dest[dotted].option_strings == list(cli.flags), dotted
+        assert set(by_dest) - {k for k, f, _ in declared_keys(cls) if f.metadata["cli"].flags} == extra
+    # the resume check reads the declarations; every leaf key has exactly one resume kind
+    assert set(RUN_DEFINING) == set(keys_where(TrainConfig, resume="match")) and "optim.name" in RUN_DEFINING
+    assert "optim.lr" in CHANGEABLE and "workers" not in RUN_DEFINING + CHANGEABLE
+    leaves = keys_where(TrainConfig)
+    assert sorted(leaves) == sorted(keys_where(TrainConfig, resume="match") + keys_where(TrainConfig, resume="apply")
+                                    + keys_where(TrainConfig, resume="free"))
