@@ -95,6 +95,20 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return DistInfo(rank, world, local, device, group=True)
 
 
+def current_info(device: str = "cpu") -> DistInfo:
+    """This process's :class:`DistInfo` from the initialised process group (rank 0 of 1 without one), for library
+    code that takes part in the run's collectives without being handed the run's info."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo(device=device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device, True)
+
+
+def local_world_size() -> int:
+    """Processes of this run on this node (torchrun's ``LOCAL_WORLD_SIZE``; 1 without torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if dist.is_available() and dist.is_initialized() \
+        else 1
+
+
 @_collective
 def barrier(info: DistInfo) -> None:
     if info.enabled:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch
 import kd_losses
 from pipeline.bank.identity import cache_root, cached_banks, teacher_match
 from pipeline.bank.reader import LabelBank
-from pipeline.bank.resident import FeatureResident, feature_nbytes, load_residents
+from pipeline.bank.resident import FeatureResident, check_host_memory, feature_nbytes, load_residents
 from pipeline.data import Manifest
 from pipeline.data.presets import resolve_preset
 from pipeline.errors import BankError, UsageError
@@ -121,9 +121,10 @@ class BankLabelSource:
     """
 
     def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None,
-                 progress: bool = False, features: bool = False):
+                 progress: bool = False, features: bool = False, items: Sequence[tuple[str, int]] = ()):
         """``features``: also hold the banks' stored embeddings and add ``teacher_features`` [B, T, D] (every
-        bank's zero-padded to the widest D); a bank without them is a one-line UsageError."""
+        bank's zero-padded to the widest D); a bank without them is a one-line UsageError. ``items``: the run's
+        other host allocations, checked with the banks (``pipeline.bank.resident.check_host_memory``)."""
         first = banks[0]
         for b in banks[1:]:
             for what, a, c in (("num_samples", b.num_samples, first.num_samples),
@@ -142,7 +143,7 @@ class BankLabelSource:
                 raise UsageError(f"this method needs the teachers' stored embeddings; {lacking[0]} has none: dump "
                                  "it again with --features")
             reserve = sum(feature_nbytes(b) for b in banks)
-        self.residents = load_residents(banks, device, progress, reserve=reserve)
+        self.residents = load_residents(banks, device, progress, reserve=reserve, items=items)
         if features:
             self.feature_residents = load_residents(banks, device, progress, kind=FeatureResident)
             self.feature_dim = max(r.dim for r in self.feature_residents)
@@ -278,8 +279,25 @@ def _check_teachers_agree(cfg: Any, banks: list[LabelBank]) -> None:
                          "drop --teacher/--teacher-weights (--labels gives the bank), or give that teacher's bank")
 
 
-def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
-    """The label source a run needs: bank(s) in memory, a live teacher, or none (``cfg``: a TrainConfig)."""
+RunItems = Callable[[int | None, int | None, int], list[tuple[str, int]]]
+
+
+def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = None) -> LabelSource:
+    """The label source a run needs: bank(s) in memory, a live teacher, or none (``cfg``: a TrainConfig).
+
+    ``run_items(num_teachers, teacher_dim, crop)``: the run's other large host allocations on this node
+    (``stage2_student_train.memory.run_items``), checked with the banks before they are read (one line when the
+    run does not fit)."""
+    def items(banks: list[LabelBank]) -> list[tuple[str, int]]:
+        if run_items is None:
+            return []
+        dims = [max(b.feature_meta["dims"]) for b in banks if b.feature_meta]
+        pre = (banks[0].attrs.get("preprocessing") or {}) if banks else {}
+        crop = int(pre.get("crop") or resolve_preset(cfg.preset, train).crop)
+        return run_items(sum(b.num_teachers for b in banks) or None, max(dims) if dims else None, crop)
+
+    if cfg.live_teacher or not kd_losses.needs_teacher(cfg.method):
+        check_host_memory([], 0, items([]))
     if cfg.live_teacher:
         specs = parse_teachers(cfg.live_teacher, cfg.live_teacher_weights, cfg.seed,
                                ("--live-teacher", "--live-teacher-weights"))
@@ -309,7 +327,8 @@ def build_label_source(cfg: Any, train: Manifest) -> LabelSource:
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
     src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None,
-                          progress=int(os.environ.get("RANK", "0")) == 0, features=kd_losses.needs_features(cfg.method))
+                          progress=int(os.environ.get("RANK", "0")) == 0, features=kd_losses.needs_features(cfg.method),
+                          items=items(banks))
     log.info("soft labels from %s: %s", ", ".join(paths),
              ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
                        for r in src.residents))

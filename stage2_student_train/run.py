@@ -33,6 +33,7 @@ from pipeline.metrics import MetricAccumulator
 from pipeline.models import create_model
 from pipeline.models.features import FeatureTap, embedding_dim
 from stage2_student_train import checkpoint as ckpt
+from stage2_student_train import memory
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.inputs import check_config, load_manifests, undecodable
 from stage2_student_train.label_sources import LabelSource, build_label_source
@@ -209,15 +210,19 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     num_classes = train_m.num_classes
     seed_everything(cfg.seed)
     model = create_model(cfg.student, num_classes, cfg.student_weights).to(cfg.device)
-    label_source = build_label_source(cfg, train_m)
+    label_source = build_label_source(cfg, train_m, lambda t, d, crop: memory.run_items(
+        cfg, num_classes, len(train_m), t, d, crop))
     preset = _choose_preset(cfg, train_m, label_source)
     tap = FeatureTap(model) if kd_losses.needs_features(cfg.method) else None
-    # the loss's own parameters (SL-Enc's network, CRD's heads and memories) from seed + 1, whatever the label
-    # source drew before (a live teacher's random init reseeds the global generator)
-    seed_everything(cfg.seed + 1)
     dims = {"num_samples": len(train_m), "num_teachers": len(label_source.teachers) or None,
             "teacher_dim": label_source.feature_dim,
             "student_dim": embedding_dim(model, preset.crop) if tap is not None else None}
+    if cfg.device == "cuda":
+        memory.check_device_memory(cfg, memory.loss_state_bytes(cfg, num_classes, len(train_m),
+                                                                 dims["num_teachers"], dims["teacher_dim"]))
+    # the loss's own parameters (SL-Enc's network, CRD's heads and memories) from seed + 1, whatever the label
+    # source drew before (a live teacher's random init reseeds the global generator)
+    seed_everything(cfg.seed + 1)
     criterion = build_criterion(cfg, num_classes, **dims).to(cfg.device)
     # rank 0 scans the splits for undecodable files and tells the others (the same result or the same error)
     excluded, val_bad = on_rank0(lambda: (undecodable(train_m, cfg.skip_corrupt),

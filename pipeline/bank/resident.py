@@ -11,21 +11,30 @@ one row per (sample, view) (views moved next to the sample axis, so that a gathe
 
 :meth:`ResidentBank.gather` takes sample indices [B] (and the view of each, or view 0), gathers their payload
 rows where the arrays live, moves them to the requested device and densifies them there to [B, T, C] float32,
-bit for bit what :meth:`pipeline.bank.reader.LabelBank.read_logits` reconstructs. The arrays live on the host
-(pinned when the training device is CUDA) or, when they fit in a quarter of its free memory, on the training
-device; no code here names a device type other than through ``torch.device``.
+bit for bit what :meth:`pipeline.bank.reader.LabelBank.read_logits` reconstructs. The arrays live on the
+training device when they fit in a quarter of its free memory (on every rank: one copy per GPU), else on the host:
+there, under torchrun, once per node (local rank 0 decompresses the bank into a file under ``/dev/shm`` that every
+process of the node maps; :func:`_node_shared_arrays`), and rows bound for a GPU go through two small pinned
+staging buffers per array (:class:`_Staging`), never a pinned copy of the whole bank. No code here names a device
+type other than through ``torch.device``.
 
-:func:`load_residents` checks the memory first: the host bytes of every bank are compared with the memory
-available (``MemAvailable`` from ``/proc/meminfo`` x :data:`MEMORY_FRACTION`, or ``$KD_MEMORY_BUDGET_GB``), and a
-bank that does not fit is refused in one line that gives its size and suggests a compact format.
+:func:`load_residents` checks the memory first: the host bytes of the banks (once per node) plus the run's other
+large allocations on this node (every process's loss memories and image batches, given by stage 2) are compared
+with the memory available (``MemAvailable`` from ``/proc/meminfo`` x :data:`MEMORY_FRACTION`, or
+``$KD_MEMORY_BUDGET_GB``), and a run that does not fit is refused in one line that lists what takes the memory and
+what to change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
-from typing import Any
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +43,7 @@ from tqdm import tqdm
 from pipeline.bank import compact as cp
 from pipeline.bank.reader import LabelBank
 from pipeline.bank.schema import index_dtype
+from pipeline.distributed import barrier, broadcast_object, current_info, gather_objects, local_world_size
 from pipeline.errors import BankError
 
 log = logging.getLogger(__name__)
@@ -93,24 +103,30 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.3g} GB"
 
 
-def check_host_memory(banks: list[LabelBank], reserve: int = 0) -> None:
+def check_host_memory(banks: list[LabelBank], reserve: int = 0, items: Sequence[tuple[str, int]] = ()) -> None:
     """Refuse, in one line, banks whose resident size (plus ``reserve`` bytes: their embeddings, when loaded too)
-    does not fit in the host budget (:func:`host_budget`)."""
-    if not banks:
-        return
+    and the run's other host allocations on this node (``items``: (what, bytes), e.g. every process's CRD
+    memories) do not fit in the host budget (:func:`host_budget`). The line lists what takes the memory."""
     budget, how = host_budget()
-    need = sum(resident_nbytes(b) for b in banks) + reserve
+    labels = sum(resident_nbytes(b) for b in banks) + reserve
+    need = labels + sum(n for _, n in items)
     if budget is None or need <= budget:
         return
+    parts = ([f"label banks {_gb(labels)} (one copy per node)"] if banks else []) + \
+        [f"{what} {_gb(n)}" for what, n in items if n]
+    what = f"this run needs {_gb(need)} of host memory on this node ({', '.join(parts)}), more than {_gb(budget)} " \
+           f"({how})"
     dense = [b for b in banks if b.format == "dense"]
-    if dense:
+    if dense and labels >= need / 2:
         b = max(dense, key=dense_nbytes)
         raise BankError(
-            f"label bank {b.path} is {_gb(dense_nbytes(b))} of dense {b.attrs.get('dtype')} logits [N, T, V, C] = "
-            f"{list(b.shape)}: {_gb(need)} of labels do not fit in {_gb(budget)} of memory ({how}); dump it with "
-            f"--format topk --topk 10, or compact it: python -m pipeline.labels compact {b.path} -o OUT --topk 10")
-    raise BankError(f"label banks {', '.join(b.path for b in banks)} need {_gb(need)} in memory, more than "
-                    f"{_gb(budget)} ({how}); use a smaller --topk, fewer views, or a machine with more memory")
+            f"{what}; label bank {b.path} is {_gb(dense_nbytes(b))} of dense {b.attrs.get('dtype')} logits "
+            f"[N, T, V, C] = {list(b.shape)}: dump it with --format topk --topk 10, or compact it: python -m "
+            f"pipeline.labels compact {b.path} -o OUT --topk 10")
+    if banks and labels >= need / 2:
+        raise BankError(f"{what}; use a smaller --topk, fewer views, or a machine with more memory")
+    raise BankError(f"{what}; use fewer processes per node, a smaller batch, a smaller loss.feat_dim (CRD), or a "
+                    "machine with more memory")
 
 
 # --- resident banks -------------------------------------------------------------------------------------------
@@ -125,8 +141,12 @@ class ResidentBank:
 
     format = ""
 
-    def __init__(self, bank: LabelBank, device: str | torch.device = "cpu", pin: bool = False,
-                 progress: bool = False):
+    def __init__(self, bank: LabelBank, device: str | torch.device = "cpu", progress: bool = False,
+                 share: bool = False, staging: str | torch.device | None = None):
+        """``device``: where the arrays live; ``share``: host arrays are one copy per node, shared by the node's
+        processes (:func:`_node_shared_arrays`; a collective: every rank of the run constructs its resident
+        together); ``staging``: the accelerator that gathered host rows go to, through pinned per-batch staging
+        buffers (the arrays themselves are never pinned)."""
         self._check_format(bank)
         self.path = bank.path
         self.shape: tuple[int, int, int, int] = bank.shape
@@ -134,9 +154,24 @@ class ResidentBank:
         n, t, v, c = self.shape
         labels, skipped = bank.check_row_arrays()
         self._check_files(bank)
-        pin = pin and self.device.type == "cpu"
-        self.arrays = {name: torch.empty((n * v, *shape), dtype=dtype, device=self.device, pin_memory=pin)
-                       for name, (shape, dtype) in self._layout(bank).items()}
+        shapes = {name: ((n * v, *shape), dtype) for name, (shape, dtype) in self._layout(bank).items()}
+        self.shared = share and self.device.type == "cpu"
+        if self.shared:
+            self.arrays = _node_shared_arrays(self, bank, shapes, labels, skipped, progress)
+        else:
+            self.arrays = {name: torch.empty(shape, dtype=dtype, device=self.device)
+                           for name, (shape, dtype) in shapes.items()}
+            self._fill(bank, labels, skipped, progress)
+        # CPU gather through numpy, each (sample, view) row as one opaque item (a memcpy per row: 1.3x faster than
+        # numpy's fancy indexing of fp16 rows); torch's advanced indexing on CPU goes through its thread pool and
+        # ran 10x slower on a busy 2-core machine (bench/stage2.py)
+        self._host = {k: _row_items(a.numpy()) for k, a in self.arrays.items()} if self.device.type == "cpu" else None
+        self._staging = _Staging(torch.device(staging)) if (
+            staging is not None and torch.device(staging).type == "cuda" and self._host is not None) else None
+
+    def _fill(self, bank: LabelBank, labels: np.ndarray, skipped: np.ndarray, progress: bool) -> None:
+        """Read the bank chunk by chunk into ``self.arrays`` (refusing damaged rows)."""
+        n, v = self.shape[0], self.shape[2]
         starts = range(0, n, max(1, bank.rows_per_chunk))
         # a bar for long loads only (ImageNet: 313 chunks); closed on errors, so an error starts its own line
         with tqdm(total=len(starts), desc=f"load {self.format} bank", unit="chunk", mininterval=1.0,
@@ -150,10 +185,6 @@ class ResidentBank:
                 for name, a in rows.items():
                     self.arrays[name][s * v:e * v].copy_(torch.from_numpy(np.ascontiguousarray(a)))
                 bar.update()
-        # CPU gather through numpy, each (sample, view) row as one opaque item (a memcpy per row: 1.3x faster than
-        # numpy's fancy indexing of fp16 rows); torch's advanced indexing on CPU goes through its thread pool and
-        # ran 10x slower on a busy 2-core machine (bench/stage2.py)
-        self._host = {k: _row_items(a.numpy()) for k, a in self.arrays.items()} if self.device.type == "cpu" else None
 
     @property
     def nbytes(self) -> int:
@@ -191,6 +222,8 @@ class ResidentBank:
             rows_np = index.cpu().numpy().astype(np.int64, copy=False)
             if v > 1:
                 rows_np = rows_np * v + (0 if view is None else view.cpu().numpy())
+            if self._staging is not None and device.type == "cuda":
+                return self._densify(self._staging.gather(self._host, rows_np, device))
             part = {k: torch.from_numpy(items[rows_np].view(dt).reshape((len(rows_np),) + shape))
                     for k, (items, dt, shape) in self._host.items()}
         else:
@@ -200,6 +233,112 @@ class ResidentBank:
             part = {k: a[rows] for k, a in self.arrays.items()}
         part = {k: a.to(device, non_blocking=True) for k, a in part.items()}
         return self._densify(part)
+
+
+class _Staging:
+    """Pinned per-batch buffers for host-resident rows bound for a CUDA device: rows are gathered straight into a
+    pinned buffer (``np.take(..., out=)``) and copied asynchronously; two buffers per array alternate, and a buffer
+    is reused only after its previous copy finished (a CUDA event), so a gather never overwrites rows in flight."""
+
+    SLOTS = 2
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self.events: dict[int, Any] = {}
+        self.turn = 0
+
+    def gather(self, host: dict[str, tuple[np.ndarray, np.dtype, tuple[int, ...]]], rows: np.ndarray,
+               device: torch.device) -> dict[str, torch.Tensor]:
+        slot = self.turn % self.SLOTS
+        self.turn += 1
+        if slot in self.events:
+            self.events[slot].synchronize()
+        out = {}
+        for k, (items, dt, shape) in host.items():
+            width = items.dtype.itemsize
+            buf = self.buffers.get((k, slot))
+            if buf is None or buf.numel() < len(rows) * width:
+                buf = torch.empty(max(len(rows), 1) * width, dtype=torch.uint8, pin_memory=True)
+                self.buffers[(k, slot)] = buf
+            staged = buf[: len(rows) * width].numpy().view(items.dtype)
+            np.take(items, rows, out=staged)
+            host_rows = torch.from_numpy(staged.view(dt).reshape((len(rows),) + shape))
+            out[k] = host_rows.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self.events[slot] = event
+        return out
+
+
+SHARE_ENV = "KD_SHARE_DIR"  # where node-shared bank copies are written (default: /dev/shm, else the temp dir)
+
+
+def _share_dirs() -> list[Path]:
+    """Candidate folders of node-shared bank copies, in order of preference: ``$KD_SHARE_DIR``, then ``/dev/shm``
+    (memory) and the temporary directory (a file whose pages the page cache holds once for every process)."""
+    env = os.environ.get(SHARE_ENV)
+    dirs = [Path(env)] if env else []
+    return dirs + [p for p in (Path("/dev/shm"), Path(tempfile.gettempdir())) if p.is_dir()]
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _node_shared_arrays(res: "ResidentBank", bank: LabelBank, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                        labels: np.ndarray, skipped: np.ndarray, progress: bool) -> dict[str, torch.Tensor]:
+    """One decompressed copy of the bank's resident arrays per node: local rank 0 reads the bank into ``.npy``
+    files in the first share folder with room for them (:func:`_share_dirs`; never a full tmpfs, where writing
+    would crash), every other process of the node maps the same files, and local rank 0 removes the files once all
+    have mapped them (the mappings stay valid; nothing is left behind). A collective of the whole run: a damaged
+    bank is the same one-line BankError on every rank."""
+    info = current_info()
+    token = broadcast_object(uuid.uuid4().hex[:12] if info.is_main else None, info)
+    tag = hashlib.sha1(f"{bank.path}|{res.format}".encode()).hexdigest()[:12]
+    names = {k: f"offline-kd-{token}-{tag}-{k}.npy" for k in shapes}
+    np_dtype = {k: torch.empty(0, dtype=dt).numpy().dtype for k, (_, dt) in shapes.items()}
+    creator = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    error, arrays = None, {}
+    if creator:
+        need = sum(math.prod(shape) * np_dtype[k].itemsize for k, (shape, _) in shapes.items())
+        folder = next((d for d in _share_dirs() if _free_bytes(d) > 1.1 * need + 2**26), None)
+        try:
+            if folder is None:
+                raise BankError(f"label bank {bank.path}: no folder has {_gb(need)} free for the copy shared by this "
+                                f"node's processes (tried {', '.join(map(str, _share_dirs()))}); set ${SHARE_ENV} "
+                                "to a local folder with room, or use a compact bank (--format topk)")
+            tmp = {k: folder / f".{n}.tmp" for k, n in names.items()}
+            res.arrays = {k: torch.from_numpy(np.lib.format.open_memmap(tmp[k], "w+", np_dtype[k], shapes[k][0]))
+                          for k in shapes}
+            res._fill(bank, labels, skipped, progress)
+            for k, t in res.arrays.items():
+                t.numpy().base.flush() if hasattr(t.numpy().base, "flush") else None
+                os.replace(tmp[k], folder / names[k])
+            arrays = res.arrays
+        except BankError as e:
+            error = str(e)
+            for p in (folder.glob(f".offline-kd-{token}-*") if folder else ()):
+                p.unlink(missing_ok=True)
+    errors = [e for e in gather_objects(error, info) if e]
+    if errors:
+        raise BankError(errors[0])
+    if not creator:
+        found = {k: next((d / n for d in _share_dirs() if (d / n).is_file()), None) for k, n in names.items()}
+        missing = [names[k] for k, p in found.items() if p is None]
+        if missing:
+            raise BankError(f"label bank {bank.path}: the copy shared by this node's processes is not where local "
+                            f"rank 0 wrote it ({missing[0]}; ${SHARE_ENV} must be the same on every process)")
+        arrays = {k: torch.from_numpy(np.load(p, mmap_mode="r+")) for k, p in found.items()}
+    barrier(info)
+    if creator:
+        for n in names.values():
+            for d in _share_dirs():
+                (d / n).unlink(missing_ok=True)
+    log.info("label bank %s: one %s copy on this node, shared by its %d processes", bank.path,
+             _gb(sum(a.numel() * a.element_size() for a in arrays.values())), local_world_size())
+    return arrays
 
 
 def _row_items(a: np.ndarray) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
@@ -363,29 +502,37 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def load_residents(banks: list[LabelBank], device: str | torch.device = "cpu", progress: bool = False,
-                   kind: type[ResidentBank] | None = None, reserve: int = 0) -> list[ResidentBank]:
+                   kind: type[ResidentBank] | None = None, reserve: int = 0,
+                   items: Sequence[tuple[str, int]] = ()) -> list[ResidentBank]:
     """Every bank resident, placed: on ``device`` when it is an accelerator and the bank fits in
-    :data:`DEVICE_FRACTION` of its free memory, else on the host (pinned for an accelerator). The host share is
+    :data:`DEVICE_FRACTION` of its free memory on every rank (``$KD_DEVICE_BANK_FRACTION`` overrides the
+    fraction; 0 keeps banks on the host), else on the host, once per node under torchrun (``$KD_NODE_SHARE=0``:
+    a private copy per process, as before; for comparisons). The host share is
     checked against the memory budget before anything is read (:func:`check_host_memory`, with ``reserve`` bytes
-    more). ``kind``: :class:`FeatureResident` for the banks' embeddings (checked with the labels, through
-    ``reserve``); default: their labels in their own format."""
+    more and the run's other allocations ``items``). ``kind``: :class:`FeatureResident` for the banks'
+    embeddings (checked with the labels, through ``reserve``); default: their labels in their own format. Under
+    torchrun every rank must call it together (placement and node sharing are agreed collectively)."""
     dev = torch.device(device)
+    info = current_info(dev.type)
     place: list[Any] = []
     if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
+        free = min(gather_objects(torch.cuda.mem_get_info(dev)[0], info))  # every rank decides alike
+        fraction = float(os.environ.get("KD_DEVICE_BANK_FRACTION", DEVICE_FRACTION))
         used = 0
         for b in banks:
             need = feature_nbytes(b) if kind is FeatureResident else resident_nbytes(b)
-            on_device = used + need <= DEVICE_FRACTION * free
+            on_device = used + need <= fraction * free
             used += need if on_device else 0
             place.append(dev if on_device else torch.device("cpu"))
     else:
         place = [dev] * len(banks)
     if kind is not FeatureResident:
-        check_host_memory([b for b, p in zip(banks, place) if p.type == "cpu"], reserve)
+        check_host_memory([b for b, p in zip(banks, place) if p.type == "cpu"], reserve, items)
+    share = info.enabled and local_world_size() > 1 and os.environ.get("KD_NODE_SHARE", "1") != "0"
     out = []
     for b, p in zip(banks, place):
-        r = (kind or RESIDENTS[b.format])(b, p, pin=dev.type == "cuda" and p.type == "cpu", progress=progress)
+        r = (kind or RESIDENTS[b.format])(b, p, progress=progress, share=share and p.type == "cpu",
+                                           staging=dev if p.type == "cpu" else None)
         log.info("label bank %s resident on %s: %s %s (%s dense)", b.path, p, b.format, _gb(r.nbytes),
                  _gb(dense_nbytes(b)))
         out.append(r)
