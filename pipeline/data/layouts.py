@@ -39,6 +39,7 @@ class DatasetLayout:
     name: ClassVar[str]
     packable: ClassVar[bool] = False  # ``python -m pipeline.data pack`` reads it
     default_preset: ClassVar[str] = "imagenet"  # the preprocessing preset of ``--preset auto``
+    encoded_images: ClassVar[bool] = True  # :meth:`encoded` gives each sample's file bytes (not pixel arrays)
 
     # --- listing -----------------------------------------------------------------------------------------
     @classmethod
@@ -68,26 +69,8 @@ class DatasetLayout:
 
     def load_tensor(self, manifest: Manifest, i: int):
         """Sample ``i`` decoded for the torch loader: uint8 [3, H, W] RGB, EXIF orientation applied (as DALI's
-        decoder does). torchvision's decoders (libjpeg-turbo, libpng, libwebp); PIL for what they do not read
-        (BMP, TIFF). torchvision 0.29 announces that ``torchvision.io`` decoding will move to TorchCodec; the
-        warning is silenced here and PIL remains the fallback."""
-        import warnings
-
-        import torch
-        from torchvision.io import ImageReadMode, decode_image
-
-        data = self.encoded(manifest, i)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-                return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                    apply_exif_orientation=True)
-        except RuntimeError:
-            from PIL import Image, ImageOps
-
-            with Image.open(io.BytesIO(data)) as im:
-                rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-            return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+        decoder does); see :func:`decode_tensor`."""
+        return decode_tensor(self.encoded(manifest, i))
 
     def image_size(self, manifest: Manifest, i: int) -> tuple[int, int]:
         """(H, W) of sample ``i`` as the loaders decode it, EXIF orientation applied (DALI and torchvision rotate
@@ -172,6 +155,29 @@ class DatasetLayout:
             except Exception as e:  # noqa: BLE001
                 return pos, reason or f"does not decode ({' '.join(str(e).split())[:120]})"
         return None
+
+
+def decode_tensor(data: bytes):
+    """Encoded image bytes -> uint8 [3, H, W] RGB, EXIF orientation applied. torchvision's decoders
+    (libjpeg-turbo, libpng, libwebp); PIL for what they do not read (BMP, TIFF). torchvision 0.29 announces that
+    ``torchvision.io`` decoding will move to TorchCodec; the warning is silenced here and PIL remains the
+    fallback. Raises on undecodable bytes."""
+    import warnings
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                apply_exif_orientation=True)
+    except RuntimeError:
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 # Image formats by signature, and those DALI's decoder reads (nvImageCodec: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000,
@@ -312,6 +318,7 @@ class CifarLayout(DatasetLayout):
 
     name = "cifar"
     default_preset = "cifar"
+    encoded_images = False
 
     @classmethod
     def detect(cls, root: Path, split: str) -> bool:

@@ -17,6 +17,10 @@ records the loader that made it, and stage 2 warns when it trains with the other
 
 Randomness: DALI draws from its pipeline seed; the torch loader draws each sample's crop and flip from
 ``np.random.default_rng([seed, index])``, so it is reproducible whatever the number of workers.
+
+The torch loader on ``cuda`` moves only encoded bytes from its (persistent) workers and decodes with nvJPEG,
+then transforms and normalizes on the GPU (:mod:`pipeline.data.device_decode`); on ``cpu`` its workers decode and
+transform (:mod:`pipeline.data.transforms` holds the transforms of both).
 """
 
 from __future__ import annotations
@@ -67,7 +71,9 @@ def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess:
     """One pass over ``manifest`` samples ``order`` -> :class:`Batch` objects (``images`` [B, 3, H, W] float32,
     or [B, V, 3, H, W] in ``views`` mode with V > 1; ``index`` [B] int64), the last batch short.
 
-    ``loader``: ``dali`` or ``torch`` (resolve ``auto`` with :func:`resolve_loader` first). Several
+    ``loader``: ``dali`` or ``torch`` (resolve ``auto`` with :func:`resolve_loader` first); ``torch`` on
+    ``device="cuda"`` decodes JPEGs with nvJPEG and preprocesses on the GPU (:mod:`pipeline.data.device_decode`),
+    on ``cpu`` decodes and preprocesses in the worker processes. Several
     ``preprocess`` (``eval`` and ``views`` modes): each image is decoded once and preprocessed per branch; the
     batches carry every branch in ``Batch.branches``. Raises UsageError on bad arguments; iterating raises
     :class:`DecodeError` when a batch cannot be decoded.
@@ -79,6 +85,10 @@ def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess:
 
         pipe = build_pipeline(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes=boxes)
         return iterate(pipe, len(order), batch_size, device)
+    if loader == "torch" and device == "cuda":
+        from pipeline.data.device_decode import device_batches
+
+        return device_batches(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes)
     if loader == "torch":
         return _torch_batches(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes)
     raise UsageError(f"unknown loader '{loader}'; valid: {', '.join(LOADERS)}")
