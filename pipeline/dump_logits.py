@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", choices=["auto", "dali", "torch"],
                    help=f"image loader: dali (NVIDIA DALI, the default where installed) or torch {d('loader')}")
     p.add_argument("--batch-size", "-b", type=int, dest="batch_size", help=f"{d('batch_size')}")
-    p.add_argument("--workers", "-j", type=int, help=f"loader threads/processes {d('workers')}")
+    p.add_argument("--workers", "-j", type=int, help="loader threads/processes (default: the cores available to "
+                                                      "this process / LOCAL_WORLD_SIZE)")
+    p.add_argument("--hw-decoder-load", type=float, dest="hw_decoder_load",
+                   help=f"share of JPEGs DALI's mixed decoding (--device cuda) gives the hardware decoder, in [0, 1]; "
+                        f"the rest take the hybrid path, Huffman-decoded on the loader threads {d('hw_decoder_load')}")
     p.add_argument("--out", help="bank path or fsspec URL (default: $KD_CACHE, else ~/.cache/offline-kd/label_banks, "
                                  "/<dataset>-<split>/<teachers>-<key8>.zarr)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a different bank at --out")

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loader", choices=["auto", "dali", "torch"],
                    help=f"image loader: dali (NVIDIA DALI, default where installed) or torch {d('loader')}")
     g.add_argument("--workers", "-j", type=int, dest="workers", help=f"loader threads/processes {d('workers')}")
+    g.add_argument("--hw-decoder-load", type=float, dest="hw_decoder_load",
+                   help=f"share of JPEGs DALI's mixed decoding (--device cuda) gives the hardware decoder, in [0, 1] "
+                        f"{d('hw_decoder_load')}")
     g.add_argument("--no-augment", action="store_false", default=None, dest="augment",
                    help="train on the eval transform (deterministic views)")
     g.add_argument("--skip-corrupt", action="store_true", default=None, dest="skip_corrupt",
@@ -127,6 +130,7 @@ def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
 
 # What --test-only reads: the model, the data and how it is decoded, where the checkpoint and test.json are.
 _TEST_ONLY_KEYS = {"student", "student_weights", "data", "layout", "val_split", "preset", "loader", "workers",
+                   "hw_decoder_load",
                    "batch_size", "device", "amp", "channels_last", "skip_corrupt", "output_dir", "resume",
                    "resume_from", "test_only", "seed"}
 

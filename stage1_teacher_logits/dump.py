@@ -32,7 +32,7 @@ from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
 from pipeline.data.presets import get_preset, resolve_preset, weights_preprocess
-from pipeline.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from pipeline.distributed import DistInfo, barrier, broadcast_object, cores_per_local_rank, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
@@ -54,7 +54,7 @@ class DumpConfig:
     preset: str = "auto"
     device: str = "cpu"
     batch_size: int = 128
-    workers: int = 2
+    workers: int | None = None  # loader threads/processes; None: the cores available per local rank
     out: str | None = None
     overwrite: bool = False
     dtype: str = "float16"
@@ -70,6 +70,7 @@ class DumpConfig:
     loader: str = "auto"
     class_map: str = ""  # a file: dataset class -> teacher output index (default: one to one, or by wnid)
     features: bool = False  # also store each teacher's pooled penultimate embedding (embedding-level methods)
+    hw_decoder_load: float = 0.65  # share of JPEGs DALI's mixed decoding gives the hardware decoder, in [0, 1]
 
 
 def _check(cfg: DumpConfig) -> None:
@@ -84,8 +85,11 @@ def _check(cfg: DumpConfig) -> None:
         raise UsageError(f"unknown device '{cfg.device}'; valid: cpu, cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
-    if cfg.batch_size < 1 or cfg.rows_per_chunk < 1 or cfg.workers < 1 or cfg.views < 1:
+    if cfg.batch_size < 1 or cfg.rows_per_chunk < 1 or (cfg.workers is not None and cfg.workers < 1) or cfg.views < 1:
         raise UsageError("batch_size, rows_per_chunk, workers and views must be >= 1")
+    if not 0 <= cfg.hw_decoder_load <= 1:
+        raise UsageError(f"--hw-decoder-load {cfg.hw_decoder_load} is out of range: give the share of JPEGs for the "
+                         "hardware decoder in [0, 1] (default 0.65)")
     if cfg.amp and cfg.device != "cuda":
         raise UsageError("--amp autocasts the teachers on CUDA only (fp16 on a CPU is slower than fp32): drop "
                          "--amp or use --device cuda")
@@ -162,7 +166,8 @@ class BankDump:
         self.branches = list(dict.fromkeys(self.teacher_pre))  # decoded once, preprocessed once per branch
         self.branch_of = [self.branches.index(p) for p in self.teacher_pre]
         self.preset = self.branches[0]
-        self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader)  # recorded resolved
+        workers = cfg.workers if cfg.workers is not None else cores_per_local_rank()
+        self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader, workers=workers)  # recorded resolved
         self.class_maps: list[list[int] | None] = [None] * len(self.specs)
         self.feature_dims: list[int] | None = None
         self._identify()
@@ -369,7 +374,8 @@ class _ChunkRun:
                 sub[k] = _stand_in(sub, k, self.skip)
         boxes = self.sampler.boxes(self.manifest, sub)
         it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
-                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes)
+                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes,
+                          hw_decoder_load=self.cfg.hw_decoder_load)
         t, v, c = self.dump_shape[1:]
         buf: _ChunkBuffer | None = None
         pos = start

@@ -77,6 +77,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     loader: str = "auto"  # image loader: dali, torch, or auto (dali where installed)
+    hw_decoder_load: float = 0.65  # share of JPEGs DALI's mixed decoding gives the hardware decoder, in [0, 1]
     max_steps_per_epoch: int = 0
     eval_every: int = 1  # evaluate every k epochs (and after the last)
     log_every: int = 50

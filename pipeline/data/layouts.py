@@ -83,13 +83,15 @@ class DatasetLayout:
         return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
     def dali_source(self, manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str,
-                    name: str) -> tuple[Any, Any]:
+                    name: str, hw_decoder_load: float = 0.65) -> tuple[Any, Any]:
         """DALI graph fragment (call inside a pipeline definition): (decoded HWC uint8 RGB images, index [1]
-        int32) of the samples ``order``, in that order; the last batch is padded by repeating the last sample."""
+        int32) of the samples ``order``, in that order; the last batch is padded by repeating the last sample.
+        ``hw_decoder_load``: the share of JPEGs ``mixed`` decoding gives the hardware decoder."""
         from nvidia.dali import fn, types
 
         encoded, index = self._dali_encoded(manifest, order, name)
-        return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB), index
+        return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB,
+                                 hw_decoder_load=hw_decoder_load), index
 
     def _dali_encoded(self, manifest: Manifest, order: np.ndarray, name: str) -> tuple[Any, Any]:
         from nvidia.dali import fn
@@ -358,7 +360,7 @@ class CifarLayout(DatasetLayout):
         return 32, 32
 
     def dali_source(self, manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str,
-                    name: str) -> tuple[Any, Any]:
+                    name: str, hw_decoder_load: float = 0.65) -> tuple[Any, Any]:
         from nvidia.dali import fn
 
         images, index = fn.external_source(

@@ -67,7 +67,7 @@ def resolve_loader(name: str) -> str:
 def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess: Preprocess | Sequence[Preprocess],
                  mode: str = "eval",
                  batch_size: int = 64, workers: int = 2, device: str = "cpu", seed: int = 0,
-                 boxes: np.ndarray | None = None) -> Iterator[Batch]:
+                 boxes: np.ndarray | None = None, hw_decoder_load: float = 0.65) -> Iterator[Batch]:
     """One pass over ``manifest`` samples ``order`` -> :class:`Batch` objects (``images`` [B, 3, H, W] float32,
     or [B, V, 3, H, W] in ``views`` mode with V > 1; ``index`` [B] int64), the last batch short.
 
@@ -75,7 +75,8 @@ def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess:
     ``device="cuda"`` decodes JPEGs with nvJPEG and preprocesses on the GPU (:mod:`pipeline.data.device_decode`),
     on ``cpu`` decodes and preprocesses in the worker processes. Several
     ``preprocess`` (``eval`` and ``views`` modes): each image is decoded once and preprocessed per branch; the
-    batches carry every branch in ``Batch.branches``. Raises UsageError on bad arguments; iterating raises
+    batches carry every branch in ``Batch.branches``. ``hw_decoder_load``: DALI ``mixed`` decoding only, the
+    share of JPEGs for the hardware decoder. Raises UsageError on bad arguments; iterating raises
     :class:`DecodeError` when a batch cannot be decoded.
     """
     order = np.asarray(order, dtype=np.int64)
@@ -83,7 +84,8 @@ def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess:
     if loader == "dali":
         from pipeline.data.dali import build_pipeline, iterate
 
-        pipe = build_pipeline(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes=boxes)
+        pipe = build_pipeline(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes=boxes,
+                              hw_decoder_load=hw_decoder_load)
         return iterate(pipe, len(order), batch_size, device)
     if loader == "torch" and device == "cuda":
         from pipeline.data.device_decode import device_batches
