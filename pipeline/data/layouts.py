@@ -6,8 +6,9 @@ Each layout is one class (a subclass of :class:`DatasetLayout`, registered in ``
   (:meth:`~DatasetLayout.build`: sorted classes, sorted files),
 - feeds the DALI pipelines (:meth:`~DatasetLayout.dali_source`: decoded images and sample indices in exactly the
   order asked for),
-- reads one sample for everything outside DALI (:meth:`~DatasetLayout.encoded`, :meth:`~DatasetLayout.load_image`,
-  :meth:`~DatasetLayout.image_size`), and
+- reads one sample for everything outside DALI (:meth:`~DatasetLayout.encoded`, the file bytes where
+  :attr:`~DatasetLayout.encoded_images` says there are some; :meth:`~DatasetLayout.load_image`,
+  :meth:`~DatasetLayout.load_tensor`, :meth:`~DatasetLayout.image_size`), and
 - finds broken samples for both stages' corrupt-file handling (:meth:`~DatasetLayout.scan`, a cheap structural
   pre-scan, and :meth:`~DatasetLayout.find_corrupt`, a full decode from a position on), with the reason.
 
