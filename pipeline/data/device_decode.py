@@ -105,13 +105,12 @@ class EncodedSamples(torch.utils.data.Dataset):
         out = EncodedBatch(torch.from_numpy(np.asarray(req.order, np.int64)), torch.ones(n, dtype=torch.bool),
                            torch.empty(0, dtype=torch.uint8), [], [], [], [])
         for k, i in enumerate(int(i) for i in req.order):
-            jpeg, pixels, shape, orientation = b"", None, (0, 0), 1
             try:
                 jpeg, pixels, shape, orientation = self._read(i)
-                param = self._param(req, k, i, shape)
             except Exception as e:  # noqa: BLE001  (any reader or decoder error: named by index in the main process)
                 log.debug("cannot read or decode sample %d: %s", i, e)
-                out.ok[k], jpeg, pixels, param = False, b"", None, None
+                out.ok[k], jpeg, pixels, shape, orientation = False, b"", None, (0, 0), 1
+            param = self._param(req, k, i, shape) if out.ok[k] else None
             chunks.append(jpeg)
             out.sizes.append(len(jpeg))
             out.shapes.append(shape)
