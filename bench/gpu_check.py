@@ -13,7 +13,9 @@ Checks, each a row of the printed table (PASS / FAIL / n/a with the figure behin
 3. bank vs live teacher on the device: per-batch KD/WSLD losses equal within fp16 tolerance (eval transform);
 4. a 1-process ``torchrun`` through both stages (NCCL + gloo on CUDA, gloo on CPU);
 5. figures: dump images/s; student step time with the bank vs plain CE vs a live ResNet-34 teacher (ratios,
-   interleaved rounds); DALI ``mixed`` decode rate when DALI is there.
+   interleaved rounds); DALI ``mixed`` decode rate when DALI is there; the torch loader's nvJPEG decode rate;
+6. the torch loader's nvJPEG path vs its CPU path on the generated val images: pixel difference (normalized
+   units) and the teacher's logit difference (TF32 off), measured (n/a on CPU).
 
 Needs only torch, torchvision, zarr, numcodecs, numpy and this project (dask, timm and DALI optional).
 Exit code 1 when a check fails.
@@ -304,6 +306,73 @@ class Check:
         return True, f"{rate:.0f} img/s decode + resize + crop ({self.size.px} px JPEGs, mixed, 4 threads)"
 
 
+    def nvjpeg_decode(self) -> tuple[bool | None, str]:
+        """Decode-only rate of ``--loader torch --device cuda`` (nvJPEG + GPU resize/crop/normalize); the warm-up
+        pass starts the persistent workers the timed pass reuses."""
+        if self.device != "cuda":
+            return None, f"needs CUDA (device {self.device})"
+        from pipeline.data import build_manifest
+        from pipeline.data.loaders import load_batches
+        from pipeline.data.presets import get_preset
+
+        m, p, bs = build_manifest(self.data, "train"), get_preset(self.size.preset), self.size.batch
+        order = np.arange(len(m))
+        for _ in load_batches("torch", m, order[: 4 * bs], p, "eval", bs, WORKERS, "cuda"):
+            pass
+        _sync("cuda")
+        t0 = time.perf_counter()
+        n = sum(len(b.index) for b in load_batches("torch", m, order, p, "eval", bs, WORKERS, "cuda"))
+        _sync("cuda")
+        rate = n / (time.perf_counter() - t0)
+        self.figures["torch_nvjpeg_decode_images_per_s"] = round(rate, 1)
+        return True, (f"{rate:.0f} img/s decode + resize + crop + normalize ({self.size.px} px JPEGs, nvJPEG, "
+                      f"{WORKERS} workers reading bytes)")
+
+    def nvjpeg_vs_cpu(self) -> tuple[bool | None, str]:
+        """The torch loader on CUDA (nvJPEG, float resampling on the GPU) vs on the CPU (libjpeg-turbo, uint8):
+        same samples, then the measured pixel and logit differences (figures for docs/GPU.md). Fails only on a
+        structural difference: other indices or shapes, non-finite pixels, or a mean pixel difference of 0.05
+        or more (a wrong crop or flip is several times that)."""
+        if self.device != "cuda":
+            return None, f"needs CUDA (device {self.device})"
+        from pipeline.data import build_manifest
+        from pipeline.data.loaders import load_batches
+        from pipeline.data.presets import get_preset
+        from pipeline.models import create_model
+
+        m, p, bs = build_manifest(self.data, "val"), get_preset(self.size.preset), self.size.batch
+        order = np.arange(len(m))
+        gpu = list(load_batches("torch", m, order, p, "eval", bs, WORKERS, "cuda"))
+        cpu = list(load_batches("torch", m, order, p, "eval", bs, WORKERS, "cpu"))
+        same = [b.index.tolist() for b in gpu] == [b.index.tolist() for b in cpu]
+        xg, xc = torch.cat([b.images for b in gpu]), torch.cat([b.images for b in cpu]).to("cuda")
+        if not same or xg.shape != xc.shape:
+            return False, f"other samples or shapes: {tuple(xg.shape)} vs {tuple(xc.shape)}, same indices {same}"
+        d = (xg - xc).abs()
+        teacher = create_model("resnet18", 10, "none")
+        teacher.load_state_dict(torch.load(self.teacher, map_location="cpu")["model"])
+        teacher = teacher.to("cuda").eval()
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.no_grad():
+                zg = torch.cat([teacher(x) for x in xg.split(bs)])
+                zc = torch.cat([teacher(x) for x in xc.split(bs)])
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        dz = (zg - zc).abs()
+        agree = float((zg.argmax(1) == zc.argmax(1)).float().mean())
+        level = 1 / (255 * min(p.std))
+        fig = {"pixel_mean": float(d.mean()), "pixel_max": float(d.max()), "logit_mean": float(dz.mean()),
+               "logit_max": float(dz.max()), "logit_std": float(zc.std()), "top1_agreement": agree, "n": len(order)}
+        self.figures["torch_nvjpeg_vs_cpu"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in fig.items()}
+        ok = bool(torch.isfinite(xg).all()) and fig["pixel_mean"] < 0.05
+        return ok, (f"{len(order)} val JPEGs: pixels mean {fig['pixel_mean']:.4f}, max {fig['pixel_max']:.3f} "
+                    f"(normalized; one gray level is {level:.4f} at most); resnet18 logits mean |dz| "
+                    f"{fig['logit_mean']:.4f}, max {fig['logit_max']:.4f} (logit std {fig['logit_std']:.2f}), "
+                    f"top-1 agreement {agree:.4f}")
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -350,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         check.run("torchrun, 1 process, both stages", check.torchrun)
         check.run("step time: bank vs CE vs live ResNet-34", check.step_ratios)
         check.run("DALI mixed decode", check.dali_decode)
+        check.run("torch nvJPEG decode", check.nvjpeg_decode)
+        check.run("torch nvJPEG vs CPU torch path", check.nvjpeg_vs_cpu)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

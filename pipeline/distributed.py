@@ -74,6 +74,20 @@ class DistInfo:
         return torch.device("cuda", self.local_rank) if self.device == "cuda" else torch.device("cpu")
 
 
+def cores_per_local_rank() -> int:
+    """The CPU cores this process may run on (its affinity) divided by the processes torchrun started on this
+    node (``LOCAL_WORLD_SIZE``, 1 without torchrun), at least 1: the default number of loader threads."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, cores // local)
+
+
 def backend_for(device: str) -> str:
     """The process-group backend of a run on ``device``: gloo on CPU; gloo for CPU tensors and NCCL for CUDA
     tensors on GPUs (NCCL alone accepts only CUDA tensors, and object collectives would need one too)."""

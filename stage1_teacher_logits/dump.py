@@ -32,7 +32,7 @@ from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
 from pipeline.data.presets import get_preset, resolve_preset, weights_preprocess
-from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, cores_per_local_rank, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
@@ -69,7 +69,8 @@ class DumpConfig:
                       choices=("cpu", "cuda"))
     batch_size: int = key(128, help="images per teacher batch (batches never straddle chunks: any size gives the "
                                     "same bank)", flags=("--batch-size", "-b"))
-    workers: int = key(2, help="loader threads/processes", flags=("--workers", "-j"))
+    workers: int | None = key(None, help="loader threads/processes", flags=("--workers", "-j"),
+                              default_text="the cores available to this process / LOCAL_WORLD_SIZE")
     out: str | None = key(None, help="bank path or fsspec URL", flags=("--out",),
                           default_text="$KD_CACHE, else ~/.cache/offline-kd/label_banks, "
                                        "/<dataset>-<split>/<teachers>-<key8>.zarr")
@@ -98,6 +99,9 @@ class DumpConfig:
                          default_text="one to one, or by ImageNet wnid for 1000-class teachers")
     features: bool = key(False, help="also store each teacher's pooled penultimate embedding (for rkd, pkt, sp, crd, "
                                      "fitnet)", flags=("--features",), action="store_true", resume=RESUME_MATCH)
+    hw_decoder_load: float = key(0.65, help="share of JPEGs DALI's mixed decoding (--device cuda) gives the hardware "
+                                            "decoder, in [0, 1]; the rest take the hybrid path, Huffman-decoded on "
+                                            "the loader threads", flags=("--hw-decoder-load",))
 
 
 def _check(cfg: DumpConfig) -> None:
@@ -112,8 +116,11 @@ def _check(cfg: DumpConfig) -> None:
         raise UsageError(f"unknown device '{cfg.device}'; valid: cpu, cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
-    if cfg.batch_size < 1 or cfg.rows_per_chunk < 1 or cfg.workers < 1 or cfg.views < 1:
+    if cfg.batch_size < 1 or cfg.rows_per_chunk < 1 or (cfg.workers is not None and cfg.workers < 1) or cfg.views < 1:
         raise UsageError("batch_size, rows_per_chunk, workers and views must be >= 1")
+    if not 0 <= cfg.hw_decoder_load <= 1:
+        raise UsageError(f"--hw-decoder-load {cfg.hw_decoder_load} is out of range: give the share of JPEGs for the "
+                         "hardware decoder in [0, 1] (default 0.65)")
     if cfg.amp and cfg.device != "cuda":
         raise UsageError("--amp autocasts the teachers on CUDA only (fp16 on a CPU is slower than fp32): drop "
                          "--amp or use --device cuda")
@@ -197,7 +204,8 @@ class BankDump:
         self.branches = list(dict.fromkeys(self.teacher_pre))  # decoded once, preprocessed once per branch
         self.branch_of = [self.branches.index(p) for p in self.teacher_pre]
         self.preset = self.branches[0]
-        self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader)  # recorded resolved
+        workers = cfg.workers if cfg.workers is not None else cores_per_local_rank()
+        self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader, workers=workers)  # recorded resolved
         self.class_maps: list[list[int] | None] = [None] * len(self.specs)
         self.feature_dims: list[int] | None = None
         self._identify()
@@ -404,7 +412,8 @@ class _ChunkRun:
                 sub[k] = _stand_in(sub, k, self.skip)
         boxes = self.sampler.boxes(self.manifest, sub)
         it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
-                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes)
+                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes,
+                          hw_decoder_load=self.cfg.hw_decoder_load)
         t, v, c = self.dump_shape[1:]
         buf: _ChunkBuffer | None = None
         pos = start

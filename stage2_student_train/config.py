@@ -123,6 +123,9 @@ class TrainConfig:
                               action="store_true", test_only=True, group=_OPT)
     loader: str = key("auto", help="image loader: dali (NVIDIA DALI, default where installed) or torch",
                       flags=("--loader",), choices=("auto", "dali", "torch"), test_only=True, group=_DATA)
+    hw_decoder_load: float = key(0.65, help="share of JPEGs DALI's mixed decoding (--device cuda) gives the "
+                                            "hardware decoder, in [0, 1]", flags=("--hw-decoder-load",),
+                                 test_only=True, group=_DATA)
     max_steps_per_epoch: int = key(0, help="at most this many steps per epoch (0: the whole split)",
                                    resume=RESUME_APPLY)
     eval_every: int = key(1, help="evaluate every k epochs (and after the last)")

@@ -85,6 +85,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
         ("sched.step_size", sc.step_size, sc.step_size >= 1, ">= 1"),
         ("sched.milestones", list(sc.milestones), all(m >= 0 for m in sc.milestones), ">= 0 each"),
         ("workers", cfg.workers, cfg.workers >= 0, ">= 0"),
+        ("hw_decoder_load", cfg.hw_decoder_load, 0 <= cfg.hw_decoder_load <= 1, "in [0, 1]"),
         ("eval_every", cfg.eval_every, cfg.eval_every >= 1, ">= 1"),
         ("log_every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
         ("max_steps_per_epoch", cfg.max_steps_per_epoch, cfg.max_steps_per_epoch >= 0, ">= 0 (0: all)"),

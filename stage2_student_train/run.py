@@ -107,7 +107,7 @@ def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: st
         return
     try:
         yield from load_batches(resolve_loader(cfg.loader), manifest, order, preset, mode, cfg.batch_size,
-                                cfg.workers, cfg.device, seed, boxes=boxes)
+                                cfg.workers, cfg.device, seed, boxes=boxes, hw_decoder_load=cfg.hw_decoder_load)
     except DecodeError as e:  # not caught by the pre-scan: find the file to name it
         lay = layout_of(manifest)
         found = (list(order).index(e.sample), str(e)) if e.sample is not None else \

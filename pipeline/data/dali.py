@@ -34,6 +34,7 @@ def build_pipeline(
     device: str = "cpu",
     seed: int = 0,
     boxes: np.ndarray | None = None,
+    hw_decoder_load: float = 0.65,
 ):
     """Build (not run) a DALI pipeline over ``manifest`` samples ``order`` (global indices, in that order).
 
@@ -44,6 +45,8 @@ def build_pipeline(
             the pipeline outputs V images per sample (crop -> resize to ``crop`` -> flip).
         preprocess: one preprocessing, or several (``eval`` and ``views`` modes): each image is decoded once and
             preprocessed once per branch (teachers that want different preprocessing).
+        hw_decoder_load: ``mixed`` decoding (``device="cuda"``): the share of JPEGs given to the hardware
+            decoder; the others take nvJPEG's hybrid path, whose Huffman decoding runs on the ``num_threads``.
     Returns:
         A built pipeline whose outputs are (branch 0's image_0 .. image_{V-1}, branch 1's ..., index); its
         attribute ``kd_groups`` holds the number of outputs of each branch.
@@ -63,7 +66,7 @@ def build_pipeline(
 
     @pipeline_def
     def _pipe():
-        images, index = layout.dali_source(manifest, order, batch_size, decode_device, "Reader")
+        images, index = layout.dali_source(manifest, order, batch_size, decode_device, "Reader", hw_decoder_load)
         vb = (_box_source(boxes, batch_size), boxes.shape[1]) if mode == "views" else None
         outs = [o for p in branches for o in _MODES[mode](images, p, vb, batch_size)]
         return (*outs, index)

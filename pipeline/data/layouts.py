@@ -6,8 +6,9 @@ Each layout is one class (a subclass of :class:`DatasetLayout`, registered in ``
   (:meth:`~DatasetLayout.build`: sorted classes, sorted files),
 - feeds the DALI pipelines (:meth:`~DatasetLayout.dali_source`: decoded images and sample indices in exactly the
   order asked for),
-- reads one sample for everything outside DALI (:meth:`~DatasetLayout.encoded`, :meth:`~DatasetLayout.load_image`,
-  :meth:`~DatasetLayout.image_size`), and
+- reads one sample for everything outside DALI (:meth:`~DatasetLayout.encoded`, the file bytes where
+  :attr:`~DatasetLayout.encoded_images` says there are some; :meth:`~DatasetLayout.load_image`,
+  :meth:`~DatasetLayout.load_tensor`, :meth:`~DatasetLayout.image_size`), and
 - finds broken samples for both stages' corrupt-file handling (:meth:`~DatasetLayout.scan`, a cheap structural
   pre-scan, and :meth:`~DatasetLayout.find_corrupt`, a full decode from a position on), with the reason.
 
@@ -39,6 +40,7 @@ class DatasetLayout:
     name: ClassVar[str]
     packable: ClassVar[bool] = False  # ``python -m pipeline.data pack`` reads it
     default_preset: ClassVar[str] = "imagenet"  # the preprocessing preset of ``--preset auto``
+    encoded_images: ClassVar[bool] = True  # :meth:`encoded` gives each sample's file bytes (not pixel arrays)
 
     # --- listing -----------------------------------------------------------------------------------------
     @classmethod
@@ -68,26 +70,8 @@ class DatasetLayout:
 
     def load_tensor(self, manifest: Manifest, i: int):
         """Sample ``i`` decoded for the torch loader: uint8 [3, H, W] RGB, EXIF orientation applied (as DALI's
-        decoder does). torchvision's decoders (libjpeg-turbo, libpng, libwebp); PIL for what they do not read
-        (BMP, TIFF). torchvision 0.29 announces that ``torchvision.io`` decoding will move to TorchCodec; the
-        warning is silenced here and PIL remains the fallback."""
-        import warnings
-
-        import torch
-        from torchvision.io import ImageReadMode, decode_image
-
-        data = self.encoded(manifest, i)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-                return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                    apply_exif_orientation=True)
-        except RuntimeError:
-            from PIL import Image, ImageOps
-
-            with Image.open(io.BytesIO(data)) as im:
-                rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-            return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+        decoder does); see :func:`decode_tensor`."""
+        return decode_tensor(self.encoded(manifest, i))
 
     def image_size(self, manifest: Manifest, i: int) -> tuple[int, int]:
         """(H, W) of sample ``i`` as the loaders decode it, EXIF orientation applied (DALI and torchvision rotate
@@ -100,13 +84,15 @@ class DatasetLayout:
         return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
     def dali_source(self, manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str,
-                    name: str) -> tuple[Any, Any]:
+                    name: str, hw_decoder_load: float = 0.65) -> tuple[Any, Any]:
         """DALI graph fragment (call inside a pipeline definition): (decoded HWC uint8 RGB images, index [1]
-        int32) of the samples ``order``, in that order; the last batch is padded by repeating the last sample."""
+        int32) of the samples ``order``, in that order; the last batch is padded by repeating the last sample.
+        ``hw_decoder_load``: the share of JPEGs ``mixed`` decoding gives the hardware decoder."""
         from nvidia.dali import fn, types
 
         encoded, index = self._dali_encoded(manifest, order, name)
-        return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB), index
+        return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB,
+                                 hw_decoder_load=hw_decoder_load), index
 
     def _dali_encoded(self, manifest: Manifest, order: np.ndarray, name: str) -> tuple[Any, Any]:
         from nvidia.dali import fn
@@ -172,6 +158,29 @@ class DatasetLayout:
             except Exception as e:  # noqa: BLE001
                 return pos, reason or f"does not decode ({' '.join(str(e).split())[:120]})"
         return None
+
+
+def decode_tensor(data: bytes):
+    """Encoded image bytes -> uint8 [3, H, W] RGB, EXIF orientation applied. torchvision's decoders
+    (libjpeg-turbo, libpng, libwebp); PIL for what they do not read (BMP, TIFF). torchvision 0.29 announces that
+    ``torchvision.io`` decoding will move to TorchCodec; the warning is silenced here and PIL remains the
+    fallback. Raises on undecodable bytes."""
+    import warnings
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                apply_exif_orientation=True)
+    except RuntimeError:
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 # Image formats by signature, and those DALI's decoder reads (nvImageCodec: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000,
@@ -312,6 +321,7 @@ class CifarLayout(DatasetLayout):
 
     name = "cifar"
     default_preset = "cifar"
+    encoded_images = False
 
     @classmethod
     def detect(cls, root: Path, split: str) -> bool:
@@ -351,7 +361,7 @@ class CifarLayout(DatasetLayout):
         return 32, 32
 
     def dali_source(self, manifest: Manifest, order: np.ndarray, batch_size: int, decode_device: str,
-                    name: str) -> tuple[Any, Any]:
+                    name: str, hw_decoder_load: float = 0.65) -> tuple[Any, Any]:
         from nvidia.dali import fn
 
         images, index = fn.external_source(

@@ -17,22 +17,25 @@ records the loader that made it, and stage 2 warns when it trains with the other
 
 Randomness: DALI draws from its pipeline seed; the torch loader draws each sample's crop and flip from
 ``np.random.default_rng([seed, index])``, so it is reproducible whatever the number of workers.
+
+The torch loader on ``cuda`` moves only encoded bytes from its (persistent) workers and decodes with nvJPEG,
+then transforms and normalizes on the GPU (:mod:`pipeline.data.device_decode`); on ``cpu`` its workers decode and
+transform (:mod:`pipeline.data.transforms` holds the transforms of both).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.data.batch import Batch, DecodeError, check_request
-from pipeline.data.crops import rrc_box
 from pipeline.data.manifest import Manifest
 from pipeline.data.presets import Preprocess
+from pipeline.data.transforms import box_geometry, draw_train, eval_geometry, normalize, train_geometry
 from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,16 @@ def resolve_loader(name: str) -> str:
 def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess: Preprocess | Sequence[Preprocess],
                  mode: str = "eval",
                  batch_size: int = 64, workers: int = 2, device: str = "cpu", seed: int = 0,
-                 boxes: np.ndarray | None = None) -> Iterator[Batch]:
+                 boxes: np.ndarray | None = None, hw_decoder_load: float = 0.65) -> Iterator[Batch]:
     """One pass over ``manifest`` samples ``order`` -> :class:`Batch` objects (``images`` [B, 3, H, W] float32,
     or [B, V, 3, H, W] in ``views`` mode with V > 1; ``index`` [B] int64), the last batch short.
 
-    ``loader``: ``dali`` or ``torch`` (resolve ``auto`` with :func:`resolve_loader` first). Several
+    ``loader``: ``dali`` or ``torch`` (resolve ``auto`` with :func:`resolve_loader` first); ``torch`` on
+    ``device="cuda"`` decodes JPEGs with nvJPEG and preprocesses on the GPU (:mod:`pipeline.data.device_decode`),
+    on ``cpu`` decodes and preprocesses in the worker processes. Several
     ``preprocess`` (``eval`` and ``views`` modes): each image is decoded once and preprocessed per branch; the
-    batches carry every branch in ``Batch.branches``. Raises UsageError on bad arguments; iterating raises
+    batches carry every branch in ``Batch.branches``. ``hw_decoder_load``: DALI ``mixed`` decoding only, the
+    share of JPEGs for the hardware decoder. Raises UsageError on bad arguments; iterating raises
     :class:`DecodeError` when a batch cannot be decoded.
     """
     order = np.asarray(order, dtype=np.int64)
@@ -78,8 +84,13 @@ def load_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess:
     if loader == "dali":
         from pipeline.data.dali import build_pipeline, iterate
 
-        pipe = build_pipeline(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes=boxes)
+        pipe = build_pipeline(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes=boxes,
+                              hw_decoder_load=hw_decoder_load)
         return iterate(pipe, len(order), batch_size, device)
+    if loader == "torch" and device == "cuda":
+        from pipeline.data.device_decode import device_batches
+
+        return device_batches(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes)
     if loader == "torch":
         return _torch_batches(manifest, order, preprocess, mode, batch_size, workers, device, seed, boxes)
     raise UsageError(f"unknown loader '{loader}'; valid: {', '.join(LOADERS)}")
@@ -122,78 +133,18 @@ class TorchSamples(torch.utils.data.Dataset):
         return torch.stack(views) if len(views) > 1 else views[0]  # one view: [3, H, W], as DALI's output
 
 
-def _normalize(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
-    """uint8 [3, H, W] -> float32 (x - 255·mean) / (255·std), as DALI's crop_mirror_normalize."""
-    mean = torch.tensor([255.0 * m for m in p.mean]).view(3, 1, 1)
-    std = torch.tensor([255.0 * s for s in p.std]).view(3, 1, 1)
-    return (img.float() - mean) / std
-
-
-def _mode(p: Preprocess):
-    from torchvision.transforms import InterpolationMode
-
-    return InterpolationMode(p.interpolation)
-
-
-def _resize_shorter(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
-    """``center``: the shorter side to ``resize``, the longer one scaled and rounded half up (as DALI's
-    ``resize_shorter``; torchvision truncates, a pixel off on non-square images); ``squash``: both to ``resize``."""
-    import torchvision.transforms.v2.functional as F
-
-    h, w = img.shape[-2:]
-    size, mode = p.resize, _mode(p)
-    if p.crop_mode == "squash":
-        return F.resize(img, [size, size], interpolation=mode, antialias=True)
-    if h <= w:
-        return F.resize(img, [size, math.floor(w * size / h + 0.5)], interpolation=mode, antialias=True)
-    return F.resize(img, [math.floor(h * size / w + 0.5), size], interpolation=mode, antialias=True)
-
-
-def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Center crop (offsets rounded half up, as DALI's ``crop``); zero padding when the image is smaller."""
-    import torchvision.transforms.v2.functional as F
-
-    h, w = img.shape[-2:]
-    if h < size or w < size:
-        return F.center_crop(img, [size, size])
-    return F.crop(img, math.floor((h - size) / 2 + 0.5), math.floor((w - size) / 2 + 0.5), size, size)
-
-
 def _eval_transform(img: torch.Tensor, p: Preprocess) -> torch.Tensor:
-    return _normalize(_center_crop(_resize_shorter(img, p), p.crop), p)
+    return normalize(eval_geometry(img, p), p)
 
 
 def _train_transform(img: torch.Tensor, p: Preprocess, rng: np.random.Generator) -> torch.Tensor:
-    import torchvision.transforms.v2.functional as F
-
-    if p.train == "rrc":
-        h, w = img.shape[-2:]
-        y, x, bh, bw = rrc_box(rng, h, w, p.scale, p.ratio)
-        img = F.resized_crop(img, round(y * h), round(x * w), round(bh * h), round(bw * w), [p.crop, p.crop],
-                             interpolation=_mode(p), antialias=True)
-    elif p.train == "pad_crop":
-        img = _center_crop(_resize_shorter(img, p), p.crop)
-        dy, dx = rng.integers(-p.pad, p.pad + 1, size=2)
-        img = F.crop(F.pad(img, [p.pad]), p.pad + int(dy), p.pad + int(dx), p.crop, p.crop)
-    else:
-        raise UsageError(f"unknown train augmentation '{p.train}'")
-    if rng.random() < 0.5:
-        img = F.horizontal_flip(img)
-    return _normalize(img, p)
+    h, w = img.shape[-2:]
+    return normalize(train_geometry(img, p, draw_train(rng, h, w, p)), p)
 
 
 def _box_transform(img: torch.Tensor, p: Preprocess, box: np.ndarray) -> torch.Tensor:
     """One stored view: the box (fractions of the decoded image) cropped, resized to ``crop``, flipped."""
-    import torchvision.transforms.v2.functional as F
-
-    h, w = img.shape[-2:]
-    y, x, bh, bw, flip = (float(v) for v in box)
-    top, left = round(y * h), round(x * w)
-    height, width = max(1, min(h - top, round(bh * h))), max(1, min(w - left, round(bw * w)))
-    out = F.resized_crop(img, top, left, height, width, [p.crop, p.crop], interpolation=_mode(p), antialias=True)
-    if flip >= 0.5:
-        out = F.horizontal_flip(out)
-    return _normalize(out, p)
+    return normalize(box_geometry(img, p, box), p)
 
 
 def _torch_batches(manifest: Manifest, order: np.ndarray, preprocess: Preprocess | Sequence[Preprocess], mode: str,
