@@ -105,7 +105,11 @@ class Check:
             for i in range(n):
                 c = i % 10
                 h, w = (int(x) for x in rng.integers(*self.size.px, size=2))
-                img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+                # photo-like: smooth colour fields plus mild noise (JPEG decoders differ mostly in chroma
+                # upsampling, which per-pixel noise images exaggerate: 8 gray levels on average, measured)
+                coarse = Image.fromarray(rng.integers(0, 255, (max(h // 24, 2), max(w // 24, 2), 3), dtype=np.uint8))
+                img = np.asarray(coarse.resize((w, h), Image.BICUBIC)).astype(np.int16)
+                img = np.clip(img + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
                 img[: h // 3, :, c % 3] = 25 * c  # class-dependent structure
                 d = root / split / f"class{c}"
                 d.mkdir(parents=True, exist_ok=True)
@@ -137,10 +141,14 @@ class Check:
         a, b = zarr.open_group(dev, mode="r"), zarr.open_group(cpu, mode="r")
         same_rows = np.array_equal(a["labels"][:], b["labels"][:])
         za, zb = a["logits"][:].astype(np.float32), b["logits"][:].astype(np.float32)
-        err = np.abs(za - zb) / (np.abs(zb) + 1e-2)
-        ok = same_rows and bool(np.allclose(za, zb, rtol=2.0 ** -8, atol=2e-3))
+        dz = np.abs(za - zb)
         agree = float((za[:, 0, 0].argmax(1) == zb[:, 0, 0].argmax(1)).mean())
-        return ok, f"same rows {same_rows}, max rel err {err.max():.2e}, top-1 agreement {agree:.4f}"
+        # on CUDA the torch loader decodes with nvJPEG and resamples in float32 (the CPU: libjpeg-turbo, uint8),
+        # so logits differ by the decoders' difference, not by rounding: bounded relative to the logits' spread
+        rel = float(dz.mean() / max(float(zb.std()), 1e-6))
+        ok = same_rows and agree >= 0.99 and rel < 0.05
+        return ok, (f"same rows {same_rows}, mean |dz| {dz.mean():.2e} = {rel:.3f} logit std (limit 0.05), max "
+                    f"|dz| {dz.max():.2e}, top-1 agreement {agree:.4f} (limit 0.99)")
 
     def dump_rate(self) -> tuple[bool, str]:
         t0 = time.time()
@@ -181,6 +189,31 @@ class Check:
             ok = ok and finite
             results.append(f"{name} loss {losses[-1]:.3f}{'' if finite else ' NOT FINITE'}")
         return ok, f"bank rows held on {held}; " + "; ".join(results)
+
+    def host_bank_staging(self) -> tuple[bool, str]:
+        """A bank kept on the host ($KD_DEVICE_BANK_FRACTION=0): rows reach the device through the pinned staging
+        buffers; they equal the device-resident gather, over enough batches to reuse both buffers, and a short
+        training run from it stays finite."""
+        from pipeline.bank.reader import LabelBank
+        from stage2_student_train.label_sources import BankLabelSource
+
+        on_dev = BankLabelSource([LabelBank(self.bank)], self.device)
+        os.environ["KD_DEVICE_BANK_FRACTION"] = "0"
+        try:
+            on_host = BankLabelSource([LabelBank(self.bank)], self.device)
+            held = on_host.rows_device
+            rng = np.random.default_rng(0)
+            same = True
+            for _ in range(8):
+                index = torch.from_numpy(rng.integers(0, self.size.train, self.size.batch))
+                batch = {"index": index, "image": torch.zeros(1, device=self.device), "epoch": 0}
+                a, b = on_dev(batch)["teacher_logits"], on_host(batch)["teacher_logits"]
+                same = same and a.device == b.device and torch.equal(a, b)
+            final = self._train(self.work / "run-host-bank")
+        finally:
+            del os.environ["KD_DEVICE_BANK_FRACTION"]
+        ok = held == "cpu" and same and bool(np.isfinite(final["nll"]))
+        return ok, f"bank rows held on {held}; 8 gathers equal the device-resident ones: {same}; run nll {final['nll']:.3f}"
 
     # --- 3: bank vs live teacher -----------------------------------------------------------------------------
     def bank_equals_live(self) -> tuple[bool, str]:
@@ -366,7 +399,7 @@ class Check:
         fig = {"pixel_mean": float(d.mean()), "pixel_max": float(d.max()), "logit_mean": float(dz.mean()),
                "logit_max": float(dz.max()), "logit_std": float(zc.std()), "top1_agreement": agree, "n": len(order)}
         self.figures["torch_nvjpeg_vs_cpu"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in fig.items()}
-        ok = bool(torch.isfinite(xg).all()) and fig["pixel_mean"] < 0.05
+        ok = bool(torch.isfinite(xg).all()) and fig["pixel_mean"] < 0.05 and agree >= 0.99
         return ok, (f"{len(order)} val JPEGs: pixels mean {fig['pixel_mean']:.4f}, max {fig['pixel_max']:.3f} "
                     f"(normalized; one gray level is {level:.4f} at most); resnet18 logits mean |dz| "
                     f"{fig['logit_mean']:.4f}, max {fig['logit_max']:.4f} (logit std {fig['logit_std']:.2f}), "
@@ -415,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         check.run(f"stage 1 on {args.device} == on cpu", check.dump_matches_cpu)
         check.run("stage 1 rate", check.dump_rate)
         check.run(f"stage 2 from the bank on {args.device}", check.train_variants)
+        check.run("stage 2 with the bank on the host (staging)", check.host_bank_staging)
         check.run("bank == live teacher", check.bank_equals_live)
         check.run("torchrun, 1 process, both stages", check.torchrun)
         check.run("step time: bank vs CE vs live ResNet-34", check.step_ratios)

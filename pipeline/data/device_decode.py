@@ -74,8 +74,10 @@ class Request:
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     """(H, W after EXIF orientation, orientation 1-8) of a JPEG nvJPEG should decode (3-channel or grayscale),
-    from its header; None for other formats, CMYK/YCCK JPEGs and headers PIL cannot read."""
-    if image_format(data[:12]) != "jpeg":
+    from its header; None for other formats, CMYK/YCCK JPEGs, headers PIL cannot read, and files that do not end
+    with the end-of-image marker (nvJPEG decodes a truncated file without an error, grey where data is missing,
+    measured on an H200: the CPU decoder refuses it, so it decides)."""
+    if image_format(data[:12]) != "jpeg" or not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
         return None
     from PIL import Image
 

@@ -168,9 +168,10 @@ def test_cmyk_png_and_pixel_arrays_fall_back_to_the_cpu(image_tree: Path, tmp_pa
 
 @pytest.mark.parametrize("damage", ["not a jpeg", "truncated"])
 def test_an_undecodable_sample_is_named(image_tree: Path, damage: str):
-    """Bytes after a JPEG signature that no decoder reads fail in the worker's CPU decode; a truncated JPEG whose
-    header still reads fails in the device-side decode (every decoder is tried). Either way the batches before
-    it arrive and the error names the sample, as on the CPU path."""
+    """Bytes after a JPEG signature that no decoder reads fail in the worker's CPU decode; so does a truncated
+    JPEG (no end-of-image marker): it is never sent to the device decoder, because nvJPEG decodes a truncated
+    file without an error (measured on an H200). Either way the batches before it arrive and the error names the
+    sample, as on the CPU path."""
     m = build_manifest(image_tree, "train")
     bad = 7
     path = image_tree / m.files[bad]
@@ -178,7 +179,8 @@ def test_an_undecodable_sample_is_named(image_tree: Path, damage: str):
     path.write_bytes(b"\xff\xd8\xff not really a jpeg" if damage == "not a jpeg"
                      else data[:data.index(b"\xff\xda") + 40])  # the scan cut short, no end marker
     if damage == "truncated":
-        assert dd.jpeg_header(path.read_bytes()) is not None  # sent to the device decoder
+        assert dd.jpeg_header(path.read_bytes()) is None  # the CPU decoder decides, never nvJPEG
+        assert dd.jpeg_header(data) is not None and dd.jpeg_header(data + b"\x00\x00") is not None  # padding is fine
     for it in (load_batches("torch", m, np.arange(len(m)), TINY, "eval", 4, 0, "cpu", 0),
                dd.device_batches(m, np.arange(len(m)), TINY, "eval", 4, 0, "cpu", 0, None)):
         seen = []
