@@ -46,6 +46,7 @@ def test_torchrun_two_processes(tmp_path, demo_root, demo_bank):
     assert_metrics_match(rows[-1], want)
     final = json.loads((out / "final.json").read_text())
     assert final["top1"] == rows[-1]["top1"] and final["epochs"] == 2
+    assert final["world_size"] == 2 and final["global_batch_size"] == 64  # the effective batch is recorded
     # rank 0 alone prints the final JSON and the run's INFO messages (issue 14, point 6)
     printed = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert printed == [final]
