@@ -140,6 +140,16 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 @_collective
+def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise minimum of ``t`` over ranks (on the rank's device, returned on ``t``'s device)."""
+    if not info.enabled:
+        return t
+    out = t.detach().to(info.torch_device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out.to(t.device)
+
+
+@_collective
 def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Every rank's ``t`` [n_r, ...] concatenated in rank order -> [sum n_r, ...] on ``t``'s device (the first
     dimension may differ across ranks; the others must agree). Gathered on the rank's device, like

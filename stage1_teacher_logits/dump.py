@@ -12,6 +12,9 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import queue
+import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -307,6 +310,7 @@ class BankDump:
             run.all()
         finally:
             run.pbar.close()  # ends the progress line, so an error message starts on its own line
+            run.writer.close()  # every queued chunk written (or the writer's error raised, unless one is raised)
         log.info("rank %d dumped %d samples in %.1fs", info.rank, plan.num_real, time.time() - t0)
 
     # --- finalize -------------------------------------------------------------------------------------------
@@ -382,6 +386,8 @@ class _ChunkRun:
         self.suspect = {int(real_order[p]): r for p, r in self.layout.scan(self.manifest, real_order).items()}
         self.pbar = tqdm(total=plan.num_real, desc=f"dump rank {info.rank}", unit="img", disable=not info.is_main,
                          mininterval=1.0)
+        self.writer = _ChunkWriter()
+        self.num_rows = int(g["labels"].shape[0])
 
     def all(self) -> None:
         """Every chunk of the plan (one pipeline per stretch of positions free of known bad files)."""
@@ -424,23 +430,20 @@ class _ChunkRun:
                 return None
             except DecodeError as e:
                 return self._after_decode_error(pos, e)
-            out, feats = self._teachers(batch.inputs(), t, c)
-            _check_finite(out, batch.index.numpy(), self.skip, self.manifest, self.cfg.dtype)
-            if feats is not None:
-                _check_finite(feats, batch.index.numpy(), self.skip, self.manifest, self.cfg.dtype, "embeddings")
-            for k in range(len(out)):
-                p = pos + k
-                if buf is None:
-                    buf = _ChunkBuffer(self.g, int(plan.chunk[p]), plan.rows, t, v, c, self.cfg.dtype,
-                                       max(self.dump.feature_dims) if feats is not None else 0)
-                if plan.real[p]:
-                    i = int(plan.order[p])
-                    buf.put(i, out[k], self.manifest.labels[i], boxes[p - start] if boxes is not None else None,
-                            feats[k] if feats is not None else None)
-                if p + 1 == plan.chunk_end[p]:  # chunk filled: write it now, so a later decode error cannot lose it
-                    buf.flush(self.skip)
-                    buf = None
-            pos += len(out)
+            out, feats = self._teachers(batch.inputs(), t, c, batch.index.numpy())
+            b = len(out)  # batches never straddle chunks (ChunkPlan): positions [pos, pos + b) are in one chunk
+            if buf is None:
+                buf = _ChunkBuffer(self.num_rows, int(plan.chunk[pos]), plan.rows, t, v, c, self.cfg.dtype,
+                                   max(self.dump.feature_dims) if feats is not None else 0)
+            real = plan.real[pos:pos + b]
+            index = plan.order[pos:pos + b][real]
+            buf.put_rows(index, out[real], self.manifest.labels[index],
+                         boxes[pos - start:pos - start + b][real] if boxes is not None else None,
+                         feats[real] if feats is not None else None)
+            if pos + b == plan.chunk_end[pos]:  # chunk filled: queue it now, so a later decode error cannot lose it
+                self.writer.submit(self.g, buf, self.skip)
+                buf = None
+            pos += b
             self.pbar.update(int(plan.real[pos - len(out):pos].sum()))
             self.pbar.set_postfix_str(f"chunk {int(plan.chunk[pos - 1])}")
 
@@ -459,9 +462,12 @@ class _ChunkRun:
         self.suspect[int(plan.order[found[0]])] = found[1]
         return chunk_start
 
-    def _teachers(self, inputs: list[torch.Tensor], t: int, c: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """One tensor per preprocessing branch, [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] float32
-        (every view of its branch through each teacher), and with ``--features`` the embeddings [B, T, V, D]."""
+    def _teachers(self, inputs: list[torch.Tensor], t: int, c: int,
+                  index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One tensor per preprocessing branch, [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] in the bank
+        dtype (every view of its branch through each teacher), and with ``--features`` the embeddings [B, T, V, D]
+        float32. Finiteness and the dtype's range are checked on the device; only the rounded logits cross to the
+        host (half the bytes of float32 for a float16 bank). ``index`` [B]: the batch's samples, for messages."""
         inputs = [x.to(self.cfg.device, non_blocking=True) for x in inputs]
         with torch.autocast("cuda", enabled=self.cfg.amp and self.cfg.device == "cuda"):
             if inputs[0].ndim == 5:
@@ -472,7 +478,13 @@ class _ChunkRun:
             else:
                 out = self.model(inputs)[:, :, None, :]
                 feats = None if self.model.features is None else self.model.features[:, :, None, :]
-        return out.float().cpu().numpy(), None if feats is None else feats.float().cpu().numpy()
+        out = out.float()
+        if _any_bad(out, self.cfg.dtype):  # the slow, exact path only when a row is bad (one flag crosses)
+            _check_finite(out.cpu().numpy(), index, self.skip, self.manifest, self.cfg.dtype)
+        if feats is not None and _any_bad(feats.float(), self.cfg.dtype):
+            _check_finite(feats.float().cpu().numpy(), index, self.skip, self.manifest, self.cfg.dtype, "embeddings")
+        dtype = torch.float16 if self.cfg.dtype == "float16" else torch.float32
+        return out.to(dtype).cpu().numpy(), None if feats is None else feats.float().cpu().numpy()
 
 
 def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
@@ -483,37 +495,88 @@ def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
     raise BankError("every sample is corrupt")
 
 
+def _any_bad(x: torch.Tensor, dtype: str) -> bool:
+    """Whether any value of ``x`` is non-finite or beyond the range of the bank ``dtype`` (one flag to the host)."""
+    limit = float(np.finfo(np.dtype(dtype)).max)
+    return bool((~torch.isfinite(x) | (x.abs() > limit)).any())
+
+
+class _ChunkWriter:
+    """The dump's background writer: complete chunks reach one thread through a bounded queue (2 chunks), which
+    encodes, compresses and writes them (:func:`pipeline.bank.writer.write_chunk`: data arrays first, the done
+    flag last), so the teachers never wait for zstd and zarr. Chunks are written in the order they were queued;
+    a chunk still queued when the process is killed has no done flag, and a rerun writes it (resume stays bit for
+    bit). The writer's error (an OSError, a BankError) is raised in the dump's thread at the next submit or at
+    :meth:`close`."""
+
+    def __init__(self, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="bank-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                g, buf, skip = item
+                try:
+                    buf.flush(g, skip)
+                except BaseException as e:  # noqa: BLE001  (handed to the dump's thread)
+                    self.error = e
+
+    def submit(self, g, buf: "_ChunkBuffer", skip: set[int]) -> None:
+        self._raise()
+        self.queue.put((g, buf, frozenset(skip)))
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread; raise the writer's error unless the dump is already failing."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if sys.exc_info()[0] is None:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 class _ChunkBuffer:
     """The rows of one row chunk, collected in memory (teacher logits [r, T, V, C] in the bank dtype, the rounding
     every bank applies: half the memory of float32 for a chunk of many views) and written (with its done flag)
     once complete; :func:`pipeline.bank.writer.write_chunk` encodes them for a compact bank."""
 
-    def __init__(self, g, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32", d: int = 0):
-        n = g["labels"].shape[0]
+    def __init__(self, n: int, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32", d: int = 0):
         r = min(n, (j + 1) * rows) - j * rows
-        self.g, self.j, self.start = g, j, j * rows
+        self.j, self.start = j, j * rows
         self.logits = np.full((r, t, v, c), np.nan, dtype)
         self.labels = np.full(r, -1, np.int32)
         self.views = np.full((r, v, 5), np.nan, np.float32)
         self.features = np.full((r, t, v, d), np.nan, np.float32) if d else None
 
-    def put(self, i: int, logits: np.ndarray, label: int, boxes: np.ndarray | None,
-            features: np.ndarray | None = None) -> None:
-        r = i - self.start
+    def put_rows(self, index: np.ndarray, logits: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
+                 features: np.ndarray | None = None) -> None:
+        """Rows of samples ``index`` [b] (in this chunk): logits [b, T, V, C], labels [b], boxes [b, V, 5] or
+        None (center views: NaN), embeddings [b, T, V, D] or None."""
+        r = np.asarray(index, np.int64) - self.start
         self.logits[r] = logits
-        self.labels[r] = label
+        self.labels[r] = labels
         self.views[r] = boxes if boxes is not None else np.nan
         if self.features is not None:
             self.features[r] = features
 
-    def flush(self, skip: set[int]) -> None:
+    def flush(self, g, skip: set[int] | frozenset[int]) -> None:
         skipped = np.array([(self.start + k) in skip for k in range(len(self.labels))], bool)
         self.logits[skipped] = np.nan
         if self.features is not None:
             self.features[skipped] = np.nan
         if (self.labels[~skipped] < 0).any():
             raise BankError(f"internal error: chunk {self.j} incomplete at flush")
-        write_chunk(self.g, self.j, self.logits, self.labels, self.views, skipped, self.features)
+        write_chunk(g, self.j, self.logits, self.labels, self.views, skipped, self.features)
 
 
 def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest,

@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pipeline.data.dali import Batch
-from pipeline.distributed import DistInfo, all_reduce_sum
+from pipeline.distributed import DistInfo, all_reduce_min, all_reduce_sum
 from pipeline.errors import UsageError
 from pipeline.metrics import MetricAccumulator
 
@@ -77,25 +77,22 @@ def train_one_epoch(
     Raises TrainingDiverged (exit 1) when the loss becomes non-finite on any rank.
     """
     module.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # sample-weighted sums of the loss parts, on the device: no host sync
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step whose loss was not finite
     n_seen = 0
     lr_first = lr_last = optimizer.param_groups[0]["lr"]
     t0 = time.time()
     pbar = tqdm(total=total_steps, desc=f"epoch {epoch}", unit="step", disable=not info.is_main, mininterval=1.0,
                 leave=False)
+    step = -1
     for step, b in enumerate(batches):
         batch = make_batch(b, targets, device, epoch, channels_last)
         if label_source is not None:
             batch.update(label_source(batch))
         out = module(batch)
         loss = out["loss"]
-        finite = all_reduce_sum(torch.isfinite(loss.detach()).float(), info) / info.world_size
-        if finite.item() < 1.0:
-            pbar.close()  # so the error is a line of its own, not glued to the progress bar
-            kept = (f"last.pt of epoch {epoch - 1} is kept" if epoch > 0 else
-                    "no epoch had finished, so there is no checkpoint")
-            raise TrainingDiverged(f"loss became non-finite at epoch {epoch} step {step}; stopped ({kept}): lower "
-                                   "the lr or the loss weights, or try --amp none")
+        bad = ~torch.isfinite(loss.detach())
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
         lr_last = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
@@ -108,17 +105,21 @@ def train_one_epoch(
         scheduler.step()
         bs = len(b.index)
         n_seen += bs
-        parts = {k: float(v.detach()) for k, v in out.items()}
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v * bs
-        if on_step is not None and step % max(log_every, 1) == 0:
-            on_step(step, {**parts, "lr": lr_last})
+        for k, v in out.items():
+            sums[k] = sums[k] + v.detach().float() * bs if k in sums else v.detach().float() * bs
+        if step % max(log_every, 1) == 0:  # the only host reads of a step: every log_every steps
+            _stop_if_diverged(first_bad, epoch, info, pbar)
+            parts = {k: float(v.detach()) for k, v in out.items()}
+            if on_step is not None:
+                on_step(step, {**parts, "lr": lr_last})
+            pbar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{n_seen / max(time.time() - t0, 1e-9):.0f}")
         pbar.update(1)
-        pbar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{n_seen / max(time.time() - t0, 1e-9):.0f}")
+    _stop_if_diverged(first_bad, epoch, info, pbar)
     pbar.close()
     elapsed = time.time() - t0
     names = sorted(sums)
-    vec = torch.tensor([n_seen, elapsed] + [sums[k] for k in names], dtype=torch.float64)
+    vec = torch.stack([torch.tensor(float(n_seen), dtype=torch.float64), torch.tensor(elapsed, dtype=torch.float64)]
+                      + [sums[k].double().cpu() for k in names])
     vec = all_reduce_sum(vec, info)
     n_total = max(vec[0].item(), 1)
     result = {f"train_{k}": vec[2 + i].item() / n_total for i, k in enumerate(names)}
@@ -126,6 +127,20 @@ def train_one_epoch(
     result["train_time_s"] = elapsed
     result["lr_first"], result["lr_last"] = lr_first, lr_last
     return result
+
+
+def _stop_if_diverged(first_bad: torch.Tensor, epoch: int, info: DistInfo, pbar: Any) -> None:
+    """Raise TrainingDiverged when a step's loss was not finite on any rank (``first_bad`` >= 0: the step). Read
+    every ``log_every`` steps and at the end of the epoch, on every rank at the same steps (a collective); the
+    epoch's checkpoint is only written after the epoch, so the last good one is kept."""
+    never = torch.full_like(first_bad, 2**62)
+    worst = int(all_reduce_min(torch.where(first_bad < 0, never, first_bad), info).item())
+    if worst == 2**62:
+        return
+    pbar.close()  # so the error is a line of its own, not glued to the progress bar
+    kept = f"last.pt of epoch {epoch - 1} is kept" if epoch > 0 else "no epoch had finished, so there is no checkpoint"
+    raise TrainingDiverged(f"loss became non-finite at epoch {epoch} step {worst}; stopped ({kept}): lower the lr or "
+                           "the loss weights, or try --amp none")
 
 
 @torch.no_grad()

@@ -116,17 +116,20 @@ def check_host_memory(banks: list[LabelBank], reserve: int = 0, items: Sequence[
         [f"{what} {_gb(n)}" for what, n in items if n]
     what = f"this run needs {_gb(need)} of host memory on this node ({', '.join(parts)}), more than {_gb(budget)} " \
            f"({how})"
+    others = "fewer processes per node, a smaller batch, a smaller loss.feat_dim (CRD)"
     dense = [b for b in banks if b.format == "dense"]
-    if dense and labels >= need / 2:
+    if dense:
         b = max(dense, key=dense_nbytes)
-        raise BankError(
-            f"{what}; label bank {b.path} is {_gb(dense_nbytes(b))} of dense {b.attrs.get('dtype')} logits "
-            f"[N, T, V, C] = {list(b.shape)}: dump it with --format topk --topk 10, or compact it: python -m "
-            f"pipeline.labels compact {b.path} -o OUT --topk 10")
-    if banks and labels >= need / 2:
-        raise BankError(f"{what}; use a smaller --topk, fewer views, or a machine with more memory")
-    raise BankError(f"{what}; use fewer processes per node, a smaller batch, a smaller loss.feat_dim (CRD), or a "
-                    "machine with more memory")
+        fix = (f"label bank {b.path} is {_gb(dense_nbytes(b))} of dense {b.attrs.get('dtype')} logits [N, T, V, C] = "
+               f"{list(b.shape)}: dump it with --format topk --topk 10, or compact it: python -m pipeline.labels "
+               f"compact {b.path} -o OUT --topk 10")
+    elif banks:
+        fix = "use a smaller --topk, fewer views, or a machine with more memory"
+    else:
+        fix = f"use {others}, or a machine with more memory"
+    if banks and labels < need / 2:  # the other allocations weigh more than the banks: name their fix first
+        fix = f"use {others}; or: {fix}"
+    raise BankError(f"{what}; {fix}")
 
 
 # --- resident banks -------------------------------------------------------------------------------------------
