@@ -50,10 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a different bank at --out")
     p.add_argument("--dtype", choices=["float16", "float32"],
                    help=f"stored logits; float32 for logits beyond +-65504 {d('dtype')}")
-    p.add_argument("--format", help=f"dense, topk (with --topk K) or int8: compact banks are written directly, "
-                                    f"chunk by chunk {d('format')}")
-    p.add_argument("--topk", type=int, help=f"K classes kept per vector with --format topk (plus the true class) "
-                                            f"{d('topk')}")
+    p.add_argument("--format", help=f"dense, topk (with --topk K), sampled (with --topk K --samples S) or int8: "
+                                    f"compact banks are written directly, chunk by chunk {d('format')}")
+    p.add_argument("--topk", type=int, help=f"K classes kept per vector with --format topk or sampled (plus the true "
+                                            f"class) {d('topk')}")
+    p.add_argument("--samples", type=int, help=f"S classes importance-sampled per vector from the rest of the "
+                                               f"teacher's distribution with --format sampled {d('samples')}")
+    p.add_argument("--sample-seed", type=int, dest="sample_seed", help=f"seed of the sampled classes "
+                                                                       f"{d('sample_seed')}")
     p.add_argument("--rows-per-chunk", type=int, dest="rows_per_chunk", help=f"{d('rows_per_chunk')}")
     p.add_argument("--skip-corrupt", action="store_true", default=None, dest="skip_corrupt",
                    help="record undecodable images as skipped instead of failing")

@@ -3,7 +3,7 @@
 Resumable (chunks marked done are skipped; an interrupted dump re-run with the same command writes only the
 missing chunks and produces the same bytes), shardable over torchrun ranks (each rank owns whole row chunks),
 content-addressed (the same command twice is a no-op that prints the bank path). ``--format topk --topk K`` /
-``--format int8`` write a compact bank directly, chunk by chunk (the writer encodes each chunk; no dense array
+``--format sampled --topk K --samples S`` / ``--format int8`` write a compact bank directly, chunk by chunk (the writer encodes each chunk; no dense array
 is written), with the same guarantees.
 """
 
@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import storage
+from pipeline.bank.compact import check_format_args
 from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
@@ -60,6 +61,8 @@ class DumpConfig:
     dtype: str = "float16"
     format: str = "dense"
     topk: int | None = None
+    samples: int | None = None  # --format sampled: S classes drawn per vector beyond the top K
+    sample_seed: int = 0  # --format sampled: seed of the draws (recorded, part of the key)
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK
     skip_corrupt: bool = False
     views: int = 1
@@ -91,15 +94,11 @@ def _check(cfg: DumpConfig) -> None:
                          "--amp or use --device cuda")
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format '{cfg.format}'; valid: {', '.join(FORMATS)}")
-    if cfg.format == "topk" and cfg.topk is None:
-        raise UsageError("--format topk needs --topk K (classes kept per vector, e.g. --topk 10)")
-    if cfg.format != "topk" and cfg.topk is not None:
-        raise UsageError(f"--topk applies to --format topk only, not {cfg.format}")
+    check_format_args(cfg.format, cfg.topk, cfg.samples)
 
 
 def _check_topk(cfg: DumpConfig, num_classes: int) -> None:
-    if cfg.format == "topk" and not 1 <= cfg.topk <= num_classes:
-        raise UsageError(f"--topk {cfg.topk} out of range: 1 <= K <= {num_classes} (the number of classes)")
+    check_format_args(cfg.format, cfg.topk, cfg.samples, num_classes)
 
 
 class PrepareStatus(enum.Enum):
@@ -192,6 +191,8 @@ class BankDump:
             dtype=cfg.dtype,
             format=cfg.format,
             topk=cfg.topk,
+            samples=cfg.samples,
+            sample_seed=cfg.sample_seed if cfg.format == "sampled" else 0,
             class_maps=tuple(tuple(m) if m is not None else None for m in self.class_maps)
             if any(m is not None for m in self.class_maps) else None,
             feature_dims=tuple(self.feature_dims) if self.feature_dims else None,
@@ -243,7 +244,8 @@ class BankDump:
             attrs["class_maps"] = [list(m) if m is not None else None for m in self.spec.class_maps]
         m = self.manifest
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
-                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims)
+                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
+                    self.cfg.sample_seed)
         return PrepareStatus.NEW
 
     # --- write ----------------------------------------------------------------------------------------------
