@@ -53,9 +53,22 @@ def mean_teacher(batch: Batch, student: Tensor, loss_name: str) -> Tensor:
     return teacher_logits(batch, student, loss_name).mean(dim=1)
 
 
-def kl_rows(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
-    """KL(p_t || p_s) per row, [..., C] -> [...]; from log-probabilities (finite for p_t -> 0)."""
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+def _pooled(log_p_t: Tensor, log_p_s: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
+    if tail is None:
+        return log_p_t, log_p_s
+    from kd_losses.targets import pool_tail
+
+    shape = torch.broadcast_shapes(log_p_t.shape, log_p_s.shape)
+    return pool_tail(log_p_t.expand(shape), tail), pool_tail(log_p_s.expand(shape), tail)
+
+
+def kl_rows(log_p_t: Tensor, log_p_s: Tensor, tail: Tensor | None = None) -> Tensor:
+    """KL(p_t || p_s) per row, [..., C] -> [...]; from log-probabilities (finite for p_t -> 0, and for p_t = 0
+    exactly: log p_t = -inf). ``tail`` [..., C] bool: classes pooled into one bucket on both sides
+    (:func:`kd_losses.targets.pool_tail`; a compact bank's unknown tail)."""
+    log_p_t, log_p_s = _pooled(log_p_t, log_p_s, tail)
+    p = log_p_t.exp()
+    return torch.where(p > 0, p * (log_p_t - log_p_s), 0.0).sum(dim=-1)
 
 
 def hinton_kd_term(z: Tensor, zt: Tensor, T: float) -> Tensor:
@@ -63,9 +76,21 @@ def hinton_kd_term(z: Tensor, zt: Tensor, T: float) -> Tensor:
     return T * T * kl_rows(F.log_softmax(zt / T, dim=1), F.log_softmax(z / T, dim=1)).mean()
 
 
-def soft_ce_rows(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
-    """Soft cross-entropy H(p_t, p_s) = -sum_k p_t[k] log p_s[k] per row, [..., C] -> [...]."""
-    return -(log_p_t.exp() * log_p_s).sum(dim=-1)
+def kd_term(z: Tensor, batch: Batch, T: float, loss_name: str) -> Tensor:
+    """Hinton KD term T²·KL(p_t^T || p_s^T), batchmean, for any teacher target (dense logits: exactly
+    :func:`hinton_kd_term` of the mean teacher; a compact bank's: over its buckets, :mod:`kd_losses.targets`)."""
+    from kd_losses.targets import teacher_log_probs
+
+    log_pt, tail = teacher_log_probs(batch, z, T, loss_name)
+    return T * T * kl_rows(log_pt, F.log_softmax(z / T, dim=1), tail).mean()
+
+
+def soft_ce_rows(log_p_t: Tensor, log_p_s: Tensor, tail: Tensor | None = None) -> Tensor:
+    """Soft cross-entropy H(p_t, p_s) = -sum_k p_t[k] log p_s[k] per row, [..., C] -> [...] (``tail``: as
+    :func:`kl_rows`)."""
+    log_p_t, log_p_s = _pooled(log_p_t, log_p_s, tail)
+    p = log_p_t.exp()
+    return -torch.where(p > 0, p * log_p_s, 0.0).sum(dim=-1)
 
 
 def check_choice(loss_name: str, param: str, value: Any, choices: Iterable[str]) -> None:

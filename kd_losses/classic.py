@@ -16,9 +16,8 @@ from kd_losses._common import (
     LossDict,
     check_choice,
     cross_entropy,
-    hinton_kd_term,
+    kd_term,
     loss_dict,
-    mean_teacher,
     student_and_labels,
 )
 from kd_losses.registry import register_loss
@@ -72,13 +71,13 @@ def kd(
 ) -> LossDict:
     """Hinton KD (Hinton et al., 2015): L = (1-alpha)·CE + alpha·T²·KL(p_t^T || p_s^T), batchmean.
 
-    student_logits [B, C], batch['label'] [B], batch['teacher_logits'] [B, T_teachers, C]; several
-    teachers are merged by averaging their logits. Defaults alpha=0.9, T=4.
+    student_logits [B, C], batch['label'] [B], batch['teacher_logits'] [B, T_teachers, C] (several teachers are
+    merged by averaging their logits) or batch['teacher_target'] of a compact bank (KL over the kept classes and
+    one tail bucket, :mod:`kd_losses.targets`). Defaults alpha=0.9, T=4.
     Parts: ``ce``; ``kd`` = T²·KL (unweighted by alpha).
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = mean_teacher(batch, z, "kd")
     ce_term = cross_entropy(z, y)
-    kd_term = hinton_kd_term(z, zt, T)
-    loss = (1.0 - alpha) * ce_term + alpha * kd_term
-    return loss_dict(loss, ce=ce_term, kd=kd_term)
+    kd_value = kd_term(z, batch, T, "kd")
+    loss = (1.0 - alpha) * ce_term + alpha * kd_value
+    return loss_dict(loss, ce=ce_term, kd=kd_value)

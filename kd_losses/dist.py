@@ -11,10 +11,10 @@ from kd_losses._common import (
     LossDict,
     cross_entropy,
     loss_dict,
-    mean_teacher,
     student_and_labels,
 )
 from kd_losses.registry import register_loss
+from kd_losses.targets import teacher_log_probs
 
 
 def pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -24,7 +24,9 @@ def pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
-@register_loss("dist", needs_teacher=True)
+@register_loss("dist", needs_teacher=True, sparse_formats=("topk",),
+               sparse_reason="its Pearson correlations are nonlinear in the whole distribution, which an "
+                             "importance-sampled target estimates only on average")
 def dist(
     student_logits: Tensor,
     batch: Batch,
@@ -39,13 +41,14 @@ def dist(
 
     Defaults are the official ImageNet ones: beta=1, gamma=1, T (tau)=1 (CIFAR-100 setups commonly use
     beta=gamma=2, T=4). The intra term depends on the batch composition; B >= 2.
-    student_logits [B, C], batch['teacher_logits'] [B, T_teachers, C] (mean of logits).
+    student_logits [B, C], batch['teacher_logits'] [B, T_teachers, C] (mean of logits) or a top-k bank's
+    batch['teacher_target']: the kept classes exact at T and the tail's exact mass at T spread evenly over its
+    classes (the bank does not know the tail's shape; :mod:`kd_losses.targets`). Sampled banks are refused.
     Parts: ``ce``, ``inter``, ``intra`` (unweighted, with T²).
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = mean_teacher(batch, z, "dist")
     ps = F.softmax(z / T, dim=1)
-    pt = F.softmax(zt / T, dim=1)
+    pt = teacher_log_probs(batch, z, T, "dist")[0].exp()
     ce_term = cross_entropy(z, y)
     inter = T * T * (1.0 - pearson_rows(ps, pt).mean())
     intra = T * T * (1.0 - pearson_rows(ps.t(), pt.t()).mean())

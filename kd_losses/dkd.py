@@ -13,10 +13,10 @@ from kd_losses._common import (
     cross_entropy,
     kl_rows,
     loss_dict,
-    mean_teacher,
     student_and_labels,
 )
 from kd_losses.registry import register_loss
+from kd_losses.targets import teacher_log_probs
 
 
 def _binary_log_probs(log_p: Tensor, gt_mask: Tensor) -> Tensor:
@@ -60,22 +60,25 @@ def dkd(
     Warm-up w = min((epoch + 1) / warmup_epochs, 1) with a 0-based epoch taken from batch['epoch'] if
     present, else the ``epoch`` hparam; w = 1 when neither is given (e.g. evaluation).
 
-    student_logits [B, C] (C >= 2), batch['teacher_logits'] [B, T_teachers, C] (mean of logits).
+    student_logits [B, C] (C >= 2), batch['teacher_logits'] [B, T_teachers, C] (mean of logits) or
+    batch['teacher_target'] of a compact bank (:mod:`kd_losses.targets`): TCKD from the true class's exact
+    probability at T; NCKD over the non-target kept classes and one tail bucket (top-k), or over the
+    importance-sampled estimate renormalized on the non-target classes (sampled).
     Defaults (CIFAR-100) alpha=1, beta=8, T=4, warmup_epochs=20; ImageNet uses beta=0.5.
     Parts: ``ce``, ``tckd``, ``nckd`` (unweighted, with T²), ``warmup`` (= w).
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = mean_teacher(batch, z, "dkd")
     gt_mask = F.one_hot(y, z.shape[1]).bool()
     ce_term = cross_entropy(z, y)
 
     log_ps = F.log_softmax(z / T, dim=1)
-    log_pt = F.log_softmax(zt / T, dim=1)
+    log_pt, tail = teacher_log_probs(batch, z, T, "dkd")
     tckd = T * T * kl_rows(_binary_log_probs(log_pt, gt_mask), _binary_log_probs(log_ps, gt_mask)).mean()
 
     log_qs = F.log_softmax(_non_target(z, gt_mask) / T, dim=1)
-    log_qt = F.log_softmax(_non_target(zt, gt_mask) / T, dim=1)
-    nckd = T * T * kl_rows(log_qt, log_qs).mean()
+    nt = _non_target(log_pt, gt_mask)
+    log_qt = nt - torch.logsumexp(nt, dim=1, keepdim=True)  # = log_softmax(z_t[non-target] / T) for dense logits
+    nckd = T * T * kl_rows(log_qt, log_qs, None if tail is None else _non_target(tail, gt_mask)).mean()
 
     w = warmup_factor(batch.get("epoch", epoch), warmup_epochs)
     loss = ce_term + w * (alpha * tckd + beta * nckd)

@@ -35,9 +35,8 @@ from kd_losses._common import (
     LossDict,
     compute_dtype,
     cross_entropy,
-    hinton_kd_term,
+    kd_term,
     loss_dict,
-    mean_teacher,
     student_and_labels,
 )
 from kd_losses.registry import register_loss
@@ -83,9 +82,9 @@ def _total(
     loss = ce_weight * ce_term + weight * term
     parts = {"ce": ce_term, loss_name: term}
     if kd_weight > 0:
-        kd_term = hinton_kd_term(z, mean_teacher(batch, z, loss_name), T)
-        loss = loss + kd_weight * kd_term
-        parts["kd"] = kd_term
+        kd_value = kd_term(z, batch, T, loss_name)
+        loss = loss + kd_weight * kd_value
+        parts["kd"] = kd_value
     return loss_dict(loss, **parts)
 
 

@@ -41,6 +41,9 @@ class LossSpec:
     fn: Callable[..., Any]
     needs_teacher: bool
     needs_features: bool = False
+    sparse_formats: tuple[str, ...] = ("topk", "sampled")  # compact formats whose sparse target it reads correctly
+    merge: str = "mean_logits"  # how it combines several teachers: mean_logits, mean_probs or each
+    sparse_reason: str = ""  # why it refuses the others (one clause, for the refusal)
 
     @property
     def is_module(self) -> bool:
@@ -133,9 +136,14 @@ _REGISTRY: dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str, *, needs_teacher: bool = True, needs_features: bool = False
+    name: str, *, needs_teacher: bool = True, needs_features: bool = False,
+    sparse_formats: tuple[str, ...] = ("topk", "sampled"), merge: str = "mean_logits", sparse_reason: str = "",
 ) -> Callable[[Any], Any]:
     """Decorator registering a loss function or ``nn.Module`` class under ``name``.
+
+    ``sparse_formats``: the compact formats (``topk``, ``sampled``) whose ``batch['teacher_target']`` the loss
+    reads correctly through :mod:`kd_losses.targets` (stage 2 refuses the others in one line, giving
+    ``sparse_reason``); ``merge``: how it combines several teachers (``mean_logits``, ``mean_probs``, ``each``).
 
     ``needs_teacher`` says whether the loss needs a teacher: ``batch['teacher_logits']`` or, with
     ``needs_features``, the teachers' stored embeddings. ``needs_features`` says whether the batch must
@@ -147,7 +155,8 @@ def register_loss(
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} is already registered (by {_REGISTRY[name].fn!r})")
         _REGISTRY[name] = LossSpec(
-            name=name, fn=obj, needs_teacher=needs_teacher, needs_features=needs_features
+            name=name, fn=obj, needs_teacher=needs_teacher, needs_features=needs_features,
+            sparse_formats=tuple(sparse_formats), merge=merge, sparse_reason=sparse_reason,
         )
         obj.needs_teacher = needs_teacher
         obj.needs_features = needs_features

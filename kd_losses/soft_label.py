@@ -19,25 +19,17 @@ from kd_losses._common import (
     LossDict,
     cross_entropy,
     loss_dict,
-    mean_teacher,
     soft_ce_rows,
     student_and_labels,
     teacher_logits,
 )
 from kd_losses.registry import register_loss
+from kd_losses.targets import teacher_log_probs, teacher_log_probs_each
 
 
-def _teacher_log_probs(zt: Tensor, y: Tensor, T: float, use_gt: bool) -> Tensor:
-    """log softmax((z_t [+ onehot(y)]) / T) over the last dim; zt [B, C] or [B, N, C]."""
-    if use_gt:
-        onehot = F.one_hot(y, zt.shape[-1]).to(zt.dtype)
-        zt = zt + (onehot if zt.ndim == 2 else onehot[:, None, :])
-    return F.log_softmax(zt / T, dim=-1)
-
-
-def _soft_label_term(log_p_t: Tensor, z: Tensor, T: float) -> Tensor:
-    """T²·mean_i H(p_t, p_s^T); log_p_t [B, C], z [B, C] -> scalar."""
-    return T * T * soft_ce_rows(log_p_t, F.log_softmax(z / T, dim=1)).mean()
+def _soft_label_term(log_p_t: Tensor, z: Tensor, T: float, tail: Tensor | None = None) -> Tensor:
+    """T²·mean_i H(p_t, p_s^T); log_p_t [B, C], z [B, C] (``tail``: a compact bank's tail bucket) -> scalar."""
+    return T * T * soft_ce_rows(log_p_t, F.log_softmax(z / T, dim=1), tail).mean()
 
 
 @register_loss("sl", needs_teacher=True)
@@ -56,12 +48,12 @@ def sl(
     ``ce`` = hard-label CE, logged only (not in the loss).
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = mean_teacher(batch, z, "sl")
-    kd_term = _soft_label_term(_teacher_log_probs(zt, y, T, use_gt), z, T)
+    log_pt, tail = teacher_log_probs(batch, z, T, "sl", use_gt)
+    kd_term = _soft_label_term(log_pt, z, T, tail)
     return loss_dict(alpha * kd_term, ce=cross_entropy(z, y), kd=kd_term)
 
 
-@register_loss("sl_ens", needs_teacher=True)
+@register_loss("sl_ens", needs_teacher=True, merge="mean_probs")
 def sl_ens(
     student_logits: Tensor,
     batch: Batch,
@@ -76,14 +68,13 @@ def sl_ens(
     Parts: ``kd`` (without alpha), ``ce`` (logged only).
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = teacher_logits(batch, z, "sl_ens")
-    log_p = _teacher_log_probs(zt, y, T, use_gt)  # [B, N, C]
-    log_p_ens = torch.logsumexp(log_p, dim=1) - math.log(zt.shape[1])
-    kd_term = _soft_label_term(log_p_ens, z, T)
+    log_p, tail = teacher_log_probs_each(batch, z, T, "sl_ens", use_gt)  # [B, N, C]
+    log_p_ens = torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
+    kd_term = _soft_label_term(log_p_ens, z, T, None if tail is None else tail.all(dim=1))
     return loss_dict(alpha * kd_term, ce=cross_entropy(z, y), kd=kd_term)
 
 
-@register_loss("sl_kd", needs_teacher=True)
+@register_loss("sl_kd", needs_teacher=True, merge="each")
 def sl_kd(
     student_logits: Tensor,
     batch: Batch,
@@ -97,14 +88,15 @@ def sl_kd(
     [B, N, C]. Defaults alpha=0.1, T=3, use_gt=False. Parts: ``kd`` (sum, without alpha), ``ce``.
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = teacher_logits(batch, z, "sl_kd")
-    log_p = _teacher_log_probs(zt, y, T, use_gt)  # [B, N, C]
+    log_p, tail = teacher_log_probs_each(batch, z, T, "sl_kd", use_gt)  # [B, N, C]
     log_ps = F.log_softmax(z / T, dim=1)[:, None, :]
-    kd_term = T * T * soft_ce_rows(log_p, log_ps).mean(dim=0).sum()
+    kd_term = T * T * soft_ce_rows(log_p, log_ps, tail).mean(dim=0).sum()
     return loss_dict(alpha * kd_term, ce=cross_entropy(z, y), kd=kd_term)
 
 
-@register_loss("sl_enc", needs_teacher=True)
+@register_loss("sl_enc", needs_teacher=True, sparse_formats=(),
+               sparse_reason="its learned perturbation moves every class's logit, and a compact bank does not "
+                             "know the tail's")
 class SLEncLoss(nn.Module):
     """SL-Enc: the teacher's logits plus a learned perturbation g(eps), trained with the student.
 
@@ -152,7 +144,7 @@ class SLEncLoss(nn.Module):
                 f"loss 'sl_enc' built for num_classes={self.num_classes}, "
                 f"got student_logits of shape {tuple(student_logits.shape)}"
             )
-        zt = mean_teacher(batch, z, "sl_enc")
+        zt = teacher_logits(batch, z, "sl_enc").mean(dim=1)
         weight = self.g[0].weight
         if noise is None and self.noise_std == 0:
             noise = torch.zeros(z.shape[0], self.noise_dim, device=weight.device, dtype=weight.dtype)

@@ -14,9 +14,9 @@ from kd_losses._common import (
     LossDict,
     check_choice,
     cross_entropy,
+    kd_term,
     kl_rows,
     loss_dict,
-    mean_teacher,
     student_and_labels,
 )
 from kd_losses.registry import register_loss
@@ -36,14 +36,14 @@ def tfkd_self(
     The released code reduces KL with PyTorch's 'mean' (÷ B·K); its multipliers (1–100) compensate that,
     so a repo multiplier m corresponds to m/K here. Defaults alpha=0.95, T=6, multiplier=1 (paper range:
     alpha 0.9–0.95, T 6–20). student_logits [B, C], batch['teacher_logits'] [B, T_teachers, C] (mean of
-    logits over teachers). Parts: ``ce``; ``kd`` = T²·KL (without alpha, multiplier).
+    logits over teachers) or batch['teacher_target'] (:mod:`kd_losses.targets`). Parts: ``ce``; ``kd`` = T²·KL
+    (without alpha, multiplier).
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = mean_teacher(batch, z, "tfkd_self")
     ce_term = cross_entropy(z, y)
-    kd_term = T * T * kl_rows(F.log_softmax(zt / T, dim=1), F.log_softmax(z / T, dim=1)).mean()
-    loss = (1.0 - alpha) * ce_term + alpha * multiplier * kd_term
-    return loss_dict(loss, ce=ce_term, kd=kd_term)
+    kd_value = kd_term(z, batch, T, "tfkd_self")
+    loss = (1.0 - alpha) * ce_term + alpha * multiplier * kd_value
+    return loss_dict(loss, ce=ce_term, kd=kd_value)
 
 
 @register_loss("tfkd_reg", needs_teacher=False)

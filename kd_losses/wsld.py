@@ -12,11 +12,11 @@ from kd_losses._common import (
     LossDict,
     cross_entropy,
     loss_dict,
-    mean_teacher,
     soft_ce_rows,
     student_and_labels,
 )
 from kd_losses.registry import register_loss
+from kd_losses.targets import teacher_log_probs
 
 
 @register_loss("wsld", needs_teacher=True)
@@ -33,17 +33,18 @@ def wsld(
     w_i = 1 - exp(-max(CE_s / (CE_t + 1e-7), 0)) in [0, 1].
 
     student_logits [B, C], batch['label'] [B], batch['teacher_logits'] [B, T_teachers, C] (several
-    teachers: mean of logits). Defaults (ImageNet) alpha=2.5, T=2; CIFAR-100: alpha=2.25, T=4.
+    teachers: mean of logits) or batch['teacher_target'] of a compact bank (the weight from the true class's
+    exact T = 1 log-probability, H over the kept classes and one tail bucket, :mod:`kd_losses.targets`). Defaults (ImageNet) alpha=2.5, T=2; CIFAR-100: alpha=2.25, T=4.
     Parts: ``ce``; ``kd`` = T²·mean(w·H) (unweighted by alpha); ``weight_mean`` = mean_i w_i.
     """
     z, y = student_and_labels(student_logits, batch)
-    zt = mean_teacher(batch, z, "wsld")
     ce_term = cross_entropy(z, y)
     with torch.no_grad():
         ce_s = -F.log_softmax(z.detach(), dim=1).gather(1, y[:, None]).squeeze(1)
-        ce_t = -F.log_softmax(zt.detach(), dim=1).gather(1, y[:, None]).squeeze(1)
+        ce_t = -teacher_log_probs(batch, z.detach(), 1.0, "wsld")[0].gather(1, y[:, None]).squeeze(1)
         w = 1.0 - torch.exp(-torch.clamp_min(ce_s / (ce_t + 1e-7), 0.0))
-    h = soft_ce_rows(F.log_softmax(zt / T, dim=1), F.log_softmax(z / T, dim=1))
+    log_pt, tail = teacher_log_probs(batch, z, T, "wsld")
+    h = soft_ce_rows(log_pt, F.log_softmax(z / T, dim=1), tail)
     kd_term = T * T * (w * h).mean()
     loss = ce_term + alpha * kd_term
     return loss_dict(loss, ce=ce_term, kd=kd_term, weight_mean=w.mean())

@@ -1,7 +1,8 @@
 """Label-bank tools: ``python -m pipeline.labels {info,verify,ensemble,compact,stats} ...``.
 
 - ``info``: shape, teachers, views, metrics, format, size on disk, bytes per sample and per view; for compact
-  banks the fidelity to the dense teacher (KL at T = 1, 2, 4, top-1 agreement) measured when they were written.
+  banks the fidelity to the dense teacher measured when they were written, on the targets stage 2 builds: at
+  T = 1, 2, 4 the KL and total variation, and the tail's share of the target beside the teacher's own share.
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
 - ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
@@ -49,7 +50,8 @@ def bank_info(path: str) -> dict:
         "skipped": int(bank.skipped().sum()),
     }
     if bank.format != "dense":
-        info["compact"] = {k: a[k] for k in ("topk", "tail", "raw_bytes_per_vector") if k in a}
+        info["compact"] = {k: a[k] for k in ("topk", "samples", "sample_seed", "tail", "raw_bytes_per_vector")
+                           if k in a}
     if "fidelity" in a:
         info["fidelity"] = a["fidelity"]
     if "source_metrics" in a:
@@ -86,6 +88,10 @@ def _run_info(args: argparse.Namespace) -> int:
     if "compact" in info:
         cmp = info["compact"]
         kept = f"top {cmp['topk']} + true class, tail {cmp.get('tail')}" if "topk" in cmp else "int8 + per-vector scale"
+        if "samples" in cmp:
+            kept += f", {cmp['samples']} classes importance-sampled (seed {cmp.get('sample_seed')})"
+        if cmp.get("tail") == "uniform":
+            kept += " (first layout: stage 2 refuses it; rebuild with python -m pipeline.labels compact)"
         print(f"compact     {kept}  {cmp.get('raw_bytes_per_vector')} B/vector raw")
     if "fidelity" in info:
         from pipeline.bank.compact import format_fidelity

@@ -3,7 +3,7 @@
 Resumable (chunks marked done are skipped; an interrupted dump re-run with the same command writes only the
 missing chunks and produces the same bytes), shardable over torchrun ranks (each rank owns whole row chunks),
 content-addressed (the same command twice is a no-op that prints the bank path). ``--format topk --topk K`` /
-``--format int8`` write a compact bank directly, chunk by chunk (the writer encodes each chunk; no dense array
+``--format sampled --topk K --samples S`` / ``--format int8`` write a compact bank directly, chunk by chunk (the writer encodes each chunk; no dense array
 is written), with the same guarantees.
 """
 
@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import storage
+from pipeline.bank.compact import check_format_args
 from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
@@ -81,10 +82,16 @@ class DumpConfig:
                           action="store_true")
     dtype: str = key("float16", help="stored logits; float32 for logits beyond +-65504", flags=("--dtype",),
                      choices=("float16", "float32"), resume=RESUME_MATCH)
-    format: str = key("dense", help="dense, topk (with --topk K) or int8: compact banks are written directly, chunk "
-                                    "by chunk", flags=("--format",), resume=RESUME_MATCH)
-    topk: int | None = key(None, help="K classes kept per vector with --format topk (plus the true class)",
+    format: str = key("dense", help="dense, topk (with --topk K), sampled (with --topk K --samples S) or int8: "
+                                    "compact banks are written directly, chunk by chunk", flags=("--format",),
+                      resume=RESUME_MATCH)
+    topk: int | None = key(None, help="K classes kept per vector with --format topk or sampled (plus the true class)",
                            flags=("--topk",), resume=RESUME_MATCH)
+    samples: int | None = key(None, help="S classes importance-sampled per vector from the rest of the teacher's "
+                                         "distribution with --format sampled", flags=("--samples",),
+                              resume=RESUME_MATCH)
+    sample_seed: int = key(0, help="seed of the sampled classes (--format sampled; recorded, part of the key)",
+                           flags=("--sample-seed",), resume=RESUME_MATCH)
     rows_per_chunk: int = key(DEFAULT_ROWS_PER_CHUNK, help="rows per zarr chunk (the unit of writing and resuming)",
                               flags=("--rows-per-chunk",))
     skip_corrupt: bool = key(False, help="record undecodable images as skipped instead of failing",
@@ -129,15 +136,11 @@ def _check(cfg: DumpConfig) -> None:
                          "--amp or use --device cuda")
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format '{cfg.format}'; valid: {', '.join(FORMATS)}")
-    if cfg.format == "topk" and cfg.topk is None:
-        raise UsageError("--format topk needs --topk K (classes kept per vector, e.g. --topk 10)")
-    if cfg.format != "topk" and cfg.topk is not None:
-        raise UsageError(f"--topk applies to --format topk only, not {cfg.format}")
+    check_format_args(cfg.format, cfg.topk, cfg.samples)
 
 
 def _check_topk(cfg: DumpConfig, num_classes: int) -> None:
-    if cfg.format == "topk" and not 1 <= cfg.topk <= num_classes:
-        raise UsageError(f"--topk {cfg.topk} out of range: 1 <= K <= {num_classes} (the number of classes)")
+    check_format_args(cfg.format, cfg.topk, cfg.samples, num_classes)
 
 
 class PrepareStatus(enum.Enum):
@@ -238,6 +241,8 @@ class BankDump:
             dtype=cfg.dtype,
             format=cfg.format,
             topk=cfg.topk,
+            samples=cfg.samples,
+            sample_seed=cfg.sample_seed if cfg.format == "sampled" else 0,
             class_maps=tuple(tuple(m) if m is not None else None for m in self.class_maps)
             if any(m is not None for m in self.class_maps) else None,
             feature_dims=tuple(self.feature_dims) if self.feature_dims else None,
@@ -289,7 +294,8 @@ class BankDump:
             attrs["class_maps"] = [list(m) if m is not None else None for m in self.spec.class_maps]
         m = self.manifest
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
-                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims)
+                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
+                    self.cfg.sample_seed)
         return PrepareStatus.NEW
 
     # --- write ----------------------------------------------------------------------------------------------

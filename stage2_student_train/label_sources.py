@@ -1,6 +1,9 @@
 """Label sources: where a batch's teacher entries (``teacher_logits`` [B, T, C]) come from.
 
-Three implementations of one :class:`LabelSource` protocol:
+Three implementations of one :class:`LabelSource` protocol (a batch's teacher entries are either
+``teacher_logits`` [B, T, C] -- dense and int8 banks, a live teacher -- or ``teacher_target``, a
+:class:`kd_losses.targets.SparseTarget` -- top-k and sampled banks, whose losses build the target at their own
+temperature; a method that cannot be correct from a format is refused before training, in one line):
 
 - :class:`BankLabelSource`: one or more label banks held in memory (compact banks compact) and gathered by
   sample index, only the batch's rows densified (the point of this project: no per-step zarr reads, no teacher
@@ -65,8 +68,9 @@ class LabelSource(Protocol):
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Entries to add to ``batch`` (which holds ``image`` [B, 3, H, W], ``index`` [B], ``epoch``):
-        ``{"teacher_logits": [B, T, C] float32}`` (and ``"teacher_features": [B, T, D]`` float32 when built
-        with ``features=True``) on the images' device, or ``{}``."""
+        ``{"teacher_logits": [B, T, C] float32}`` or ``{"teacher_target": SparseTarget}`` (top-k and sampled
+        banks), and ``"teacher_features": [B, T, D]`` float32 when built with ``features=True``, on the images'
+        device; or ``{}``."""
         ...
 
 
@@ -143,6 +147,11 @@ class BankLabelSource:
                 raise UsageError(f"this method needs the teachers' stored embeddings; {lacking[0]} has none: dump "
                                  "it again with --features")
             reserve = sum(feature_nbytes(b) for b in banks)
+        kinds = {_target_kind(b) for b in banks}
+        if len(kinds) > 1:
+            raise UsageError(f"banks {', '.join(self.paths)} hold targets of different kinds ({', '.join(sorted(kinds))}):"
+                             " stack banks of one kind on the teacher axis (dense/int8, or top-k / sampled with the "
+                             "same K and S)")
         self.residents = load_residents(banks, device, progress, reserve=reserve, items=items)
         if features:
             self.feature_residents = load_residents(banks, device, progress, kind=FeatureResident)
@@ -192,13 +201,26 @@ class BankLabelSource:
             view = view_choice(index, batch["epoch"], self.replay_seed, self.num_views)
         image = batch.get("image")
         target = image.device if image is not None else torch.device(self.device)
-        out = [r.gather(index, view, target) for r in self.residents]
-        entries = {"teacher_logits": out[0] if len(out) == 1 else torch.cat(out, dim=1)}
+        out = [r.target(index, view, target) for r in self.residents]
+        if "teacher_target" in out[0]:
+            from kd_losses.targets import SparseTarget
+
+            entries: dict[str, Any] = {"teacher_target": SparseTarget.cat([o["teacher_target"] for o in out])}
+        else:
+            logits = [o["teacher_logits"] for o in out]
+            entries = {"teacher_logits": logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)}
         if self.feature_residents:
             f = [r.gather(index, view, target) for r in self.feature_residents]
             f = [torch.nn.functional.pad(x, (0, self.feature_dim - x.shape[-1])) for x in f]
             entries["teacher_features"] = f[0] if len(f) == 1 else torch.cat(f, dim=1)
         return entries
+
+
+def _target_kind(bank: LabelBank) -> str:
+    """What a bank's batches carry: ``logits`` (dense, int8) or its sparse format with K and S."""
+    if bank.format in ("topk", "sampled"):
+        return f"{bank.format} K={bank.attrs.get('topk')} S={bank.attrs.get('samples') or 0}"
+    return "logits"
 
 
 def _has_boxes(bank: LabelBank) -> bool:
@@ -326,6 +348,11 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
                         "slightly (docs/GPU.md gives the measured logit difference)", b.path, made_by, cfg.loader)
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
+    for b in banks:
+        try:
+            kd_losses.check_teacher_format(cfg.method, b.format, sum(x.num_teachers for x in banks))
+        except ValueError as e:
+            raise UsageError(f"{e} (bank {b.path})") from None
     src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None,
                           progress=int(os.environ.get("RANK", "0")) == 0, features=kd_losses.needs_features(cfg.method),
                           items=items(banks))

@@ -66,19 +66,30 @@ def view_record(policy: str, num_views: int, seed: int, preset: Any) -> dict[str
     return rec
 
 
-def compact_record(fmt: str, topk: int | None = None) -> dict[str, Any] | None:
+def compact_record(fmt: str, topk: int | None = None, samples: int | None = None,
+                   sample_seed: int = 0) -> dict[str, Any] | None:
     """What a compact format adds to the key: None for ``dense``; ``{"format", "topk", "tail"}`` for ``topk``
-    (the tail rule is part of what the stored values mean); ``{"format": "int8"}``."""
+    (the tail rule is part of what the stored values mean), plus ``samples`` and ``sample_seed`` for
+    ``sampled``; ``{"format": "int8"}``."""
     if fmt == "dense":
         return None
-    if fmt == "topk":
-        return {"format": "topk", "topk": int(topk), "tail": TOPK_TAILS[0]}
+    if fmt in ("topk", "sampled"):
+        rec: dict[str, Any] = {"format": fmt, "topk": int(topk), "tail": TOPK_TAILS[0]}
+        if fmt == "sampled":
+            rec.update({"samples": int(samples), "sample_seed": int(sample_seed)})
+        return rec
     return {"format": fmt}
 
 
-def format_suffix(fmt: str, topk: int | None = None) -> str:
-    """File-name suffix of a compact bank: ``""`` (dense), ``-top10``, ``-int8``."""
-    return "" if fmt == "dense" else f"-top{int(topk)}" if fmt == "topk" else f"-{fmt}"
+def format_suffix(fmt: str, topk: int | None = None, samples: int | None = None, sample_seed: int = 0) -> str:
+    """File-name suffix of a compact bank: ``""`` (dense), ``-top10``, ``-top5s5seed0`` (sampled), ``-int8``."""
+    if fmt == "dense":
+        return ""
+    if fmt == "topk":
+        return f"-top{int(topk)}"
+    if fmt == "sampled":
+        return f"-top{int(topk)}s{int(samples)}seed{int(sample_seed)}"
+    return f"-{fmt}"
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,8 @@ class BankSpec:
     ``teachers``: identity records (:meth:`pipeline.models.teachers.TeacherSpec.identity`), in T-axis order;
     ``preprocessing``: :func:`preprocessing_record` (plus ``per_teacher`` records when teachers differ);
     ``views``: :func:`view_record`; ``dtype``: the logits dtype (stored by dense banks, rounded to before
-    encoding by compact ones); ``format``/``topk``: ``dense``, ``topk`` with K, or ``int8``; ``class_maps``: per
+    encoding by compact ones); ``format``/``topk``/``samples``/``sample_seed``: ``dense``, ``topk`` with K,
+    ``sampled`` with K, S and a seed, or ``int8``; ``class_maps``: per
     teacher, the teacher output index of each dataset class (None: one to one).
     """
 
@@ -98,6 +110,8 @@ class BankSpec:
     dtype: str = "float16"
     format: str = "dense"
     topk: int | None = None
+    samples: int | None = None  # sampled: S classes drawn per vector, and the draws' seed
+    sample_seed: int = 0
     class_maps: tuple[tuple[int, ...] | None, ...] | None = None
     feature_dims: tuple[int, ...] | None = None  # the teachers' embedding widths, when embeddings are stored
 
@@ -177,6 +191,6 @@ def bank_identity(spec: BankSpec, manifest: Any) -> BankIdentity:
     if spec.feature_dims:
         extra["features"] = list(spec.feature_dims)
     key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype,
-                   compact_record(spec.format, spec.topk), extra or None)
-    suffix = format_suffix(spec.format, spec.topk)
+                   compact_record(spec.format, spec.topk, spec.samples, spec.sample_seed), extra or None)
+    suffix = format_suffix(spec.format, spec.topk, spec.samples, spec.sample_seed)
     return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key, suffix))

@@ -45,11 +45,13 @@ def ensemble_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, 
 
 
 def compact_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                  skipped: np.ndarray, out: Output, fmt: str, k: int | None, c: int, dtype: str) -> np.ndarray:
+                  skipped: np.ndarray, out: Output, fmt: str, k: int | None, c: int, dtype: str,
+                  samples: int | None = None, seed: int = 0) -> np.ndarray:
     """Encode one row chunk with the dump's encoder (:func:`pipeline.bank.compact.encode_chunk`) and write it
     with its ``chunk_sums`` row; returns the sums (fidelity, source and reconstruction metric states)."""
     labels, skipped = np.asarray(labels), np.asarray(skipped, bool)
-    arrays, sums = cp.encode_chunk(np.asarray(x), labels, skipped, fmt, k, dtype)
+    arrays, sums = cp.encode_chunk(np.asarray(x), labels, skipped, fmt, k, dtype, samples=samples, seed=seed,
+                                   start=start)
     for name, a in arrays.items():
         out.write(name, start, stop, a)
     out.write("labels", start, stop, labels)

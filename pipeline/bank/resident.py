@@ -6,12 +6,16 @@ one row per (sample, view) (views moved next to the sample axis, so that a gathe
 | format | resident arrays (rows = N * V) | bytes per (sample, view) |
 |---|---|---|
 | dense | ``logits`` [N*V, T, C] in the bank's dtype (float16 or float32: never narrowed) | T * C * 2 (or 4) |
-| topk  | ``packed`` [N*V, T, B] uint8: per vector the tail's log-probability ``fill`` (float32, :func:`pipeline.bank.compact.topk_fill`), the K+1 kept classes (int16/int32: the top K, then the true class) and their log-probabilities (float16), padded to 4 bytes | T * (4 (K+1) + 4) (int16) |
+| topk  | ``packed`` [N*V, T, B] uint8: per vector the T = 1 reconstruction's ``fill`` (float32, :func:`pipeline.bank.compact.topk_fill`), the K+1 kept classes (int16/int32: the top K, then the true class), their log-probabilities (float16) and the tail statistics ``tail_lse`` (G float16), padded to 4 bytes | T * (4 (K+1) + 4 + 2G) (int16) |
+| sampled | ``packed`` as topk, with the S drawn classes after the kept ones (indices, then log-probabilities) | T * (4 (K+1+S) + 4 + 2G) |
 | int8  | ``q`` [N*V, T, C] int8, ``scale`` [N*V, T] float16 | T * (C + 2) |
 
 :meth:`ResidentBank.gather` takes sample indices [B] (and the view of each, or view 0), gathers their payload
 rows where the arrays live, moves them to the requested device and densifies them there to [B, T, C] float32,
-bit for bit what :meth:`pipeline.bank.reader.LabelBank.read_logits` reconstructs. The arrays live on the
+bit for bit what :meth:`pipeline.bank.reader.LabelBank.read_logits` reconstructs (logits at T = 1: right for
+tools and T = 1 only). Training reads :meth:`ResidentBank.target` instead: ``{"teacher_logits": [B, T, C]}`` for
+dense and int8 banks, ``{"teacher_target": SparseTarget}`` for top-k and sampled ones (the gathered payload rows
+as they are, turned into a target at each loss's temperature by :mod:`kd_losses.targets`). The arrays live on the
 training device when they fit in a quarter of its free memory (on every rank: one copy per GPU), else on the host:
 there, under torchrun, once per node (local rank 0 decompresses the bank into a file under ``/dev/shm`` that every
 process of the node maps; :func:`_node_shared_arrays`), and rows bound for a GPU go through two small pinned
@@ -42,7 +46,7 @@ from tqdm import tqdm
 
 from pipeline.bank import compact as cp
 from pipeline.bank.reader import LabelBank
-from pipeline.bank.schema import index_dtype
+from pipeline.bank.schema import TAIL_TEMPERATURES, index_dtype
 from pipeline.distributed import barrier, broadcast_object, current_info, gather_objects, local_world_size
 from pipeline.errors import BankError
 
@@ -92,8 +96,8 @@ def dense_nbytes(bank: LabelBank) -> int:
 def resident_nbytes(bank: LabelBank) -> int:
     """Bytes a :class:`ResidentBank` of ``bank`` holds (see the module table)."""
     n, t, v, c = bank.shape
-    if bank.format == "topk":
-        return n * v * t * _topk_offsets(int(bank.attrs["topk"]), c)[-1]
+    if bank.format in ("topk", "sampled"):
+        return n * v * t * _sparse_offsets(int(bank.attrs["topk"]), int(bank.attrs.get("samples") or 0), c)[-1]
     if bank.format == "int8":
         return n * v * t * (c + 2)
     return dense_nbytes(bank)
@@ -164,7 +168,7 @@ class ResidentBank:
         else:
             self.arrays = {name: torch.empty(shape, dtype=dtype, device=self.device)
                            for name, (shape, dtype) in shapes.items()}
-            self._fill(bank, labels, skipped, progress)
+            self._load(bank, labels, skipped, progress)
         # CPU gather through numpy, each (sample, view) row as one opaque item (a memcpy per row: 1.3x faster than
         # numpy's fancy indexing of fp16 rows); torch's advanced indexing on CPU goes through its thread pool and
         # ran 10x slower on a busy 2-core machine (bench/stage2.py)
@@ -172,7 +176,7 @@ class ResidentBank:
         self._staging = _Staging(torch.device(staging)) if (
             staging is not None and torch.device(staging).type == "cuda" and self._host is not None) else None
 
-    def _fill(self, bank: LabelBank, labels: np.ndarray, skipped: np.ndarray, progress: bool) -> None:
+    def _load(self, bank: LabelBank, labels: np.ndarray, skipped: np.ndarray, progress: bool) -> None:
         """Read the bank chunk by chunk into ``self.arrays`` (refusing damaged rows)."""
         n, v = self.shape[0], self.shape[2]
         starts = range(0, n, max(1, bank.rows_per_chunk))
@@ -219,6 +223,12 @@ class ResidentBank:
                device: str | torch.device | None = None) -> torch.Tensor:
         """Logits of samples ``index`` [B] (int) on views ``view`` [B] (None: view 0) -> [B, T, C] float32 on
         ``device`` (default: where the arrays live); only these B rows are densified."""
+        return self._densify(self._gather_rows(index, view, device))
+
+    def _gather_rows(self, index: torch.Tensor, view: torch.Tensor | None,
+                     device: str | torch.device | None) -> dict[str, torch.Tensor]:
+        """The payload rows of samples ``index`` on ``view``, on ``device``: {name: [B, ...]} (host rows bound for
+        a GPU through the pinned staging buffers)."""
         v = self.shape[2]
         device = self.device if device is None else torch.device(device)
         if self._host is not None:
@@ -226,7 +236,7 @@ class ResidentBank:
             if v > 1:
                 rows_np = rows_np * v + (0 if view is None else view.cpu().numpy())
             if self._staging is not None and device.type == "cuda":
-                return self._densify(self._staging.gather(self._host, rows_np, device))
+                return self._staging.gather(self._host, rows_np, device)
             part = {k: torch.from_numpy(items[rows_np].view(dt).reshape((len(rows_np),) + shape))
                     for k, (items, dt, shape) in self._host.items()}
         else:
@@ -234,8 +244,13 @@ class ResidentBank:
             if v > 1:
                 rows = rows * v + (0 if view is None else view.to(self.device, torch.int64))
             part = {k: a[rows] for k, a in self.arrays.items()}
-        part = {k: a.to(device, non_blocking=True) for k, a in part.items()}
-        return self._densify(part)
+        return {k: a.to(device, non_blocking=True) for k, a in part.items()}
+
+    def target(self, index: torch.Tensor, view: torch.Tensor | None = None,
+               device: str | torch.device | None = None) -> dict[str, Any]:
+        """The batch entries a loss reads for samples ``index`` [B] on views ``view``: ``{"teacher_logits":
+        [B, T, C] float32}`` (formats that store every class); sparse formats override it."""
+        return {"teacher_logits": self.gather(index, view, device)}
 
 
 class _Staging:
@@ -315,7 +330,7 @@ def _node_shared_arrays(res: "ResidentBank", bank: LabelBank, shapes: dict[str, 
             tmp = {k: folder / f".{n}.tmp" for k, n in names.items()}
             res.arrays = {k: torch.from_numpy(np.lib.format.open_memmap(tmp[k], "w+", np_dtype[k], shapes[k][0]))
                           for k in shapes}
-            res._fill(bank, labels, skipped, progress)
+            res._load(bank, labels, skipped, progress)
             for k, t in res.arrays.items():
                 t.numpy().base.flush() if hasattr(t.numpy().base, "flush") else None
                 os.replace(tmp[k], folder / names[k])
@@ -350,12 +365,15 @@ def _row_items(a: np.ndarray) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
     return flat.view(np.dtype((np.void, flat.shape[1] * a.itemsize))).reshape(len(a)), a.dtype, a.shape[1:]
 
 
-def _topk_offsets(k: int, c: int) -> tuple[int, int, int, int]:
-    """Byte offsets in a packed top-k vector (the fill is bytes [0, 4)): start of the indices, start of the
-    values, their end, the row width (padded to 4 bytes, so the float32 fill stays aligned)."""
-    k1, isz = k + 1, np.dtype(index_dtype(c)).itemsize
-    end = 4 + k1 * (isz + 2)
-    return 4, 4 + isz * k1, end, -(-end // 4) * 4
+def _sparse_offsets(k: int, s: int, c: int) -> tuple[int, int, int, int, int]:
+    """Byte offsets in a packed top-k / sampled vector (the fill is bytes [0, 4)): start of the K+1+S indices,
+    start of their values, start of the G tail statistics, their end, the row width (padded to 4 bytes, so the
+    float32 fill stays aligned)."""
+    k1, isz = k + 1 + s, np.dtype(index_dtype(c)).itemsize
+    vals = 4 + isz * k1
+    tail = vals + 2 * k1
+    end = tail + 2 * len(TAIL_TEMPERATURES)
+    return 4, vals, tail, end, -(-end // 4) * 4
 
 
 def _rows_first(a: np.ndarray) -> np.ndarray:
@@ -387,39 +405,95 @@ class DenseResident(ResidentBank):
 
 class TopKResident(ResidentBank):
     """One packed row per vector (one random access per gathered row: three separate arrays cost 3x the cache
-    misses, 77 vs 17 us per 256-row batch on a 20M-row bank): ``[fill f32 | K+1 indices | K+1 values f16 | pad]``
-    (the top K, then the true class). Densify = the fill broadcast to [B, T, C], then one scatter of the K+1 kept
-    log-probabilities (the true class written twice, with the same value, when it is in the top K)."""
+    misses, 77 vs 17 us per 256-row batch on a 20M-row bank): ``[fill f32 | K+1 indices | K+1 values f16 |
+    G tail f16 | pad]`` (the top K, then the true class). :meth:`target` hands the gathered rows to the losses as a
+    :class:`kd_losses.targets.SparseTarget`; densify (``gather``, the T = 1 reconstruction) = the fill broadcast to
+    [B, T, C], then one scatter of the K+1 kept log-probabilities (the true class written twice, with the same
+    value, when it is in the top K). A bank of the first layout (``tail`` "uniform": no tail statistics) is refused:
+    its targets would be re-softened at T > 1."""
 
     format = "topk"
+
+    def _check_format(self, bank: LabelBank) -> None:
+        super()._check_format(bank)
+        if "tail_lse" not in bank.attrs.get("compact_arrays", []):
+            src = (bank.attrs.get("sources") or [{}])[0].get("path", "SRC")
+            raise BankError(f"label bank {bank.path} is a top-k bank with a uniform tail (no tail statistics), which "
+                            f"teaches a near-uniform target at T > 1: rebuild it with python -m pipeline.labels "
+                            f"compact {src} -o OUT --topk {bank.attrs.get('topk', 'K')} (or dump it again)")
 
     def _layout(self, bank):
         n, t, v, c = self.shape
         self._idx_dtype = index_dtype(c)
-        self._offsets = _topk_offsets(int(bank.attrs["topk"]), c)
+        self._k = int(bank.attrs["topk"])
+        self._s = int(bank.attrs.get("samples") or 0)
+        self._temps = tuple(float(x) for x in bank.attrs.get("tail_temperatures", TAIL_TEMPERATURES))
+        self._offsets = _sparse_offsets(self._k, self._s, c)
         return {"packed": ((t, self._offsets[-1]), torch.uint8)}
 
+    def _fill(self, raw: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
+        return cp.topk_fill(raw["topk_values"], raw["topk_indices"], raw["target_logprob"], labels, self.shape[3],
+                            raw["tail_lse"])
+
+    def _sampled(self, raw: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return [], []
+
     def _convert(self, raw, labels):
-        vals, idx, tgt = raw["topk_values"], raw["topk_indices"], raw["target_logprob"]
-        fill = cp.topk_fill(vals, idx, tgt, labels, self.shape[3])
+        vals, idx, tgt, tail = raw["topk_values"], raw["topk_indices"], raw["target_logprob"], raw["tail_lse"]
+        fill = self._fill(raw, labels)
         lab = np.broadcast_to(labels.astype(idx.dtype).reshape(-1, 1, 1, 1), tgt.shape + (1,))
-        bad = _not_finite(vals) | _not_finite(tgt) | (idx.reshape(len(idx), -1) < 0).any(axis=1)
-        o_idx, o_val, o_end, width = self._offsets
+        s_idx, s_val = self._sampled(raw)
+        all_idx = np.concatenate([idx, lab, *s_idx], axis=-1)
+        bad = (_not_finite(vals) | _not_finite(tgt) | np.isnan(tail.reshape(len(tail), -1)).any(axis=1)
+               | (all_idx.reshape(len(idx), -1) < 0).any(axis=1))
+        for a in s_val:
+            bad |= _not_finite(a)
+        o_idx, o_val, o_tail, o_end, width = self._offsets
         out = np.zeros((len(vals) * self.shape[2], self.shape[1], width), np.uint8)
         out[..., :o_idx].view(np.float32)[..., 0] = _rows_first(fill)
-        out[..., o_idx:o_val].view(self._idx_dtype)[...] = _rows_first(np.concatenate([idx, lab], axis=-1))
-        out[..., o_val:o_end].view(np.float16)[...] = _rows_first(np.concatenate([vals, tgt[..., None]], axis=-1))
+        out[..., o_idx:o_val].view(self._idx_dtype)[...] = _rows_first(all_idx)
+        out[..., o_val:o_tail].view(np.float16)[...] = _rows_first(
+            np.concatenate([vals, tgt[..., None], *s_val], axis=-1))
+        out[..., o_tail:o_end].view(np.float16)[...] = _rows_first(tail)
         return {"packed": out, "_bad": bad}
 
-    def _densify(self, rows):
-        g = rows["packed"]
-        o_idx, o_val, o_end, _ = self._offsets
+    def _unpack(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        o_idx, o_val, o_tail, o_end, _ = self._offsets
         fill = g[..., :o_idx].view(torch.float32)[..., 0]
-        indices = g[..., o_idx:o_val].view(_torch_dtype(self._idx_dtype))
-        values = g[..., o_val:o_end].view(torch.float16)
+        indices = g[..., o_idx:o_val].view(_torch_dtype(self._idx_dtype)).long()
+        values = g[..., o_val:o_tail].view(torch.float16).float()
+        tail = g[..., o_tail:o_end].view(torch.float16).float()
+        return fill, indices, values, tail
+
+    def _densify(self, rows):
+        fill, indices, values, _ = self._unpack(rows["packed"])
         b, t = fill.shape
         out = fill.unsqueeze(-1).expand(b, t, self.shape[3]).contiguous()
-        return out.scatter_(2, indices.long(), values.float())
+        return out.scatter_(2, indices, values)
+
+    def target(self, index, view=None, device=None):
+        from kd_losses.targets import SparseTarget
+
+        rows = self._gather_rows(index, view, device)
+        _, indices, values, tail = self._unpack(rows["packed"])
+        k1 = self._k + 1
+        extra = {} if not self._s else {"sample_index": indices[..., k1:], "sample_logprob": values[..., k1:],
+                                         "sample_temperature": cp.SAMPLE_TEMPERATURE}
+        return {"teacher_target": SparseTarget(self.format, indices[..., :k1], values[..., :k1], tail, self.shape[3],
+                                               self._temps, **extra)}
+
+
+class SampledResident(TopKResident):
+    """A sampled bank (:mod:`pipeline.bank.compact`): the top-k row with the S drawn classes appended (indices
+    after the kept ones, log-probabilities after theirs); the T = 1 reconstruction stores the drawn classes too."""
+
+    format = "sampled"
+
+    def _fill(self, raw, labels):
+        return cp.sampled_fill(raw, labels, self.shape[3])
+
+    def _sampled(self, raw):
+        return [raw["sample_indices"]], [raw["sample_logprob"]]
 
 
 class Int8Resident(ResidentBank):
@@ -449,7 +523,8 @@ def _require_chunks(bank: LabelBank, array: str) -> None:
                         "run python -m pipeline.labels verify")
 
 
-RESIDENTS: dict[str, type[ResidentBank]] = {c.format: c for c in (DenseResident, TopKResident, Int8Resident)}
+RESIDENTS: dict[str, type[ResidentBank]] = {c.format: c for c in (DenseResident, TopKResident, SampledResident,
+                                                                   Int8Resident)}
 
 
 class FeatureResident(ResidentBank):

@@ -8,7 +8,7 @@
 | skipped  | (N,) bool                        | samples skipped as corrupt (``--skip-corrupt``)      |
 | done     | (N / rows_per_chunk,) bool       | chunk completion, for resume (one zarr chunk each)  |
 
-Compact banks (``format`` ``topk`` or ``int8``) store the arrays of :func:`compact_array_specs` instead of
+Compact banks (``format`` ``topk``, ``sampled`` or ``int8``) store the arrays of :func:`compact_array_specs` instead of
 ``logits``, plus ``chunk_sums`` (n_chunks, W) float64: per row chunk, the fidelity and metric sums measured when
 the chunk was encoded (:func:`pipeline.bank.compact.encode_chunk`), written with the chunk before its done flag
 so that they survive a kill and a resume.
@@ -27,11 +27,16 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 SCHEMA_VERSION = 1
 ARRAYS = ("logits", "labels", "views", "skipped", "done")
-FORMATS = ("dense", "topk", "int8")
-COMPACT_FORMATS = ("topk", "int8")
-# How a top-k bank's non-kept classes are reconstructed (attr ``tail``): "uniform" spreads the remaining mass
-# evenly over them (FKD's rule). Kept = the top K and the sample's true class (``target_logprob``).
-TOPK_TAILS = ("uniform",)
+FORMATS = ("dense", "topk", "int8", "sampled")
+COMPACT_FORMATS = ("topk", "int8", "sampled")
+# What a top-k (or sampled) bank knows of its non-kept classes (attr ``tail``): "stats" (written now) stores the
+# tail's log-partition at the grid TAIL_TEMPERATURES (``tail_lse``), so stage 2 gets the tail's mass right at any
+# temperature; "uniform" (the first layout) stored nothing and spread the rest evenly at T = 1, which the losses
+# then re-softened (refused by stage 2; readable by the tools). Kept = the top K and the true class.
+TOPK_TAILS = ("stats", "uniform")
+# Temperatures at which a compact bank stores the tail's log-partition F(1/T): every published default of the
+# methods here (DIST 1, WSLD 2, SL 3, KD and DKD 4, Tf-KD 6 and 20); other temperatures interpolate in 1/T.
+TAIL_TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 6.0, 20.0)
 # Chosen by bench/bank_chunks.py (BENCHMARKS.md): 4096 rows wrote ~1.5x and loaded ~1.6x faster than 1024
 # (100k x 1000 fp16); ImageNet gets 313 files per array, and resume granularity stays a few seconds of GPU work.
 DEFAULT_ROWS_PER_CHUNK = 4096
@@ -49,25 +54,32 @@ def index_dtype(num_classes: int) -> str:
     return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
 
 
-def compact_array_specs(fmt: str, shape: tuple[int, int, int, int], k: int | None = None
-                        ) -> dict[str, tuple[tuple[int, ...], str, float | int]]:
+def compact_array_specs(fmt: str, shape: tuple[int, int, int, int], k: int | None = None,
+                        samples: int | None = None) -> dict[str, tuple[tuple[int, ...], str, float | int]]:
     """{name: (shape, dtype, fill value)} of the payload arrays of compact format ``fmt``.
 
     Fill values flag a chunk that was never written: NaN for floats, -1 for top-k indices (no class). ``q`` has
     no free value; a missing ``q`` chunk is found by its missing file (``verify``, the stage-2 loader).
     """
     n, t, v, c = shape
-    if fmt == "topk":
-        return {"topk_values": ((n, t, v, int(k)), "float16", float("nan")),
-                "topk_indices": ((n, t, v, int(k)), index_dtype(c), -1),
-                "target_logprob": ((n, t, v), "float16", float("nan"))}
+    if fmt in ("topk", "sampled"):
+        out = {"topk_values": ((n, t, v, int(k)), "float16", float("nan")),
+               "topk_indices": ((n, t, v, int(k)), index_dtype(c), -1),
+               "target_logprob": ((n, t, v), "float16", float("nan")),
+               "tail_lse": ((n, t, v, len(TAIL_TEMPERATURES)), "float16", float("nan"))}
+        if fmt == "sampled":
+            out.update({"sample_indices": ((n, t, v, int(samples)), index_dtype(c), -1),
+                        "sample_logprob": ((n, t, v, int(samples)), "float16", float("nan")),
+                        "logsumexp": ((n, t, v), "float32", float("nan"))})
+        return out
     if fmt == "int8":
         return {"q": ((n, t, v, c), "int8", 0), "scale": ((n, t, v), "float16", float("nan"))}
     raise ValueError(f"unknown compact format {fmt!r}")
 
 
 def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype: str, rows_per_chunk: int,
-                       fmt: str = "dense", k: int | None = None, sums_width: int = 0) -> None:
+                       fmt: str = "dense", k: int | None = None, sums_width: int = 0,
+                       samples: int | None = None) -> None:
     """Create the (empty) arrays of a bank in ``group``: ``logits`` (dense) or the compact arrays of ``fmt`` and
     ``chunk_sums`` [n_chunks, sums_width], then labels, views, skipped, done."""
     r = max(1, min(rows_per_chunk, n))
@@ -75,7 +87,7 @@ def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype:
         group.create_array("logits", shape=(n, t, v, c), chunks=(r, t, v, c), dtype=dtype,
                            compressors=compressors(dtype), fill_value=float("nan"))
     else:
-        for name, (shape, dt, fill) in compact_array_specs(fmt, (n, t, v, c), k).items():
+        for name, (shape, dt, fill) in compact_array_specs(fmt, (n, t, v, c), k, samples).items():
             group.create_array(name, shape=shape, chunks=(r,) + tuple(shape[1:]), dtype=dt,
                                compressors=compressors(dt), fill_value=fill)
         group.create_array("chunk_sums", shape=(math.ceil(n / r), sums_width), chunks=(1, sums_width),

@@ -4,7 +4,7 @@
   classes. ``mean-logits``: mean of the logits of all teachers of all inputs (each teacher weighs the same) -> T=1;
   ``mean-probs``: log of the mean of their probabilities (log-probabilities are valid logits) -> T=1;
   ``stack``: concatenate on the teacher axis. The result is a normal dense, complete bank.
-- ``compact SRC -o OUT --format topk --topk K`` | ``--format int8``: a compact bank (see
+- ``compact SRC -o OUT --format topk --topk K`` | ``--format sampled --topk K --samples S`` | ``--format int8``: a compact bank (see
   :mod:`pipeline.bank.compact`), read back transparently by :class:`pipeline.bank.reader.LabelBank`; its
   attrs carry ``fidelity`` (mean KL(p || p^) at T = 1, 2, 4, top-1 agreement) against the source. It encodes
   each row chunk exactly as ``dump_logits --format`` does (:func:`pipeline.bank.compact.encode_chunk`).
@@ -172,57 +172,58 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
 
 
 # --- compact ------------------------------------------------------------------------------------------------
-def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: int) -> zarr.Group:
+def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: int,
+                    samples: int | None) -> zarr.Group:
     n, t, v, c = src.shape
     g = zarr.open_group(str(path), mode="w")
     # float arrays fill with NaN and top-k indices with -1: a missing chunk is refused by the stage-2 loader
-    create_bank_arrays(g, n, t, v, c, str(src.attrs.get("dtype", "float16")), rows, fmt, k, cp.sums_width(t))
+    create_bank_arrays(g, n, t, v, c, str(src.attrs.get("dtype", "float16")), rows, fmt, k, cp.sums_width(t),
+                       samples)
     return g
 
 
 def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, overwrite: bool = False,
-                 scheduler: str | None = None, rows_per_chunk: int | None = None, progress: bool = True) -> str:
-    """Write a compact copy of the dense bank ``src`` at ``out``; returns ``out``."""
+                 scheduler: str | None = None, rows_per_chunk: int | None = None, progress: bool = True,
+                 samples: int | None = None, sample_seed: int = 0) -> str:
+    """Write a compact copy of the dense bank ``src`` at ``out``; returns ``out``. ``sampled`` draws with
+    ``sample_seed`` exactly as ``dump_logits --format sampled --sample-seed`` does (the draws are seeded by row)."""
     if fmt not in cp.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; valid: {', '.join(cp.FORMATS)}")
+    cp.check_format_args(fmt, k, samples)
     bank = _open_complete(src)
     n, t, v, c = bank.shape
     _warn_features_dropped([bank], "compact")
     if bank.format != "dense":
         raise BankError(f"{src} is already compact (format {bank.format}); compact its dense source instead")
-    if fmt == "topk":
-        if k is None:
-            raise UsageError("--format topk needs --topk K")
-        if not 1 <= int(k) <= c:
-            raise UsageError(f"--topk {k} out of range: 1 <= K <= {c} (the number of classes)")
-        k = int(k)
-    elif k is not None:
-        raise UsageError(f"--topk applies to --format topk only, not {fmt}")
+    cp.check_format_args(fmt, k, samples, c)
+    k = None if k is None else int(k)
+    sample_seed = int(sample_seed) if fmt == "sampled" else 0
     daskio.check_output(out, overwrite)
     if rows_per_chunk is not None and rows_per_chunk < 1:
         raise UsageError(f"--rows-per-chunk {rows_per_chunk} must be >= 1")
     rows = int(rows_per_chunk or bank.rows_per_chunk)
     sources = [_source_record(bank)]
-    params = {"format": fmt, **({"topk": k, "tail": TOPK_TAILS[0]} if fmt == "topk" else {})}
-    names = list(compact_array_specs(fmt, bank.shape, k))
+    params = {"format": fmt, **({"topk": k, "tail": TOPK_TAILS[0]} if fmt in ("topk", "sampled") else {}),
+              **({"samples": samples, "sample_seed": sample_seed} if fmt == "sampled" else {})}
+    names = list(compact_array_specs(fmt, bank.shape, k, samples))
     t_names = st.entry_names(bank.teachers, t)
 
     with daskio.atomic_output(out, overwrite) as tmp:
-        g = _create_compact(tmp, bank, fmt, k, rows)
+        g = _create_compact(tmp, bank, fmt, k, rows, samples)
         rows = daskio.block_rows(g[names[0]])
         inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
                   "views": daskio.rows_array(bank.group["views"], rows),
                   "skipped": daskio.rows_array(bank.group["skipped"], rows)}
         job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c,
-                               dtype=str(bank.attrs.get("dtype", "float16")))
+                               dtype=str(bank.attrs.get("dtype", "float16")), samples=samples, seed=sample_seed)
         vec = _run_job(g, job, scheduler, progress, f"compact ({fmt}) {src}", f"compact into {out}")
         lay = {key: slice(*span) for key, span in cp.sums_layout(t).items()}
-        fidelity = cp.fidelity_from_sums(vec[lay["fidelity"]])
+        fidelity = cp.fidelity_from_sums(vec[lay["fidelity"]], fmt)
         metrics = st.metrics_from_states(vec[lay["metrics"]], t_names)
         attrs = {key: val for key, val in bank.attrs.items()
                  if key not in ("metrics", "complete", "created", "features")}
         attrs.update({
-            "schema_version": SCHEMA_VERSION, **format_attrs(fmt, bank.shape, k),
+            "schema_version": SCHEMA_VERSION, **format_attrs(fmt, bank.shape, k, samples, sample_seed),
             "shape": [n, t, v, c], "rows_per_chunk": int(g["labels"].chunks[0]),
             "key": _derived_key("compact", params, sources), "sources": sources,
             "source_metrics": bank.attrs.get("metrics"), "fidelity": fidelity,
@@ -301,19 +302,23 @@ def _run_ensemble(args: argparse.Namespace) -> int:
 
 def _add_compact(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="dense source bank")
-    p.add_argument("--format", default=None, help="topk or int8 (default: topk when --topk is given)")
-    p.add_argument("--topk", type=int, default=None, help="K classes kept per vector (format topk)")
+    p.add_argument("--format", default=None,
+                   help="topk, sampled or int8 (default: topk when --topk is given, sampled with --samples too)")
+    p.add_argument("--topk", type=int, default=None, help="K classes kept per vector (formats topk, sampled)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="S classes importance-sampled per vector from the rest (format sampled)")
+    p.add_argument("--sample-seed", type=int, default=0, dest="sample_seed", help="seed of the draws (default 0)")
     p.add_argument("--rows-per-chunk", type=int, default=None, dest="rows_per_chunk",
                    help="row chunk of the output (default: the source's)")
     _common(p)
 
 
 def _run_compact(args: argparse.Namespace) -> int:
-    fmt = args.format or ("topk" if args.topk is not None else None)
+    fmt = args.format or ("sampled" if args.samples is not None else "topk" if args.topk is not None else None)
     if fmt is None:
-        raise UsageError("give --format topk --topk K or --format int8")
+        raise UsageError("give --format topk --topk K, --format sampled --topk K --samples S, or --format int8")
     out = compact_bank(args.src, args.out, fmt, args.topk, args.overwrite, args.scheduler, args.rows_per_chunk,
-                       args.progress)
+                       args.progress, args.samples, args.sample_seed)
     info = LabelBank(out).attrs
     f = info["fidelity"]
     print(f"{out}\nformat {fmt}  fidelity: {cp.format_fidelity(f)}")
@@ -336,5 +341,5 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 def register(commands: dict) -> None:
     commands["ensemble"] = (_add_ensemble, _run_ensemble, "combine banks: mean-logits, mean-probs or stack")
-    commands["compact"] = (_add_compact, _run_compact, "compact copy of a bank: top-k or int8")
+    commands["compact"] = (_add_compact, _run_compact, "compact copy of a bank: top-k, sampled or int8")
     commands["stats"] = (_add_stats, _run_stats, "teacher statistics and plots of a bank")

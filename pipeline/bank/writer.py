@@ -4,7 +4,7 @@ A chunk's data arrays are written first and its ``done`` flag last, so a crash a
 a finished chunk or one that the next run rewrites. Each writer (rank) owns whole row chunks. The
 ``complete`` attr is set once, by rank 0, after every chunk is done; a complete bank is read-only.
 
-A compact bank (``fmt`` ``topk`` / ``int8``) is written the same way: :func:`write_chunk` takes the teacher's
+A compact bank (``fmt`` ``topk`` / ``sampled`` / ``int8``) is written the same way: :func:`write_chunk` takes the teacher's
 logits of the chunk, rounds them to the bank dtype (what a dense bank would store), encodes them
 (:func:`pipeline.bank.compact.encode_chunk`, shared with ``labels compact``) and writes the compact arrays and
 the chunk's fidelity/metric sums (``chunk_sums[j]``) before the done flag. No dense array is ever written.
@@ -25,7 +25,8 @@ from pipeline import __version__
 from pipeline import storage
 from pipeline.bank import compact as cp
 from pipeline.bank import features as fe
-from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS, compact_array_specs, compressors, create_bank_arrays
+from pipeline.bank.schema import (SCHEMA_VERSION, TAIL_TEMPERATURES, TOPK_TAILS, compact_array_specs, compressors,
+                                  create_bank_arrays)
 from pipeline.errors import BankError
 
 log = logging.getLogger(__name__)
@@ -33,26 +34,31 @@ log = logging.getLogger(__name__)
 _WRITE_ALL = {"array.write_empty_chunks": True}
 
 
-def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = None) -> dict[str, Any]:
-    """The attrs that describe a bank's format: ``format`` and, for compact banks, ``compact_arrays``, ``topk``
-    and ``tail`` (top-k), ``chunk_sums_layout`` and ``raw_bytes_per_vector``."""
+def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = None, samples: int | None = None,
+                 sample_seed: int = 0) -> dict[str, Any]:
+    """The attrs that describe a bank's format: ``format`` and, for compact banks, ``compact_arrays``, ``topk``,
+    ``tail`` and ``tail_temperatures`` (top-k, sampled), ``samples`` and ``sample_seed`` (sampled),
+    ``chunk_sums_layout`` and ``raw_bytes_per_vector``."""
     if fmt == "dense":
         return {"format": "dense"}
-    out: dict[str, Any] = {"format": fmt, "compact_arrays": list(compact_array_specs(fmt, shape, k)),
+    out: dict[str, Any] = {"format": fmt, "compact_arrays": list(compact_array_specs(fmt, shape, k, samples)),
                            "chunk_sums_layout": {n: list(v) for n, v in cp.sums_layout(shape[1]).items()},
-                           "raw_bytes_per_vector": cp.raw_bytes_per_vector(fmt, shape[3], k)}
-    if fmt == "topk":
-        out.update({"topk": int(k), "tail": TOPK_TAILS[0]})
+                           "raw_bytes_per_vector": cp.raw_bytes_per_vector(fmt, shape[3], k, samples)}
+    if fmt in ("topk", "sampled"):
+        out.update({"topk": int(k), "tail": TOPK_TAILS[0], "tail_temperatures": list(TAIL_TEMPERATURES)})
+    if fmt == "sampled":
+        out.update({"samples": int(samples), "sample_seed": int(sample_seed)})
     return out
 
 
 def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, int, int], dtype: str,
                 rows_per_chunk: int, fmt: str = "dense", k: int | None = None,
-                feature_dims: list[int] | None = None) -> zarr.Group:
+                feature_dims: list[int] | None = None, samples: int | None = None, sample_seed: int = 0) -> zarr.Group:
     """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, format, chunking, version added).
 
     ``dtype``: the logits dtype (dense: stored; compact: what the logits are rounded to before encoding).
-    ``fmt``/``k``: ``dense``, ``topk`` with K, or ``int8``. ``feature_dims``: the teachers' embedding widths
+    ``fmt``/``k``/``samples``/``sample_seed``: ``dense``, ``topk`` with K, ``sampled`` with K, S and a seed, or
+    ``int8``. ``feature_dims``: the teachers' embedding widths
     when the bank stores embeddings (:mod:`pipeline.bank.features`).
     """
     n, t, v, c = shape
@@ -65,7 +71,8 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
         for stale in Path(path).parent.glob(f".{Path(path).name}.creating-*"):  # left by a killed creator
             storage.remove(stale)
     g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
-    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, cp.sums_width(t) if fmt != "dense" else 0)
+    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, cp.sums_width(t) if fmt != "dense" else 0,
+                       samples)
     feats: dict[str, Any] = {}
     if feature_dims:
         ffmt = fe.feature_format(fmt, dtype)
@@ -77,7 +84,7 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
     full = {
         **attrs,
         "schema_version": SCHEMA_VERSION,
-        **format_attrs(fmt, shape, k),
+        **format_attrs(fmt, shape, k, samples, sample_seed),
         **feats,
         "shape": [n, t, v, c],
         "dtype": dtype,
@@ -127,7 +134,8 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
             g["logits"][s:e] = logits.astype(g["logits"].dtype, copy=False)
         else:
             arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
-                                           g.attrs.get("topk"), g.attrs["dtype"])
+                                           g.attrs.get("topk"), g.attrs["dtype"], samples=g.attrs.get("samples"),
+                                           seed=int(g.attrs.get("sample_seed", 0)), start=s)
             for name, a in arrays.items():
                 g[name][s:e] = a
             g["chunk_sums"][j] = sums
@@ -155,7 +163,7 @@ def chunk_sums_attrs(g: zarr.Group, names: list[str]) -> dict[str, Any]:
         raise BankError(f"label bank is damaged: array 'chunk_sums' has no value for chunks {bad[:10].tolist()}")
     total = sums.sum(axis=0)
     lay = {k: slice(*v) for k, v in cp.sums_layout(int(g.attrs["shape"][1])).items()}
-    return {"fidelity": cp.fidelity_from_sums(total[lay["fidelity"]]),
+    return {"fidelity": cp.fidelity_from_sums(total[lay["fidelity"]], g.attrs.get("format", "topk")),
             "metrics": st.metrics_from_states(total[lay["metrics"]], names),
             "source_metrics": st.metrics_from_states(total[lay["source_metrics"]], names)}
 

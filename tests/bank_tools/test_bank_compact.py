@@ -33,8 +33,8 @@ def test_topk_full_k_reproduces_the_distribution(src, tmp_path: Path) -> None:
     assert verify_bank(out) == []
     bank = LabelBank(out)
     assert bank.format == "topk" and bank.attrs["topk"] == 9
-    assert bank.attrs["compact_arrays"] == ["topk_values", "topk_indices", "target_logprob"]
-    assert "logits" not in bank.group and bank.attrs["tail"] == "uniform"
+    assert bank.attrs["compact_arrays"] == ["topk_values", "topk_indices", "target_logprob", "tail_lse"]
+    assert "logits" not in bank.group and bank.attrs["tail"] == "stats"
     assert bank.group["topk_values"].dtype == np.float16 and bank.group["topk_indices"].dtype == np.int16
     assert bank.group["target_logprob"].dtype == np.float16 and bank.group["target_logprob"].shape == (150, 2, 2)
     full = bank.load(dtype=__import__("torch").float32).numpy()  # the reader reconstructs transparently
@@ -44,6 +44,7 @@ def test_topk_full_k_reproduces_the_distribution(src, tmp_path: Path) -> None:
         np.testing.assert_allclose(softmax(full[keep] / tau), softmax(x[keep] / tau), atol=2e-3)
     f = bank.attrs["fidelity"]
     assert f["kl_t1"] < 1e-5 and f["kl_t2"] < 1e-5 and f["kl_t4"] < 1e-5 and f["top1_agreement"] == 1.0
+    assert f["tv_t4"] < 2e-3 and f["tail_t4"] == f["tail_dense_t4"] == 0.0  # nothing outside the kept classes
     assert f["vectors"] == (150 - 2) * 2 * 2
     assert np.array_equal(bank.labels(), LabelBank(path).labels())
     assert np.array_equal(bank.skipped(), skipped)
@@ -77,13 +78,22 @@ def test_topk_reconstruction_keeps_the_true_class_and_spreads_the_rest_uniformly
     f = LabelBank(out).attrs["fidelity"]
     assert f["top1_agreement"] == 1.0
     assert f["kl_t1"] == pytest.approx(_kl(p, q).mean(), rel=0.02)
+    # at T > 1, fidelity is measured on the target stage 2 builds, by hand: the kept classes at T exactly, the tail
+    # holding its own mass at T (not the T = 1 spread re-softened), spread evenly for the KL
     for tau in (2, 4):
-        assert f[f"kl_t{tau}"] == pytest.approx(_kl(softmax(x[keep] / tau), softmax(got[keep] / tau)).mean(), rel=0.02)
+        pt = softmax(x[keep] / tau)
+        tail_mass = np.where(kept, 0.0, pt).sum(-1, keepdims=True)
+        hand = np.where(kept, pt, tail_mass / (~kept).sum(-1, keepdims=True))
+        assert f[f"kl_t{tau}"] == pytest.approx(_kl(pt, hand).mean(), rel=0.02)
+        assert f[f"tv_t{tau}"] == pytest.approx(0.5 * np.abs(pt - hand).sum(-1).mean(), rel=0.02)
+        assert f[f"tail_t{tau}"] == pytest.approx(tail_mass.mean(), rel=5e-3)
+        assert f[f"tail_dense_t{tau}"] == pytest.approx(tail_mass.mean(), rel=1e-3)
+        resoftened = softmax(got[keep] / tau)  # the old layout's target: the T = 1 uniform tail re-softened
+        assert np.where(kept, 0.0, resoftened).sum(-1).mean() > 1.02 * tail_mass.mean()  # inflated (power mean)
     info = bank_info(str(out))
     assert info["format"] == "topk" and info["fidelity"] == f and info["bytes_per_sample"] > 0
-    assert info["compact"] == {"topk": 3, "tail": "uniform", "raw_bytes_per_vector": 14}
-    # fewer bytes than the dense source (array payload; the demo-sized metadata dominates the total)
-    assert LabelBank(out).attrs["raw_bytes_per_vector"] == 14 < 2 * 9
+    assert info["compact"] == {"topk": 3, "tail": "stats", "raw_bytes_per_vector": 26}
+    assert LabelBank(out).attrs["raw_bytes_per_vector"] == 3 * 4 + 2 + 2 * 6  # the tail statistics: 6 fp16
 
 
 def test_int8_round_trip(src, tmp_path: Path, capsys) -> None:
@@ -119,17 +129,17 @@ def test_codec_edge_cases() -> None:
     y = cp.decode_int8(*cp.encode_int8(near))
     assert y[0, 0] == y[0, 3] == 0.0 and y[0, 1] < 0.0 and y.argmax() == 0
     lab = np.array([0, 0, 1])
-    v, i, t = cp.encode_topk(x, 1, lab)
+    v, i, t = (cp.encode_topk(x, 1, lab)[n] for n in ("topk_values", "topk_indices", "target_logprob"))
     y = cp.decode_topk(v, i, t, lab, 3)
     assert np.isfinite(y[:2]).all() and np.isnan(y[2]).all() and np.isnan(t[2])
     assert y[1].argmax() == 0 and y[1, 1] == y[1, 2]
     lab = np.array([1, 2, 0])  # true class outside the top 1: kept exactly, the one other class gets the rest
-    v, i, t = cp.encode_topk(x, 1, lab)
+    v, i, t = (cp.encode_topk(x, 1, lab)[n] for n in ("topk_values", "topk_indices", "target_logprob"))
     y = cp.decode_topk(v, i, t, lab, 3)
     assert y[1, 2] == np.float32(np.float16(1.0 - np.log(np.exp(5.0) + np.exp(1.0) + np.exp(-60000.0))))
     assert y[0, 1] == y[0, 0] and np.isnan(y[2]).all()
     big = np.random.default_rng(0).standard_normal((4, 40000)).astype(np.float32)
-    v, i, t = cp.encode_topk(big, 5, np.arange(4))
+    v, i, t = (cp.encode_topk(big, 5, np.arange(4))[n] for n in ("topk_values", "topk_indices", "target_logprob"))
     assert i.dtype == np.int32 and np.array_equal(i[:, 0], big.argmax(1)) and t.shape == (4,)
 
 

@@ -82,8 +82,8 @@ def test_resident_memory_is_the_compact_size(tmp_path: Path):
     path, _ = make_bank(tmp_path / "k10.zarr", "topk", 10, n=40, t=1, v=2, c=1000)
     bank = LabelBank(path)
     (res,) = load_residents([bank])
-    assert res.nbytes == resident_nbytes(bank) == 40 * 2 * (11 * 4 + 4)
-    assert dense_nbytes(bank) == 40 * 2 * 1000 * 2 and res.nbytes < dense_nbytes(bank) / 40
+    assert res.nbytes == resident_nbytes(bank) == 40 * 2 * (11 * 4 + 4 + 2 * 6)  # + the tail statistics
+    assert dense_nbytes(bank) == 40 * 2 * 1000 * 2 and res.nbytes < dense_nbytes(bank) / 30
     assert all(1000 not in a.shape for a in res.arrays.values())
     stored = sum(np.asarray(bank.group[n][:]).nbytes for n in bank.attrs["compact_arrays"])
     assert res.nbytes <= 1.2 * stored  # ~ the compact payload (+1 slot and a float32 fill per vector)
@@ -106,8 +106,8 @@ def test_true_class_probability_exact_outside_the_top_k(tmp_path: Path):
 
 
 def test_dense_bank_over_the_memory_budget_is_refused_in_one_line(tmp_path: Path, monkeypatch):
-    path, _ = make_bank(tmp_path / "d.zarr")
-    kpath, _ = make_bank(tmp_path / "k.zarr", "topk", 2)
+    path, _ = make_bank(tmp_path / "d.zarr", c=60)
+    kpath, _ = make_bank(tmp_path / "k.zarr", "topk", 2, c=60)
     dense, topk = LabelBank(path), LabelBank(kpath)
     budget = (resident_nbytes(topk) + dense_nbytes(dense)) / 2  # between the compact and the dense size
     monkeypatch.setenv(BUDGET_ENV, str(budget / 1e9))
@@ -139,19 +139,30 @@ def test_damaged_and_outdated_compact_banks_are_refused(tmp_path: Path):
 
 
 def test_several_formats_on_the_teacher_axis(tmp_path: Path):
-    """Views x compact x several banks: a dense, a top-k and an int8 bank gathered together on T."""
+    """Views x compact x several banks: a dense and an int8 bank gathered together on T as logits; two top-k banks
+    as one sparse target; a top-k bank beside a dense one refused in one line (their targets differ in kind)."""
+    from pipeline.errors import UsageError
     from stage2_student_train.label_sources import BankLabelSource, view_choice
 
-    paths = [make_bank(tmp_path / f"{f}.zarr", f, k, seed=s)[0]
-             for f, k, s in (("dense", None, 0), ("topk", 4, 1), ("int8", None, 2))]
-    banks = [LabelBank(p) for p in paths]
+    paths = {f"{f}{s}": make_bank(tmp_path / f"{f}{s}.zarr", f, k, seed=s)[0]
+             for f, k, s in (("dense", None, 0), ("topk", 4, 1), ("int8", None, 2), ("topk", 4, 3))}
+    banks = [LabelBank(paths[n]) for n in ("dense0", "int82")]
     src = BankLabelSource(banks, replay_seed=3)
     index = torch.tensor([0, 7, 69, 16, 15])
     out = src({"index": index, "epoch": 2})["teacher_logits"]
-    assert out.shape == (5, 3 * T, C) and len(src.teachers) == 3 * T
+    assert out.shape == (5, 2 * T, C) and len(src.teachers) == 2 * T
     view = view_choice(index, 2, 3, V).numpy()
     for j, b in enumerate(banks):
         assert np.array_equal(out[:, j * T:(j + 1) * T].numpy(), _expected(b, index.numpy(), view), equal_nan=True)
+    sparse = [LabelBank(paths[n]) for n in ("topk1", "topk3")]
+    tgt = BankLabelSource(sparse, replay_seed=3)({"index": index, "epoch": 2})["teacher_target"]
+    assert tgt.kind == "topk" and tgt.kept_index.shape == (5, 2 * T, 5) and tgt.tail_lse.shape == (5, 2 * T, 6)
+    for j, b in enumerate(sparse):  # the kept classes and their log-probabilities are the stored ones
+        want = _expected(b, index.numpy(), view)
+        got = np.take_along_axis(want, tgt.kept_index[:, j * T:(j + 1) * T].numpy(), axis=-1)
+        assert np.array_equal(tgt.kept_logprob[:, j * T:(j + 1) * T].numpy(), got, equal_nan=True)
+    with pytest.raises(UsageError, match="different kinds"):
+        BankLabelSource([LabelBank(paths["dense0"]), sparse[0]])
 
 
 def test_topk_with_int32_indices(tmp_path: Path):
@@ -160,7 +171,7 @@ def test_topk_with_int32_indices(tmp_path: Path):
     bank = LabelBank(path)
     assert bank.group["topk_indices"].dtype == np.int32
     (res,) = load_residents([bank])
-    assert res.nbytes == resident_nbytes(bank) == 20 * 2 * 2 * 36  # fill 4 + 5 indices x 4 + 5 values x 2, padded
+    assert res.nbytes == resident_nbytes(bank) == 20 * 2 * 2 * 48  # fill 4 + 5 indices x 4 + 5 values x 2 + tail 12, padded
     index, view = np.array([0, 19, 3, 7]), np.array([1, 0, 1, 1])
     out = res.gather(torch.from_numpy(index), torch.from_numpy(view)).numpy()
     assert np.array_equal(out, _expected(bank, index, view), equal_nan=True)

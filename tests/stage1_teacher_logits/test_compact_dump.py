@@ -22,7 +22,10 @@ from pipeline.labels import main as labels_main
 from s1_helpers import kill_dump_after_chunks
 
 REPO = Path(__file__).resolve().parents[2]
-TOPK_ARRAYS = ("topk_values", "topk_indices", "target_logprob")
+TOPK_ARRAYS = ("topk_values", "topk_indices", "target_logprob", "tail_lse")
+SAMPLED_ARRAYS = TOPK_ARRAYS + ("sample_indices", "sample_logprob", "logsumexp")
+FIDELITY_KEYS = {f"{s}_t{t}" for s in ("kl", "tv", "tail", "tail_dense") for t in (1, 2, 4)} | {"top1_agreement",
+                                                                                              "vectors"}
 ROW_ARRAYS = ("labels", "views", "skipped", "done", "chunk_sums")
 
 
@@ -48,13 +51,14 @@ def ensemble_views(demo_root: Path, make_ckpt, tmp_path_factory) -> dict:
             "--data", str(demo_root), "--preset", "demo", "--batch-size", "32", "--rows-per-chunk", "64",
             "--views", "2", "--view-policy", "rrc+flip", "--workers", "1"]
     out = {"base": base}
-    for name, extra in (("dense", []), ("topk", ["--format", "topk", "--topk", "3"]), ("int8", ["--format", "int8"])):
+    for name, extra in (("dense", []), ("topk", ["--format", "topk", "--topk", "3"]), ("int8", ["--format", "int8"]),
+                        ("sampled", ["--format", "sampled", "--topk", "2", "--samples", "3", "--sample-seed", "7"])):
         out[name] = d / f"{name}.zarr"
         assert main(base + extra + ["--out", str(out[name])]) == 0
     return out
 
 
-@pytest.mark.parametrize("fmt", ["topk", "int8"])
+@pytest.mark.parametrize("fmt", ["topk", "int8", "sampled"])
 def test_compact_on_write_equals_labels_compact_of_the_dense_dump(ensemble_views: dict, tmp_path: Path, fmt: str):
     dense, direct = ensemble_views["dense"], ensemble_views[fmt]
     bank = LabelBank(direct)
@@ -62,15 +66,16 @@ def test_compact_on_write_equals_labels_compact_of_the_dense_dump(ensemble_views
     assert "logits" not in bank.group  # no dense array is ever written
     assert verify_bank(direct) == []
     out = tmp_path / "compacted.zarr"
-    extra = ["--topk", "3"] if fmt == "topk" else []
-    assert labels_main(["compact", str(dense), "-o", str(out), "--format", fmt, *extra, "--no-progress"]) == 0
-    names = (TOPK_ARRAYS if fmt == "topk" else ("q", "scale")) + ROW_ARRAYS
+    extra = {"topk": ["--topk", "3"], "int8": [], "sampled": ["--topk", "2", "--samples", "3", "--sample-seed", "7"]}
+    assert labels_main(["compact", str(dense), "-o", str(out), "--format", fmt, *extra[fmt], "--no-progress"]) == 0
+    names = {"topk": TOPK_ARRAYS, "int8": ("q", "scale"), "sampled": SAMPLED_ARRAYS}[fmt] + ROW_ARRAYS
     _assert_same_arrays(direct, out, names)  # payload, rows and the per-chunk fidelity/metric sums
     a, b = bank.attrs, LabelBank(out).attrs
     assert a["fidelity"] == b["fidelity"] and a["metrics"] == b["metrics"]
     assert a["compact_arrays"] == b["compact_arrays"] and a.get("tail") == b.get("tail")
-    assert set(a["fidelity"]) == {"kl_t1", "kl_t2", "kl_t4", "top1_agreement", "vectors"}
+    assert set(a["fidelity"]) == (FIDELITY_KEYS - ({"kl_t1", "kl_t2", "kl_t4"} if fmt == "sampled" else set()))
     assert a["fidelity"]["vectors"] == 300 * 2 * 2 and a["fidelity"]["top1_agreement"] == 1.0
+    assert a.get("samples") == (3 if fmt == "sampled" else None) and a.get("sample_seed") == (7 if fmt == "sampled" else None)
     # the teachers' own metrics, measured before encoding, are those of the dense dump
     for name, m in LabelBank(dense).attrs["metrics"].items():
         for k in ("top1", "top5", "ece", "nll"):
@@ -85,13 +90,14 @@ def test_info_reports_fidelity_at_recipe_temperatures(ensemble_views: dict, caps
     assert labels_main(["info", str(ensemble_views["topk"])]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("fidelity"))
-    assert "KL(T=1)" in line and "KL(T=2)" in line and "KL(T=4)" in line and "top-1 agreement 1.0000" in line
-    assert "top 3 + true class, tail uniform" in out
+    assert "T=1: KL" in line and "T=2: KL" in line and "T=4: KL" in line and "top-1 agreement 1.0000" in line
+    assert "tail" in line and "(teacher" in line
+    assert "top 3 + true class, tail stats" in out
     info = bank_info(str(ensemble_views["topk"]))
     f = info["fidelity"]
     kls = [f["kl_t1"], f["kl_t2"], f["kl_t4"]]  # measured per temperature (not one figure copied three times)
     assert all(0 < k < 10 for k in kls) and len(set(kls)) == 3
-    assert info["compact"]["raw_bytes_per_vector"] == 3 * 4 + 2
+    assert info["compact"]["raw_bytes_per_vector"] == 3 * 4 + 2 + 2 * 6
 
 
 def test_true_class_log_probability_is_exact_outside_the_top_k(ensemble_views: dict):
@@ -141,10 +147,13 @@ def test_default_path_and_key_of_a_compact_dump(demo_root: Path, tmp_path: Path,
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(paths["topk"])
 
 
-def test_sigkill_then_resume_of_a_compact_dump_is_bit_identical(demo_root: Path, tmp_path: Path, capsys):
+@pytest.mark.parametrize("fmt", ["topk", "sampled"])
+def test_sigkill_then_resume_of_a_compact_dump_is_bit_identical(demo_root: Path, tmp_path: Path, capsys, fmt: str):
+    """A killed dump resumed is bit for bit an uninterrupted one; for ``sampled`` the draws too (seeded by row)."""
+    extra = ["--topk", "2"] + (["--samples", "4", "--sample-seed", "3"] if fmt == "sampled" else [])
     args = lambda out: ["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--preset",  # noqa: E731
                         "demo", "--rows-per-chunk", "16", "--batch-size", "8", "--workers", "1", "--views", "2",
-                        "--view-policy", "rrc", "--format", "topk", "--topk", "2", "--out", str(out)]
+                        "--view-policy", "rrc", "--format", fmt, *extra, "--out", str(out)]
     killed = tmp_path / "killed.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     rc = kill_dump_after_chunks(args(killed), killed, env)
@@ -156,7 +165,7 @@ def test_sigkill_then_resume_of_a_compact_dump_is_bit_identical(demo_root: Path,
     assert capsys.readouterr().out.strip() == str(killed)
     clean = tmp_path / "clean.zarr"
     assert main(args(clean)) == 0
-    _assert_same_arrays(killed, clean, TOPK_ARRAYS + ROW_ARRAYS)
+    _assert_same_arrays(killed, clean, (SAMPLED_ARRAYS if fmt == "sampled" else TOPK_ARRAYS) + ROW_ARRAYS)
     a, b = LabelBank(killed).attrs, LabelBank(clean).attrs
     assert a["fidelity"] == b["fidelity"] and a["metrics"] == b["metrics"] and a["key"] == b["key"]
 
