@@ -1,5 +1,6 @@
 """``python -m pipeline.report runs/*``: a comparison table of finished runs (method, student, teacher, every bank
-the run read, preset, amp, epochs, top-1, top-5, ECE, NLL, training time).
+the run read, preset, amp, epochs, top-1, top-5, ECE, NLL, teacher-student top-1 agreement (%) and KL(teacher ‖
+student) at T = 1 on val (n/a without a teacher or a val bank of it), training time).
 
 Runs that reused one bank line up side by side. Numbers have one format per column (accuracies in percent with 2
 decimals, ECE and NLL with 4, seconds with 2). ``--markdown`` prints a Markdown table; ``--json`` the rows.
@@ -16,9 +17,12 @@ from typing import Sequence
 from pipeline.errors import CliParser, UsageError, cli_entry
 
 COLUMNS = ("run", "method", "student", "teacher", "bank", "preset", "amp", "epochs", "top1", "top5", "ece", "nll",
-           "time_s")
+           "agree", "kl", "time_s")
 # one number format per column, whatever the magnitude
-FORMATS = {"top1": "{:.2f}", "top5": "{:.2f}", "ece": "{:.4f}", "nll": "{:.4f}", "time_s": "{:.2f}"}
+FORMATS = {"top1": "{:.2f}", "top5": "{:.2f}", "ece": "{:.4f}", "nll": "{:.4f}", "agree": "{:.2f}", "kl": "{:.4f}",
+           "time_s": "{:.2f}"}
+# teacher-student agreement (%) and KL(teacher || student) at T = 1 on val: n/a without a teacher or a val bank
+FIDELITY = ("agree", "kl")
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +50,8 @@ def collect(paths: Sequence[str], left_out: list[str] | None = None) -> list[dic
             "run": Path(p).name, "method": d.get("method"), "student": d.get("student"),
             "teacher": d.get("teacher") or "-", "bank": banks, "preset": d.get("preset", "-"),
             "amp": d.get("amp", "-"), "epochs": d.get("epochs"), "top1": d.get("top1"), "top5": d.get("top5"),
-            "ece": d.get("ece"), "nll": d.get("nll"), "time_s": d.get("train_time_s"),
+            "ece": d.get("ece"), "nll": d.get("nll"), "agree": d.get("teacher_agreement"),
+            "kl": d.get("teacher_kl"), "time_s": d.get("train_time_s"),
         })
     rows.sort(key=lambda r: (str(r["bank"]), str(r["method"]), str(r["run"])))
     if left_out and not quiet:
@@ -56,7 +61,7 @@ def collect(paths: Sequence[str], left_out: list[str] | None = None) -> list[dic
 
 def _fmt(column: str, v) -> str:
     if v is None:
-        return "-"
+        return "n/a" if column in FIDELITY else "-"
     if column in FORMATS and isinstance(v, (int, float)):
         return FORMATS[column].format(v)
     return str(v)

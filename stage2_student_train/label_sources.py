@@ -360,3 +360,38 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
              ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
                        for r in src.residents))
     return src
+
+
+def val_teacher(source: LabelSource, val: Manifest, preset_name: str, device: str,
+                data_flag: str = "ROOT") -> Callable[[dict[str, Any]], torch.Tensor] | None:
+    """What evaluation compares the student with: batch -> the teachers' logits [B, T, C] on the val images, or
+    None (no teacher, or no val bank: logged with the dump command that makes one).
+
+    A live teacher runs on the val batch. Banks: a complete cached bank of the val split (dataset fingerprint)
+    whose teachers are the training banks' (arch, weights, checkpoint sha256, in order), dumped with the run's
+    preprocessing and the eval transform (center view), preferring dense; its rows are gathered by the val
+    samples' indices (compact banks: their T = 1 reconstruction)."""
+    if isinstance(source, LiveTeacherLabelSource):
+        return lambda batch: source(batch)["teacher_logits"]
+    if not isinstance(source, BankLabelSource):
+        return None
+    want = [teacher_match(t) for t in source.teachers]
+    found = [b for b in cached_banks() if b.complete and b.fingerprint == val.fingerprint
+             and [teacher_match(t) for t in b.attrs.get("teachers", [])] == want
+             and b.attrs.get("views", {}).get("policy", "center") == "center"
+             and (b.attrs.get("preprocessing") or {}).get("name") == preset_name]
+    if not found:
+        weights = " ".join(f"--teacher {t.get('arch')} --weights {t.get('weights')}" for t in source.teachers)
+        log.info("no val bank of the teachers in %s: teacher agreement and KL are n/a; make one with python -m "
+                 "pipeline.dump_logits %s --data %s --split %s --preset %s", cache_root(), weights, data_flag,
+                 val.split, preset_name)
+        return None
+    found.sort(key=lambda b: b.attrs.get("format", "dense") != "dense")
+    residents = load_residents([LabelBank(found[0].path)], device)
+    log.info("teacher agreement and KL on %s from %s", val.split, found[0].path)
+
+    def logits(batch: dict[str, Any]) -> torch.Tensor:
+        dev = batch["image"].device
+        return torch.cat([r.gather(batch["index"], None, dev) for r in residents], dim=1)
+
+    return logits

@@ -145,19 +145,36 @@ def _stop_if_diverged(first_bad: torch.Tensor, epoch: int, info: DistInfo, pbar:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], targets: torch.Tensor, *, device: str = "cpu",
-             amp: str = "none", channels_last: bool = False, info: DistInfo = DistInfo()
+             amp: str = "none", channels_last: bool = False, info: DistInfo = DistInfo(),
+             teacher: Callable[[dict], torch.Tensor] | None = None,
              ) -> tuple[dict[str, float], MetricAccumulator]:
-    """Top-1/top-5 (percent), NLL and ECE (15 bins) over ``batches``, all-reduced across ranks."""
+    """Top-1/top-5 (percent), NLL and ECE (15 bins) over ``batches``, all-reduced across ranks.
+
+    With ``teacher`` (batch dict -> the teachers' logits [B, T, C] of its images; several teachers: their mean
+    logit, the ensemble every mean-logit method distils), also the student's agreement with the teacher
+    (``teacher_agreement``: percent of samples whose top-1 classes agree) and ``teacher_kl``: the mean
+    KL(teacher ‖ student) at T = 1 in nats (big_vision's distillation metrics)."""
     model.eval()
     acc = MetricAccumulator()
+    fid = torch.zeros(3, dtype=torch.float64)  # samples, agreements, KL sum
     for b in batches:
         batch = make_batch(b, targets, device, 0, channels_last)
         with autocast_context(device, amp):
             logits = model(batch["image"])
         acc.update(logits.float(), batch["label"])
+        if teacher is not None:
+            zt = teacher(batch).float().mean(dim=1)
+            log_pt, log_ps = torch.log_softmax(zt, dim=1), torch.log_softmax(logits.float(), dim=1)
+            kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+            fid += torch.stack([torch.tensor(float(len(zt))), (zt.argmax(1) == logits.argmax(1)).sum().double().cpu(),
+                                kl.sum().double().cpu()]).double()
     if info.enabled:
         acc.load_state(all_reduce_sum(acc.state(), info))
+        fid = all_reduce_sum(fid, info)
     m = acc.compute()
+    if teacher is not None:
+        n = max(fid[0].item(), 1.0)
+        m.update(teacher_agreement=100.0 * fid[1].item() / n, teacher_kl=fid[2].item() / n)
     if not math.isfinite(m["nll"]):
         log.warning("non-finite NLL in evaluation")
     return m, acc

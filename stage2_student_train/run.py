@@ -36,7 +36,7 @@ from stage2_student_train import checkpoint as ckpt
 from stage2_student_train import memory
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.inputs import check_config, load_manifests, undecodable
-from stage2_student_train.label_sources import LabelSource, build_label_source
+from stage2_student_train.label_sources import LabelSource, build_label_source, val_teacher
 from stage2_student_train.loop import evaluate, train_one_epoch
 from stage2_student_train.optim import build_optimizer, build_scheduler
 from stage2_student_train.step import TrainModule, wrap
@@ -164,6 +164,7 @@ class Run:
     steps: int  # optimizer steps per epoch
     tb: Any  # TensorBoard SummaryWriter on rank 0, else None
     identity: dict[str, Any]  # what the data and banks are, whatever their paths (checkpoint.run_identity)
+    val_teacher: Callable[[dict], torch.Tensor] | None = None  # the teachers' val logits, for agreement and KL
 
     @property
     def num_classes(self) -> int:
@@ -247,8 +248,9 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler)
     tb = _tensorboard(out) if info.is_main else None
     identity = ckpt.run_identity(train_m, label_source.bank_keys, info)
+    teacher = val_teacher(label_source, val_m, preset.name, cfg.device, cfg.data)
     return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, module, label_source, steps, tb,
-               identity)
+               identity, teacher)
 
 
 def on_rank0(fn: Callable[[], Any], info: DistInfo) -> Any:
@@ -315,7 +317,8 @@ def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
     val_order = val_share(run.val_keep, info)
     targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
     return evaluate(run.parts.model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
-                    device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info)
+                    device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info,
+                    teacher=run.val_teacher)
 
 
 def val_share(keep: np.ndarray, info: DistInfo) -> np.ndarray:
@@ -397,7 +400,7 @@ def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: Metr
         "preset": cfg.preset, "amp": cfg.amp, "loader": cfg.loader,
         "epochs": cfg.epochs, "seed": cfg.seed, "world_size": info.world_size,
         "global_batch_size": cfg.batch_size * info.world_size,
-        **{k: last.get(k) for k in ("top1", "top5", "nll", "ece")},
+        **{k: last.get(k) for k in ("top1", "top5", "nll", "ece", "teacher_agreement", "teacher_kl")},
         "best_top1": max((r["top1"] for r in rows), default=best),
         "train_time_s": sum(r.get("train_time_s", 0.0) for r in rows),
         "train_images_per_s": last.get("train_images_per_s"),

@@ -71,6 +71,25 @@ def np_metrics(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
     return {"top1": top1, "top5": top5, "nll": nll, "ece": ece}
 
 
+def val_logits(model_path: Path, demo_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A saved democnn_s student's val logits [N, C] in sample order, and the labels [N]."""
+    from pipeline.data.dali import build_pipeline, iterate
+    from pipeline.data import build_manifest
+    from pipeline.data.presets import get_preset
+    from pipeline.models import create_model
+
+    m = create_model("democnn_s", 10, None)
+    m.load_state_dict(model_state(model_path))
+    m.eval()
+    manifest = build_manifest(demo_root, "val")
+    order = np.arange(len(manifest))
+    out = np.zeros((len(manifest), 10), np.float32)
+    with torch.no_grad():
+        for b in iterate(build_pipeline(manifest, order, get_preset("demo"), "eval", 50, 1), len(order), 50):
+            out[b.index.numpy()] = m(b.images).numpy()
+    return out, manifest.labels.astype(np.int64)
+
+
 def eval_numpy(model_path: Path, demo_root: Path) -> dict:
     """Evaluate a saved student on the whole val split independently of stage 2's evaluate()."""
     from pipeline.data.dali import build_pipeline, iterate

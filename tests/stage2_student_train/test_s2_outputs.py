@@ -105,3 +105,46 @@ def test_config_yaml_is_resolved_and_reproduces_the_run(reference_run, tmp_path,
     assert main(["--config", str(reference_run / "config.yaml"), "--output-dir", str(out)]) == 0
     assert_same_state(model_state(reference_run / "last.pt"), model_state(out / "last.pt"))
     assert yaml.safe_load((out / "config.yaml").read_text()) == {**saved, "output_dir": str(out)}
+
+
+def test_teacher_agreement_and_kl_on_val(train, tmp_path, demo_root, teacher_ckpt, monkeypatch, caplog):
+    """Issue 22, point 4: a run with a teacher reports top-1 agreement with it and KL(teacher || student) at T = 1
+    on val, from a val bank of the same teacher found in the cache (metrics.jsonl, final.json, the report); they
+    equal a hand computation from the saved student and the val bank. Without a val bank: n/a and the command."""
+    import logging
+
+    from pipeline.bank.reader import LabelBank
+    from pipeline.dump_logits import main as dump
+    from pipeline.report import collect, format_table
+    from s2_helpers import val_logits
+
+    monkeypatch.setenv("KD_CACHE", str(tmp_path / "cache"))
+    common = ["--teacher", "democnn_s", "--weights", str(teacher_ckpt), "--data", str(demo_root), "--preset", "demo",
+              "--batch-size", "32", "--workers", "1"]
+    assert dump([*common, "--split", "train"]) == 0
+    out = tmp_path / "no-val-bank"
+    with caplog.at_level(logging.INFO):
+        assert train(out, "--teacher", "democnn_s", "--teacher-weights", str(teacher_ckpt),
+                     "max_steps_per_epoch=2") == 0
+    assert "teacher agreement and KL are n/a" in caplog.text and "--split val" in caplog.text
+    assert "teacher_agreement" not in read_metrics(out)[0]
+    assert dump([*common, "--split", "val"]) == 0
+    out = tmp_path / "run"
+    assert train(out, "--teacher", "democnn_s", "--teacher-weights", str(teacher_ckpt), "max_steps_per_epoch=3",
+                 epochs=2) == 0
+    row = read_metrics(out)[-1]
+    student, _ = val_logits(out / "last.pt", demo_root)
+    val_bank = next(p for p in (tmp_path / "cache").rglob("*.zarr") if LabelBank(p).attrs["dataset"]["split"] == "val")
+    teacher = LabelBank(val_bank).read_logits()[:, 0, 0].astype(np.float64)
+    log_pt = teacher - np.log(np.exp(teacher - teacher.max(1, keepdims=True)).sum(1, keepdims=True)) - \
+        teacher.max(1, keepdims=True)
+    s = student.astype(np.float64)
+    log_ps = s - s.max(1, keepdims=True) - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True))
+    kl = float((np.exp(log_pt) * (log_pt - log_ps)).sum(1).mean())
+    agree = 100.0 * float((teacher.argmax(1) == student.argmax(1)).mean())
+    assert row["teacher_agreement"] == pytest.approx(agree, abs=1e-9)
+    assert row["teacher_kl"] == pytest.approx(kl, rel=1e-3, abs=1e-5) and kl > 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["teacher_agreement"] == row["teacher_agreement"] and final["teacher_kl"] == row["teacher_kl"]
+    table = format_table(collect([str(out), str(tmp_path / "no-val-bank")]))
+    assert "agree" in table and f"{agree:.2f}" in table and "n/a" in table
