@@ -33,6 +33,7 @@ from pipeline.bank.stats import entry_names
 from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete, write_chunk
 from pipeline.config import RESUME_MATCH, key, to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
+from pipeline.data.layouts import SPLITS
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
 from pipeline.data.presets import get_preset, resolve_preset, weights_preprocess
@@ -63,7 +64,7 @@ class DumpConfig:
     data: str = key("", help="dataset root (ImageNet folders, *_list.txt, CIFAR pickles, packed shards; `make demo` "
                              "prepares data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
                     default_text="none, required")
-    split: str = key("train", help="split", flags=("--split",), choices=("train", "val", "test"), resume=RESUME_MATCH)
+    split: str = key("train", help="split", flags=("--split",), choices=SPLITS, resume=RESUME_MATCH)
     layout: str = key("auto", help="dataset layout: auto, imagefolder, filelist, cifar, shards", flags=("--layout",),
                       resume=RESUME_MATCH)
     preset: str = key("auto", help="preprocessing: auto (each teacher's own: a timm tag's pretrained config or a "

@@ -1,6 +1,6 @@
 """``python -m pipeline.data COMMAND``: dataset preparation.
 
-  prepare-demo [--out DIR]                       write the embedded dataset as a JPEG tree
+  prepare-demo [--task fashion10|pairs100] [--out DIR]   write the embedded dataset (or the 100-class pairs task)
   list ROOT [--split S] [-o DIR]                 <split>_list.txt + classes.txt (file-list layout; -o ROOT is usual)
   pack ROOT [--split S] -o SHARDS [--shard-size 1GB] [--resize-shorter N] [--quality Q] [--workers P]
                                                  webdataset tar shards + shards.json (resumable: re-run to finish)
@@ -15,7 +15,24 @@ import json
 import sys
 from typing import Sequence
 
+from pipeline.data.layouts import SPLITS
 from pipeline.errors import CliParser, UsageError, cli_entry, setup_logging
+
+
+def _prepare_demo(args: argparse.Namespace) -> str:
+    from pipeline.data.embedded import prepare_default_dataset, prepare_pairs_dataset
+
+    for flag, v in (("--train-per-class", args.train_per_class), ("--val-per-class", args.val_per_class),
+                    ("--heldout-per-class", args.heldout_per_class)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be at least 1 (leave it out for the default), got {v}")
+    caps = {k: v for k, v in (("train", args.train_per_class), ("val", args.val_per_class),
+                              ("heldout", args.heldout_per_class)) if v}
+    if args.task == "pairs100":
+        return str(prepare_pairs_dataset(args.out or "data/fashion-pairs", caps or None))
+    if args.heldout_per_class is not None:
+        raise UsageError("--heldout-per-class applies to --task pairs100 only")
+    return str(prepare_default_dataset(args.out or "data/fashion-mnist", caps or None))
 
 
 @cli_entry
@@ -23,21 +40,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = CliParser(prog="python -m pipeline.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("prepare-demo", help="write Fashion-MNIST as train/<class>/*.jpg, val/<class>/*.jpg")
-    d.add_argument("--out", default="data/fashion-mnist")
+    d = sub.add_parser("prepare-demo", help="write Fashion-MNIST as train/<class>/*.jpg, val/<class>/*.jpg (--task "
+                                            "pairs100: the 100-class task of two stacked items)")
+    d.add_argument("--task", default="fashion10", choices=["fashion10", "pairs100"],
+                   help="fashion10: Fashion-MNIST's 10 classes (default); pairs100: two items stacked vertically, class "
+                        "= (top, bottom), train / heldout / val")
+    d.add_argument("--out", default=None, help="default: data/fashion-mnist (fashion10), data/fashion-pairs (pairs100)")
     d.add_argument("--train-per-class", type=int, default=None,
-                   help="cap of train images per class, >= 1 (default: all 6000)")
-    d.add_argument("--val-per-class", type=int, default=None, help="cap of val images per class, >= 1 (default: all 1000)")
+                   help="images per class in train, >= 1 (default: all 6000; pairs100: 200)")
+    d.add_argument("--val-per-class", type=int, default=None,
+                   help="images per class in val, >= 1 (default: all 1000; pairs100: 50)")
+    d.add_argument("--heldout-per-class", type=int, default=None,
+                   help="pairs100 only: images per class in heldout, >= 1 (default 20)")
 
     ls = sub.add_parser("list", help="write <split>_list.txt (relpath label) and classes.txt "
                                      "from ROOT/<split>/<class>/*")
     ls.add_argument("root")
-    ls.add_argument("--split", default="train", choices=["train", "val", "test"])
+    ls.add_argument("--split", default="train", choices=list(SPLITS))
     ls.add_argument("-o", "--out", default=None, help="output directory (default ROOT: paths are relative to ROOT)")
 
     pk = sub.add_parser("pack", help="pack a split into webdataset tar shards (resumable)")
     pk.add_argument("root")
-    pk.add_argument("--split", default="train", choices=["train", "val", "test"])
+    pk.add_argument("--split", default="train", choices=list(SPLITS))
     pk.add_argument("-o", "--out", required=True, help="shard directory (several splits may share one)")
     pk.add_argument("--shard-size", default="1GB", help="target tar size, e.g. 1GB, 256MiB (default 1GB)")
     pk.add_argument("--resize-shorter", type=int, default=None,
@@ -50,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     vf = sub.add_parser("verify", help="check every member of a pack (exit 1 on any problem)")
     vf.add_argument("root")
-    vf.add_argument("--split", action="append", choices=["train", "val", "test"], help="default: all packed splits")
+    vf.add_argument("--split", action="append", choices=list(SPLITS), help="default: all packed splits")
     vf.add_argument("--source", default=None, help="also check that the pack was made from this dataset root: the same file names, order "
                     "and labels (its fingerprint; image bytes are checked against the pack's own crc32, not the source)")
     vf.add_argument("--no-decode", action="store_true", help="skip decoding (headers, sizes and crc32 only)")
@@ -58,13 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     if args.cmd == "prepare-demo":
-        from pipeline.data.embedded import prepare_default_dataset
-
-        for flag, v in (("--train-per-class", args.train_per_class), ("--val-per-class", args.val_per_class)):
-            if v is not None and v < 1:
-                raise UsageError(f"{flag} must be at least 1 (leave it out for every image), got {v}")
-        caps = {k: v for k, v in (("train", args.train_per_class), ("val", args.val_per_class)) if v}
-        print(prepare_default_dataset(args.out, caps or None))
+        print(_prepare_demo(args))
     elif args.cmd == "list":
         from pipeline.data.prepare import write_list
 

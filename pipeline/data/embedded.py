@@ -105,3 +105,72 @@ def write_tree(out: str | Path, splits: dict[str, tuple[str, int, int | None]], 
     marker.write_text(want)
     log.info("wrote embedded dataset to %s", out)
     return out
+
+
+# --- a 100-class task from the same images ------------------------------------------------------------------
+PAIRS_DATA_DIR = Path("data/fashion-pairs")
+PAIR_ITEM = 16  # px: each item's side in a pair image (two stacked: 32 x 16, padded to 32 x 32)
+
+
+def pair_class_names() -> list[str]:
+    """The 100 classes, ``<top>_over_<bottom>`` (Fashion-MNIST names), in sorted (ImageFolder) order."""
+    return sorted(f"{a}_over_{b}" for a in FASHION_MNIST_CLASSES for b in FASHION_MNIST_CLASSES)
+
+
+def pair_image(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """Two 28 x 28 items -> one 32 x 32 RGB uint8 image: each item resized to 16 x 16 (area), ``top`` above
+    ``bottom`` in the middle 16 columns, black elsewhere. Stacked vertically, so a horizontal flip (the demo
+    preset's augmentation) keeps the class."""
+    from PIL import Image
+
+    def small(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a).resize((PAIR_ITEM, PAIR_ITEM), Image.BOX))
+
+    out = np.zeros((2 * PAIR_ITEM, 2 * PAIR_ITEM), np.uint8)
+    lo = PAIR_ITEM // 2
+    out[:PAIR_ITEM, lo:lo + PAIR_ITEM] = small(top)
+    out[PAIR_ITEM:, lo:lo + PAIR_ITEM] = small(bottom)
+    return np.repeat(out[:, :, None], 3, axis=2)
+
+
+def prepare_pairs_dataset(out: str | Path = PAIRS_DATA_DIR, per_class: dict[str, int] | None = None,
+                          quality: int = 95, seed: int = 0) -> Path:
+    """Write the 100-class task: ``out/{train,heldout,val}/<top>_over_<bottom>/<NNNNNN>.jpg``. Idempotent.
+
+    Each image stacks two Fashion-MNIST items vertically (:func:`pair_image`); its class is the pair (top item's
+    class, bottom item's class): 100 classes that share parts, so a teacher's distribution over them has structure
+    (a confusable top item makes ten classes likely at once), as ImageNet's do, and top-k formats lose real mass.
+    ``per_class``: images per class per split (default train 200, heldout 20, val 50: 20,000 / 2,000 / 5,000).
+    Items are drawn with a seeded generator: train from the first 5,000 images of each Fashion-MNIST training
+    class, heldout from the last 1,000 (disjoint from train: hyperparameter choice), val from the test set."""
+    from PIL import Image
+
+    caps = {"train": 200, "heldout": 20, "val": 50, **(per_class or {})}
+    out = Path(out)
+    marker = out / ".complete"
+    want = f"pairs {sorted(caps.items())} q{quality} seed{seed}"
+    if marker.is_file() and marker.read_text() == want:
+        log.info("pairs dataset ready at %s", out)
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sources = {"train": ("train", 0, 5000), "heldout": ("train", 5000, 6000), "val": ("val", 0, None)}
+    for s, (split, (source, start, stop)) in enumerate(sources.items()):
+        images, labels = load_fashion_mnist(source)
+        pools = [np.flatnonzero(labels == c)[start:stop] for c in range(len(FASHION_MNIST_CLASSES))]
+        rng = np.random.default_rng([seed, s])
+        k = 0
+        for a, top in enumerate(FASHION_MNIST_CLASSES):
+            for b, bottom in enumerate(FASHION_MNIST_CLASSES):
+                folder = tmp / split / f"{top}_over_{bottom}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for _ in range(caps[split]):
+                    i, j = int(rng.choice(pools[a])), int(rng.choice(pools[b]))
+                    Image.fromarray(pair_image(images[i], images[j])).save(folder / f"{k:06d}.jpg", quality=quality)
+                    k += 1
+        log.info("wrote %d %s images", k, split)
+    tmp.rename(out)
+    marker.write_text(want)
+    return out

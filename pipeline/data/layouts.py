@@ -31,7 +31,7 @@ from pipeline.data import shards
 from pipeline.data.manifest import IMAGE_EXTENSIONS, Manifest
 from pipeline.errors import UsageError
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "heldout")  # heldout: training images kept for hyperparameter choice
 
 
 class DatasetLayout:
@@ -328,6 +328,9 @@ class CifarLayout(DatasetLayout):
         return (root / "data_batch_1").is_file() or (root / "meta").is_file() and (root / "train").is_file()
 
     def build(self, root: Path, split: str, name: str) -> Manifest:
+        if split == "heldout":
+            raise UsageError("CIFAR pickles hold a training and a test set only: there is no heldout split (use train "
+                             "and val)")
         if (root / "data_batch_1").is_file():
             batches = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
             classes = tuple(_unpickle(root / "batches.meta")["label_names"])
