@@ -125,9 +125,11 @@ def _load_tools() -> None:
 
     Registration is explicit (not an import side effect) because under ``python -m pipeline.labels`` this
     module runs as ``__main__``, a second copy with its own ``COMMANDS``."""
+    from pipeline.bank.plan import register as register_plan
     from pipeline.bank.tools import register
 
     register(COMMANDS)
+    register_plan(COMMANDS)
 
 
 @cli_entry
