@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(REPO / "bench_work" / "formats100"))
     p.add_argument("--quick", action="store_true", help="tiny data and 1 epoch (checks the flow)")
-    p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--teacher-epochs", type=int, default=12)
     p.add_argument("--student-epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--no-md", action="store_true")
@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     common = ["--data", str(data), "--preset", "demo", "--workers", "2", "--batch-size", "128"]
     teacher = work / "teacher"
-    if not (teacher / "final.json").is_file():
+    if not (teacher / "final.json").is_file():  # a killed teacher run continues from its last epoch
+        again = ["--resume"] if (teacher / "last.pt").is_file() else ["--overwrite"]
         assert train(["--method", "ce", "--student", "democnn", "--epochs", str(t_epochs), *common, "--output-dir",
-                      str(teacher), "--overwrite", "--lr", "0.1", "optim.nesterov=true", "--wd", "5e-4",
+                      str(teacher), *again, "--lr", "0.1", "optim.nesterov=true", "--wd", "5e-4",
                       "sched.warmup_epochs=0.5"]) == 0
     t_teacher = time.time() - t0
     banks: dict[str, Path] = {"dense": work / "banks" / "dense.zarr"}
