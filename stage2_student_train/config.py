@@ -121,6 +121,9 @@ class TrainConfig:
                    test_only=True, group=_OPT)
     channels_last: bool = key(False, help="channels_last student and inputs", flags=("--channels-last",),
                               action="store_true", test_only=True, group=_OPT)
+    deterministic: bool = key(False, help="deterministic cuDNN kernels (cudnn.benchmark off): bit-reproducible GPU "
+                                          "runs, slower; without it cuDNN picks the fastest kernels",
+                              flags=("--deterministic",), action="store_true", test_only=True, group=_OPT)
     loader: str = key("auto", help="image loader: dali (NVIDIA DALI, default where installed) or torch",
                       flags=("--loader",), choices=("auto", "dali", "torch"), test_only=True, group=_DATA)
     hw_decoder_load: float = key(0.65, help="share of JPEGs DALI's mixed decoding (--device cuda) gives the "

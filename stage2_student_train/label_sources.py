@@ -231,11 +231,13 @@ class LiveTeacherLabelSource:
     """Runs a teacher ensemble on each batch's images (eval mode, inference mode) -> [B, T, C]."""
 
     def __init__(self, specs: Sequence[TeacherSpec], classes: Sequence[str] | int, device: str, seed: int = 0,
-                 crop: int = 224, features: bool = False):
+                 crop: int = 224, features: bool = False, amp: str = "none"):
         """``classes``: the dataset's class names (or their number): pretrained teachers are mapped onto them;
         ``crop``: the input size (to count a pretrained teacher's outputs); ``features``: also add the teachers'
-        embeddings (``teacher_features`` [B, T, D], zero-padded to the widest)."""
+        embeddings (``teacher_features`` [B, T, D], zero-padded to the widest); ``amp``: ``none``, ``bf16`` or
+        ``fp16``: the teachers run under the run's autocast (their outputs are returned in float32)."""
         self.model = build_teachers(list(specs), classes, device, seed, crops=[crop] * len(specs))
+        self.autocast = (torch.device(device).type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp))
         self.feature_dim = max(self.model.enable_features([crop] * len(specs))) if features else None
         self.teachers = [s.identity() for s in specs]
         self.paths: list[str] = []
@@ -249,10 +251,12 @@ class LiveTeacherLabelSource:
         raise UsageError("--replay-views replays a bank's stored views; a live teacher has none")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        entries = {"teacher_logits": self.model(batch["image"]).clone()}
-        if self.feature_dim is not None:
-            entries["teacher_features"] = self.model.features.clone()
-        return entries
+        device_type, dtype = self.autocast
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            entries = {"teacher_logits": self.model(batch["image"]).float()}
+            if self.feature_dim is not None:
+                entries["teacher_features"] = self.model.features.float()
+        return {k: v.clone() for k, v in entries.items()}
 
 
 def find_bank(manifest: Manifest, specs: Sequence[TeacherSpec], replay_views: bool = False,
@@ -324,7 +328,7 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
         specs = parse_teachers(cfg.live_teacher, cfg.live_teacher_weights, cfg.seed,
                                ("--live-teacher", "--live-teacher-weights"))
         crop = resolve_preset(cfg.preset, train).crop
-        return LiveTeacherLabelSource(specs, train.classes, cfg.device, cfg.seed, crop,
+        return LiveTeacherLabelSource(specs, train.classes, cfg.device, cfg.seed, crop, amp=cfg.amp,
                                       features=kd_losses.needs_features(cfg.method))
     if not kd_losses.needs_teacher(cfg.method):
         if cfg.banks or cfg.teacher:

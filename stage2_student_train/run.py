@@ -138,6 +138,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     metrics (also written to ``final.json`` / ``test.json``). Raises UsageError on bad input."""
     cfg = check_config(cfg)
     info = init_distributed(cfg.device)
+    if cfg.device == "cuda":  # the fastest kernels for the run's fixed shapes, unless reproducibility is asked for
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
     try:
         return _test_only(cfg, info) if cfg.test_only else _train(cfg, info)
     except OSError as e:  # disk full, read-only or unreadable output dir: one line, not a traceback

@@ -219,3 +219,18 @@ def test_fp16_autocast_on_cpu_is_refused_bf16_runs(train, tmp_path, demo_bank, c
     err = capsys.readouterr().err
     assert "--amp bf16" in err and err.count("\n") == 1 and not (tmp_path / "fp16").exists()
     assert train(tmp_path / "bf16", "--amp", "bf16", "max_steps_per_epoch=2", labels=(demo_bank,)) == 0
+
+
+def test_live_teacher_runs_under_the_runs_autocast(demo_root, teacher_ckpt):
+    """Issue 24, point 3: with --amp bf16 the live teacher runs under autocast (its logits differ from float32 by
+    bf16 rounding, not more) and hands float32 logits to the loss."""
+    manifest = build_manifest(demo_root, "train")
+    cfg = TrainConfig(batch_size=32, workers=1, data=str(demo_root), preset="demo")
+    labels = torch.from_numpy(manifest.labels.astype(np.int64))
+    specs = parse_teachers(["democnn_s"], [str(teacher_ckpt)])
+    fp32, bf16 = LiveTeacherLabelSource(specs, 10, "cpu"), LiveTeacherLabelSource(specs, 10, "cpu", amp="bf16")
+    b = next(iter(_batches(manifest, np.arange(32), get_preset("demo"), "eval", cfg, 0)))
+    batch = make_batch(b, labels, "cpu", 0, False)
+    za, zb = fp32(batch)["teacher_logits"], bf16(batch)["teacher_logits"]
+    assert za.dtype == zb.dtype == torch.float32 and not torch.equal(za, zb)
+    torch.testing.assert_close(zb, za, rtol=0.05, atol=0.05 * float(za.abs().max()))
