@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.report import collect, format_table
     from stage1_teacher_logits import DumpConfig, run_dump
 
+    log.info("step 1/5: the embedded data as a JPEG tree in %s", args.data)
     data = prepare_default_dataset(args.data, {"train": args.train_per_class, "val": args.val_per_class})
     out = Path(args.out)
     extra = {"epochs": args.epochs} if args.epochs else {}
@@ -89,9 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = out / f"student-{m}"
         _train("demo_student.yaml", run, data, args.device, {"method": m, "banks": [bank], **extra})
         runs.append(run)
+    log.info("step 5/5: the comparison table")
     print()
     print(format_table(collect([str(r) for r in runs])))
     print(f"\nlabel bank: {bank}")
+    print(f"runs:       {out}/ ({', '.join(r.name for r in runs)})")
+    print(f"again:      python -m pipeline.report {out}")
     return 0
 
 
