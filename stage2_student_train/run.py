@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import kd_losses
+from pipeline import storage
 from pipeline.config import save_yaml, to_dict
 from pipeline.data import Manifest, layout_of
 from pipeline.data.batch import Batch, DecodeError
@@ -129,7 +130,9 @@ def prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> Path:
             elif not (Path(cfg.resume_from) if cfg.resume_from else out / "last.pt").is_file():
                 raise UsageError(f"--resume: no checkpoint {out / 'last.pt'} to resume from (the run in {out} "
                                  "finished no epoch): rerun with --overwrite to start it again")
-        out.mkdir(parents=True, exist_ok=True)
+        problem = storage.folder_problem(out)
+        if problem:
+            raise UsageError(f"cannot write the run to --output-dir {out}: {problem}; choose another --output-dir")
     barrier(info)
     return out
 

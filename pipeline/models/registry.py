@@ -117,8 +117,23 @@ def _read_checkpoint(p: Path) -> Any:
         raise UsageError(f"cannot read checkpoint {p}: it needs {', '.join(names)}, which torch.load(weights_only="
                          f"True) does not run (code from the file); {_resave_hint(p)}") from None
     log.debug("torch.load(%s) failed", p, exc_info=first)
-    raise UsageError(f"cannot read checkpoint {p}: not a readable PyTorch checkpoint ({type(first).__name__}: "
-                     f"{one_line(first, 160)}); give a file written by torch.save") from None
+    raise UsageError(f"cannot read checkpoint {p}: {_load_cause(p, first)}; give a file written by torch.save "
+                     "(copy it again if it was cut short)") from None
+
+
+def _load_cause(p: Path, e: Exception) -> str:
+    """Why ``torch.load`` could not read ``p``, in a few words (torch's own messages are paragraphs)."""
+    import re
+    import zipfile
+
+    if p.stat().st_size == 0:
+        return "the file is empty"
+    text = one_line(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text)
+    detail = m.group(1) if m else text.split(". ")[0]
+    what = "a truncated or damaged torch.save archive" if zipfile.is_zipfile(p) or "zip archive" in text else \
+        "not a PyTorch checkpoint"
+    return f"{what} ({type(e).__name__}: {one_line(detail, 120)})"
 
 
 def read_checkpoint(path: str | Path) -> Any:
