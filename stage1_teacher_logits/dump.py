@@ -31,7 +31,7 @@ from pipeline.config import RESUME_MATCH, key, to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
-from pipeline.data.presets import TRAIN_SIZE, teacher_preprocess, typical_side, upscale_warning
+from pipeline.data.presets import teacher_preprocess, typical_side, upscale_warning
 from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, cores_per_local_rank, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from pipeline.bank.reader import LabelBank
 from pipeline.data import build_manifest
