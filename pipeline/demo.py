@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     args = p.parse_args(argv)
     setup_logging()
+    import kd_losses
     from pipeline.data.embedded import prepare_default_dataset
     from pipeline.report import collect, format_table
     from stage1_teacher_logits import DumpConfig, run_dump
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
         log.info("step 4/5: student with %s from the bank", m)
         run = out / f"student-{m}"
-        _train("demo_student.yaml", run, data, args.device, {"method": m, "banks": [bank], **extra})
+        banks = {"banks": [bank]} if kd_losses.needs_teacher(m) else {}  # ce reads no bank (and would say so)
+        _train("demo_student.yaml", run, data, args.device, {"method": m, **banks, **extra})
         runs.append(run)
     log.info("step 5/5: the comparison table")
     print()

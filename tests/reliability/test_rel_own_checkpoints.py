@@ -59,7 +59,7 @@ def test_1_self_teacher_bank_has_the_teachers_own_accuracy(self_teacher: Path, d
     assert a["preprocessing"]["name"] == "demo" and test["preset"] == "demo"
     assert a["preprocessing_source"] == [f"checkpoint {best} (trained with preprocessing 'demo')"]
     top1 = a["metrics"]["0:democnn_s"]["top1"]
-    assert abs(top1 - test["top1"]) <= 100 / test["n"] + 1e-6, (top1, test["top1"])  # at most one fp16 argmax tie
+    assert abs(top1 - test["top1"]) <= 2 * 100 / test["n"] + 1e-6, (top1, test["top1"])  # fp16 argmax ties
     assert test["top1"] > 20  # a trained teacher (10 classes), so equal accuracies are not both chance
 
 
@@ -313,6 +313,12 @@ def test_7_missing_bank_hint_lists_cached_banks_and_prints_a_working_command(
     assert "DEFAULT" not in msg, msg
     assert train(["--method", "kd", "--teacher", "democnn_s", "--teacher-weights", str(best),
                   *train_args(demo_root, tmp_path / "r1")[4:]]) == 0
+    copy = tmp_path / "elsewhere" / "teacher.pt"  # the same checkpoint at another path (or relative): same teacher
+    copy.parent.mkdir()
+    shutil.copy(best, copy)
+    monkeypatch.chdir(copy.parent)
+    assert train(["--method", "kd", "--teacher", "democnn_s", "--teacher-weights", "teacher.pt",
+                  *train_args(demo_root, tmp_path / "r1b")[4:]]) == 0
     capsys.readouterr()
     user = ["--method", "kd", "--teacher", "democnn_s", "--teacher-weights", str(last),
             *train_args(demo_root, tmp_path / "r2")[4:]]
