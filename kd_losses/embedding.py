@@ -380,7 +380,7 @@ class CRDLoss(nn.Module):
         if not 1 <= nce_k < num_samples:
             raise ValueError(
                 f"loss 'crd': nce_k={nce_k} negatives need 1 <= nce_k < num_samples={num_samples}; "
-                f"pass a smaller nce_k (at most {num_samples - 1})"
+                f"pass loss.nce_k=K with K at most {num_samples - 1} (e.g. loss.nce_k={min(4096, num_samples - 1)})"
             )
         self.num_samples = num_samples
         self.student_dim = student_dim

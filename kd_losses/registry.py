@@ -129,7 +129,8 @@ def check_range(loss_name: str, key: str, value: Any) -> None:
         raise ValueError(f"loss {loss_name!r}: {key} must be {kind}, got {value!r}")
     if (value < lo or (lo_open and value == lo)) or (value > hi or (hi_open and value == hi)):
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"loss {loss_name!r}: {key}={value!r} is outside {interval}")
+        raise ValueError(f"loss {loss_name!r}: {key}={value!r} is outside {interval}; pass loss.{key}=VALUE in "
+                         f"{interval}")
 
 
 _REGISTRY: dict[str, LossSpec] = {}

@@ -70,10 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     args = p.parse_args(argv)
     setup_logging()
+    import kd_losses
     from pipeline.data.embedded import prepare_default_dataset
     from pipeline.report import collect, format_table
     from stage1_teacher_logits import DumpConfig, run_dump
 
+    log.info("step 1/5: the embedded data as a JPEG tree in %s", args.data)
     data = prepare_default_dataset(args.data, {"train": args.train_per_class, "val": args.val_per_class})
     out = Path(args.out)
     extra = {"epochs": args.epochs} if args.epochs else {}
@@ -87,11 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
         log.info("step 4/5: student with %s from the bank", m)
         run = out / f"student-{m}"
-        _train("demo_student.yaml", run, data, args.device, {"method": m, "banks": [bank], **extra})
+        banks = {"banks": [bank]} if kd_losses.needs_teacher(m) else {}  # ce reads no bank (and would say so)
+        _train("demo_student.yaml", run, data, args.device, {"method": m, **banks, **extra})
         runs.append(run)
+    log.info("step 5/5: the comparison table")
     print()
     print(format_table(collect([str(r) for r in runs])))
     print(f"\nlabel bank: {bank}")
+    print(f"runs:       {out}/ ({', '.join(r.name for r in runs)})")
+    print(f"again:      python -m pipeline.report {out}")
     return 0
 
 

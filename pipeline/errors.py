@@ -14,6 +14,26 @@ from typing import Callable, NoReturn, Sequence
 log = logging.getLogger("pipeline")
 
 
+# ANSI CSI sequences (colours), other ESC sequences, and control characters except \t and \n
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def strip_escapes(text: str) -> str:
+    """``text`` without terminal escape sequences and control characters other than tab and newline."""
+    return _ESCAPES.sub("", str(text))
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` as one clean line: terminal escapes and control characters removed, whitespace runs collapsed, and
+    with ``limit`` cut at a word boundary (``...`` appended) rather than mid-word. For messages that quote another
+    library's error (torch's carry ANSI colour codes and tabs)."""
+    line = " ".join(strip_escapes(text).split())
+    if limit is None or len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0] if " " in line[:limit] else line[:limit]
+    return cut.rstrip(" ,;:") + " ..."
+
+
 class UsageError(Exception):
     """Bad input from the user (unknown name, wrong path, mismatched bank, bad config key).
 
@@ -65,7 +85,7 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
         try:
             return fn(argv)
         except UsageError as e:
-            msg = " ".join(str(e).splitlines())  # \r, \x0b, \u2028 ... in a user's value must not break the line
+            msg = " ".join(strip_escapes(str(e)).splitlines())  # \r, \u2028, escapes must not break the line
             print(f"error: {msg}", file=sys.stderr)
             return int(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Label-bank tools: ``python -m pipeline.labels {info,verify,ensemble,compact,stats} ...``.
 
-- ``info``: shape, teachers, views, metrics, format, size on disk, bytes per sample and per view; for compact
+- ``info``: shape, format, classes, each teacher's weights, preprocessing (and its source) and the output
+  feeding each class, views, loader, embeddings, metrics, size on disk, bytes per sample and per view; for compact
   banks the fidelity to the dense teacher measured when they were written, on the targets stage 2 builds: at
   T = 1, 2, 4 the KL and total variation, and the tail's share of the target beside the teacher's own share.
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
@@ -24,24 +25,34 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 
 
 def bank_info(path: str) -> dict:
-    """Summary of a bank as a dict (what ``labels info`` prints)."""
-    from pipeline.bank.reader import LabelBank
+    """Summary of a bank as a dict (what ``labels info`` prints): shape, format, dataset and its classes, each
+    teacher with its weights, preprocessing (and where it came from) and the output feeding each class, views,
+    loader, embeddings, metrics, size, and for compact banks their fidelity."""
+    from pipeline.bank.reader import LabelBank, class_index, teacher_preprocessing
 
     bank = LabelBank(path)
     n, t, v, c = bank.shape
     size = storage.size(path)
     a = bank.attrs
+    ds = a.get("dataset", {})
+    classes = list(ds.get("classes") or [])
+    index = class_index(a)
+    pres = teacher_preprocessing(a)
+    teachers = [{**rec, "preprocessing": pres[k], "class_index": index[k],
+                 "one_to_one": index[k] == list(range(c))} for k, rec in enumerate(a.get("teachers") or [])]
     info = {
         "path": path,
         "format": bank.format,
         "shape": {"N": n, "T": t, "V": v, "C": c},
         "dtype": a.get("dtype"),
         "complete": bank.complete,
-        "teachers": a.get("teachers"),
-        "dataset": {k: a.get("dataset", {}).get(k) for k in ("name", "split", "layout", "num_samples",
-                                                             "num_classes", "fingerprint")},
+        "teachers": teachers,
+        "dataset": {k: ds.get(k) for k in ("name", "split", "layout", "num_samples", "num_classes", "fingerprint")},
+        "classes": classes,
         "views": a.get("views"),
-        "preprocessing": a.get("preprocessing", {}).get("name"),
+        "preprocessing": (a.get("preprocessing") or {}).get("name"),
+        "loader": a.get("loader", "dali"),
+        "embeddings": a.get("features"),
         "metrics": a.get("metrics"),
         "rows_per_chunk": a.get("rows_per_chunk"),
         "bytes_on_disk": size,
@@ -61,6 +72,21 @@ def bank_info(path: str) -> dict:
     return info
 
 
+def _abbreviate(items: list[str], show: int = 8) -> str:
+    """``a, b, c`` or, for many, the first ``show - 2``, ``...``, the last 2 and the count."""
+    if len(items) <= show:
+        return ", ".join(items)
+    return ", ".join(items[:show - 2]) + ", ..., " + ", ".join(items[-2:]) + f" ({len(items)})"
+
+
+def _describe_pre(p: dict) -> str:
+    mean = "/".join(f"{x:.3g}" for x in p.get("mean", []))
+    std = "/".join(f"{x:.3g}" for x in p.get("std", []))
+    text = (f"'{p.get('name')}': resize {p.get('resize')}, crop {p.get('crop')}, {p.get('interpolation', 'bilinear')}, "
+            f"{p.get('crop_mode', 'center')} crop, mean {mean}, std {std}")
+    return text + (f"  (from {p['source']})" if p.get("source") else "")
+
+
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("bank")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -77,10 +103,23 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"shape       N={s['N']} T={s['T']} V={s['V']} C={s['C']}  rows/chunk {info['rows_per_chunk']}")
     ds = info["dataset"]
     print(f"dataset     {ds['name']} / {ds['split']} ({ds['layout']})  fingerprint {str(ds['fingerprint'])[:16]}")
-    print(f"views       {info['views']}")
+    print(f"classes     {_abbreviate(info['classes'])}")
+    views = info["views"] or {}
+    extra = ", ".join(f"{k} {views[k]}" for k in ("seed", "scale", "ratio") if k in views)
+    print(f"views       {views.get('policy')}, {views.get('num_views')} per image" + (f" ({extra})" if extra else ""))
+    print(f"loader      {info['loader']}")
+    emb = info["embeddings"]
+    print("embeddings  " + (f"{emb.get('format')}, D per teacher {emb.get('dims')}" if emb else "none (dump with "
+                                                                                             "--features to store them)"))
     for k, t in enumerate(info["teachers"] or []):
         w = t.get("weights")
         print(f"teacher {k}   {t['arch']}  weights {w}" + (f"  sha256 {t['sha256'][:12]}" if "sha256" in t else ""))
+        print(f"            preprocessing {_describe_pre(t['preprocessing'])}")
+        if t["one_to_one"]:
+            print("            outputs     one to one with the classes")
+        else:
+            pairs = [f"{c} -> {i}" for c, i in zip(info["classes"], t["class_index"])]
+            print(f"            outputs     class -> teacher output: {_abbreviate(pairs, 6)}")
     for name, m in (info["metrics"] or {}).items():
         print(f"metrics     {name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}")
     print(f"size        {info['bytes_on_disk'] / 1e6:.2f} MB  {info['bytes_per_sample']} B/sample  "
@@ -116,7 +155,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS["info"] = (_add_info, _run_info, "shape, teachers, metrics, size of a bank")
+COMMANDS["info"] = (_add_info, _run_info, "classes, teachers (weights, preprocessing, outputs), views, loader, "
+                                          "embeddings, metrics, size of a bank")
 COMMANDS["verify"] = (_add_verify, _run_verify, "read every chunk; exit 1 on any problem")
 
 

@@ -1,8 +1,10 @@
-"""``python -m pipeline.report runs/*``: a comparison table of finished runs (method, student, teacher, every bank
-the run read, preset, amp, epochs, top-1, top-5, ECE, NLL, teacher-student top-1 agreement (%) and KL(teacher ‖
-student) at T = 1 on val (n/a without a teacher or a val bank of it), training time).
+"""``python -m pipeline.report runs/*`` (or ``runs/demo``, a folder of runs): a comparison table of finished runs
+(method, student, teacher, every bank the run read, preset, amp, epochs, top-1, top-5, ECE, NLL, teacher-student
+top-1 agreement (%) and KL(teacher ‖ student) at T = 1 on val (n/a without a teacher or a val bank of it),
+training time).
 
-Runs that reused one bank line up side by side. Numbers have one format per column (accuracies in percent with 2
+A path that is not a run itself (no ``final.json``) but holds runs one level down stands for those runs
+(``make demo`` writes ``runs/demo/<run>``). Runs that reused one bank line up side by side. Numbers have one format per column (accuracies in percent with 2
 decimals, ECE and NLL with 4, seconds with 2). ``--markdown`` prints a Markdown table; ``--json`` the rows.
 """
 
@@ -24,6 +26,16 @@ FORMATS = {"top1": "{:.2f}", "top5": "{:.2f}", "ece": "{:.4f}", "nll": "{:.4f}",
 # teacher-student agreement (%) and KL(teacher || student) at T = 1 on val: n/a without a teacher or a val bank
 FIDELITY = ("agree", "kl")
 log = logging.getLogger(__name__)
+
+
+def expand(paths: Sequence[str]) -> list[str]:
+    """Each path, or, for a folder that is not a run (no ``final.json``) but holds runs one level down, those runs
+    (sorted)."""
+    out: list[str] = []
+    for p in paths:
+        inner = sorted(str(d) for d in Path(p).glob("*/final.json")) if not (Path(p) / "final.json").exists() else []
+        out += [str(Path(f).parent) for f in inner] or [p]
+    return out
 
 
 def collect(paths: Sequence[str], left_out: list[str] | None = None) -> list[dict]:
@@ -82,12 +94,12 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     p = CliParser(prog="python -m pipeline.report", description=__doc__)
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+", help="run directories, or folders of runs (searched one level down)")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     left_out: list[str] = []
-    rows = collect(args.runs, left_out)
+    rows = collect(expand(args.runs), left_out)
     if not rows:
         raise UsageError(f"no finished runs (final.json) among {len(args.runs)} path(s): {'; '.join(left_out)[:400]}")
     if left_out:

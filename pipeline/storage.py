@@ -7,6 +7,7 @@ URLs go through ``fsspec`` (imported only when a URL is used).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -100,3 +101,37 @@ def parent_exists(path: PathLike) -> bool:
 def open_zarr_group(path: PathLike, mode: str = "r") -> zarr.Group:
     """``zarr.open_group`` at a local path or URL with the right storage options (errors propagate)."""
     return zarr.open_group(str(path), mode=mode, storage_options=storage_options(path))
+
+
+def folder_problem(folder: PathLike) -> str | None:
+    """Why new files cannot be made in the local folder ``folder`` (created with its parents when missing), in
+    words naming the cause (a file in the way, permission denied, a read-only file system, a folder that takes no
+    files such as ``/proc``), or None when a file can be made there. A full disk is not reported here: writing
+    reports it where it happens (and a rerun resumes)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((a for a in (folder, *folder.parents) if os.path.lexists(a) and not a.is_dir()), folder)
+        return f"{blocker} is a file, not a folder"
+    except OSError as e:
+        return _cause(e, folder)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        return _cause(e, folder)
+    return None
+
+
+def _cause(e: OSError, folder: Path) -> str | None:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: this user cannot create files in {e.filename or folder}"
+    if e.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system (Read-only file system)"
+    if e.errno == errno.ENOENT:
+        return f"{folder} takes no new files (No such file or directory: a virtual file system such as /proc?)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return f"cannot create files in {folder}: {e.strerror}"

@@ -36,7 +36,7 @@ from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.layouts import SPLITS
 from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
-from pipeline.data.presets import get_preset, resolve_preset, weights_preprocess
+from pipeline.data.presets import teacher_preprocess, typical_side, upscale_warning
 from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, cores_per_local_rank, init_distributed
 from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
@@ -67,9 +67,11 @@ class DumpConfig:
     split: str = key("train", help="split", flags=("--split",), choices=SPLITS, resume=RESUME_MATCH)
     layout: str = key("auto", help="dataset layout: auto, imagefolder, filelist, cifar, shards", flags=("--layout",),
                       resume=RESUME_MATCH)
-    preset: str = key("auto", help="preprocessing: auto (each teacher's own: a timm tag's pretrained config or a "
+    preset: str = key("auto", help="preprocessing: auto (each teacher's own: what a checkpoint of this project "
+                                   "was trained with, a timm tag's pretrained config at its test-time size, a "
                                    "torchvision enum's transforms; else cifar for CIFAR pickles, else imagenet), "
-                                   "{presets}", flags=("--preset",), resume=RESUME_MATCH)
+                                   "train-size (auto, but timm models at their training size), or for every "
+                                   "teacher one of {presets}", flags=("--preset",), resume=RESUME_MATCH)
     device: str = key("cpu", help="cpu (DALI CPU-only) or cuda (mixed decoding)", flags=("--device",),
                       choices=("cpu", "cuda"))
     batch_size: int = key(128, help="images per teacher batch (batches never straddle chunks: any size gives the "
@@ -203,11 +205,11 @@ class BankDump:
         _check_topk(cfg, manifest.num_classes)
         self.manifest = manifest
         self.loader = resolve_loader(cfg.loader)
+        self.loader_requested = cfg.loader
         self.specs = parse_teachers(cfg.teacher, cfg.weights, cfg.seed)
-        # each teacher's preprocessing: --preset, else its weights' own, else the layout's default
-        self.teacher_pre = [get_preset(cfg.preset) if cfg.preset != "auto" else
-                            weights_preprocess(s.arch, s.weights) or resolve_preset("auto", manifest)
-                            for s in self.specs]
+        # each teacher's preprocessing: --preset, else its checkpoint's, else its weights' own, else the layout's
+        self.pre_choices = [teacher_preprocess(s.arch, s.weights, cfg.preset, manifest) for s in self.specs]
+        self.teacher_pre = [p for p, _ in self.pre_choices]
         self.branches = list(dict.fromkeys(self.teacher_pre))  # decoded once, preprocessed once per branch
         self.branch_of = [self.branches.index(p) for p in self.teacher_pre]
         self.preset = self.branches[0]
@@ -262,7 +264,10 @@ class BankDump:
         if not storage.is_url(path):
             from filelock import FileLock, Timeout
 
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            problem = storage.folder_problem(Path(path).parent)
+            if problem:
+                raise BankError(f"cannot write the bank {path}: {problem}; choose another --out (or none: the "
+                                "per-user cache), or fix the folder and rerun the same command")
             lock = FileLock(str(path) + ".lock")
             try:
                 lock.acquire(timeout=0)
@@ -275,29 +280,52 @@ class BankDump:
                 attrs = dict(open_group(path, "r").attrs)
             except BankError:
                 attrs = {}
-            if attrs.get("key") == self.key:
-                if attrs.get("complete"):
-                    return PrepareStatus.COMPLETE
+            if attrs.get("key") == self.key and attrs.get("complete") and not self._other_loader(attrs):
+                return PrepareStatus.COMPLETE
+            if attrs.get("key") == self.key and not attrs.get("complete"):
                 if attrs.get("loader", "dali") != self.loader:
                     raise BankError(f"{path} was started with --loader {attrs.get('loader', 'dali')}: resume it with "
                                     "the same loader (resampling differs slightly between loaders)")
                 log.info("resuming incomplete bank %s", path)
                 return PrepareStatus.RESUME
-            if not self.cfg.overwrite:
+            if attrs.get("key") != self.key and not self.cfg.overwrite:
                 raise BankError(f"{path} holds a different bank (key {str(attrs.get('key'))[:8]} != {self.key[:8]}); "
                                 "use --overwrite to replace it or --out to write elsewhere")
             log.warning("overwriting %s", path)
             storage.remove(path)
+        warning = upscale_warning(self.pre_choices, typical_side(self.manifest))
+        if warning:
+            log.warning("%s", warning)
         attrs = {"key": self.key, "teachers": list(self.spec.teachers), "dataset": self.manifest.describe(),
                  "preprocessing": self.spec.preprocessing, "views": self.spec.views, "config": to_dict(self.cfg),
-                 "loader": self.loader, "metrics": {}}
+                 "loader": self.loader, "metrics": {},
+                 # where each teacher's preprocessing came from (not hashed: the values above are)
+                 "preprocessing_source": [src for _, src in self.pre_choices]}
         if self.spec.class_maps is not None:
             attrs["class_maps"] = [list(m) if m is not None else None for m in self.spec.class_maps]
         m = self.manifest
+        # per teacher, the output feeding each dataset class, one to one included (labels info shows it)
+        attrs["class_index"] = [list(c) if c is not None else list(range(m.num_classes)) for c in self.class_maps]
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
                     self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
                     self.cfg.sample_seed)
         return PrepareStatus.NEW
+
+    def _other_loader(self, attrs: dict) -> bool:
+        """Whether a complete bank of this key was made by another loader than an explicit ``--loader`` asks for
+        (the loader is not in the key: both give the same bank up to resampling). Without ``--overwrite`` the bank
+        is reused and the user told so; with it, it is dumped again."""
+        made_by = attrs.get("loader", "dali")
+        if self.loader_requested == "auto" or made_by == self.loader:
+            return False
+        if self.cfg.overwrite:
+            log.warning("--loader %s --overwrite: dumping %s again (it was made with the %s loader)", self.loader,
+                        self.path, made_by)
+            return True
+        log.warning("reusing %s, dumped with the %s loader although --loader %s was asked for: the loaders resample "
+                    "slightly differently (docs/GPU.md gives the measured logit difference); add --overwrite to dump "
+                    "it again with %s", self.path, made_by, self.loader, self.loader)
+        return False
 
     # --- write ----------------------------------------------------------------------------------------------
     def write_chunks(self, model: TeacherEnsemble, info: DistInfo) -> None:

@@ -3,7 +3,7 @@ temp file, fsync, rename) and how a run is restored from it.
 
 ``last.pt`` (every epoch): ``model``, ``criterion`` (a loss's parameters and buffers: SL-Enc's network, CRD's
 memories), ``optimizer``, ``scheduler`` (recorded; a resumed run positions its own schedule at the global step),
-``scaler``, ``epoch``, ``best_top1``, ``rng`` (one record per rank: Python, numpy, torch and that rank's own CUDA
+``scaler``, ``epoch``, ``best_top1``, ``preprocessing`` (the eval transform's record), ``rng`` (one record per rank: Python, numpy, torch and that rank's own CUDA
 device), ``config`` (the resolved TrainConfig), ``identity`` (the training data's fingerprint, the banks' keys, the
 world size: what the run is, wherever its files are), ``num_classes``, ``arch``.
 
@@ -12,7 +12,7 @@ are compared by identity (fingerprint, bank key) rather than path (a moved copy 
 optimizer settings (lr, momentum, nesterov, betas, weight decay) and the whole schedule may change and apply from
 the first resumed step, each change logged; another world size continues (its steps per epoch and per-rank
 random streams change, logged). ``best.pt``: ``model``,
-``epoch``, ``top1``, ``config``, ``arch``. Both load with ``torch.load(weights_only=True)`` and are valid teacher
+``epoch``, ``top1``, ``config``, ``arch``, ``preprocessing``. Both load with ``torch.load(weights_only=True)`` and are valid teacher
 weights for stage 1 (the model registry reads the ``model`` entry).
 """
 
@@ -65,18 +65,23 @@ def run_identity(train_manifest: Any, bank_keys: list[str], info: Any) -> dict[s
 
 def save_training(path: str | Path, parts: TrainingParts, epoch: int, best_top1: float, config: dict[str, Any],
                   arch: str, num_classes: int, identity: dict[str, Any] | None = None,
-                  rng: list[dict[str, Any]] | None = None) -> None:
+                  rng: list[dict[str, Any]] | None = None, preprocessing: dict[str, Any] | None = None) -> None:
     """Write ``last.pt``: every stateful part, the epoch just finished, the RNG states of every rank (``rng``,
-    gathered by the caller; default: this process's) and the run's identity."""
+    gathered by the caller; default: this process's), the run's identity and its eval ``preprocessing``
+    (``Preprocess.to_dict()``: what stage 1 uses for this checkpoint as a teacher, and ``--test-only``)."""
     state: dict[str, Any] = {name: getattr(parts, name).state_dict() for name in STATEFUL}
     state.update({"epoch": epoch, "best_top1": best_top1, "rng": rng if rng is not None else [rng_state()],
-                  "config": config, "identity": identity or {}, "num_classes": num_classes, "arch": arch})
+                  "config": config, "identity": identity or {}, "num_classes": num_classes, "arch": arch,
+                  "preprocessing": preprocessing})
     save_atomic(state, path)
 
 
-def save_best(path: str | Path, model: nn.Module, epoch: int, top1: float, config: dict[str, Any], arch: str) -> None:
-    """Write ``best.pt``: the model of the best epoch so far (a teacher checkpoint for stage 1)."""
-    save_atomic({"model": model.state_dict(), "epoch": epoch, "top1": top1, "config": config, "arch": arch}, path)
+def save_best(path: str | Path, model: nn.Module, epoch: int, top1: float, config: dict[str, Any], arch: str,
+              preprocessing: dict[str, Any] | None = None) -> None:
+    """Write ``best.pt``: the model of the best epoch so far (a teacher checkpoint for stage 1) and the
+    preprocessing it was trained and evaluated with (stage 1's ``--preset auto`` uses it)."""
+    save_atomic({"model": model.state_dict(), "epoch": epoch, "top1": top1, "config": config, "arch": arch,
+                 "preprocessing": preprocessing}, path)
 
 
 def _lookup(config: dict[str, Any], dotted: str) -> Any:

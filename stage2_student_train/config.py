@@ -112,7 +112,9 @@ class TrainConfig:
     epochs: int = key(90, help="epochs", flags=("--epochs",), resume=RESUME_APPLY, group=_OPT)
     batch_size: int = key(256, help="per process", flags=("--batch-size", "-b"), resume=RESUME_MATCH,
                           test_only=True, group=_OPT)
-    workers: int = key(4, help="loader threads/processes", flags=("--workers", "-j"), test_only=True, group=_DATA)
+    workers: int | None = key(None, help="loader threads/processes", flags=("--workers", "-j"), test_only=True,
+                              group=_DATA, default_text="the cores available to this process / LOCAL_WORLD_SIZE, "
+                                                        "at most 4")
     device: str = key("cpu", help="cpu or cuda", flags=("--device",), choices=("cpu", "cuda"), test_only=True,
                       group=_OPT)
     seed: int = key(0, help="seed of initialisation, order, augmentation and every random stream", flags=("--seed",),

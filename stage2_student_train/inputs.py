@@ -18,12 +18,15 @@ import kd_losses
 
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.loaders import resolve_loader
+from pipeline.distributed import cores_per_local_rank
 from pipeline.errors import UsageError
 from pipeline.storage import name_for_path
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WORKERS = 4  # the default --workers: the cores of this process, at most this many
 
 DEMO_HINT = ("for the embedded demo data run `make demo` (it prepares data/fashion-mnist and prints its bank), then "
              "e.g. python -m pipeline.train_student --method wsld --student democnn_s --data data/fashion-mnist "
@@ -45,6 +48,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("--device cuda but no CUDA device is available")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("epochs and batch_size must be >= 1")
+    if cfg.workers is None:  # more loader workers than cores only slows a run down (and PyTorch warns)
+        cfg = replace(cfg, workers=min(DEFAULT_MAX_WORKERS, cores_per_local_rank()))
     _check_numbers(cfg)
     if cfg.amp == "fp16" and cfg.device != "cuda":
         raise UsageError("--amp fp16 on a CPU runs about 9x slower than fp32 (no fp16 kernels): use --amp bf16 "

@@ -260,14 +260,17 @@ class LiveTeacherLabelSource:
 
 
 def find_bank(manifest: Manifest, specs: Sequence[TeacherSpec], replay_views: bool = False,
-              preset: str = "auto") -> str:
+              preset: str = "auto", weights_given: bool = True, data: str | None = None) -> str:
     """The cached bank of teachers ``specs`` on this data: a complete bank in the cache whose dataset fingerprint
     and teacher identities match (wherever the data lives and whatever its folder is called). Among several,
     ``replay_views`` wants stored views; otherwise a plain dump (one center view, dense) is preferred. None, or
-    several equally good: a one-line UsageError (with the exact dump command, or the candidates)."""
+    several equally good: a one-line UsageError (:func:`missing_bank_hint`, or the candidates).
+
+    ``weights_given``: whether the user named the weights (``--teacher-weights``); ``data``: ``--data`` as given
+    (for the hint's command)."""
     want = [teacher_match(s.identity()) for s in specs]
-    found = [b for b in cached_banks() if b.complete and b.fingerprint == manifest.fingerprint
-             and [teacher_match(t) for t in b.attrs.get("teachers", [])] == want]
+    on_data = [b for b in cached_banks() if b.complete and b.fingerprint == manifest.fingerprint]
+    found = [b for b in on_data if [teacher_match(t) for t in b.attrs.get("teachers", [])] == want]
     if replay_views:
         found = [b for b in found if b.attrs.get("views", {}).get("policy", "center") != "center"]
     elif len(found) > 1:
@@ -276,18 +279,44 @@ def find_bank(manifest: Manifest, specs: Sequence[TeacherSpec], replay_views: bo
         found = plain or found
     if len(found) == 1:
         return found[0].path
-    archs = [s.arch for s in specs]
     if found:
-        raise UsageError(f"several banks match --teacher {' '.join(archs)}: {', '.join(b.path for b in found)}; "
-                         "choose one with --labels")
-    teachers = " ".join(f"--teacher {s.arch} --weights {s.weights}" for s in specs)
+        raise UsageError(f"several banks match --teacher {' '.join(s.arch for s in specs)}: "
+                         f"{', '.join(b.path for b in found)}; choose one with --labels")
+    raise UsageError(missing_bank_hint(manifest, specs, on_data, replay_views, preset, weights_given, data))
+
+
+def missing_bank_hint(manifest: Manifest, specs: Sequence[TeacherSpec], on_data: Sequence[Any],
+                      replay_views: bool, preset: str, weights_given: bool, data: str | None) -> str:
+    """The message for a ``--teacher`` lookup that found no bank: the cached banks of the same teacher names on this
+    data (``on_data``: complete banks with its fingerprint), with their weights and how to use one; then the dump
+    command that makes the wanted bank, built from the user's own flags. A model without named weights gets a
+    placeholder checkpoint, never ``--weights DEFAULT`` (which would fail)."""
+    from pipeline.models.registry import has_named_weights
+
+    archs = [s.arch for s in specs]
+    same_names = [b for b in on_data if [t.get("arch") for t in b.attrs.get("teachers", [])] == archs]
+    msg = f"no bank of {' + '.join(archs)}"
+    msg += f" (weights {', '.join(str(s.weights) for s in specs)})" if weights_given else ""
+    msg += f" for {manifest.root} ({manifest.split}) in {cache_root()}"
+    if same_names:
+        listed = "; ".join(f"{b.path} (weights {', '.join(str(t.get('weights')) for t in b.attrs['teachers'])})"
+                           for b in same_names[:4]) + ("; ..." if len(same_names) > 4 else "")
+        flags = " ".join(f"--teacher-weights {t.get('weights')}" for t in same_names[0].attrs["teachers"])
+        msg += f"; cached banks of {' + '.join(archs)} on this data: {listed}: use one with {flags} or --labels PATH"
+
+    def weights_of(s: TeacherSpec) -> str:
+        if weights_given or has_named_weights(s.arch):
+            return str(s.weights)
+        return "CHECKPOINT.pt"  # no named weights: the user's checkpoint file
+
+    teachers = " ".join(f"--teacher {s.arch} --weights {weights_of(s)}" for s in specs)
     views = " --views 8 --view-policy rrc+flip" if replay_views else ""
     preset_flag = f" --preset {preset}" if preset != "auto" else ""
-    raise UsageError(
-        f"no bank of {' + '.join(archs)} for {manifest.root} ({manifest.split}) in {cache_root()}: make it with "
-        f"python -m pipeline.dump_logits {teachers} --data {manifest.root} --split {manifest.split}{preset_flag}"
-        f"{views} (or give --labels PATH)"
-    )
+    placeholder = "" if all(weights_of(s) != "CHECKPOINT.pt" for s in specs) else \
+        f" ({' + '.join(archs)} has no named weights: CHECKPOINT.pt is your teacher's checkpoint file)"
+    msg += (f"; make it with python -m pipeline.dump_logits {teachers} --data {data or manifest.root} "
+            f"--split {manifest.split}{preset_flag}{views}{placeholder} (or give --labels PATH)")
+    return msg
 
 
 def _check_teachers_agree(cfg: Any, banks: list[LabelBank]) -> None:
@@ -340,7 +369,7 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
         if not cfg.teacher:
             raise UsageError(f"method '{cfg.method}' needs soft labels: give --labels BANK or --teacher NAME")
         specs = parse_teachers(cfg.teacher, cfg.teacher_weights, cfg.seed, ("--teacher", "--teacher-weights"))
-        paths = [find_bank(train, specs, cfg.replay_views, cfg.preset)]
+        paths = [find_bank(train, specs, cfg.replay_views, cfg.preset, bool(cfg.teacher_weights), cfg.data)]
     banks = [LabelBank(p) for p in paths]
     if cfg.banks and cfg.teacher:
         _check_teachers_agree(cfg, banks)

@@ -21,17 +21,19 @@ import torch
 import torch.nn as nn
 
 import kd_losses
+from pipeline import storage
 from pipeline.config import save_yaml, to_dict
 from pipeline.data import Manifest, layout_of
 from pipeline.data.batch import Batch, DecodeError
 from pipeline.data.loaders import load_batches, resolve_loader
-from pipeline.data.presets import Preprocess, resolve_preset
+from pipeline.data.presets import PRESETS, Preprocess, resolve_preset
 from pipeline.distributed import (DistInfo, barrier, broadcast_buffers, broadcast_object, cleanup, derive_seed,
                                   gather_objects, init_distributed)
 from pipeline.errors import UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models import create_model
 from pipeline.models.features import FeatureTap, embedding_dim
+from pipeline.models.registry import read_checkpoint
 from stage2_student_train import checkpoint as ckpt
 from stage2_student_train import memory
 from stage2_student_train.config import TrainConfig
@@ -128,7 +130,9 @@ def prepare_output_dir(cfg: TrainConfig, info: DistInfo) -> Path:
             elif not (Path(cfg.resume_from) if cfg.resume_from else out / "last.pt").is_file():
                 raise UsageError(f"--resume: no checkpoint {out / 'last.pt'} to resume from (the run in {out} "
                                  "finished no epoch): rerun with --overwrite to start it again")
-        out.mkdir(parents=True, exist_ok=True)
+        problem = storage.folder_problem(out)
+        if problem:
+            raise UsageError(f"cannot write the run to --output-dir {out}: {problem}; choose another --output-dir")
     barrier(info)
     return out
 
@@ -353,9 +357,10 @@ def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) ->
             f.write(json.dumps(metrics) + "\n")
         config = to_dict(cfg)
         ckpt.save_training(run.out / "last.pt", run.parts, epoch, best, config, cfg.student, run.num_classes,
-                           run.identity, rng)
+                           run.identity, rng, run.preset.to_dict())
         if is_best:
-            ckpt.save_best(run.out / "best.pt", run.parts.model, epoch, top1, config, cfg.student)
+            ckpt.save_best(run.out / "best.pt", run.parts.model, epoch, top1, config, cfg.student,
+                           run.preset.to_dict())
         for k, v in metrics.items():
             if run.tb is not None and isinstance(v, (int, float)):
                 run.tb.add_scalar(f"epoch/{k}", v, epoch)
@@ -373,8 +378,7 @@ def _test_only(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if not Path(weights).is_file():
         raise UsageError(f"--test-only: no checkpoint {weights}; give --resume PATH or --student-weights PATH")
     _, val_m = load_manifests(cfg)
-    saved = ckpt.load(weights).get("config") or {}
-    preset = resolve_preset(cfg.preset if cfg.preset != "auto" else saved.get("preset", "auto"), val_m)
+    preset = _checkpoint_preset(cfg, weights, val_m)
     model = create_model(cfg.student, val_m.num_classes, weights).to(cfg.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -390,6 +394,20 @@ def _test_only(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "test.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _checkpoint_preset(cfg: TrainConfig, weights: str, val_m: Manifest) -> Preprocess:
+    """``--preset``, else the checkpoint's own preprocessing record, else (older checkpoints) the preset its config
+    names, else the layout's."""
+    if cfg.preset != "auto":
+        return resolve_preset(cfg.preset, val_m)
+    state = read_checkpoint(weights)
+    state = state if isinstance(state, dict) else {}
+    record = state.get("preprocessing")
+    if isinstance(record, dict) and "crop" in record:
+        return resolve_preset("auto", val_m, record)
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    return resolve_preset(saved.get("preset") if saved.get("preset") in PRESETS else "auto", val_m)
 
 
 def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: MetricAccumulator | None,

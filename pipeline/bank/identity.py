@@ -166,9 +166,12 @@ def cached_banks(root: Path | None = None) -> list[CachedBank]:
 
 
 def teacher_match(t: dict[str, Any]) -> tuple:
-    """What must agree for a bank's T slot to be a given teacher: arch, weights and a checkpoint's sha256 (a
-    random init's seed is not compared)."""
-    return t.get("arch"), t.get("weights"), t.get("sha256")
+    """What must agree for a bank's T slot to be a given teacher: the arch and, for a checkpoint, its content
+    (sha256: the same file under another path or given relative to another directory is the same teacher), else
+    the weights' name (a random init's seed is not compared)."""
+    if t.get("sha256"):
+        return t.get("arch"), "sha256", t.get("sha256")
+    return t.get("arch"), t.get("weights"), None
 
 
 def teacher_id(teachers: Sequence[dict[str, Any]]) -> str:

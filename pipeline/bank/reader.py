@@ -334,3 +334,23 @@ def _chunk_exists(g: zarr.Group, name: str, idx: tuple[int, ...]) -> bool:
     prefix = g.store_path.path
     full = f"{prefix}/{key}" if prefix else key
     return bool(asyncio.run(store.exists(full)))
+
+
+def class_index(attrs: dict) -> list[list[int]]:
+    """Per teacher, the teacher output that feeds each dataset class: ``class_index`` as dumps record it, else
+    (older banks) from ``class_maps`` (null = one to one)."""
+    t, c = attrs["shape"][1], attrs["shape"][3]
+    if attrs.get("class_index"):
+        return [list(m) for m in attrs["class_index"]]
+    maps = attrs.get("class_maps") or [None] * t
+    return [list(m) if m is not None else list(range(c)) for m in maps]
+
+
+def teacher_preprocessing(attrs: dict) -> list[dict]:
+    """Per teacher, its preprocessing record (``per_teacher`` when the teachers' differ) and, for banks that record
+    it, where it came from (``source``)."""
+    pre = attrs.get("preprocessing") or {}
+    t = attrs["shape"][1]
+    records = pre.get("per_teacher") or [{k: v for k, v in pre.items() if k != "per_teacher"}] * t
+    sources = attrs.get("preprocessing_source") or [None] * t
+    return [{**r, **({"source": src} if src else {})} for r, src in zip(records, sources)]

@@ -8,8 +8,9 @@
   :mod:`pipeline.bank.compact`), read back transparently by :class:`pipeline.bank.reader.LabelBank`; its
   attrs carry ``fidelity`` (mean KL(p || p^) at T = 1, 2, 4, top-1 agreement) against the source. It encodes
   each row chunk exactly as ``dump_logits --format`` does (:func:`pipeline.bank.compact.encode_chunk`).
-- ``stats BANK --plots DIR``: teacher metrics, entropy distribution, per-class accuracy, reliability diagram,
-  confusion matrix (PNG), agreement between teachers; ``stats.json`` in DIR and a summary on stdout.
+- ``stats BANK [--plots DIR]``: teacher metrics, entropy, per-class accuracy and agreement between teachers on
+  stdout; with ``--plots``, the entropy distribution, reliability diagram, per-class accuracy and confusion matrix
+  as PNGs and ``stats.json`` in DIR.
 
 All three run as dask graphs over the zarr chunks (:mod:`pipeline.bank.daskio`): threaded by default,
 ``--scheduler tcp://HOST:PORT`` for a dask.distributed cluster, ``--scheduler local-cluster`` for a 2-process
@@ -34,7 +35,7 @@ import zarr
 from pipeline import __version__, storage
 from pipeline.bank import compact as cp
 from pipeline.bank import daskio, jobs, stats as st
-from pipeline.bank.reader import LabelBank
+from pipeline.bank.reader import LabelBank, class_index, teacher_preprocessing
 from pipeline.bank.writer import format_attrs
 from pipeline.bank.schema import SCHEMA_VERSION, TOPK_TAILS, compact_array_specs, create_bank_arrays
 from pipeline.errors import BankError, UsageError
@@ -95,6 +96,34 @@ def _warn_features_dropped(banks: list[LabelBank], tool: str) -> None:
                         "the source bank)", tool, b.path, tool)
 
 
+def _member_attrs(banks: list[LabelBank], mode: str, c: int) -> dict[str, Any]:
+    """The per-teacher attrs of an ensemble: ``stack`` keeps each member's preprocessing, its source and the
+    output feeding each class (``per_teacher``, ``preprocessing_source``, ``class_index``, ``class_maps``); a mean
+    is one virtual teacher over logits already in the dataset's class order (one to one), with the first bank's
+    preprocessing. Banks dumped with other preprocessing are named in a warning: a student reads one
+    preprocessing (``--preset auto`` takes the first teacher's)."""
+    pres = [p for b in banks for p in teacher_preprocessing(dict(b.attrs))]
+    plain = [{k: v for k, v in p.items() if k not in ("source", "teacher_amp")} for p in pres]
+    if any(p != plain[0] for p in plain[1:]):
+        names = ", ".join(f"{b.path}: '{p.get('name')}' (crop {p.get('crop')})" for b in banks
+                          for p in teacher_preprocessing(dict(b.attrs)))
+        log.warning("ensemble of banks dumped with different preprocessing (%s): the teachers saw the images "
+                    "differently; the bank records each teacher's, and stage 2's --preset auto takes the first "
+                    "(give --preset to choose)", names)
+    first = dict(banks[0].attrs.get("preprocessing") or {})
+    first.pop("per_teacher", None)
+    if mode != "stack":
+        return {"preprocessing": first, "class_index": [list(range(c))], "class_maps": None,
+                "preprocessing_source": [f"ensemble ({mode}): the first bank's, {pres[0].get('source') or '?'}"]}
+    index = [m for b in banks for m in class_index(dict(b.attrs))]
+    out: dict[str, Any] = {"class_index": index,
+                           "class_maps": [m if m != list(range(c)) else None for m in index],
+                           "preprocessing_source": [p.get("source") for p in pres]}
+    if any(p != plain[0] for p in plain[1:]):
+        out["preprocessing"] = {**first, "per_teacher": [{k: v for k, v in p.items() if k != "source"} for p in pres]}
+    return out
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
     return s if len(s) <= 70 else s[:67] + "..."
@@ -151,7 +180,7 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
         attrs = {k: val for k, val in ref.attrs.items()
                  if k not in ("format", "compact_arrays", "topk", "tail", "chunk_sums_layout", "fidelity", "metrics",
                               "source_metrics", "raw_bytes_per_vector", "features")}
-        attrs.update({"key": key, "teachers": teachers, "sources": sources,
+        attrs.update({"key": key, "teachers": teachers, "sources": sources, **_member_attrs(banks, mode, c),
                       "ensemble": {"mode": mode, "num_members": t_all},
                       "config": {"tool": "ensemble", "mode": mode, "inputs": [s["path"] for s in sources]}})
         from pipeline.bank.writer import create_bank, mark_complete
@@ -239,30 +268,34 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
 
 
 # --- stats --------------------------------------------------------------------------------------------------
-def bank_stats(path: str, plots: str, overwrite: bool = False, scheduler: str | None = None, view: int = 0,
-               progress: bool = True) -> dict[str, Any]:
-    """Statistics of the bank at ``path``: PNGs and ``stats.json`` written into the directory ``plots``."""
+def bank_stats(path: str, plots: str | None = None, overwrite: bool = False, scheduler: str | None = None,
+               view: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Statistics of the bank at ``path`` (the summary dict); with ``plots``, PNGs and ``stats.json`` are written
+    into that directory."""
     bank = _open_complete(path)
     n, t, v, c = bank.shape
     if not 0 <= view < v:
         raise UsageError(f"--view {view} out of range: the bank has {v} view(s)")
-    daskio.check_output(plots, overwrite)
+    if plots is not None:
+        daskio.check_output(plots, overwrite)
     rows = bank.rows_per_chunk
     inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
               "skipped": daskio.rows_array(bank.group["skipped"], rows)}
     job = daskio.block_job(jobs.stats_block, inputs, rows, n, view=view)
+    with daskio.scheduler(scheduler) as client:
+        try:
+            (vec,) = daskio.compute([job], client, progress, desc=f"stats {path}")
+        except (BankError, UsageError):
+            raise
+        except Exception as e:
+            raise daskio.job_error(f"stats of {path}", e) from None
+    names = st.entry_names(bank.teachers, t)
+    s = st.summarize(vec, names, t, c, bank.attrs.get("dataset", {}).get("classes"), view)
+    s["bank"] = storage.absolute(path)
+    s["format"] = bank.format
+    if plots is None:
+        return s
     with daskio.atomic_output(plots, overwrite) as tmp:
-        with daskio.scheduler(scheduler) as client:
-            try:
-                (vec,) = daskio.compute([job], client, progress, desc=f"stats {path}")
-            except (BankError, UsageError):
-                raise
-            except Exception as e:
-                raise daskio.job_error(f"stats of {path}", e) from None
-        names = st.entry_names(bank.teachers, t)
-        s = st.summarize(vec, names, t, c, bank.attrs.get("dataset", {}).get("classes"), view)
-        s["bank"] = storage.absolute(path)
-        s["format"] = bank.format
         Path(tmp).mkdir(parents=True)
         s["plots"] = st.plot_stats(s, tmp)
         if c > 100:  # keep stats.json readable: big confusion matrices go to .npy files
@@ -327,7 +360,7 @@ def _run_compact(args: argparse.Namespace) -> int:
 
 def _add_stats(p: argparse.ArgumentParser) -> None:
     p.add_argument("bank")
-    p.add_argument("--plots", required=True, help="output directory for the PNGs and stats.json")
+    p.add_argument("--plots", default=None, help="also write the PNGs and stats.json into this directory")
     p.add_argument("--view", type=int, default=0, help="view measured (default 0)")
     _common(p, out_flag=False)
 
@@ -335,7 +368,8 @@ def _add_stats(p: argparse.ArgumentParser) -> None:
 def _run_stats(args: argparse.Namespace) -> int:
     s = bank_stats(args.bank, args.plots, args.overwrite, args.scheduler, args.view, args.progress)
     print(st.format_summary(s))
-    print(f"wrote {len(s['plots'])} plots and stats.json to {args.plots}")
+    if args.plots is not None:
+        print(f"wrote {len(s['plots'])} plots and stats.json to {args.plots}")
     return 0
 
 

@@ -73,31 +73,40 @@ PRESETS: dict[str, Preprocess] = {
 
 
 def get_preset(name: str) -> Preprocess:
+    """The preset called ``name`` (UsageError naming the valid ones)."""
     if name not in PRESETS:
-        raise UsageError(f"unknown preprocessing preset '{name}'; valid: auto, {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"unknown preprocessing preset '{name}'; valid: auto, {TRAIN_SIZE} (stage 1), "
+                         f"{', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
 
-def weights_preprocess(arch: str, weights: str | None) -> Preprocess | None:
+TRAIN_SIZE = "train-size"  # --preset train-size: auto, but timm models at their training input size
+
+
+def weights_preprocess(arch: str, weights: str | None, test_size: bool = True) -> Preprocess | None:
     """The eval preprocessing a model's weights were trained with, or None when the weights do not say.
 
-    timm models (``timm/<name>``): the pretrained config of the name's tag, as
-    ``timm.data.resolve_data_config`` gives it (input size, ``crop_pct`` -> resize = floor(size / crop_pct),
-    crop mode, interpolation, mean, std), whatever the weights (timm's own scripts do the same). torchvision
-    models with named weights: the enum's ``transforms()`` (resize, crop, interpolation, mean, std).
+    timm models (``timm/<name>``): the pretrained config of the name's tag, as ``timm.data.resolve_data_config``
+    gives it for evaluation (timm's ``validate.py``): the test-time input size and ``crop_pct`` where the tag
+    registers them (``test_input_size``, ``test_crop_pct``), else the training ones; ``test_size=False`` keeps
+    the training ones (``--preset train-size``). Resize = floor(size / crop_pct); crop mode, interpolation, mean
+    and std as configured; whatever the weights (timm's own scripts do the same). torchvision models with named
+    weights: the enum's ``transforms()`` (resize, crop, interpolation, mean, std).
     """
     import math
 
     if arch.startswith("timm/"):
         import timm
+        from timm.data import resolve_data_config
 
         cfg = timm.models.get_pretrained_cfg(arch[len("timm/"):])
         if cfg is None:
             return None
-        size = int(cfg.input_size[-1])
-        return Preprocess(arch, math.floor(size / cfg.crop_pct), size, tuple(cfg.mean), tuple(cfg.std),
-                          interpolation=cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bicubic",
-                          crop_mode=cfg.crop_mode)
+        data = resolve_data_config({}, pretrained_cfg=cfg.to_dict(), use_test_size=test_size)
+        size = int(data["input_size"][-1])
+        interpolation = data["interpolation"] if data["interpolation"] in INTERPOLATIONS else "bicubic"
+        return Preprocess(arch, math.floor(size / data["crop_pct"]), size, tuple(data["mean"]), tuple(data["std"]),
+                          interpolation=interpolation, crop_mode=data["crop_mode"])
     from pipeline.models.registry import torchvision_names, weights_kind
 
     if weights is None or str(weights).lower() == "none" or arch not in torchvision_names():
@@ -113,6 +122,47 @@ def weights_preprocess(arch: str, weights: str | None) -> Preprocess | None:
                       interpolation=t.interpolation.value)
 
 
+def checkpoint_preprocess(path: str) -> Preprocess | None:
+    """The preprocessing a checkpoint of this project was trained with: its ``preprocessing`` record (stage 2
+    writes one into ``last.pt`` and ``best.pt``), else, for older checkpoints, the preset its ``config`` names;
+    None for other files (a torchvision or timm checkpoint says nothing usable)."""
+    from pipeline.models.registry import read_checkpoint
+
+    obj = read_checkpoint(path)
+    if not isinstance(obj, dict):
+        return None
+    rec = obj.get("preprocessing")
+    if isinstance(rec, dict) and "crop" in rec:
+        return Preprocess.from_record(rec)
+    config = obj.get("config")
+    name = config.get("preset") if isinstance(config, dict) else None
+    return PRESETS.get(name) if isinstance(name, str) else None
+
+
+def teacher_preprocess(arch: str, weights: str | None, preset: str, manifest: Any) -> tuple[Preprocess, str]:
+    """A teacher's preprocessing in stage 1, and where it came from (recorded in the bank): ``--preset NAME``;
+    else (``auto``, ``train-size``) the checkpoint's own (a checkpoint of this project records what it was trained
+    with), else the weights' own (:func:`weights_preprocess`), else the dataset layout's default."""
+    if preset not in ("auto", TRAIN_SIZE):
+        return get_preset(preset), f"--preset {preset}"
+    from pipeline.models.registry import weights_kind
+
+    if weights_kind(weights) == "path":
+        pre = checkpoint_preprocess(str(weights))
+        if pre is not None:
+            return pre, f"checkpoint {weights} (trained with preprocessing '{pre.name}')"
+    pre = weights_preprocess(arch, weights, test_size=preset != TRAIN_SIZE)
+    if pre is not None:
+        if arch.startswith("timm/"):
+            size = "training" if preset == TRAIN_SIZE else "test-time"
+            return pre, f"timm pretrained config of {arch[len('timm/'):]} ({size} input size)"
+        return pre, f"torchvision weights {weights} (transforms())"
+    from pipeline.data.layouts import layout_of
+
+    name = layout_of(manifest).default_preset
+    return get_preset(name), f"the {manifest.layout} layout's default ({name})"
+
+
 def resolve_preset(name: str, manifest: Any, bank_preprocessing: dict | None = None) -> Preprocess:
     """The preprocessing of a run: ``name`` when given; with ``auto``, the bank's (a student sees the images as
     its teacher saw them) when there is one, else the dataset layout's default (``cifar`` for CIFAR pickles,
@@ -126,3 +176,38 @@ def resolve_preset(name: str, manifest: Any, bank_preprocessing: dict | None = N
     from pipeline.data.layouts import layout_of
 
     return get_preset(layout_of(manifest).default_preset)
+
+
+def typical_side(manifest: Any, sample: int = 64) -> int | None:
+    """The median shorter side (pixels) of up to ``sample`` images spread evenly over ``manifest`` (read from
+    their headers, no decode), or None when none could be read."""
+    import numpy as np
+
+    from pipeline.data.layouts import layout_of
+
+    layout = layout_of(manifest)
+    sides = []
+    for i in np.unique(np.linspace(0, len(manifest) - 1, min(sample, len(manifest))).astype(int)):
+        try:
+            sides.append(min(layout.image_size(manifest, int(i))))
+        except Exception:  # noqa: BLE001  (an unreadable file: the pre-scan names it)
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def upscale_warning(choices: list[tuple[Preprocess, str]], side: int | None, factor: float = 2.0) -> str | None:
+    """A one-line warning when a preprocessing chosen automatically crops more than ``factor`` times the images'
+    typical side ``side`` (28 px Fashion-MNIST through ImageNet's 224 px: 8x the pixels to decode and run, and
+    unlike what a small-image teacher saw), naming the sizes and the presets that fit; None otherwise.
+    ``choices``: each teacher's (preprocessing, source) from :func:`teacher_preprocess`."""
+    if side is None:
+        return None
+    big = [(p, src) for p, src in dict.fromkeys(choices) if not src.startswith("--preset") and p.crop > factor * side]
+    if not big:
+        return None
+    fit = [f"{n} ({p.crop} px)" for n, p in sorted(PRESETS.items()) if p.crop <= factor * side]
+    what = "; ".join(f"'{p.name}' crops {p.crop} px (from {src})" for p, src in big)
+    return (f"the images are about {side} px (median shorter side of a sample) but {what}: each image is upscaled "
+            f"{max(p.crop for p, _ in big) / side:.1f}x, which is slow and unlike small-image training; if the "
+            f"teacher was trained on images this small, pass --preset NAME; presets that fit: "
+            f"{', '.join(fit) if fit else 'none (add one in pipeline/data/presets.py)'}")

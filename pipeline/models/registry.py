@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,80 @@ def _strip_prefixes(sd: dict) -> dict:
     return out
 
 
+class _Unread:
+    """Stands in for an object of a class ``torch.load(weights_only=True)`` does not allow (a torchvision reference
+    checkpoint's ``args``, an ``argparse.Namespace``): takes any arguments and state and keeps none, so no code of
+    that class runs. A state dict holding one is refused."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Unread":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_STATE_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+def _resave_hint(p: Path, entry: str = "model") -> str:
+    return (f"if you trust the file, re-save its weights: python -c \"import torch; torch.save(torch.load('{p}', "
+            f"weights_only=False)['{entry}'], '{p.with_suffix('')}.weights.pt')\" and pass that file")
+
+
+def _unsafe_globals(p: Path) -> list[str]:
+    """The globals a checkpoint needs that ``weights_only`` loading does not allow ([] when torch cannot tell)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(p)))
+    except Exception:  # not a zip checkpoint, or unreadable: the first load's error says why
+        return []
+
+
 def _read_checkpoint(p: Path) -> Any:
+    """``torch.load(weights_only=True)`` of ``p``. Objects of classes it does not allow (e.g. a torchvision
+    reference checkpoint's ``args``) are read as :class:`_Unread` stand-ins, so the state dict beside them loads;
+    anything else is a one-line UsageError naming the cause and a fix."""
     if not p.is_file():
         raise UsageError(f"weights file not found: {p}")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or not a torch file
-        raise UsageError(f"cannot read checkpoint {p}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    except Exception as e:  # corrupt, not a torch file, or a class weights_only does not load
+        first = e
+    names = _unsafe_globals(p)
+    if names:
+        try:
+            with torch.serialization.safe_globals([(_Unread, n) for n in names]):
+                return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # a blocked module (os, subprocess, ...): would run code
+            log.debug("checkpoint %s with stand-ins for %s: %s", p, names, e)
+        raise UsageError(f"cannot read checkpoint {p}: it needs {', '.join(names)}, which torch.load(weights_only="
+                         f"True) does not run (code from the file); {_resave_hint(p)}") from None
+    log.debug("torch.load(%s) failed", p, exc_info=first)
+    raise UsageError(f"cannot read checkpoint {p}: {_load_cause(p, first)}; give a file written by torch.save "
+                     "(copy it again if it was cut short)") from None
+
+
+def _load_cause(p: Path, e: Exception) -> str:
+    """Why ``torch.load`` could not read ``p``, in a few words (torch's own messages are paragraphs)."""
+    import re
+    import zipfile
+
+    if p.stat().st_size == 0:
+        return "the file is empty"
+    text = one_line(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text)
+    detail = m.group(1) if m else text.split(". ")[0]
+    what = "a truncated or damaged torch.save archive" if zipfile.is_zipfile(p) or "zip archive" in text else \
+        "not a PyTorch checkpoint"
+    return f"{what} ({type(e).__name__}: {one_line(detail, 120)})"
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """What a checkpoint file holds, loaded as :func:`load_checkpoint_state` loads it (``weights_only``; objects
+    of other classes as inert stand-ins); one-line UsageError when it cannot be read."""
+    return _read_checkpoint(Path(path))
 
 
 def checkpoint_arch(path: str | Path) -> str | None:
@@ -81,22 +148,41 @@ def checkpoint_arch(path: str | Path) -> str | None:
     obj = _read_checkpoint(Path(path))
     if not isinstance(obj, dict):
         return None
-    arch = obj.get("arch") or (obj.get("config") or {}).get("student")
+    config = obj.get("config")
+    arch = obj.get("arch") or (config.get("student") if isinstance(config, dict) else None)
     return arch if isinstance(arch, str) else None
 
 
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file -> state_dict (accepts bare, ``model`` and ``state_dict`` wrappers)."""
+    """Read a checkpoint file -> state_dict: a bare state dict, or the ``model`` / ``state_dict`` /
+    ``model_state_dict`` entry of a dict (torchvision's references, timm, Lightning-style and this project's
+    checkpoints; their other entries are not needed and need not load). A UsageError names what the file holds
+    instead, and how to re-save it."""
     p = Path(path)
     obj = _read_checkpoint(p)
+    if _is_state_dict(obj):
+        return _strip_prefixes(obj)
     if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UsageError(f"checkpoint {p} holds no state_dict")
-    return _strip_prefixes(obj)
+        for key in _STATE_KEYS:
+            entry = obj.get(key)
+            if _is_state_dict(entry):
+                return _strip_prefixes(entry)
+            if isinstance(entry, dict) and entry:
+                odd = sorted({type(v).__name__ if not isinstance(v, _Unread) else "an object of a class torch.load("
+                              "weights_only=True) does not load" for v in entry.values()
+                              if not isinstance(v, torch.Tensor)})
+                raise UsageError(f"checkpoint {p}: its '{key}' entry is not a state dict of tensors (it holds "
+                                 f"{', '.join(odd)}); {_resave_hint(p, key)}")
+        keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+        raise UsageError(f"checkpoint {p} holds no state dict: a dict with keys {keys} and none of "
+                         f"{', '.join(_STATE_KEYS)}; save the model's weights with torch.save(model.state_dict(), "
+                         "PATH), or {'model': model.state_dict()}")
+    raise UsageError(f"checkpoint {p} holds no state dict but a {type(obj).__name__}; save the model's weights with "
+                     "torch.save(model.state_dict(), PATH)")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -123,6 +209,27 @@ def _torchvision_weights(name: str, weights: str):
             + ", ".join(m for m in enum.__members__ if m != "DEFAULT")
         )
     return enum[member]
+
+
+def has_named_weights(name: str) -> bool:
+    """Whether ``--weights DEFAULT`` means something for model ``name``: a ``timm/`` name with a pretrained tag, or
+    a torchvision model with a weights enum (the project's own models and callables have none)."""
+    if name.startswith("timm/"):
+        import timm
+
+        try:
+            return timm.models.get_pretrained_cfg(name[len("timm/"):]) is not None
+        except RuntimeError:
+            return False
+    if name not in torchvision_names():
+        return False
+    import torchvision.models as tvm
+
+    try:
+        tvm.get_model_weights(name)
+        return True
+    except (ValueError, KeyError):
+        return False
 
 
 def weights_identity(weights: str | None) -> dict:
@@ -247,13 +354,37 @@ def _from_checkpoint(build: Callable[[int], nn.Module], name: str, path: str, nu
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
+        log.debug("load_state_dict(%s) into %s", path, name, exc_info=e)
         arch = checkpoint_arch(path)
         if arch and arch != name:
             raise UsageError(f"checkpoint {path} holds a '{arch}' model, not '{name}': name {arch} as the model "
                              "(--student or --teacher)") from None
-        first = str(e).split("\n")[0] + " " + " ".join(str(e).split("\n")[1:2])
-        raise UsageError(f"checkpoint {path} does not fit {name} with {n} classes: {first.strip()[:300]}") from None
+        raise UsageError(f"checkpoint {path} does not fit {name} with {n} classes: "
+                         f"{state_dict_mismatch(model.state_dict(), sd)}; name the architecture the checkpoint "
+                         "was trained as (--teacher / --student), with the dataset it was trained on") from None
     return model
+
+
+def state_dict_mismatch(want: dict[str, torch.Tensor], have: dict[str, torch.Tensor], show: int = 3) -> str:
+    """What differs between a model's state dict (``want``) and a checkpoint's (``have``), in a few words: missing
+    and unexpected keys (the first ``show`` of each) and tensors of another shape."""
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    shapes = [k for k in want if k in have and tuple(want[k].shape) != tuple(have[k].shape)]
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (", ..." if len(keys) > show else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) of the model missing from the checkpoint ({first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint ({first(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape ({k}: checkpoint {list(have[k].shape)}, model "
+                     f"{list(want[k].shape)})")
+    return "; ".join(parts) or "the state dicts differ"
 
 
 def _checkpoint_classes(build: Callable[[int], nn.Module], sd: dict[str, torch.Tensor], probe: int = 7) -> int:

@@ -4,13 +4,14 @@ bank dumped once, students ce / kd / wsld from that bank, the report table), wit
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
 from pipeline.data.embedded import FASHION_MNIST_DIR
 
 
-def test_demo_flow(tmp_path, monkeypatch, capsys):
+def test_demo_flow(tmp_path, monkeypatch, capsys, caplog):
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("embedded Fashion-MNIST not installed (make setup installs it)")
     from pipeline.demo import main
@@ -19,7 +20,10 @@ def test_demo_flow(tmp_path, monkeypatch, capsys):
     data, out = tmp_path / "data", tmp_path / "runs"
     argv = ["--data", str(data), "--out", str(out), "--train-per-class", "30", "--val-per-class", "10",
             "--epochs", "1"]
-    assert main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="pipeline.demo"):
+        assert main(argv) == 0
+    steps = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("step ")]
+    assert steps[0] == "step 1/5" and steps[-1] == "step 5/5" and {"step 2/5", "step 3/5", "step 4/5"} <= set(steps)
     text = capsys.readouterr().out
     lines = [l for l in text.splitlines() if l.strip()]
     start = next(i for i, l in enumerate(lines) if l.split()[:2] == ["run", "method"])
@@ -29,7 +33,13 @@ def test_demo_flow(tmp_path, monkeypatch, capsys):
     assert set(rows) == {"teacher-ce", "student-ce", "student-kd", "student-wsld"}
     banks = list((tmp_path / "cache").glob("*/democnn-*.zarr"))
     assert len(banks) == 1  # one bank, dumped once, from the teacher's best checkpoint
-    assert lines[start + 5] == f"label bank: {banks[0]}"  # the demo says where its bank is
+    assert lines[start + 5] == f"label bank: {banks[0]}"  # the demo says where its bank and runs are
+    assert lines[start + 6].startswith(f"runs:       {out}/ (teacher-ce, student-ce")
+    assert lines[start + 7] == f"again:      python -m pipeline.report {out}"
+    from pipeline.report import main as report
+
+    assert report(lines[start + 7].split()[3:]) == 0  # the printed command works
+    assert [l for l in capsys.readouterr().out.splitlines() if l.strip()] == table
     for m in ("kd", "wsld"):
         f = json.loads((out / f"student-{m}" / "final.json").read_text())
         assert f["bank"].endswith(banks[0].name) and f["teacher"] == "democnn" and f["epochs"] == 1
@@ -38,7 +48,7 @@ def test_demo_flow(tmp_path, monkeypatch, capsys):
     # a second run reuses every step and prints the same table
     assert main(argv) == 0
     again = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
-    assert again[-6:] == table + [lines[start + 5]]
+    assert again[-8:] == table + lines[start + 5:start + 8]
     # a finished run of another bank (a stale runs/ folder from older data) is trained again, not reused
     import yaml
 

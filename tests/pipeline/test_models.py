@@ -122,7 +122,7 @@ def test_bad_checkpoints(tmp_path: Path):
         create_model("democnn_s", 10, str(wrong_classes))
     nodict = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], nodict)
-    with pytest.raises(UsageError, match="no state_dict"):
+    with pytest.raises(UsageError, match="holds no state dict but a list"):
         load_checkpoint_state(nodict)
     assert weights_identity(None) == {"weights": "none"} and weights_identity("None") == {"weights": "none"}
     assert weights_identity("IMAGENET1K_V1") == {"weights": "IMAGENET1K_V1"}

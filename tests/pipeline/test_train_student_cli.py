@@ -72,7 +72,7 @@ def test_teacher_finds_cached_bank(tmp_path, demo_root, monkeypatch, capsys, wei
     assert main(["--method", "wsld", "--teacher", "democnn", "--teacher-weights", w,
                  *_args(demo_root, tmp_path / "r2")]) == 2
     msg = _one_error_line(capsys)
-    assert "no bank of democnn for" in msg and "python -m pipeline.dump_logits --teacher democnn" in msg
+    assert f"no bank of democnn (weights {w}) for" in msg and "python -m pipeline.dump_logits --teacher democnn" in msg
     if weights == "none":  # the printed command makes exactly the bank the lookup wanted
         cmd = msg.split("make it with python -m pipeline.dump_logits ", 1)[1].split(" (or give", 1)[0].split()
         assert dump(cmd) == 0

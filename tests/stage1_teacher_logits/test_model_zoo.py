@@ -32,8 +32,9 @@ def photo_tree(tmp_path_factory) -> Path:
 
 
 def test_timm_teacher_records_timms_preprocessing(photo_tree: Path, tmp_path: Path):
-    """No --preset: the bank records timm's data config of the tag (176 px, crop_pct 0.875 -> resize 201,
-    bicubic), and its logits are those of the model on timm's own eval transform (PIL) of each image."""
+    """No --preset: the bank records timm's eval data config of the tag as timm's validate.py resolves it (the
+    test-time size: 224 px, crop_pct 0.95 -> resize 235, bicubic; the tag trains at 176), and its logits are those
+    of the model on timm's own eval transform (PIL) of each image."""
     import timm
 
     out = tmp_path / "t.zarr"
@@ -42,8 +43,8 @@ def test_timm_teacher_records_timms_preprocessing(photo_tree: Path, tmp_path: Pa
     pre = zarr.open_group(str(out), mode="r").attrs["preprocessing"]
     torch.manual_seed(0)
     model = create_model("timm/resnet10t.c3_in1k", 3, "none").eval()
-    cfg = timm.data.resolve_data_config({}, model=model)
-    assert (pre["crop"], pre["resize"], pre["interpolation"], pre["crop_mode"]) == (176, 201, "bicubic", "center")
+    cfg = timm.data.resolve_data_config({}, model=model, use_test_size=True)
+    assert (pre["crop"], pre["resize"], pre["interpolation"], pre["crop_mode"]) == (224, 235, "bicubic", "center")
     assert tuple(pre["mean"]) == cfg["mean"] and tuple(pre["std"]) == cfg["std"] and pre["name"] == \
         "timm/resnet10t.c3_in1k"
     m = build_manifest(photo_tree, "train")
@@ -124,16 +125,19 @@ def test_unknown_wnid_and_wrong_class_map_are_one_line_errors(tmp_path: Path, ca
 
 
 def test_ensemble_with_different_preprocessing_equals_single_banks_stacked(photo_tree: Path, tmp_path: Path):
-    """Two timm teachers wanting 176 px (bicubic, crop_pct 0.875) and 224 px (crop_pct 0.95): one decode, two
-    branches, one bank whose T slots equal the two single-teacher banks (each dumped on its own)."""
+    """Two timm teachers wanting 176 px (bicubic, crop_pct 0.875) and 224 px (crop_pct 0.95) at their training size
+    (``--preset train-size``): one decode, two branches, one bank whose T slots equal the two single-teacher banks
+    (each dumped on its own)."""
     a, b = "timm/resnet10t.c3_in1k", "timm/resnet18.a1_in1k"
-    ens = tmp_path / "ens.zarr"
-    assert _dump(photo_tree, ens, "--teacher", a, "--weights", "none", "--teacher", b, "--weights", "none") == 0
-    assert _dump(photo_tree, tmp_path / "a.zarr", "--teacher", a, "--weights", "none") == 0
-    assert _dump(photo_tree, tmp_path / "b.zarr", "--teacher", b, "--weights", "none", "--seed", "1") == 0
+    ens, size = tmp_path / "ens.zarr", ("--preset", "train-size")
+    assert _dump(photo_tree, ens, "--teacher", a, "--weights", "none", "--teacher", b, "--weights", "none",
+                 *size) == 0
+    assert _dump(photo_tree, tmp_path / "a.zarr", "--teacher", a, "--weights", "none", *size) == 0
+    assert _dump(photo_tree, tmp_path / "b.zarr", "--teacher", b, "--weights", "none", "--seed", "1", *size) == 0
     both = LabelBank(ens)
     pre = both.attrs["preprocessing"]
     assert [p["crop"] for p in pre["per_teacher"]] == [176, 224]
+    assert all("training input size" in src for src in both.attrs["preprocessing_source"])
     za, zb = LabelBank(tmp_path / "a.zarr").read_logits(), LabelBank(tmp_path / "b.zarr").read_logits()
     np.testing.assert_array_equal(both.read_logits(), np.concatenate([za, zb], axis=1))
 
