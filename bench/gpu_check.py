@@ -317,6 +317,28 @@ class Check:
                       f"{1000 * med['bank']:.1f} ms ({med['bank'] / med['ce']:.3f}x CE), live ResNet-34 "
                       f"{1000 * med['live']:.1f} ms ({med['live'] / med['bank']:.2f}x bank)")
 
+    def teacher_rate(self) -> tuple[bool | None, str]:
+        """The teacher alone: a torchvision ResNet-50 forward, bf16 autocast, channels_last, batch 256 at 224 px on
+        a resident batch (images/s; what stage 1's pipeline should approach: dump >= 0.8 x min(decode, teacher))."""
+        if self.device != "cuda":
+            return None, f"needs CUDA (device {self.device})"
+        import torchvision
+
+        model = torchvision.models.resnet50().to("cuda", memory_format=torch.channels_last).eval()
+        x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(3):
+                model(x)
+            _sync("cuda")
+            t0 = time.perf_counter()
+            reps = 10
+            for _ in range(reps):
+                model(x)
+            _sync("cuda")
+        rate = reps * 256 / (time.perf_counter() - t0)
+        self.figures["teacher_resnet50_bf16_images_per_s"] = round(rate, 1)
+        return True, f"{rate:.0f} img/s (ResNet-50 forward, bf16, channels_last, batch 256, 224 px)"
+
     def dali_decode(self) -> tuple[bool | None, str]:
         if self.loader != "dali" or self.device != "cuda":
             return None, f"needs DALI and CUDA (loader {self.loader}, device {self.device})"
@@ -452,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         check.run("bank == live teacher", check.bank_equals_live)
         check.run("torchrun, 1 process, both stages", check.torchrun)
         check.run("step time: bank vs CE vs live ResNet-34", check.step_ratios)
+        check.run("teacher only: ResNet-50 bf16", check.teacher_rate)
         check.run("DALI mixed decode", check.dali_decode)
         check.run("torch nvJPEG decode", check.nvjpeg_decode)
         check.run("torch nvJPEG vs CPU torch path", check.nvjpeg_vs_cpu)

@@ -44,13 +44,9 @@ def parse_bytes(text: str) -> int:
 
 def resident_bytes_per_vector(fmt: str, classes: int, k: int | None, s: int | None) -> int:
     """Stage 2's resident bytes per (sample, teacher, view) vector (pipeline.bank.resident's layout)."""
-    from pipeline.bank.resident import _sparse_offsets
+    from pipeline.bank.resident import bytes_per_vector
 
-    if fmt in ("topk", "sampled"):
-        return _sparse_offsets(int(k), int(s or 0), classes)[-1]
-    if fmt == "int8":
-        return classes + 2
-    return 2 * classes
+    return bytes_per_vector(fmt, classes, k, s)
 
 
 def raw_bytes_per_vector(fmt: str, classes: int, k: int | None, s: int | None) -> int:

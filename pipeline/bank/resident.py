@@ -93,14 +93,21 @@ def dense_nbytes(bank: LabelBank) -> int:
     return math.prod(bank.shape) * np.dtype(bank.attrs.get("dtype", "float16")).itemsize
 
 
+def bytes_per_vector(fmt: str, num_classes: int, k: int | None = None, samples: int | None = None,
+                     dtype: str = "float16") -> int:
+    """Resident bytes of one (sample, teacher, view) vector of a ``fmt`` bank (see the module table)."""
+    if fmt in ("topk", "sampled"):
+        return _sparse_offsets(int(k), int(samples or 0), num_classes)[-1]
+    if fmt == "int8":
+        return num_classes + 2
+    return num_classes * np.dtype(dtype).itemsize
+
+
 def resident_nbytes(bank: LabelBank) -> int:
     """Bytes a :class:`ResidentBank` of ``bank`` holds (see the module table)."""
     n, t, v, c = bank.shape
-    if bank.format in ("topk", "sampled"):
-        return n * v * t * _sparse_offsets(int(bank.attrs["topk"]), int(bank.attrs.get("samples") or 0), c)[-1]
-    if bank.format == "int8":
-        return n * v * t * (c + 2)
-    return dense_nbytes(bank)
+    return n * v * t * bytes_per_vector(bank.format, c, bank.attrs.get("topk"), bank.attrs.get("samples"),
+                                        bank.attrs.get("dtype", "float16"))
 
 
 def _gb(x: float) -> str:

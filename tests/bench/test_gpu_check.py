@@ -25,7 +25,8 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path, capsys):
     statuses = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in table}
     assert statuses["stage 1 on cpu == on cpu"] == "PASS" and statuses["bank == live teacher"] == "PASS"
     assert statuses["torchrun, 1 process, both stages"] == "PASS"
-    assert statuses["DALI mixed decode"] == "n/a" and len(statuses) == 11
+    assert statuses["DALI mixed decode"] == "n/a" and len(statuses) == 12
     assert statuses["stage 2 with the bank on the host (staging)"] == "PASS"
     assert statuses["torch nvJPEG decode"] == statuses["torch nvJPEG vs CPU torch path"] == "n/a"
+    assert statuses["teacher only: ResNet-50 bf16"] == "n/a"
     assert "fp16+GradScaler n/a on cpu" in out and "bank_over_ce" in out
