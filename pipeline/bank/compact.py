@@ -39,13 +39,15 @@ Formats:
     (N, T, V, S) (sorted), ``sample_logprob`` (N, T, V, S) float16 (their l_j) and ``logsumexp`` (N, T, V) float32
     (so stored logits are recoverable: ``z_j = l_j + logsumexp``). The draws are a counter-based hash of
     (seed, row, teacher, view, draw): the same in a dump, a resumed dump, on any rank and in ``labels compact``.
-    The stored target is the importance-sampling estimate (their Eq. for the unbiased random-sampling target):
-    each draw n of class j_n has weight ``w_n = (1/S) p^T_{j_n} / q_{j_n} = (1/S) P_R exp(l_{j_n} (1/T - 1)) / Z_T``,
-    so ``E[sum_n w_n 1{j_n = j}] = p^T_j``: at T = 1 the weights are ``P_R / S`` and the estimate also sums to 1;
-    at any T on the grid the estimate of ``p^T`` is unbiased (its sum is 1 in expectation). Losses linear in the
-    target (the soft cross-entropy / KL of KD, Tf-KD, WSLD, SL, SL-Ens, SL-KD) get unbiased gradients; DKD's
-    NCKD renormalizes the non-target classes (a consistent, O(1/S)-biased ratio estimate); DIST and SL-Enc are
-    nonlinear in the whole distribution and refuse this format (:mod:`kd_losses.targets`).
+    The stored target at temperature T: the draws share the tail's exact mass at T (``exp(F(1/T)) / Z_T``, from the
+    tail statistics) by self-normalized importance weights ``r_n / sum_m r_m``, ``r_n = exp(l_{j_n} (1/T - 1))``
+    (proportional to p^T / q). At T = 1 every draw holds ``P_R / S``: the paper's unbiased random-sampling target
+    (E[target] = p; losses linear in it get unbiased gradients). At T != 1 the plain importance weights
+    ``(1/S) p^T / q`` would be unbiased as well but explode when the target is much flatter than the proposal
+    (a KD student at T = 4 from such a 5+5 bank trained to chance on the 100-class pairs task); self-normalized, the
+    target always sums to 1, with a ratio-estimator bias of O(1/S). DKD's NCKD renormalizes the non-target classes
+    (a ratio estimate too); DIST and SL-Enc are nonlinear in the whole distribution and refuse this format
+    (:mod:`kd_losses.targets`).
     Raw size 4K + 2 + 2G + 4S + 4 bytes per vector (int16 indices).
 
 ``int8`` (no parameter)
@@ -279,9 +281,8 @@ def target_probs(arrays: dict[str, np.ndarray], fmt: str, labels: np.ndarray, c:
             sidx = arrays["sample_indices"].astype(np.int64)
             slp = arrays["sample_logprob"].astype(np.float64)
             s = sidx.shape[-1]
-            g = TAIL_TEMPERATURES.index(tq)
-            fq = np.where(arrays["tail_lse"][..., g] <= TAIL_EMPTY, -np.inf, arrays["tail_lse"][..., g].astype(np.float64))
-            w = np.exp(fq[..., None] + slp * (1.0 / tau - 1.0 / tq) - log_z[..., None]) / s
+            rel = slp * (1.0 / tau - 1.0 / tq)  # self-normalized: the draws share the exact tail mass at tau
+            w = np.exp((f - log_z)[..., None] + rel - _logsumexp(rel)[..., None])
             flat = p.reshape(-1, c)
             np.add.at(flat, (np.repeat(np.arange(len(flat)), s), sidx.reshape(-1)), w.reshape(-1))
             p = flat.reshape(p.shape)
