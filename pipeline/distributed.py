@@ -129,24 +129,24 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-@_collective
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum ``t`` over ranks (reduced on the rank's device, returned on ``t``'s device); ``t`` is not modified."""
+def _all_reduce(t: torch.Tensor, info: DistInfo, op: Any) -> torch.Tensor:
     if not info.enabled:
         return t
     out = t.detach().to(info.torch_device, copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out.to(t.device)
+
+
+@_collective
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``t`` over ranks (reduced on the rank's device, returned on ``t``'s device); ``t`` is not modified."""
+    return _all_reduce(t, info, dist.ReduceOp.SUM)
 
 
 @_collective
 def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Elementwise minimum of ``t`` over ranks (on the rank's device, returned on ``t``'s device)."""
-    if not info.enabled:
-        return t
-    out = t.detach().to(info.torch_device, copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out.to(t.device)
+    return _all_reduce(t, info, dist.ReduceOp.MIN)
 
 
 @_collective

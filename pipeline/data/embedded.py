@@ -66,6 +66,27 @@ def prepare_default_dataset(out: str | Path = DEFAULT_DATA_DIR, per_class: dict[
     return write_tree(out, {"train": ("train", 0, caps.get("train")), "val": ("val", 0, caps.get("val"))}, quality)
 
 
+def _begin_tree(out: Path, want: str) -> Path | None:
+    """None when ``out`` already holds the tree ``want`` describes (its ``.complete`` marker); else ``out`` removed
+    and an empty temporary folder to write the tree into (:func:`_finish_tree` moves it into place)."""
+    marker = out / ".complete"
+    if marker.is_file() and marker.read_text() == want:
+        log.info("dataset ready at %s", out)
+        return None
+    if out.exists():
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _finish_tree(tmp: Path, out: Path, want: str) -> None:
+    """The written tree into place, then its marker (a partial tree never looks complete)."""
+    tmp.rename(out)
+    (out / ".complete").write_text(want)
+    log.info("wrote dataset %s", out)
+
+
 def write_tree(out: str | Path, splits: dict[str, tuple[str, int, int | None]], quality: int = 95) -> Path:
     """Write ``out/<split>/<class>/<NNNNN>.jpg`` for each ``split: (source, start, count)``: per class, the images
     of rank ``start`` to ``start + count`` (None: to the end) in Fashion-MNIST's ``source`` set (``train`` or
@@ -77,15 +98,10 @@ def write_tree(out: str | Path, splits: dict[str, tuple[str, int, int | None]], 
     from PIL import Image
 
     out = Path(out)
-    marker = out / ".complete"
     want = repr(sorted(splits.items())) + f" q{quality}"
-    if marker.is_file() and marker.read_text() == want:
-        log.info("embedded dataset ready at %s", out)
+    tmp = _begin_tree(out, want)
+    if tmp is None:
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     for split, (source, start, count) in splits.items():
         images, labels = load_fashion_mnist(source)
         rank = np.zeros(len(FASHION_MNIST_CLASSES), int)
@@ -101,9 +117,7 @@ def write_tree(out: str | Path, splits: dict[str, tuple[str, int, int | None]], 
             y = int(labels[i])
             rgb = np.repeat(images[i][:, :, None], 3, axis=2)
             Image.fromarray(rgb).save(tmp / split / FASHION_MNIST_CLASSES[y] / f"{i:05d}.jpg", quality=quality)
-    tmp.rename(out)
-    marker.write_text(want)
-    log.info("wrote embedded dataset to %s", out)
+    _finish_tree(tmp, out, want)
     return out
 
 
@@ -147,15 +161,10 @@ def prepare_pairs_dataset(out: str | Path = PAIRS_DATA_DIR, per_class: dict[str,
 
     caps = {"train": 200, "heldout": 20, "val": 50, **(per_class or {})}
     out = Path(out)
-    marker = out / ".complete"
     want = f"pairs {sorted(caps.items())} q{quality} seed{seed}"
-    if marker.is_file() and marker.read_text() == want:
-        log.info("pairs dataset ready at %s", out)
+    tmp = _begin_tree(out, want)
+    if tmp is None:
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     sources = {"train": ("train", 0, 5000), "heldout": ("train", 5000, 6000), "val": ("val", 0, None)}
     for s, (split, (source, start, stop)) in enumerate(sources.items()):
         images, labels = load_fashion_mnist(source)
@@ -171,6 +180,5 @@ def prepare_pairs_dataset(out: str | Path = PAIRS_DATA_DIR, per_class: dict[str,
                     Image.fromarray(pair_image(images[i], images[j])).save(folder / f"{k:06d}.jpg", quality=quality)
                     k += 1
         log.info("wrote %d %s images", k, split)
-    tmp.rename(out)
-    marker.write_text(want)
+    _finish_tree(tmp, out, want)
     return out

@@ -50,3 +50,15 @@ def write_cifar10():
 def write_cifar100():
     """``write_cifar100(root, n_train=6, n_test=4, seed=0) -> dict`` of what was written."""
     return _write_cifar100
+
+
+@pytest.fixture
+def foolbox_tree(foolbox_dir: Path, tmp_path: Path) -> Path:
+    """The 20 foolbox ImageNet JPEGs as a one-class ``val`` split (real photographs, odd sizes, EXIF)."""
+    import shutil
+
+    d = tmp_path / "fb" / "val" / "all"
+    d.mkdir(parents=True)
+    for f in sorted(foolbox_dir.glob("imagenet_*.jpg")):
+        shutil.copy(f, d / f.name)
+    return tmp_path / "fb"

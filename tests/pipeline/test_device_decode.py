@@ -8,7 +8,6 @@ in normalized units). The nvJPEG test runs where CUDA is available."""
 from __future__ import annotations
 
 import io
-import shutil
 import warnings
 from pathlib import Path
 
@@ -62,15 +61,6 @@ def _jpeg(arr: np.ndarray, mode: str = "RGB", orientation: int = 1) -> bytes:
     b = io.BytesIO()
     Image.fromarray(arr).convert(mode).save(b, "JPEG", quality=90, exif=exif.tobytes())
     return b.getvalue()
-
-
-@pytest.fixture
-def foolbox_tree(foolbox_dir: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "fb" / "val" / "all"
-    d.mkdir(parents=True)
-    for f in sorted(foolbox_dir.glob("imagenet_*.jpg")):
-        shutil.copy(f, d / f.name)
-    return tmp_path / "fb"
 
 
 @pytest.mark.parametrize("mode,workers", [("eval", 0), ("train", 2), ("views", 0)])

@@ -3,7 +3,6 @@ the same samples, orders, modes and preprocessing; decode errors named by the to
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,6 @@ TINY = Preprocess("t", 24, 20, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), "rrc", (0.25, 
 def _all(loader: str, m, order, p, mode="eval", bs=5, workers=1, seed=0, boxes=None):
     bs_ = list(load_batches(loader, m, order, p, mode, bs, workers, "cpu", seed, boxes=boxes))
     return torch.cat([b.images for b in bs_]), torch.cat([b.index for b in bs_]), [len(b.index) for b in bs_]
-
-
-@pytest.fixture
-def foolbox_tree(foolbox_dir: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "fb" / "val" / "all"
-    d.mkdir(parents=True)
-    for f in sorted(foolbox_dir.glob("imagenet_*.jpg")):
-        shutil.copy(f, d / f.name)
-    return tmp_path / "fb"
 
 
 def test_eval_pixels_agree_on_real_imagenet_jpegs(foolbox_tree: Path):
