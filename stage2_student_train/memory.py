@@ -5,8 +5,6 @@ resident module itself (once per node)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pipeline.distributed import local_world_size
@@ -62,6 +60,3 @@ def check_device_memory(cfg: TrainConfig, state: int) -> None:
                          f"of the {free / 1e9:.3g} GB free on the GPU: lower loss.feat_dim, or train on a subset "
                          f"(train_subset=), or use a method without memories")
 
-
-def describe(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e6 else f"{math.ceil(nbytes / 1e3)} kB"
