@@ -1,6 +1,7 @@
 """``python -m pipeline.experiments SUITE...`` (``make results``): the seeds' claims, tested on the embedded data.
 
-Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views, formats, embedding (or ``all``). A
+Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views, formats, embedding, methods100,
+formats100, ranks, time-to-accuracy (or ``all``; the 100-class suites on ``pairs100``). A
 run: write the data trees; train the teachers (shared by every suite); dump their banks (content-addressed,
 shared); for every method, train its small hyperparameter grid on held-out training images and keep the best
 setting; train every arm with the scale's seeds (3 at full scale) at that setting (one optimizer and schedule for
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 from pipeline import storage
 from pipeline.errors import CliParser, UsageError, cli_entry, setup_logging
 from pipeline.experiments import measure, report
-from pipeline.experiments.plan import GRIDS, SCALES, SMALL, TEACHERS, Scale, Suite, fixed_loss, suites
+from pipeline.experiments.plan import BIG, GRIDS, SCALES, SMALL, TASKS, TEACHERS, Scale, Suite, fixed_loss, suites
 from pipeline.experiments.runner import Job, Runner
 
 log = logging.getLogger("pipeline.experiments")
@@ -36,15 +37,17 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
     t0 = time.time()
     plan = [suites(scale)[n] for n in names]
     runner = Runner(root, scale, device)
-    runner.prepare_data(data_root)
-    methods = sorted({a.method for s in plan for a in s.arms})
+    runner.prepare_data(data_root, tuple(sorted({s.task for s in plan})))
+    methods = sorted({(a.method, s.task) for s in plan for a in s.arms})
     needed = {t for s in plan for a in s.arms for t in (*a.teachers, *([a.live] if a.live else []))}
-    needed |= {t for m in methods if m in GRIDS and scale.grid for t in GRIDS[m][1]}
+    needed |= {TASKS[task].teacher(t) for m, task in methods if m in GRIDS and scale.grid for t in GRIDS[m][1]}
     runner.run_jobs([runner.teacher_job(TEACHERS[t]) for t in sorted(needed)], "teachers")
     if scale.grid:
-        runner.run_jobs([j for m in methods if m in GRIDS for _, j in runner.grid_jobs(m)], "hyperparameter grids")
-    chosen = {m: runner.choose(m) for m in methods}
-    jobs = {(s.name, a.label, seed): runner.job({**runner.arm_overrides(a, chosen[a.method][0]), "seed": seed})
+        runner.run_jobs([j for m, task in methods if m in GRIDS for _, j in runner.grid_jobs(m, task)],
+                        "hyperparameter grids")
+    chosen = {(m, task): runner.choose(m, task) for m, task in methods}
+    jobs = {(s.name, a.label, seed): runner.job({**runner.arm_overrides(a, chosen[a.method, s.task][0], s.task),
+                                                 "seed": seed}, a.ranks)
             for s in plan for a in s.arms for seed in scale.seeds}
     runner.run_jobs(list(jobs.values()), "students")
     out = {}
@@ -64,21 +67,27 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
 
 
 def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job],
-              chosen: dict[str, tuple[dict[str, Any], list]]) -> dict[str, Any]:
+              chosen: dict[tuple[str, str], tuple[dict[str, Any], list]]) -> dict[str, Any]:
     """The suite's summary: per arm the seeds' metrics, chosen hyperparameters and grid; teachers' and baseline's
     convergence; measurements."""
     scale = runner.scale
     arms: dict[str, Any] = {}
     for a in suite.arms:
-        finals = [jobs[(suite.name, a.label, s)].final() for s in scale.seeds]
-        setting, grid = chosen[a.method]
+        runs = [jobs[(suite.name, a.label, s)] for s in scale.seeds]
+        finals = [j.final() for j in runs]
+        setting, grid = chosen[a.method, suite.task]
         banks = (finals[0].get("bank") or "").split(",") if a.teachers and not a.live else []  # live: no bank
         arms[a.label] = {
-            "method": a.method, "student": a.student, "chosen": setting,
+            "method": a.method, "student": a.student, "chosen": setting, "ranks": a.ranks,
             "loss": {**fixed_loss(a.method, scale), **setting, **a.loss},
             "grid": grid, **{k: [f[k] for f in finals] for k in ("top1", "ece", "nll")},
-            "bank_bytes": sum(storage.size(b) for b in banks) / (10 * scale.student) if banks else None,
+            **{k: [f[k] for f in finals] for k in ("teacher_agreement", "teacher_kl") if finals[0].get(k) is not None},
+            "time_s": [f["train_time_s"] for f in finals],
+            "bank_bytes": sum(storage.size(b) for b in banks) / _train_size(runner, suite.task) if banks else None,
         }
+        if suite.kind == "time":
+            arms[a.label]["curves"] = [_time_curve(j.metrics()) for j in runs]
+            arms[a.label]["dump_s"] = sum(runner.dump_time(b) or 0.0 for b in banks) if banks else None
     teachers = {}
     for name in sorted({t for a in suite.arms for t in (*a.teachers, *([a.live] if a.live else []))}):
         job = runner.teacher_job(TEACHERS[name])
@@ -91,9 +100,25 @@ def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job
         rows = [jobs[(suite.name, base.label, s)].metrics() for s in scale.seeds]
         baseline = {"label": base.label, "last_top1": [[r["top1"] for r in rs[-3:]] for rs in rows],
                     "train_loss": [rs[-1]["train_loss"] for rs in rows]}
-    return {"title": suite.title, "recipe": _recipe(scale), "setup": _setup(scale), "note": suite.note,
+    return {"title": suite.title, "recipe": _recipe(scale, suite.task), "setup": _setup(scale), "note": suite.note,
+            "task": suite.task, "kind": suite.kind,
             "teachers": teachers, "baseline": baseline, "arms": arms,
             "measurements": _measure(suite, runner) if suite.name == "offline-vs-live" else {}}
+
+
+def _time_curve(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(training seconds so far, val top-1) after each epoch of a run's metrics rows."""
+    out, t = [], 0.0
+    for r in rows:
+        t += r.get("train_time_s", 0.0)
+        out.append((t, r["top1"]))
+    return out
+
+
+def _train_size(runner: Runner, task: str) -> int:
+    from pipeline.data import build_manifest
+
+    return len(build_manifest(runner.trees[TASKS[task].tree], "train"))
 
 
 def _train_images(runner: Runner, name: str) -> int:
@@ -103,7 +128,13 @@ def _train_images(runner: Runner, name: str) -> int:
     return len(build_manifest(runner.trees[t.data], "train"))
 
 
-def _recipe(scale: Scale) -> str:
+def _recipe(scale: Scale, task: str = "fmnist10") -> str:
+    if task == "pairs100":
+        a, b, c = scale.pairs
+        return (f"Task pairs100 (100 classes; {100 * a} training images, {100 * b} held-out for the grid, "
+                f"{100 * c} val). Student `{SMALL}`, {scale.pairs_student_epochs} epochs, {len(scale.seeds)} seed(s) "
+                f"per arm ({', '.join(map(str, scale.seeds))}); teacher `big100` ({BIG}, "
+                f"{scale.pairs_teacher_epochs} epochs, the same training images).")
     return (f"Student `{SMALL}`, {scale.student_epochs} epochs, {len(scale.seeds)} seed(s) per arm "
             f"({', '.join(map(str, scale.seeds))}).")
 
@@ -143,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="+", help="suite name(s) or 'all'")
     p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full (default) or tiny")
+    p.add_argument("--quick", action="store_true", help="the tiny plan (--scale tiny): every step in seconds")
     p.add_argument("--root", default="results/runs", help="where runs and banks go (default: results/runs)")
     p.add_argument("--data-root", default="data/results", help="where the data trees are written")
     p.add_argument("--results", default="RESULTS.md", help="the file rewritten ('' = none) (default: RESULTS.md)")
@@ -150,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="training processes at once (default: the scale's)")
     args = p.parse_args(argv)
     setup_logging()
-    scale = SCALES[args.scale]
+    scale = SCALES["tiny" if args.quick else args.scale]
     if args.jobs:
         from dataclasses import replace
 
@@ -159,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in names:
         if n not in suites(scale):
             raise UsageError(f"unknown suite '{n}'; valid: {', '.join(suites(scale))}, all")
-    out = run_suites(names, scale, Path(args.root) / args.scale, Path(args.data_root), Path(args.results)
+    out = run_suites(names, scale, Path(args.root) / ("tiny" if args.quick else args.scale), Path(args.data_root), Path(args.results)
                      if args.results else None, args.device)
     for n, s in out.items():
         for label, a in s["arms"].items():

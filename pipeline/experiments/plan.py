@@ -36,22 +36,52 @@ class Scale:
     jobs: int = 2  # training processes at once (0: one after another in this process)
     max_steps: int = 0  # > 0: cap the steps per epoch (tiny scale)
     grid: bool = True  # False: every method at its published defaults (tiny scale)
+    pairs: tuple[int, int, int] = (200, 20, 50)  # pairs100 images per class: train, held-out, val
+    pairs_teacher_epochs: int = 12
+    pairs_student_epochs: int = 10
 
 
 SCALES = {
     "full": Scale(),
     "tiny": Scale(student=12, holdout=6, teacher=24, val=6, teacher_epochs=1, small_teacher_epochs=1,
                   student_epochs=1, seeds=(0,), batch_size=32, labeled=4, views=(2,), topk=(2,), max_steps=2,
-                  grid=False, jobs=0),
+                  grid=False, jobs=0, pairs=(1, 1, 1), pairs_teacher_epochs=1, pairs_student_epochs=1),
 }
 
 BIG, SMALL = "democnn", "democnn_s"
 
 
 @dataclass(frozen=True)
+class Task:
+    """A classification task the suites run on: ``fmnist10`` (the embedded Fashion-MNIST, 10 classes) or
+    ``pairs100`` (two items stacked, 100 classes: ``prepare-demo --task pairs100``).
+
+    ``tree``: the data tree students train on (its ``val`` split is the test set); ``grid_tree`` / ``grid_val``:
+    where hyperparameters are chosen (train split, held-out split); ``teachers``: the task's teacher for each
+    name the grids use (the grids are written with the 10-class names); ``classes``: the number of classes."""
+
+    name: str
+    tree: str
+    grid_tree: str
+    grid_val: str
+    classes: int
+    teachers: tuple[tuple[str, str], ...] = ()
+
+    def teacher(self, name: str) -> str:
+        return dict(self.teachers).get(name, name)
+
+
+TASKS = {t.name: t for t in (
+    Task("fmnist10", "student", "grid", "val", 10),
+    Task("pairs100", "pairs", "pairs", "heldout", 100, (("big", "big100"),)),
+)}
+
+
+@dataclass(frozen=True)
 class TeacherJob:
-    """A teacher trained with plain cross-entropy. ``data``: ``teacher`` (the big teacher's training set) or
-    ``student`` (the student's); ``epochs``: None = the scale's for its size."""
+    """A teacher trained with plain cross-entropy. ``data``: ``teacher`` (the big teacher's training set),
+    ``student`` (the student's) or ``pairs`` (the 100-class task's training set, as its students'); ``epochs``:
+    None = the scale's for its size and task."""
 
     name: str
     arch: str
@@ -66,6 +96,7 @@ TEACHERS = {t.name: t for t in (
     TeacherJob("poor", BIG, epochs=1),  # De-KD's poorly trained teacher
     TeacherJob("r8", "resnet8"),
     TeacherJob("r14", "resnet14"),
+    TeacherJob("big100", BIG, data="pairs"),
 )}
 
 
@@ -74,8 +105,9 @@ class Arm:
     """One row of a suite: a student recipe, run once per seed.
 
     ``teachers``: names in :data:`TEACHERS` whose banks are stacked on T; ``live``: run this teacher instead of
-    its bank; ``bank``: bank options (``views``, ``format``, ``topk``, ``features``); ``loss``: fixed loss
-    hyperparameters (the grid's choice fills the rest); ``extra``: other config keys.
+    its bank; ``bank``: bank options (``views``, ``format``, ``topk``, ``samples``, ``features``); ``loss``: fixed
+    loss hyperparameters (the grid's choice fills the rest); ``extra``: other config keys; ``ranks``: processes of
+    the run (torchrun, gloo on CPU; ``extra`` then gives the per-rank batch size).
     """
 
     label: str
@@ -87,14 +119,19 @@ class Arm:
     loss: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     preset: str = "demo"
+    ranks: int = 1
 
 
 @dataclass(frozen=True)
 class Suite:
+    """A table of arms on one task; ``kind`` ``time`` also plots top-1 against training time."""
+
     name: str
     title: str
     arms: tuple[Arm, ...]
     note: str = ""
+    task: str = "fmnist10"
+    kind: str = "table"
 
 
 def _ce() -> Arm:
@@ -144,8 +181,41 @@ def suites(scale: Scale) -> dict[str, Suite]:
         Suite("embedding", "Embedding-level methods from stored embeddings", (
             _ce(), _kd(),
             *[Arm(m, m, teachers=("big",), bank={"features": True}) for m in ("rkd", "pkt", "sp", "crd", "fitnet")])),
+        *_hundred_classes(),
+        Suite("ranks", "One run on many ranks: 2 processes at half the batch vs 1 process (same global batch)", (
+            _kd(label="kd, 1 rank"), _kd(label="kd, 2 ranks", ranks=2, extra={"batch_size": scale.batch_size // 2}),
+            Arm("ce, 1 rank", "ce"), Arm("ce, 2 ranks", "ce", ranks=2, extra={"batch_size": scale.batch_size // 2})),
+              note="Both ranks run on this machine's CPU over gloo; each rank has 1 thread."),
+        Suite("time-to-accuracy", "Time to accuracy: CE, KD from a bank, KD with a live teacher", (
+            _ce(), _kd(label="kd, bank"), _kd(label="kd, live", live="big")), kind="time",
+              note="Training time is the sum of the epochs' training time (evaluation excluded), each run on one "
+                   "thread; the bank arm's curve is also drawn shifted by the time its dump took (paid once, "
+                   "shared by every student of the bank)."),
     ]
     return {s.name: s for s in out}
+
+
+FORMATS100 = (("dense fp16", {}), ("int8", {"format": "int8"}), ("top-5", {"format": "topk", "topk": 5}),
+              ("top-10", {"format": "topk", "topk": 10}), ("sampled 5+5", {"format": "sampled", "topk": 5,
+                                                                            "samples": 5}))
+
+
+def _hundred_classes() -> list[Suite]:
+    """The suites on the 100-class task: the logit methods, and every bank format under KD at T = 4 (where a
+    top-k bank's missing tail matters most: the target is flat) and WSLD at its chosen temperature."""
+    t = ("big100",)
+    return [
+        Suite("methods100", "Logit methods at 100 classes (pairs100)", (
+            _ce(), Arm("ls", "ls"), Arm("kd", "kd", teachers=t), Arm("wsld", "wsld", teachers=t),
+            Arm("dkd", "dkd", teachers=t), Arm("dist", "dist", teachers=t)), task="pairs100"),
+        Suite("formats100", "Bank formats at 100 classes: dense, int8, top-k, sampled (pairs100)", (
+            _ce(), *[Arm(f"kd T=4, {lab}", "kd", teachers=t, bank=b, loss={"T": 4.0, "alpha": 0.9})
+                     for lab, b in FORMATS100],
+            *[Arm(f"wsld, {lab}", "wsld", teachers=t, bank=b) for lab, b in FORMATS100]), task="pairs100",
+              note="KD runs at T = 4 and alpha 0.9 for every format (fixed, not chosen: the setting where formats "
+                   "differ most); WSLD at its temperature chosen on the held-out images with the dense bank. "
+                   "Top-10 and sampled 5+5 store the same number of classes per sample (equal bytes)."),
+    ]
 
 
 # Per method: a grid of at most 4 settings around the published values (the first is the published default), the
@@ -214,7 +284,8 @@ def claims(scale: Scale) -> list[Claim]:
     return [
         Claim("WSLD > KD > CE", "seeds 000, 001 (Zhou et al. 2021)",
               "R34→R18 ImageNet: CE 69.75, KD 71.03–71.37, WSLD 72.04 top-1",
-              (Comparison("methods", "wsld", "kd"), Comparison("methods", "kd", "ce"))),
+              (Comparison("methods", "wsld", "kd"), Comparison("methods", "kd", "ce"),
+               Comparison("methods100", "wsld", "kd"), Comparison("methods100", "kd", "ce"))),
         Claim("SL-family students are better calibrated than KD; SL-KD is the best SL variant", "seed 002",
               "CIFAR-100 R20: KD 68.20 / ECE .061, SL 69.17 / .021, SL-KD 69.67 / .014",
               (Comparison("label-opt", "sl_kd (3 teachers)", "kd", "<", "ece"),
@@ -229,7 +300,8 @@ def claims(scale: Scale) -> list[Claim]:
         Claim("An offline bank gives the live teacher's accuracy at a fraction of the time", "mission; FKD (Shen & "
               "Xing 2022)", "FKD: same accuracy, epoch 487 s vs 579 s",
               (Comparison("offline-vs-live", "kd, bank", "kd, live", "~"),
-               Comparison("offline-vs-live", "wsld, bank", "wsld, live", "~"))),
+               Comparison("offline-vs-live", "wsld, bank", "wsld, live", "~"),
+               Comparison("time-to-accuracy", "kd, bank", "kd, live", "<", "time_s"))),
         Claim(f"Replayed views ({k}) beat a single center-view label and match a live teacher on random crops",
               "Beyer et al. 2022; FKD", "consistent teaching: precomputed single labels overfit",
               (Comparison("views", f"kd, {k} views", "kd, center bank"), Comparison("views", f"kd, {k} views",
@@ -239,7 +311,17 @@ def claims(scale: Scale) -> list[Claim]:
         Claim("Top-k and int8 banks train students as well as the dense bank", "FKD (top-5 per crop); this project",
               "FKD: top-5 soft labels reach the full-label accuracy",
               tuple(Comparison("formats", lab, "dense fp16", "~")
-                    for lab in [f"top-{max(scale.topk)}", "int8"])),
+                    for lab in [f"top-{max(scale.topk)}", "int8"])
+              + tuple(Comparison("formats100", f"{m}, {lab}", f"{m}, dense fp16", "~")
+                      for m in ("kd T=4", "wsld") for lab in ("top-10", "int8"))),
+        Claim("Sampled (unbiased) soft labels beat top-k at equal bytes, in accuracy and calibration",
+              "Sparse Logit Sampling (Anshumann et al. 2025)", "LLM vocabularies: random-sampling KD beats top-k KD "
+              "and matches full KD (accuracy and calibration)",
+              tuple(Comparison("formats100", f"{m}, sampled 5+5", f"{m}, top-10", e, metric)
+                    for m in ("kd T=4", "wsld") for e, metric in ((">", "top1"), ("<", "ece")))),
+        Claim("A run on 2 ranks equals a run on 1 rank with the same global batch", "this project (DDP, per-rank "
+              "seeds)", "—", (Comparison("ranks", "kd, 2 ranks", "kd, 1 rank", "~"),
+                              Comparison("ranks", "ce, 2 ranks", "ce, 1 rank", "~"))),
         Claim("Teacher labels on unlabelled images beat few labels alone", "seed 004 (label efficiency); "
               "semi-supervised KD", "—",
               (Comparison("label-efficiency", "teacher labels only (kd, alpha 1), every image",

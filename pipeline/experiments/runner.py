@@ -26,7 +26,7 @@ import yaml
 
 from pipeline.config import from_dict
 from pipeline.errors import UsageError
-from pipeline.experiments.plan import GRIDS, TEACHERS, Arm, Scale, TeacherJob, fixed_loss
+from pipeline.experiments.plan import GRIDS, TASKS, TEACHERS, Arm, Scale, TeacherJob, fixed_loss
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -34,14 +34,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Job:
-    """One training run: ``config`` (TrainConfig keys; output_dir is derived) and its directory."""
+    """One training run: ``config`` (TrainConfig keys; output_dir is derived), its directory and its number of
+    processes (``ranks`` > 1: torchrun)."""
 
     config: dict[str, Any]
     root: Path
+    ranks: int = 1
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
+        what = self.config if self.ranks == 1 else {**self.config, "_ranks": self.ranks}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def dir(self) -> Path:
@@ -68,15 +71,20 @@ class Runner:
         self.trees: dict[str, Path] = {}
 
     # --- data -------------------------------------------------------------------------------------------------
-    def prepare_data(self, data_root: Path) -> None:
+    def prepare_data(self, data_root: Path, tasks: tuple[str, ...] = ("fmnist10",)) -> None:
         """Three trees from the embedded Fashion-MNIST: ``student`` (train: the student's images, val: test
         images), ``grid`` (the same train split; val: held-out training images, for the grid), ``teacher`` (every
-        training image but the held-out ones; val: test images)."""
-        from pipeline.data.embedded import write_tree
+        training image but the held-out ones; val: test images); with ``pairs100`` in ``tasks`` also ``pairs``
+        (train, heldout, val: the 100-class task at the scale's images per class)."""
+        from pipeline.data.embedded import prepare_pairs_dataset, write_tree
 
         s = self.scale
+        if "pairs100" in tasks:
+            a, b, c = s.pairs
+            self.trees["pairs"] = prepare_pairs_dataset(data_root / f"pairs-{a}-{b}-{c}",
+                                                        {"train": a, "heldout": b, "val": c})
         test = ("val", 0, s.val)
-        self.trees = {
+        self.trees |= {
             "student": write_tree(data_root / f"student-{s.student}-{s.val}", {"train": ("train", 0, s.student),
                                                                               "val": test}),
             "grid": write_tree(data_root / f"grid-{s.student}-{s.holdout}", {
@@ -100,8 +108,9 @@ class Runner:
         marker.write_text("student images added\n")
 
     # --- jobs ---------------------------------------------------------------------------------------------------
-    def job(self, overrides: dict[str, Any]) -> Job:
-        """A training job: the common recipe (one optimizer and schedule for every method) plus ``overrides``."""
+    def job(self, overrides: dict[str, Any], ranks: int = 1) -> Job:
+        """A training job: the common recipe (one optimizer and schedule for every method) plus ``overrides``,
+        on ``ranks`` processes."""
         s = self.scale
         base = {"data": str(self.trees["student"]), "device": self.device, "batch_size": s.batch_size,
                 "workers": 1, "epochs": s.student_epochs, "max_steps_per_epoch": s.max_steps, "log_every": 1000,
@@ -112,7 +121,7 @@ class Runner:
         from stage2_student_train.config import TrainConfig
 
         from_dict(TrainConfig, {**cfg, "output_dir": "x"})  # a bad key fails here, not in a worker
-        return Job(cfg, self.root)
+        return Job(cfg, self.root, ranks)
 
     def run_jobs(self, jobs: list[Job], what: str) -> None:
         """Run every unfinished job, ``scale.jobs`` at a time, each in its own process (1 thread); raise after
@@ -123,8 +132,8 @@ class Runner:
         log.info("%s: %d run(s) to do (%d already done), %s", what, len(todo), len(jobs) - len(todo),
                  f"{self.scale.jobs} at a time" if self.scale.jobs else "in this process")
         t0 = time.time()
-        if self.scale.jobs == 0:  # tiny scale: no process start-up per run
-            failed = [j for j in todo if not self._run_here(j)]
+        if self.scale.jobs == 0:  # tiny scale: no process start-up per run (but torchrun for several ranks)
+            failed = [j for j in todo if not (self._run_here(j) if j.ranks == 1 else self._run_one(j))]
         else:
             with ThreadPoolExecutor(self.scale.jobs) as ex:
                 failed = [j for j, ok in zip(todo, ex.map(self._run_one, todo)) if not ok]
@@ -160,6 +169,8 @@ class Runner:
         spec = job.dir.with_suffix(".yaml")
         spec.write_text(yaml.safe_dump({**job.config, "output_dir": str(job.dir)}))
         cmd = [sys.executable, "-m", "pipeline.train_student", "--config", str(spec)]
+        if job.ranks > 1:
+            cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job.ranks}", "-m"]
         cmd += ["--resume"] if (job.dir / "last.pt").is_file() else ["--overwrite"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "KD_CACHE": str(self.cache)}
         with open(job.dir.with_suffix(".log"), "a") as out:
@@ -169,7 +180,8 @@ class Runner:
     # --- teachers and banks ---------------------------------------------------------------------------------------
     def teacher_job(self, t: TeacherJob) -> Job:
         s = self.scale
-        epochs = t.epochs or (s.teacher_epochs if t.data == "teacher" else s.small_teacher_epochs)
+        epochs = t.epochs or {"teacher": s.teacher_epochs, "pairs": s.pairs_teacher_epochs}.get(
+            t.data, s.small_teacher_epochs)
         return self.job({"method": "ce", "student": t.arch, "data": str(self.trees[t.data]), "seed": t.seed,
                          "epochs": epochs, "preset": "demo"})
 
@@ -179,51 +191,81 @@ class Runner:
         job = self.teacher_job(t)
         return t.arch, str(job.dir / "last.pt")
 
-    def bank(self, name: str, preset: str, opts: dict[str, Any], tree: str = "student") -> str:
-        """The bank of teacher ``name`` on ``tree``'s train split (dumped once: content-addressed in the cache)."""
+    def bank(self, name: str, preset: str, opts: dict[str, Any], tree: str = "student", split: str = "train") -> str:
+        """The bank of teacher ``name`` on ``tree``'s ``split`` (dumped once: content-addressed in the cache)."""
         from stage1_teacher_logits.dump import DumpConfig, run_dump
 
         arch, ckpt = self.teacher_ckpt(name)
         views = int(opts.get("views", 1))
-        cfg = {"teacher": [arch], "weights": [ckpt], "data": str(self.trees[tree]), "split": "train",
+        cfg = {"teacher": [arch], "weights": [ckpt], "data": str(self.trees[tree]), "split": split,
                "preset": preset, "device": self.device, "batch_size": 256, "workers": 2, "rows_per_chunk": 2048,
-               "format": opts.get("format", "dense"), "topk": opts.get("topk"), "features": bool(opts.get("features")),
-               "loader": "dali", **({"views": views, "view_policy": "rrc+flip"} if views > 1 else {})}
+               "format": opts.get("format", "dense"), "topk": opts.get("topk"), "samples": opts.get("samples"),
+               "features": bool(opts.get("features")), "loader": "dali",
+               **({"views": views, "view_policy": "rrc+flip"} if views > 1 else {})}
         old = os.environ.get("KD_CACHE")
         os.environ["KD_CACHE"] = str(self.cache)
+        t0 = time.time()
         try:
-            return run_dump(from_dict(DumpConfig, cfg))
+            path = run_dump(from_dict(DumpConfig, cfg))
         finally:
             if old is None:
                 os.environ.pop("KD_CACHE", None)
             else:
                 os.environ["KD_CACHE"] = old
+        self._record_dump_time(path, time.time() - t0)
+        return path
+
+    def _record_dump_time(self, bank: str, seconds: float) -> None:
+        """Keep the wall time of the dump that made ``bank`` (its first call; later calls find it cached)."""
+        f = self.root / "dump_times.json"
+        times = json.loads(f.read_text()) if f.is_file() else {}
+        if bank not in times:
+            times[bank] = seconds
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(times, indent=1))
+
+    def dump_time(self, bank: str) -> float | None:
+        """Seconds the dump of ``bank`` took (None when it was not made by this runner)."""
+        f = self.root / "dump_times.json"
+        return json.loads(f.read_text()).get(bank) if f.is_file() else None
 
     # --- arms -----------------------------------------------------------------------------------------------------
-    def arm_overrides(self, arm: Arm, loss: dict[str, Any], tree: str = "student") -> dict[str, Any]:
-        """The config of ``arm`` (with loss hyperparameters ``loss``) on ``tree`` (``student`` or ``grid``)."""
+    def arm_overrides(self, arm: Arm, loss: dict[str, Any], task: str = "fmnist10",
+                      grid: bool = False) -> dict[str, Any]:
+        """The config of ``arm`` (with loss hyperparameters ``loss``) on ``task``: its students' tree, or with
+        ``grid`` its grid tree evaluated on the held-out split. Teachers with a bank also get a val bank (dense,
+        center), so evaluation reports agreement and KL with the teacher."""
+        t = TASKS[task]
+        tree = t.grid_tree if grid else t.tree
         over: dict[str, Any] = {"method": arm.method, "student": arm.student, "preset": arm.preset,
                                 "data": str(self.trees[tree]),
-                                "loss": {**fixed_loss(arm.method, self.scale), **loss, **arm.loss}, **arm.extra}
+                                "loss": {**fixed_loss(arm.method, self.scale), **loss, **arm.loss}}
+        if grid:
+            over["val_split"] = t.grid_val
+        if task == "pairs100":
+            over["epochs"] = self.scale.pairs_student_epochs
+        over.update(arm.extra)
         if arm.live:
             arch, ck = self.teacher_ckpt(arm.live)
             over.update({"live_teacher": [arch], "live_teacher_weights": [ck]})
         elif arm.teachers:
-            over["banks"] = [self.bank(t, arm.preset, arm.bank, tree) for t in arm.teachers]
+            over["banks"] = [self.bank(n, arm.preset, arm.bank, tree) for n in arm.teachers]
+            for n in arm.teachers:
+                self.bank(n, arm.preset, {}, tree, over.get("val_split", "val"))
         return over
 
-    def grid_jobs(self, method: str) -> list[tuple[dict[str, Any], Job]]:
-        """The grid of ``method``: (setting, job on the held-out split, seed 0) for each setting."""
+    def grid_jobs(self, method: str, task: str = "fmnist10") -> list[tuple[dict[str, Any], Job]]:
+        """The grid of ``method`` on ``task``: (setting, job on the held-out split, seed 0) for each setting."""
         settings, teachers, bank = GRIDS[method]
-        arm = Arm(method, method, teachers=teachers, bank=bank)
-        return [(s, self.job({**self.arm_overrides(arm, s, "grid"), "seed": 0})) for s in settings]
+        arm = Arm(method, method, teachers=tuple(TASKS[task].teacher(n) for n in teachers), bank=bank)
+        return [(s, self.job({**self.arm_overrides(arm, s, task, grid=True), "seed": 0})) for s in settings]
 
-    def choose(self, method: str) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
+    def choose(self, method: str, task: str = "fmnist10") -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
         """The grid setting with the best held-out top-1 (ties: the earlier, i.e. the published one) and every
         setting's held-out top-1. Without a grid (or for methods that have none): the loss's defaults."""
         if method not in GRIDS or not self.scale.grid:
             return {}, []
-        scored = [(s, j.final()["top1"]) for s, j in self.grid_jobs(method)]
+        scored = [(s, j.final()["top1"]) for s, j in self.grid_jobs(method, task)]
         best = max(range(len(scored)), key=lambda i: (scored[i][1], -i))
         return scored[best][0], scored
 

@@ -49,3 +49,51 @@ def test_verdicts():
 def test_unknown_suite_is_a_usage_error(capsys):
     assert main(["nope", "--scale", "tiny"]) == 2
     assert "unknown suite 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_every_claim_names_arms_that_exist(scale):
+    """A claim whose suite or arm label is misspelt would print 'not run' forever; every one must resolve."""
+    plan = suites(SCALES[scale])
+    for c in claims(SCALES[scale]):
+        for cmp in c.comparisons:
+            labels = [a.label for a in plan[cmp.suite].arms]
+            assert cmp.a in labels and cmp.b in labels, (c.claim, cmp)
+
+
+def test_hundred_class_suites_use_the_hundred_class_teacher():
+    from pipeline.experiments.plan import TASKS, TEACHERS
+
+    for s in suites(SCALES["full"]).values():
+        for a in s.arms:
+            for t in (*a.teachers, *([a.live] if a.live else [])):
+                assert (TEACHERS[t].data == "pairs") == (s.task == "pairs100"), (s.name, a.label, t)
+    assert TASKS["pairs100"].teacher("big") == "big100" and TASKS["fmnist10"].teacher("big") == "big"
+
+
+def test_convergence_verdict():
+    from pipeline.experiments.report import converged
+
+    assert converged([[80.0, 80.1, 80.2], [70.0, 70.2, 70.1]]).endswith("converged")
+    assert "not converged" in converged([[80.0, 80.1, 80.4]])
+    assert "not measurable" in converged([[80.0, 80.1]])
+
+
+def test_quick_plan_runs_the_new_suites(tmp_path, demo_root, monkeypatch):
+    """--quick: the 100-class, 2-rank and time suites end to end in seconds, with their table columns and plot."""
+    monkeypatch.chdir(tmp_path)
+    md = tmp_path / "RESULTS.md"
+    assert main(["ranks", "time-to-accuracy", "--quick", "--root", str(tmp_path / "runs"), "--data-root",
+                 str(tmp_path / "data"), "--results", str(md)]) == 0
+    summary = json.loads((tmp_path / "results" / "time-to-accuracy.json").read_text())
+    curve = summary["arms"]["kd, bank"]["curves"][0]
+    assert len(curve) == 1 and curve[0][0] > 0  # (training seconds, top-1) after the one epoch
+    assert summary["arms"]["kd, bank"]["dump_s"] > 0 and summary["arms"]["kd, live"]["dump_s"] is None
+    ranks = json.loads((tmp_path / "results" / "ranks.json").read_text())["arms"]
+    assert ranks["kd, 2 ranks"]["ranks"] == 2
+    jobs = tmp_path / "runs" / "tiny" / "jobs"
+    finals = [json.loads(p.read_text()) for p in jobs.glob("*/final.json")]
+    assert sorted({f["world_size"] for f in finals}) == [1, 2]
+    assert {f["global_batch_size"] for f in finals} == {32}
+    text = md.read_text()
+    assert "| agree (%) | KL |" in text and "A run on 2 ranks equals a run on 1 rank" in text
