@@ -228,3 +228,9 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def torchrun_args(nproc: int) -> list[str]:
+    """The interpreter arguments that start ``nproc`` processes on this node with torchrun (``--standalone``: a
+    free rendezvous port), to be followed by ``-m MODULE ARGS``: ``[sys.executable, *torchrun_args(2), "-m", ...]``."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import from_dict
+from pipeline.distributed import torchrun_args
 from pipeline.errors import UsageError
 from pipeline.experiments.plan import GRIDS, TASKS, TEACHERS, Arm, Scale, TeacherJob, fixed_loss
 
@@ -170,7 +171,7 @@ class Runner:
         spec.write_text(yaml.safe_dump({**job.config, "output_dir": str(job.dir)}))
         cmd = [sys.executable, "-m", "pipeline.train_student", "--config", str(spec)]
         if job.ranks > 1:
-            cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job.ranks}", "-m"]
+            cmd[1:1] = torchrun_args(job.ranks)
         cmd += ["--resume"] if (job.dir / "last.pt").is_file() else ["--overwrite"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "KD_CACHE": str(self.cache)}
         with open(job.dir.with_suffix(".log"), "a") as out:
