@@ -30,7 +30,8 @@ from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, prepro
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
 from pipeline.bank.stats import entry_names
-from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete, write_chunk
+from pipeline.bank.writer import (chunk_sums_attrs, create_bank, done_flags, mark_complete, remove_partial_writes,
+                                  write_chunk)
 from pipeline.config import RESUME_MATCH, key, to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.layouts import SPLITS
@@ -286,7 +287,8 @@ class BankDump:
                 if attrs.get("loader", "dali") != self.loader:
                     raise BankError(f"{path} was started with --loader {attrs.get('loader', 'dali')}: resume it with "
                                     "the same loader (resampling differs slightly between loaders)")
-                log.info("resuming incomplete bank %s", path)
+                log.info("resuming incomplete bank %s (%d partial chunk writes of the killed run removed)", path,
+                         remove_partial_writes(path))
                 return PrepareStatus.RESUME
             if attrs.get("key") != self.key and not self.cfg.overwrite:
                 raise BankError(f"{path} holds a different bank (key {str(attrs.get('key'))[:8]} != {self.key[:8]}); "

@@ -101,6 +101,21 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
     return zarr.open_group(str(path), mode="r+")
 
 
+def remove_partial_writes(path: str | Path) -> int:
+    """Delete the ``*.partial`` files a killed writer left in a local bank -> how many.
+
+    zarr's ``LocalStore`` (3.1.x) writes every chunk file to ``<key>.<uuid>.partial`` and renames it into place, so
+    a SIGKILL mid-write leaves that temporary file beside the chunks (never a torn chunk file). They are garbage:
+    a resumed dump rewrites the chunk (its done flag is not set), and the leftover would only take disk space and
+    confuse tools listing chunk files. URL stores write whole objects and are left alone."""
+    if storage.is_url(path) or not Path(path).is_dir():
+        return 0
+    stale = list(Path(path).rglob("*.partial"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
+
 def done_flags(g: zarr.Group) -> np.ndarray:
     """Per-chunk done flags; an unreadable flag (killed mid-write) counts as not done."""
     arr = g["done"]
