@@ -123,6 +123,13 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     bank = LabelBank(path)
     bank.require_complete()
     attrs = bank.attrs
+    members = ", ".join(s.get("path", "?") for s in attrs.get("sources") or [])
+    if any(t.get("weights") == "ensemble" for t in attrs.get("teachers") or []):
+        raise UsageError(f"{path} is a {(attrs.get('ensemble') or {}).get('mode', 'mean')} ensemble made by labels "
+                         f"ensemble (one combined teacher, not a model): check its member banks ({members})")
+    if "ensemble" in attrs and any(s.get("format", "dense") != "dense" for s in attrs.get("sources") or []):
+        raise UsageError(f"{path} stacks the T = 1 reconstructions of compact banks (not the teachers' logits): "
+                         f"check its member banks ({members})")
     manifest = _manifest(bank, data)
     picked = sample_rows(bank.skipped(), rows, seed)
     chosen_loader, rtol = _loader_and_slack(attrs, loader, device)
@@ -135,7 +142,8 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     stored = read_rows(bank, picked)
     cfg = attrs.get("config") or {}
     req = ReplayRequest(bank, manifest, picked, stored["views"], attrs.get("views") or {"policy": "center"},
-                        branches, chosen_loader, device, int(batch_size or cfg.get("batch_size") or 32), 1)
+                        branches, chosen_loader, device, int(batch_size or cfg.get("batch_size") or 32), 1,
+                        bool((attrs.get("preprocessing") or {}).get("teacher_amp")))
     live, feats = run_live(model, req, bank.shape)
     checks = compare(bank, stored, live, rtol, picked)
     if feats is not None:
@@ -149,7 +157,7 @@ def _manifest(bank: LabelBank, data: str | None) -> Manifest:
     """The dataset the bank describes: ``data`` or the root recorded in its config; refused (one line) when
     missing or when it is not the dataset the bank was dumped from."""
     cfg = bank.attrs.get("config") or {}
-    root = data or cfg.get("data")
+    root = data or cfg.get("data") or _source_root(bank.attrs)
     if not root:
         raise UsageError(f"{bank.path} records no dataset root: pass --data ROOT")
     from pipeline import storage
@@ -161,6 +169,19 @@ def _manifest(bank: LabelBank, data: str | None) -> Manifest:
     manifest = build_manifest(root, ds.get("split") or cfg.get("split", "train"), layout=ds.get("layout") or "auto")
     bank.validate(manifest)
     return manifest
+
+
+def _source_root(attrs: dict[str, Any]) -> str | None:
+    """The dataset root recorded by the first source bank of a bank made by the bank tools (``sources``), if
+    that bank is still there."""
+    for src in attrs.get("sources") or []:
+        try:
+            root = (LabelBank(src.get("path", "")).attrs.get("config") or {}).get("data")
+        except BankError:
+            continue
+        if root:
+            return str(root)
+    return None
 
 
 def _loader_and_slack(attrs: dict[str, Any], loader: str, device: str) -> tuple[str, float]:
@@ -216,7 +237,9 @@ def run_live(model: torch.nn.Module, req: ReplayRequest,
         inputs = [x.to(req.device) for x in batch.inputs()]
         b = len(batch.index)
         flat = [x.flatten(0, 1) if x.ndim == 5 else x for x in inputs]
-        logits.append(model(flat).float().reshape(b, v, t, c).transpose(1, 2).cpu())
+        with torch.autocast("cuda", enabled=req.amp and req.device == "cuda"):  # as the dump ran them
+            out = model(flat)
+        logits.append(out.float().reshape(b, v, t, c).transpose(1, 2).cpu())
         if model.features is not None:
             feats.append(model.features.float().reshape(b, v, t, -1).transpose(1, 2).cpu())
         seen.append(batch.index.cpu())

@@ -36,7 +36,8 @@ class ReplayRequest:
     ``manifest``: the dataset the bank describes (validated); ``rows`` [K] int64 sample indices, sorted;
     ``views`` [K, V, 5] float32 the stored view records of those rows (``(y, x, h, w, flip)``, NaN = eval
     transform); ``view_record``: ``attrs["views"]``; ``branches``: the distinct preprocessing records, in
-    branch order; ``loader``: ``dali`` or ``torch``; ``device``, ``batch_size``, ``workers``: how to load.
+    branch order; ``loader``: ``dali`` or ``torch``; ``device``, ``batch_size``, ``workers``: how to load;
+    ``amp``: the dump autocast its teachers (CUDA only).
     """
 
     bank: Any
@@ -49,6 +50,7 @@ class ReplayRequest:
     device: str = "cpu"
     batch_size: int = 32
     workers: int = 1
+    amp: bool = False
 
 
 # A replay function yields batches whose ``inputs()`` are one tensor per branch, [b, 3, H, W] (one view) or

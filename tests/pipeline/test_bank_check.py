@@ -177,3 +177,18 @@ def test_teachers_from_records_rebuild_the_dump_teachers(banks: dict[str, Path])
     dumped = build_teachers(parse_teachers(["democnn_s", "democnn"], ["none", "none"]), 10)
     for a, b in zip(rebuilt.state_dict().values(), dumped.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_tool_ensembles(banks: dict[str, Path], tmp_path: Path, capsys):
+    """A stacked ensemble (labels ensemble --mode stack) holds real teachers: it is checked like a dump; a mean
+    ensemble holds one combined teacher: exit 2 naming its member banks."""
+    stack, mean, mixed = tmp_path / "stack.zarr", tmp_path / "mean.zarr", tmp_path / "mixed.zarr"
+    assert main(["ensemble", str(banks["views"]), str(banks["views"]), "-o", str(stack), "--mode", "stack"]) == 0
+    assert main(["ensemble", str(banks["views"]), "-o", str(mean), "--mode", "mean-logits"]) == 0
+    assert main(["ensemble", str(banks["views"]), str(banks["int8"]), "-o", str(mixed), "--mode", "stack"]) == 0
+    capsys.readouterr()
+    rc, out = _check(stack, capsys)
+    assert rc == 0 and out.count("teacher ") == 4, out
+    for bank in (mean, mixed):  # a combined teacher; int8 reconstructions (max-shifted) instead of logits
+        rc, out = _check(bank, capsys)
+        assert rc == 2 and "check its member banks" in out and str(banks["views"]) in out, out
