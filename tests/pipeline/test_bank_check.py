@@ -13,11 +13,14 @@ import pytest
 import torch
 import zarr
 
+from pipeline.bank.check import sample_rows
 from pipeline.bank.replay import register_replay, replay_for, replay_kinds
 from pipeline.dump_logits import main as dump_main
 from pipeline.errors import UsageError
 from pipeline.labels import main
 
+# the first of the 24 rows `labels check --rows 24` samples (seed 0) in the 300-row demo banks: tampered below
+ROW = int(sample_rows(np.zeros(300, bool), 24, 0)[0])
 TWO_TEACHERS = ["--teacher", "democnn_s", "--teacher", "democnn", "--weights", "none", "--weights", "none"]
 
 
@@ -50,13 +53,13 @@ def _check(bank: Path, capsys, *extra: str) -> tuple[int, str]:
 
 
 def _tampered(src: Path, tmp_path: Path, array: str, edit) -> Path:
-    """A copy of ``src`` whose ``array`` rows of chunk 0 went through ``edit`` (in place on a numpy copy)."""
+    """A copy of ``src`` whose row ``ROW`` of ``array`` went through ``edit`` (in place on a numpy copy)."""
     dst = tmp_path / "tampered.zarr"
     shutil.copytree(src, dst)
     g = zarr.open_group(str(dst), mode="r+")
-    rows = np.asarray(g[array][0:64])
+    rows = np.asarray(g[array][ROW:ROW + 1])
     edit(rows)
-    g[array][0:64] = rows
+    g[array][ROW:ROW + 1] = rows
     return dst
 
 
@@ -81,38 +84,38 @@ def test_clean_banks_pass(banks: dict[str, Path], kind: str, capsys):
 
 def test_tampered_logit_row_fails(banks: dict[str, Path], tmp_path: Path, capsys):
     def edit(a):
-        a[5, 1] += np.float16(0.01)  # teacher 1 only, every view
+        a[0, 1] += np.float16(0.01)  # teacher 1 only, every view
 
     bank = _tampered(banks["views"], tmp_path, "logits", edit)
-    rc, out = _check(bank, capsys, "--rows", "300")
+    rc, out = _check(bank, capsys)
     assert rc == 1 and out.startswith("FAIL")
     lines = out.splitlines()
     assert "beyond tolerance" not in lines[2]  # teacher 0 is untouched
-    assert "row 5 view 0, row 5 view 1" in out
+    assert f"row {ROW} view 0, row {ROW} view 1" in out
 
 
 @pytest.mark.parametrize("column,change", [(0, 0.05), (4, None)])
 def test_tampered_view_box_or_flip_fails(banks: dict[str, Path], tmp_path: Path, capsys, column: int, change):
     def edit(a):
-        old = a[7, 1, column]
-        a[7, 1, column] = 1 - old if change is None else old - change if old >= change else old + change
+        old = a[0, 1, column]
+        a[0, 1, column] = 1 - old if change is None else old - change if old >= change else old + change
 
     bank = _tampered(banks["views"], tmp_path, "views", edit)
-    rc, out = _check(bank, capsys, "--rows", "300")
-    assert rc == 1 and "row 7 view 1" in out, out
+    rc, out = _check(bank, capsys)
+    assert rc == 1 and f"row {ROW} view 1" in out, out
 
 
 def test_tampered_compact_values_fail(banks: dict[str, Path], tmp_path: Path, capsys):
     def nudge_topk(a):
-        a[3, 0, 0, 1] += np.float16(0.02)
+        a[0, 0, 0, 1] += np.float16(0.02)
 
     def nudge_q(a):
-        a[3, 0, 1, 2] = a[3, 0, 1, 2] + 3 if a[3, 0, 1, 2] < 120 else a[3, 0, 1, 2] - 3
+        a[0, 0, 1, 2] = a[0, 0, 1, 2] + 3 if a[0, 0, 1, 2] < 120 else a[0, 0, 1, 2] - 3
 
-    rc, out = _check(_tampered(banks["topk"], tmp_path / "a", "topk_values", nudge_topk), capsys, "--rows", "300")
-    assert rc == 1 and "row 3 view 0" in out
-    rc, out = _check(_tampered(banks["int8"], tmp_path / "b", "q", nudge_q), capsys, "--rows", "300")
-    assert rc == 1 and "row 3 view 1" in out
+    rc, out = _check(_tampered(banks["topk"], tmp_path / "a", "topk_values", nudge_topk), capsys)
+    assert rc == 1 and f"row {ROW} view 0" in out
+    rc, out = _check(_tampered(banks["int8"], tmp_path / "b", "q", nudge_q), capsys)
+    assert rc == 1 and f"row {ROW} view 1" in out
 
 
 def test_other_loader_uses_the_loader_tolerance(banks: dict[str, Path], capsys):

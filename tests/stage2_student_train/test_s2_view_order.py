@@ -63,7 +63,7 @@ def test_bank_source_boxes_and_rows_follow_view_order(bank3: Path):
 def test_fewer_views_than_epochs_warns_once(train, bank3: Path, tmp_path: Path, caplog):
     with caplog.at_level(logging.WARNING):
         rc = train(tmp_path / "run", "--replay-views", "--view-order", "cycle", "max_steps_per_epoch=1",
-                   epochs=4, labels=(bank3,))
+                   "eval_every=4", epochs=4, labels=(bank3,))
     assert rc == 0
     warned = [r.getMessage() for r in caplog.records if "stored views for" in r.getMessage()]
     assert len(warned) == 1 and "3 stored views for 4 epochs" in warned[0] and "--append-views" in warned[0]
