@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.bank.compact import decode, decode_int8, tail_stats
 from pipeline.bank.features import decode_features
 from pipeline.bank.reader import LabelBank, teacher_preprocessing
@@ -123,13 +124,7 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     bank = LabelBank(path)
     bank.require_complete()
     attrs = bank.attrs
-    members = ", ".join(s.get("path", "?") for s in attrs.get("sources") or [])
-    if any(t.get("weights") == "ensemble" for t in attrs.get("teachers") or []):
-        raise UsageError(f"{path} is a {(attrs.get('ensemble') or {}).get('mode', 'mean')} ensemble made by labels "
-                         f"ensemble (one combined teacher, not a model): check its member banks ({members})")
-    if "ensemble" in attrs and any(s.get("format", "dense") != "dense" for s in attrs.get("sources") or []):
-        raise UsageError(f"{path} stacks the T = 1 reconstructions of compact banks (not the teachers' logits): "
-                         f"check its member banks ({members})")
+    _refuse_combinations(path, attrs)
     manifest = _manifest(bank, data)
     picked = sample_rows(bank.skipped(), rows, seed)
     chosen_loader, rtol = _loader_and_slack(attrs, loader, device)
@@ -153,6 +148,18 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
                        str(attrs.get("loader", "dali")), rtol, checks)
 
 
+def _refuse_combinations(path: str, attrs: dict[str, Any]) -> None:
+    """UsageError for banks made by ``labels ensemble`` whose rows are no teacher's logits: a mean (one combined
+    teacher) or a stack of compact banks (their max-shifted T = 1 reconstructions)."""
+    members = ", ".join(s.get("path", "?") for s in attrs.get("sources") or [])
+    if any(t.get("weights") == "ensemble" for t in attrs.get("teachers") or []):
+        raise UsageError(f"{path} is a {(attrs.get('ensemble') or {}).get('mode', 'mean')} ensemble made by labels "
+                         f"ensemble (one combined teacher, not a model): check its member banks ({members})")
+    if "ensemble" in attrs and any(s.get("format", "dense") != "dense" for s in attrs.get("sources") or []):
+        raise UsageError(f"{path} stacks the T = 1 reconstructions of compact banks (not the teachers' logits): "
+                         f"check its member banks ({members})")
+
+
 def _manifest(bank: LabelBank, data: str | None) -> Manifest:
     """The dataset the bank describes: ``data`` or the root recorded in its config; refused (one line) when
     missing or when it is not the dataset the bank was dumped from."""
@@ -160,11 +167,8 @@ def _manifest(bank: LabelBank, data: str | None) -> Manifest:
     root = data or cfg.get("data") or _source_root(bank.attrs)
     if not root:
         raise UsageError(f"{bank.path} records no dataset root: pass --data ROOT")
-    from pipeline import storage
-
     if not storage.exists(root):
-        raise UsageError(f"dataset root {root} (recorded in the bank) not found: pass --data ROOT where the data "
-                         "lives now")
+        raise UsageError(f"dataset root {root} not found: pass --data ROOT where the bank's data lives now")
     ds = bank.attrs.get("dataset") or {}
     manifest = build_manifest(root, ds.get("split") or cfg.get("split", "train"), layout=ds.get("layout") or "auto")
     bank.validate(manifest)
