@@ -195,3 +195,27 @@ def test_tool_ensembles(banks: dict[str, Path], tmp_path: Path, capsys):
     for bank in (mean, mixed):  # a combined teacher; int8 reconstructions (max-shifted) instead of logits
         rc, out = _check(bank, capsys)
         assert rc == 2 and "check its member banks" in out and str(banks["views"]) in out, out
+
+
+def test_class_mapped_teacher(demo_root: Path, tmp_path: Path, capsys):
+    """A 12-output checkpoint teacher mapped onto the 10 classes by --class-map: rebuilt from the bank's own
+    class maps (the map file is not needed any more), it passes; a tampered stored map fails."""
+    from pipeline.data import build_manifest
+    from pipeline.models.registry import create_model
+
+    torch.manual_seed(1)
+    ckpt = tmp_path / "t12.pt"
+    torch.save(create_model("democnn_s", 12).state_dict(), ckpt)
+    classes = build_manifest(demo_root, "train").classes
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({c: 11 - k for k, c in enumerate(classes)}))
+    bank = _dump(demo_root, tmp_path / "mapped.zarr", "--teacher", "democnn_s", "--weights", str(ckpt),
+                 "--class-map", str(cmap))
+    cmap.unlink()
+    rc, out = _check(bank, capsys)
+    assert rc == 0, out
+    g = zarr.open_group(str(bank), mode="r+")
+    maps = g.attrs["class_maps"]
+    g.attrs["class_maps"] = [m[::-1] for m in maps]
+    rc, out = _check(bank, capsys)
+    assert rc == 1 and out.startswith("FAIL"), out
