@@ -1,10 +1,13 @@
-"""Label-bank tools: ``python -m pipeline.labels {info,verify,ensemble,compact,stats} ...``.
+"""Label-bank tools: ``python -m pipeline.labels {info,verify,check,ensemble,compact,stats} ...``.
 
 - ``info``: shape, format, classes, each teacher's weights, preprocessing (and its source) and the output
   feeding each class, views, loader, embeddings, metrics, size on disk, bytes per sample and per view; for compact
   banks the fidelity to the dense teacher measured when they were written, on the targets stage 2 builds: at
   T = 1, 2, 4 the KL and total variation, and the tail's share of the target beside the teacher's own share.
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
+- ``check``: for K sampled rows, rebuilds the inputs (manifest, preprocessing, stored views) and the teachers
+  (the bank's own records), runs them live and compares with the stored rows in the stored format's terms
+  (:mod:`pipeline.bank.check`); exit 1 beyond tolerance, 2 on bad input.
 - ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
 Subcommands live in ``COMMANDS`` (name -> (add_arguments, run, help)); the bank-tools commands
@@ -155,9 +158,35 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bank")
+    p.add_argument("--rows", type=int, default=64, help="rows sampled and checked (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the teachers run (default cpu)")
+    p.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
+                   help="image loader (default: the one that made the bank; another one loosens the tolerance)")
+    p.add_argument("--data", default=None, help="dataset root (default: the one recorded in the bank)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pipeline.bank.check import check_bank
+
+    report = check_bank(args.bank, args.rows, args.seed, args.device, args.loader, args.data)
+    if args.json:
+        print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 COMMANDS["info"] = (_add_info, _run_info, "classes, teachers (weights, preprocessing, outputs), views, loader, "
                                           "embeddings, metrics, size of a bank")
 COMMANDS["verify"] = (_add_verify, _run_verify, "read every chunk; exit 1 on any problem")
+COMMANDS["check"] = (_add_check, _run_check, "rebuild sampled rows' inputs and teachers from the bank's records, run "
+                                             "them live, compare; exit 1 beyond the stored format's tolerance")
 
 
 def _load_tools() -> None:

@@ -43,6 +43,7 @@ from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
 from pipeline.models.teachers import build_teachers, class_maps_record, parse_teachers, read_class_map
+from stage1_teacher_logits.append import ViewPrefix, append_config, first_view
 from stage1_teacher_logits.views import ViewSampler
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,10 @@ class DumpConfig:
     skip_corrupt: bool = key(False, help="record undecodable images as skipped instead of failing",
                              flags=("--skip-corrupt",), action="store_true")
     views: int = key(1, help="views per image (K)", flags=("--views",), resume=RESUME_MATCH)
+    append_views: str = key("", help="a complete dense bank SRC with V random views: write the bank with --views "
+                                     "V' > V of SRC's teachers and data, copying SRC's V views and computing only the "
+                                     "new ones (SRC is only read; the other keys default to SRC's)",
+                            flags=("--append-views",), default_text="none")
     view_policy: str = key("center", help="center, rrc, rrc+flip", flags=("--view-policy",), resume=RESUME_MATCH)
     view_seed: int = key(0, help="seed of the view boxes", flags=("--view-seed",), resume=RESUME_MATCH)
     seed: int = key(0, help="init seed for teachers with --weights none", flags=("--seed",), resume=RESUME_MATCH)
@@ -157,6 +162,7 @@ class PrepareStatus(enum.Enum):
 
 def run_dump(cfg: DumpConfig) -> str:
     """Dump (or resume, or reuse) the bank described by ``cfg``; returns its path."""
+    cfg = append_config(cfg) if cfg.append_views else cfg
     _check(cfg)
     info = init_distributed(cfg.device)
     try:
@@ -169,6 +175,8 @@ def _run_dump(cfg: DumpConfig, info: DistInfo) -> str:
     dump = BankDump(cfg, build_manifest(cfg.data, cfg.split, layout=cfg.layout))
     # Build the teachers before touching the bank: a bad name or checkpoint must not leave a bank behind.
     model = dump.build_teachers()
+    if dump.prefix is not None:
+        dump.prefix.same_bank(dump.spec, dump.manifest.fingerprint)
     with _io_errors(dump.path), ExitStack() as stack:
         if _prepare_on_rank0(dump, info, stack) is PrepareStatus.COMPLETE:
             log.info("bank already complete: %s", dump.path)
@@ -218,6 +226,7 @@ class BankDump:
         self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader, workers=workers)  # recorded resolved
         self.class_maps: list[list[int] | None] = [None] * len(self.specs)
         self.feature_dims: list[int] | None = None
+        self.prefix = ViewPrefix(cfg.append_views) if cfg.append_views else None  # --append-views SRC
         self._identify()
 
     def build_teachers(self) -> TeacherEnsemble:
@@ -454,8 +463,10 @@ class _ChunkRun:
             if int(i) in self.skip:
                 sub[k] = _stand_in(sub, k, self.skip)
         boxes = self.sampler.boxes(self.manifest, sub)
+        prefix = self.dump.prefix  # --append-views: the teachers run on the new views only
         it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
-                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed, boxes=boxes,
+                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed,
+                          boxes=boxes if prefix is None else prefix.new(boxes),
                           hw_decoder_load=self.cfg.hw_decoder_load)
         t, v, c = self.dump_shape[1:]
         buf: _ChunkBuffer | None = None
@@ -472,12 +483,16 @@ class _ChunkRun:
             if buf is None:
                 buf = _ChunkBuffer(self.num_rows, int(plan.chunk[pos]), plan.rows, t, v, c, self.cfg.dtype,
                                    max(self.dump.feature_dims) if feats is not None else 0)
+                if prefix is not None:
+                    prefix.fill(buf)
             real = plan.real[pos:pos + b]
             index = plan.order[pos:pos + b][real]
             buf.put_rows(index, out[real], self.manifest.labels[index],
                          boxes[pos - start:pos - start + b][real] if boxes is not None else None,
-                         feats[real] if feats is not None else None)
+                         feats[real] if feats is not None else None, first_view(prefix))
             if pos + b == plan.chunk_end[pos]:  # chunk filled: queue it now, so a later decode error cannot lose it
+                if prefix is not None:
+                    prefix.check(buf)
                 self.writer.submit(self.g, buf, self.skip)
                 buf = None
             pos += b
@@ -596,15 +611,16 @@ class _ChunkBuffer:
         self.features = np.full((r, t, v, d), np.nan, np.float32) if d else None
 
     def put_rows(self, index: np.ndarray, logits: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
-                 features: np.ndarray | None = None) -> None:
-        """Rows of samples ``index`` [b] (in this chunk): logits [b, T, V, C], labels [b], boxes [b, V, 5] or
-        None (center views: NaN), embeddings [b, T, V, D] or None."""
+                 features: np.ndarray | None = None, first_view: int = 0) -> None:
+        """Rows of samples ``index`` [b] (in this chunk): logits [b, T, V - first_view, C] of views first_view..,
+        labels [b], boxes [b, V, 5] or None (center views: NaN), embeddings [b, T, V - first_view, D] or None.
+        ``first_view`` > 0: the earlier view slots were filled already (``--append-views``)."""
         r = np.asarray(index, np.int64) - self.start
-        self.logits[r] = logits
+        self.logits[r, :, first_view:] = logits
         self.labels[r] = labels
         self.views[r] = boxes if boxes is not None else np.nan
         if self.features is not None:
-            self.features[r] = features
+            self.features[r, :, first_view:] = features
 
     def flush(self, g, skip: set[int] | frozenset[int]) -> None:
         skipped = np.array([(self.start + k) in skip for k in range(len(self.labels))], bool)

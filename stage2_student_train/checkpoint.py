@@ -93,6 +93,16 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _absent(config: dict[str, Any], dotted: str) -> bool:
+    """Whether ``config`` has no entry at all for ``dotted`` (a checkpoint written before the key existed)."""
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return True
+        value = value[part]
+    return False
+
+
 def check_resumable(saved: dict[str, Any], config: dict[str, Any], path: str | Path,
                     saved_identity: dict[str, Any] | None = None, identity: dict[str, Any] | None = None) -> None:
     """Raise UsageError when ``config`` (the resolved config of this run, as a dict) differs from the checkpoint's
@@ -115,8 +125,11 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any], path: str | P
                          ident.replace("_", " "))
             continue
         keys.append(key)
+    older = [key for key in keys if _absent(saved, key)]  # keys added after the checkpoint was written
+    if older:
+        log.info("--resume: %s predates config keys %s: they take this run's values", path, ", ".join(older))
     diff += [f"{key} {_lookup(saved, key)!r} -> {_lookup(config, key)!r}" for key in keys
-             if _lookup(saved, key) != _lookup(config, key)]
+             if key not in older and _lookup(saved, key) != _lookup(config, key)]
     if diff:
         raise UsageError(f"--resume: {path} was trained with another configuration ({'; '.join(diff)}); rerun with "
                          "the checkpoint's settings (its config.yaml), or use a new --output-dir or --overwrite")

@@ -92,6 +92,11 @@ class TrainConfig:
                                                 default_text="DEFAULT")
     replay_views: bool = key(False, help="replay the bank's stored crops and flips (multi-view banks)",
                              flags=("--replay-views",), action="store_true", resume=RESUME_MATCH, group=_LABELS)
+    view_order: str = key("cycle", help="which stored view each sample replays per epoch (--replay-views): cycle "
+                                        "(epoch e: view (e + offset(i)) mod V, a fresh view every epoch until all V "
+                                        "are used, offset(i) a seeded hash of the sample) or hash (an independent "
+                                        "seeded draw per epoch, repeats possible: the order before this key)",
+                          flags=("--view-order",), choices=("cycle", "hash"), resume=RESUME_MATCH, group=_LABELS)
     data: str = key("", help="dataset root (folders, file lists, CIFAR pickles, packed shards; `make demo` prepares "
                              "data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
                     test_only=True, group=_DATA, default_text="none, required")

@@ -74,18 +74,32 @@ class LabelSource(Protocol):
         ...
 
 
-def view_choice(index: torch.Tensor, epoch: int, seed: int, num_views: int) -> torch.Tensor:
-    """Which stored view sample ``index`` uses in ``epoch``: a seeded hash, so every view gets used and runs
-    are reproducible. -> [B] int64 in [0, num_views). CPU tensors are hashed through numpy (15 us instead of
-    50 us per 256-row batch: the per-step label gather is ~250 us), with the same int64 arithmetic."""
-    if index.device.type == "cpu":
-        return torch.from_numpy(_view_hash(index.numpy().astype(np.int64), epoch, seed, num_views))
-    return _view_hash(index.to(torch.int64), epoch, seed, num_views)
+VIEW_ORDERS = ("cycle", "hash")
+
+
+def view_choice(index: torch.Tensor, epoch: int, seed: int, num_views: int, order: str = "cycle") -> torch.Tensor:
+    """Which stored view sample ``index`` uses in ``epoch`` -> [B] int64 in [0, num_views).
+
+    ``order`` (``view_order``): ``cycle``: view ``(epoch + offset(i)) mod V``, ``offset(i)`` a seeded hash of the
+    sample (not of the epoch): every sample sees a different view each epoch and all V of them in V consecutive
+    epochs (its views in turn, then again from its offset: with V < E epochs views repeat, and the run warns),
+    while one batch mixes view slots; ``hash``: a seeded hash of (sample, epoch), drawn independently each epoch
+    (every view gets used on average, repeats are possible; the order before ``view_order`` existed). CPU tensors
+    are hashed through numpy (15 us instead of 50 us per 256-row batch), with the same int64 arithmetic."""
+    if order not in VIEW_ORDERS:
+        raise UsageError(f"unknown view order '{order}'; valid: {', '.join(VIEW_ORDERS)}")
+    on_cpu = index.device.type == "cpu"
+    x = index.numpy().astype(np.int64) if on_cpu else index.to(torch.int64)
+    if order == "hash":
+        v = _view_hash(x, epoch, seed, num_views)
+    else:
+        v = (_view_hash(x, -1, seed, num_views) + epoch) % num_views
+    return torch.from_numpy(v) if on_cpu else v
 
 
 def _view_hash(x, epoch: int, seed: int, num_views: int):
     """The hash of :func:`view_choice` on an int64 numpy array or torch tensor (wrapping multiplication,
-    arithmetic shifts, floor modulo: the same on both)."""
+    arithmetic shifts, floor modulo: the same on both). ``epoch = -1`` hashes the sample and seed only."""
     x = x * 0x9E3779B1 + (epoch + 1) * 0x85EBCA77 + (seed + 1) * 0xC2B2AE3D
     x = (x ^ (x >> 15)) * 0x2C1B3C6D
     x = x ^ (x >> 12)
@@ -116,7 +130,7 @@ class BankLabelSource:
     """Teacher logits of one or more banks held in memory (:mod:`pipeline.bank.resident`: dense banks in their
     dtype, compact banks compact), gathered by ``batch['index']`` and densified to [B, T, C] float32 on the
     batch's device (several banks: concatenated on T); with ``replay_seed`` the view of each sample follows
-    :func:`view_choice`, else view 0.
+    :func:`view_choice` in ``view_order``, else view 0.
 
     Attributes: ``residents`` (one :class:`pipeline.bank.resident.ResidentBank` per bank), ``num_samples``,
     ``num_views``, ``skipped``, ``teachers``, ``paths``; ``views``: the first bank's boxes [N, V, 5], read from
@@ -125,7 +139,8 @@ class BankLabelSource:
     """
 
     def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None,
-                 progress: bool = False, features: bool = False, items: Sequence[tuple[str, int]] = ()):
+                 progress: bool = False, features: bool = False, items: Sequence[tuple[str, int]] = (),
+                 view_order: str = "cycle"):
         """``features``: also hold the banks' stored embeddings and add ``teacher_features`` [B, T, D] (every
         bank's zero-padded to the widest D); a bank without them is a one-line UsageError. ``items``: the run's
         other host allocations, checked with the banks (``pipeline.bank.resident.check_host_memory``)."""
@@ -165,6 +180,7 @@ class BankLabelSource:
         self.teachers = [t for b in banks for t in b.teachers]
         self.preprocessing = first.attrs.get("preprocessing")
         self.replay_seed = replay_seed
+        self.view_order = view_order
 
     @property
     def views(self) -> torch.Tensor | None:
@@ -180,7 +196,7 @@ class BankLabelSource:
         if self._views_bank is None:
             raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
         idx = np.asarray(order, np.int64)
-        v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views).numpy()
+        v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views, self.view_order).numpy()
         bank = self._views_bank
         step = max(1, bank.rows_per_chunk)
         out = np.empty((len(idx), 5), np.float32)
@@ -198,7 +214,7 @@ class BankLabelSource:
         index = batch["index"]
         view = None
         if self.replay_seed is not None and self.num_views > 1:
-            view = view_choice(index, batch["epoch"], self.replay_seed, self.num_views)
+            view = view_choice(index, batch["epoch"], self.replay_seed, self.num_views, self.view_order)
         image = batch.get("image")
         target = image.device if image is not None else torch.device(self.device)
         out = [r.target(index, view, target) for r in self.residents]
@@ -388,7 +404,11 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
             raise UsageError(f"{e} (bank {b.path})") from None
     src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None,
                           progress=int(os.environ.get("RANK", "0")) == 0, features=kd_losses.needs_features(cfg.method),
-                          items=items(banks))
+                          items=items(banks), view_order=cfg.view_order)
+    if cfg.replay_views and src.num_views < cfg.epochs and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("%d stored views for %d epochs: each sample's views repeat (view order %s); dump more with "
+                    "python -m pipeline.dump_logits --append-views %s --views %d", src.num_views, cfg.epochs,
+                    cfg.view_order, paths[0], cfg.epochs)
     log.info("soft labels from %s: %s", ", ".join(paths),
              ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
                        for r in src.residents))
