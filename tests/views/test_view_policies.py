@@ -231,3 +231,51 @@ def test_policy_enters_the_key(demo_root, tmp_path):
     assert ga.attrs["key"] != gb.attrs["key"]
     assert (ga["view_partner"][:] == -1).all() and np.isnan(ga["view_params"][:][..., 0]).all()
     assert dump_main(_dump_args(demo_root, a, "rrc+bogus")) == 2
+
+
+# --- stage 2 ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed_train_bank(demo_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mixed_train") / "train.zarr"
+    args = _dump_args(demo_root, out, batch=30)
+    args[args.index("val")] = "train"
+    assert dump_main(args + ["--rows-per-chunk", "100"]) == 0
+    return out
+
+
+def test_stage2_replays_mixed_views_and_targets(mixed_train_bank, demo_root):
+    """Stage 2's replay (the label source's stored parameters through the loader) rebuilds the images the
+    stored logits were computed on, and the batch gets the mixed-label entries of the replayed views."""
+    from pipeline.bank.reader import LabelBank
+    from pipeline.data.loaders import load_mixed_batches
+    from stage2_student_train.label_sources import BankLabelSource, view_choice
+
+    bank = LabelBank(mixed_train_bank)
+    m = build_manifest(demo_root, "train")
+    src = BankLabelSource([bank], replay_seed=3)
+    teacher = build_ensemble(["democnn_s"], [None], 10)
+    order = np.random.default_rng(0).permutation(len(m))[:40]
+    g = zarr.open_group(str(mixed_train_bank), mode="r")
+    partner, params, labels = g["view_partner"][:], g["view_params"][:], g["labels"][:]
+    for epoch in (0, 1):
+        batches = load_mixed_batches("torch", m, order, PRESET, 20, 1, "cpu", src.boxes(order, epoch),
+                                     **src.view_params(order, epoch))
+        for b in batches:
+            entries = src({"index": b.index, "epoch": epoch, "image": b.images})
+            with torch.no_grad():
+                torch.testing.assert_close(entries["teacher_logits"], teacher(b.images), atol=2e-3, rtol=2e-3)
+            v = view_choice(b.index, epoch, 3, 2).numpy()
+            i = b.index.numpy()
+            np.testing.assert_array_equal(entries["label_mix"].numpy(), labels[partner[i, v]])
+            np.testing.assert_array_equal(entries["lam"].numpy(), params[i, v, 5])
+
+
+def test_stage2_training_run_and_refusal(mixed_train_bank, demo_root, tmp_path, capsys):
+    from pipeline.train_student import main as train_main
+
+    base = ["--method", "kd", "--student", "democnn_s", "--labels", str(mixed_train_bank), "--data", str(demo_root),
+            "--preset", "demo", "--epochs", "1", "--batch-size", "32", "--workers", "1", "--loader", "torch",
+            "max_steps_per_epoch=3"]
+    assert train_main(base + ["--replay-views", "--output-dir", str(tmp_path / "run")]) == 0
+    assert train_main(base + ["--output-dir", str(tmp_path / "plain")]) == 2
+    assert "--replay-views" in capsys.readouterr().err.strip().splitlines()[-1]
