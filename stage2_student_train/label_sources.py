@@ -240,6 +240,10 @@ class BankLabelSource:
             entries = {"teacher_logits": logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)}
         if self._mix is not None:
             entries.update(_mix_entries(self._mix, index, view, target))
+        if batch.get("index_mix") is not None and "teacher_logits" in entries:  # --mix-labels blend
+            other = [r.target(batch["index_mix"], view, target)["teacher_logits"] for r in self.residents]
+            entries["teacher_logits"] = blend_logits(entries["teacher_logits"], torch.cat(other, dim=1),
+                                                     batch["lam"].to(target))
         if self.feature_residents:
             f = [r.gather(index, view, target) for r in self.feature_residents]
             f = [torch.nn.functional.pad(x, (0, self.feature_dim - x.shape[-1])) for x in f]
@@ -252,6 +256,16 @@ def _target_kind(bank: LabelBank) -> str:
     if bank.format in ("topk", "sampled"):
         return f"{bank.format} K={bank.attrs.get('topk')} S={bank.attrs.get('samples') or 0}"
     return "logits"
+
+
+def blend_logits(z1: torch.Tensor, z2: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """FKD / ReLabel's approximate soft label of a mixed image: the two images' T = 1 teacher distributions
+    blended by λ, as logits (log-probabilities) [B, T, C]: ``log(lam·softmax(z1) + (1 − lam)·softmax(z2))``;
+    ``lam`` [B]. A loss at temperature T softens this blend (not the blend of the softened ones)."""
+    w = lam.to(z1.dtype).clamp(0, 1)[:, None, None]
+    a = torch.log_softmax(z1, dim=-1) + torch.log(w)
+    b = torch.log_softmax(z2, dim=-1) + torch.log1p(-w)
+    return torch.logaddexp(a, b)
 
 
 def _mix_arrays(bank: LabelBank) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -441,6 +455,14 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
         if not cfg.replay_views and "view_params" in b.group:
             raise UsageError(f"{b.path} stores augmented views ({b.attrs['views']['policy']}): its soft labels are "
                              "the teachers' on those images; train with --replay-views")
+    if cfg.mix_labels:
+        sparse = [b.path for b in banks if b.format in ("topk", "sampled")]
+        if sparse:
+            raise UsageError(f"--mix-labels blend blends dense logits; {sparse[0]} is a {banks[0].format} bank: use a "
+                             "dense or int8 bank")
+        log.warning("--mix-labels blend: Mixup/CutMix targets blended from the two images' stored soft labels by "
+                    "lambda (FKD/ReLabel); approximate, the teacher's output on a mixed image is not the blend of its "
+                    "outputs (exact: dump with a mixing --view-policy and train with --replay-views)")
     for b in banks:
         try:
             kd_losses.check_teacher_format(cfg.method, b.format, sum(x.num_teachers for x in banks))

@@ -219,3 +219,23 @@ def load_mixed_batches(loader: str, manifest: Manifest, order: np.ndarray,
         mixed = [mix_views(x, y.reshape(x.shape), rows) for x, y in zip(a.inputs(), b.inputs())]
         pos += k
         yield Batch(mixed[0], a.index, mixed if len(mixed) > 1 else None)
+
+
+def load_blended_batches(loader: str, manifest: Manifest, order: np.ndarray, preprocess: Preprocess, mode: str,
+                         batch_size: int, workers: int, device: str, seed: int, partners: np.ndarray,
+                         rows: np.ndarray, hw_decoder_load: float = 0.65) -> Iterator[Batch]:
+    """Stage 2's approximate mixing (``--mix-labels blend``): the batches of :func:`load_batches` in ``mode`` over
+    ``order`` and, in step, over ``partners`` [len(order)] (their own augmentation), mixed by ``rows``
+    [len(order), A] (:func:`pipeline.data.policy.blend_rows`); each batch carries ``mix`` (partner indices, λ)."""
+    own = load_batches(loader, manifest, order, preprocess, mode, batch_size, workers, device, seed,
+                       hw_decoder_load=hw_decoder_load)
+    other = load_batches(loader, manifest, partners, preprocess, mode, batch_size, workers, device, seed,
+                         hw_decoder_load=hw_decoder_load)
+    pos = 0
+    for a, b in zip(own, other):
+        k = len(a.index)
+        r = rows[pos:pos + k]
+        mix = {"index_mix": torch.from_numpy(np.asarray(partners[pos:pos + k], np.int64)),
+               "lam": torch.from_numpy(np.ascontiguousarray(r[:, 5], np.float32))}
+        pos += k
+        yield Batch(mix_views(a.images, b.images.to(a.images.device), r), a.index, None, mix)

@@ -151,6 +151,29 @@ def parse_view_policy(text: str) -> ViewPolicy:
     return policy
 
 
+def parse_mix_policy(text: str) -> ViewPolicy:
+    """``"mixup(0.8)+cutmix(1.0)"`` (stage 2's ``--mix-policy``) -> a :class:`ViewPolicy` that only mixes.
+
+    Raises:
+        UsageError: anything but mixup / cutmix parts, or neither."""
+    policy = parse_view_policy(f"rrc+{text}")
+    if not policy.mixes or policy.augment or policy.erasing:
+        raise UsageError(f"--mix-policy '{text}' must be mixup(A), cutmix(A) or mixup(A)+cutmix(A)")
+    return policy
+
+
+def blend_rows(policy: ViewPolicy, seed: int, order: np.ndarray, epoch: int, size: int,
+               num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2's approximate mixing (``--mix-labels blend``) of samples ``order`` in ``epoch``: partners
+    [len(order)] int64 (:func:`partner_permutation` with the epoch as the view) and rows [len(order), A] drawn as
+    :func:`draw_params` with view = epoch; independent of batches and ranks, like the stored ones."""
+    order = np.asarray(order, np.int64)
+    partners = partner_permutation(seed, epoch, num_samples)[order].astype(np.int64)
+    rows = np.stack([draw_params(policy, seed, int(i), epoch, size) for i in order]) if len(order) else \
+        np.zeros((0, policy.num_params), np.float32)
+    return partners, rows
+
+
 # --- drawing ----------------------------------------------------------------------------------------------
 def _space(augment: str) -> dict:
     import torchvision.transforms.v2 as T
