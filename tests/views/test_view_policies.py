@@ -223,6 +223,7 @@ def test_partners_independent_of_world_size(mixed_bank, demo_root, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_policy_enters_the_key(demo_root, tmp_path):
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     assert dump_main(_dump_args(demo_root, a, "rrc+trivialaug")) == 0
@@ -243,19 +244,19 @@ def mixed_train_bank(demo_root, tmp_path_factory) -> Path:
     return out
 
 
-def test_stage2_replays_mixed_views_and_targets(mixed_train_bank, demo_root):
+def test_stage2_replays_mixed_views_and_targets(mixed_bank, demo_root):
     """Stage 2's replay (the label source's stored parameters through the loader) rebuilds the images the
     stored logits were computed on, and the batch gets the mixed-label entries of the replayed views."""
     from pipeline.bank.reader import LabelBank
     from pipeline.data.loaders import load_mixed_batches
     from stage2_student_train.label_sources import BankLabelSource, view_choice
 
-    bank = LabelBank(mixed_train_bank)
-    m = build_manifest(demo_root, "train")
+    bank = LabelBank(mixed_bank)
+    m = build_manifest(demo_root, "val")
     src = BankLabelSource([bank], replay_seed=3)
     teacher = build_ensemble(["democnn_s"], [None], 10)
     order = np.random.default_rng(0).permutation(len(m))[:40]
-    g = zarr.open_group(str(mixed_train_bank), mode="r")
+    g = zarr.open_group(str(mixed_bank), mode="r")
     partner, params, labels = g["view_partner"][:], g["view_params"][:], g["labels"][:]
     for epoch in (0, 1):
         batches = load_mixed_batches("torch", m, order, PRESET, 20, 1, "cpu", src.boxes(order, epoch),
@@ -270,6 +271,7 @@ def test_stage2_replays_mixed_views_and_targets(mixed_train_bank, demo_root):
             np.testing.assert_array_equal(entries["lam"].numpy(), params[i, v, 5])
 
 
+@pytest.mark.slow
 def test_stage2_training_run_and_refusal(mixed_train_bank, demo_root, tmp_path, capsys):
     from pipeline.train_student import main as train_main
 
