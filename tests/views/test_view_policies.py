@@ -281,3 +281,18 @@ def test_stage2_training_run_and_refusal(mixed_train_bank, demo_root, tmp_path, 
     assert train_main(base + ["--replay-views", "--output-dir", str(tmp_path / "run")]) == 0
     assert train_main(base + ["--output-dir", str(tmp_path / "plain")]) == 2
     assert "--replay-views" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_verify_covers_view_parameters(mixed_bank, tmp_path):
+    import shutil
+
+    from pipeline.bank.reader import verify_bank
+
+    assert verify_bank(mixed_bank) == []
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(mixed_bank, copy)
+    for name in ("view_params", "view_partner"):
+        chunk = sorted(p for p in (copy / name / "c").rglob("*") if p.is_file())[0]
+        chunk.unlink()
+    problems = verify_bank(copy)
+    assert any("view_params" in p for p in problems) and any("view_partner" in p for p in problems)
