@@ -51,6 +51,16 @@ def _open_complete(path: str) -> LabelBank:
     return bank
 
 
+def _refuse_view_params(bank: LabelBank, tool: str) -> LabelBank:
+    """UsageError for a bank of an augmenting view policy (``view_params``, ``view_partner``): the tools do not
+    copy those arrays yet, and a copy without them would replay the views without their augmentations."""
+    if "view_params" in bank.group:
+        raise UsageError(f"labels {tool} does not carry the view parameters of {bank.path} "
+                         f"({bank.attrs.get('views', {}).get('policy')}) yet: dump the bank in the format you want "
+                         "directly (--format topk/sampled/int8 with the same --view-policy)")
+    return bank
+
+
 def _source_record(bank: LabelBank) -> dict[str, Any]:
     return {"path": storage.absolute(bank.path), "key": bank.attrs.get("key"), "format": bank.format,
             "teachers": [t.get("name", t.get("arch")) for t in bank.teachers]}
@@ -153,7 +163,7 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
         raise UsageError("ensemble needs at least one input bank")
     if dtype not in (None, "float16", "float32"):
         raise UsageError(f"unknown --dtype '{dtype}'; valid: float16, float32")
-    banks = [_open_complete(p) for p in paths]
+    banks = [_refuse_view_params(_open_complete(p), "ensemble") for p in paths]
     check_compatible(banks)
     _warn_features_dropped(banks, "ensemble")
     daskio.check_output(out, overwrite)
@@ -219,7 +229,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
     if fmt not in cp.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; valid: {', '.join(cp.FORMATS)}")
     cp.check_format_args(fmt, k, samples)
-    bank = _open_complete(src)
+    bank = _refuse_view_params(_open_complete(src), "compact")
     n, t, v, c = bank.shape
     _warn_features_dropped([bank], "compact")
     if bank.format != "dense":

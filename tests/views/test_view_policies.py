@@ -296,3 +296,14 @@ def test_verify_covers_view_parameters(mixed_bank, tmp_path):
         chunk.unlink()
     problems = verify_bank(copy)
     assert any("view_params" in p for p in problems) and any("view_partner" in p for p in problems)
+
+
+def test_bank_tools_refuse_view_parameters(mixed_bank, tmp_path, capsys):
+    """labels compact / ensemble do not copy view_params yet: refused in one line (a copy without them would
+    replay the views without their augmentations)."""
+    from pipeline.labels import main as labels_main
+
+    assert labels_main(["compact", str(mixed_bank), "-o", str(tmp_path / "c.zarr"), "--topk", "3"]) == 2
+    assert labels_main(["ensemble", str(mixed_bank), str(mixed_bank), "-o", str(tmp_path / "e.zarr")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "view parameters" in err[-1] and not (tmp_path / "c.zarr").exists()
