@@ -51,14 +51,12 @@ def _open_complete(path: str) -> LabelBank:
     return bank
 
 
-def _refuse_view_params(bank: LabelBank, tool: str) -> LabelBank:
-    """UsageError for a bank of an augmenting view policy (``view_params``, ``view_partner``): the tools do not
-    copy those arrays yet, and a copy without them would replay the views without their augmentations."""
-    if "view_params" in bank.group:
-        raise UsageError(f"labels {tool} does not carry the view parameters of {bank.path} "
-                         f"({bank.attrs.get('views', {}).get('policy')}) yet: dump the bank in the format you want "
-                         "directly (--format topk/sampled/int8 with the same --view-policy)")
-    return bank
+def _view_param_inputs(bank: LabelBank, rows: int) -> dict[str, Any]:
+    """The stored view parameters of an augmenting view policy (``view_params``, ``view_partner``) as job inputs,
+    copied row for row into the output (without them its views would replay unaugmented); {} for other banks."""
+    if "view_params" not in bank.group:
+        return {}
+    return {name: daskio.rows_array(bank.group[name], rows) for name in ("view_params", "view_partner")}
 
 
 def _source_record(bank: LabelBank) -> dict[str, Any]:
@@ -163,7 +161,7 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
         raise UsageError("ensemble needs at least one input bank")
     if dtype not in (None, "float16", "float32"):
         raise UsageError(f"unknown --dtype '{dtype}'; valid: float16, float32")
-    banks = [_refuse_view_params(_open_complete(p), "ensemble") for p in paths]
+    banks = [_open_complete(p) for p in paths]
     check_compatible(banks)
     _warn_features_dropped(banks, "ensemble")
     daskio.check_output(out, overwrite)
@@ -200,7 +198,8 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
         x = da.concatenate([daskio.logits_array(b, rows) for b in banks], axis=1)
         skipped = da.stack([daskio.rows_array(b.group["skipped"], rows) for b in banks], axis=1)
         inputs = {"x": x, "labels": daskio.rows_array(ref.group["labels"], rows),
-                  "views": daskio.rows_array(ref.group["views"], rows), "skipped": skipped}
+                  "views": daskio.rows_array(ref.group["views"], rows), "skipped": skipped,
+                  **_view_param_inputs(ref, rows)}
         job = daskio.block_job(jobs.ensemble_block, inputs, rows, n, out=daskio.Output(tmp), mode=mode,
                                fp16=dtype == "float16")
         vec = _run_job(g, job, scheduler, progress, f"ensemble ({mode}) of {len(banks)} banks", f"ensemble into {out}")
@@ -217,7 +216,7 @@ def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: in
     g = zarr.open_group(str(path), mode="w")
     # float arrays fill with NaN and top-k indices with -1: a missing chunk is refused by the stage-2 loader
     create_bank_arrays(g, n, t, v, c, str(src.attrs.get("dtype", "float16")), rows, fmt, k, cp.sums_width(t),
-                       samples)
+                       samples, len(src.attrs.get("views", {}).get("params_columns", [])))
     return g
 
 
@@ -229,7 +228,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
     if fmt not in cp.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; valid: {', '.join(cp.FORMATS)}")
     cp.check_format_args(fmt, k, samples)
-    bank = _refuse_view_params(_open_complete(src), "compact")
+    bank = _open_complete(src)
     n, t, v, c = bank.shape
     _warn_features_dropped([bank], "compact")
     if bank.format != "dense":
@@ -252,7 +251,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         rows = daskio.block_rows(g[names[0]])
         inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
                   "views": daskio.rows_array(bank.group["views"], rows),
-                  "skipped": daskio.rows_array(bank.group["skipped"], rows)}
+                  "skipped": daskio.rows_array(bank.group["skipped"], rows), **_view_param_inputs(bank, rows)}
         job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c,
                                dtype=str(bank.attrs.get("dtype", "float16")), samples=samples, seed=sample_seed)
         vec = _run_job(g, job, scheduler, progress, f"compact ({fmt}) {src}", f"compact into {out}")

@@ -298,12 +298,18 @@ def test_verify_covers_view_parameters(mixed_bank, tmp_path):
     assert any("view_params" in p for p in problems) and any("view_partner" in p for p in problems)
 
 
-def test_bank_tools_refuse_view_parameters(mixed_bank, tmp_path, capsys):
-    """labels compact / ensemble do not copy view_params yet: refused in one line (a copy without them would
-    replay the views without their augmentations)."""
+def test_bank_tools_carry_view_parameters(mixed_bank, tmp_path):
+    """labels compact / ensemble copy view_params and view_partner row for row (without them the copy's views
+    would replay unaugmented)."""
+    from pipeline.bank.reader import verify_bank
     from pipeline.labels import main as labels_main
 
-    assert labels_main(["compact", str(mixed_bank), "-o", str(tmp_path / "c.zarr"), "--topk", "3"]) == 2
-    assert labels_main(["ensemble", str(mixed_bank), str(mixed_bank), "-o", str(tmp_path / "e.zarr")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "view parameters" in err[-1] and not (tmp_path / "c.zarr").exists()
+    c, e = tmp_path / "c.zarr", tmp_path / "e.zarr"
+    assert labels_main(["compact", str(mixed_bank), "-o", str(c), "--topk", "3"]) == 0
+    assert labels_main(["ensemble", str(mixed_bank), str(mixed_bank), "-o", str(e)]) == 0
+    src = zarr.open_group(str(mixed_bank), mode="r")
+    for out in (c, e):
+        g = zarr.open_group(str(out), mode="r")
+        for name in ("views", "view_params", "view_partner"):
+            np.testing.assert_array_equal(g[name][:], src[name][:], err_msg=f"{out.name} {name}")
+        assert g.attrs["views"] == src.attrs["views"] and verify_bank(out) == []
