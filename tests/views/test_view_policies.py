@@ -313,3 +313,18 @@ def test_bank_tools_carry_view_parameters(mixed_bank, tmp_path):
         for name in ("views", "view_params", "view_partner"):
             np.testing.assert_array_equal(g[name][:], src[name][:], err_msg=f"{out.name} {name}")
         assert g.attrs["views"] == src.attrs["views"] and verify_bank(out) == []
+
+
+def test_rebuild_inputs_center_bank(demo_bank, demo_root):
+    """rebuild_inputs serves every bank kind: a center bank's rows through the eval transform give its logits."""
+    from pipeline.errors import BankError
+
+    g = zarr.open_group(str(demo_bank), mode="r")
+    m = build_manifest(demo_root, "train")
+    rows = np.array([0, 17, 299])
+    with torch.no_grad():
+        live = build_ensemble(["democnn_s"], [None], 10)(rebuild_inputs(g, m, rows, PRESET, "torch"))[:, 0]
+    stored = g["logits"][:][rows, 0, 0].astype(np.float32)
+    assert np.abs(live.numpy() - stored).max() < 2e-3
+    with pytest.raises(BankError):
+        rebuild_inputs(g, m, np.array([300]), PRESET)
