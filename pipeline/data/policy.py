@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -175,6 +176,14 @@ def blend_rows(policy: ViewPolicy, seed: int, order: np.ndarray, epoch: int, siz
 
 
 # --- drawing ----------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _autoaug_policies() -> list:
+    """torchvision's AutoAugment ImageNet sub-policies: ((op, probability, magnitude bin), (op, ...)) x 25."""
+    import torchvision.transforms.v2 as T
+
+    return T.AutoAugment()._policies
+
+
 def _space(augment: str) -> dict:
     import torchvision.transforms.v2 as T
 
@@ -182,14 +191,22 @@ def _space(augment: str) -> dict:
             "autoaug": T.AutoAugment}[augment]._AUGMENTATION_SPACE
 
 
-def _magnitude(rng: np.random.Generator, space: dict, name: str, bins: int, index: int, size: int) -> float:
+@lru_cache(maxsize=256)
+def _bins(augment: str, name: str, bins: int, size: int) -> tuple[tuple[float, ...] | None, bool]:
+    """torchvision's magnitude table of op ``name`` (``bins`` bins, a ``size`` x ``size`` image) and whether the
+    op is signed; cached (the table is a function of these only)."""
+    fn, signed = _space(augment)[name]
+    mags = fn(bins, size, size)
+    return (None if mags is None else tuple(float(m) for m in mags)), bool(signed)
+
+
+def _magnitude(rng: np.random.Generator, augment: str, name: str, bins: int, index: int, size: int) -> float:
     """torchvision's magnitude of op ``name`` at bin ``index`` of ``bins`` for a ``size`` x ``size`` image, negated
     with probability 1/2 for signed ops (as its ``forward`` does)."""
-    fn, signed = space[name]
-    mags = fn(bins, size, size)
+    mags, signed = _bins(augment, name, bins, size)
     if mags is None:
         return 0.0
-    mag = float(mags[index])
+    mag = mags[index]
     return -mag if signed and rng.random() <= 0.5 else mag
 
 
@@ -198,25 +215,23 @@ def draw_ops(policy: ViewPolicy, rng: np.random.Generator, size: int) -> list[tu
     drawn as torchvision's ``RandAugment`` / ``TrivialAugmentWide`` / ``AutoAugment.forward`` draw them."""
     if not policy.augment:
         return []
-    space = _space(policy.augment)
-    names = list(space)
-    if policy.augment == "randaug":
+    aug = policy.augment
+    names = list(_space(aug))
+    if aug == "randaug":
         out = []
         for _ in range(policy.num_ops):
             name = names[int(rng.integers(len(names)))]
-            out.append((OP_NAMES.index(name), _magnitude(rng, space, name, RANDAUG_BINS, policy.magnitude, size)))
+            out.append((OP_NAMES.index(name), _magnitude(rng, aug, name, RANDAUG_BINS, policy.magnitude, size)))
         return out
-    if policy.augment == "trivialaug":
+    if aug == "trivialaug":
         name = names[int(rng.integers(len(names)))]
-        return [(OP_NAMES.index(name), _magnitude(rng, space, name, RANDAUG_BINS, int(rng.integers(RANDAUG_BINS)),
+        return [(OP_NAMES.index(name), _magnitude(rng, aug, name, RANDAUG_BINS, int(rng.integers(RANDAUG_BINS)),
                                                   size))]
-    import torchvision.transforms.v2 as T
-
-    policies = T.AutoAugment()._policies
+    policies = _autoaug_policies()
     out = []
     for name, prob, idx in policies[int(rng.integers(len(policies)))]:
         if rng.random() <= prob:
-            out.append((OP_NAMES.index(name), _magnitude(rng, space, name, 10, idx if idx is not None else 0, size)))
+            out.append((OP_NAMES.index(name), _magnitude(rng, aug, name, 10, idx if idx is not None else 0, size)))
         else:
             out.append((-1, 0.0))
     return out
