@@ -46,6 +46,9 @@ def append_config(cfg: Any) -> Any:
     if views.get("policy", "center") == "center":
         raise UsageError(f"--append-views {src.path}: its view policy is 'center' (one eval view); dump a bank with "
                          "--view-policy rrc or rrc+flip first")
+    if views.get("policy") not in ("rrc", "rrc+flip"):
+        raise UsageError(f"--append-views {src.path}: its view policy '{views.get('policy')}' stores per-view "
+                         "parameters and partners, which appending does not copy yet; dump the V'-view bank directly")
     if cfg.views <= src.num_views:
         raise UsageError(f"--append-views {src.path} holds {src.num_views} views: give --views V' > {src.num_views}")
     if cfg.out and storage.absolute(cfg.out) == storage.absolute(src.path):

@@ -36,7 +36,7 @@ from pipeline.config import RESUME_MATCH, key, to_dict
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.layouts import SPLITS
 from pipeline.data.batch import DecodeError
-from pipeline.data.loaders import load_batches, resolve_loader
+from pipeline.data.loaders import resolve_loader
 from pipeline.data.presets import teacher_preprocess, typical_side, upscale_warning
 from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, cores_per_local_rank, init_distributed
 from pipeline.errors import BankError, UsageError
@@ -106,7 +106,9 @@ class DumpConfig:
                                      "V' > V of SRC's teachers and data, copying SRC's V views and computing only the "
                                      "new ones (SRC is only read; the other keys default to SRC's)",
                             flags=("--append-views",), default_text="none")
-    view_policy: str = key("center", help="center, rrc, rrc+flip", flags=("--view-policy",), resume=RESUME_MATCH)
+    view_policy: str = key("center", help="center, rrc, rrc+flip, or with augmentations, e.g. "
+                           "rrc+flip+randaug(2,9)+erasing(0.25)+mixup(0.8)+cutmix(1.0) (README, 'View policies')",
+                           flags=("--view-policy",), resume=RESUME_MATCH)
     view_seed: int = key(0, help="seed of the view boxes", flags=("--view-seed",), resume=RESUME_MATCH)
     seed: int = key(0, help="init seed for teachers with --weights none", flags=("--seed",), resume=RESUME_MATCH)
     amp: bool = key(False, help="autocast the teachers (CUDA only)", flags=("--amp",), action="store_true",
@@ -462,12 +464,10 @@ class _ChunkRun:
         for k, i in enumerate(sub):
             if int(i) in self.skip:
                 sub[k] = _stand_in(sub, k, self.skip)
-        boxes = self.sampler.boxes(self.manifest, sub)
         prefix = self.dump.prefix  # --append-views: the teachers run on the new views only
-        it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
-                          self.cfg.batch_size, self.cfg.workers, self.cfg.device, self.cfg.seed,
-                          boxes=boxes if prefix is None else prefix.new(boxes),
-                          hw_decoder_load=self.cfg.hw_decoder_load)
+        boxes, params, partners, it = self.sampler.batches(
+            self.dump.loader, self.manifest, sub, self.dump.branches, self.cfg.batch_size, self.cfg.workers,
+            self.cfg.device, self.cfg.seed, self.cfg.hw_decoder_load, None if prefix is None else prefix.new)
         t, v, c = self.dump_shape[1:]
         buf: _ChunkBuffer | None = None
         pos = start
@@ -482,14 +482,17 @@ class _ChunkRun:
             b = len(out)  # batches never straddle chunks (ChunkPlan): positions [pos, pos + b) are in one chunk
             if buf is None:
                 buf = _ChunkBuffer(self.num_rows, int(plan.chunk[pos]), plan.rows, t, v, c, self.cfg.dtype,
-                                   max(self.dump.feature_dims) if feats is not None else 0)
+                                   max(self.dump.feature_dims) if feats is not None else 0,
+                                   params.shape[-1] if params is not None else 0)
                 if prefix is not None:
                     prefix.fill(buf)
             real = plan.real[pos:pos + b]
             index = plan.order[pos:pos + b][real]
             buf.put_rows(index, out[real], self.manifest.labels[index],
                          boxes[pos - start:pos - start + b][real] if boxes is not None else None,
-                         feats[real] if feats is not None else None, first_view(prefix))
+                         feats[real] if feats is not None else None,
+                         *((params[pos - start:pos - start + b][real], partners[pos - start:pos - start + b][real])
+                           if params is not None else (None, None)), first_view(prefix))
             if pos + b == plan.chunk_end[pos]:  # chunk filled: queue it now, so a later decode error cannot lose it
                 if prefix is not None:
                     prefix.check(buf)
@@ -602,25 +605,32 @@ class _ChunkBuffer:
     every bank applies: half the memory of float32 for a chunk of many views) and written (with its done flag)
     once complete; :func:`pipeline.bank.writer.write_chunk` encodes them for a compact bank."""
 
-    def __init__(self, n: int, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32", d: int = 0):
+    def __init__(self, n: int, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32", d: int = 0,
+                 a: int = 0):
         r = min(n, (j + 1) * rows) - j * rows
         self.j, self.start = j, j * rows
         self.logits = np.full((r, t, v, c), np.nan, dtype)
         self.labels = np.full(r, -1, np.int32)
         self.views = np.full((r, v, 5), np.nan, np.float32)
         self.features = np.full((r, t, v, d), np.nan, np.float32) if d else None
+        self.params = np.full((r, v, a), np.nan, np.float32) if a else None  # stored view parameters
+        self.partners = np.full((r, v), -1, np.int32) if a else None
 
     def put_rows(self, index: np.ndarray, logits: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
-                 features: np.ndarray | None = None, first_view: int = 0) -> None:
+                 features: np.ndarray | None = None, params: np.ndarray | None = None,
+                 partners: np.ndarray | None = None, first_view: int = 0) -> None:
         """Rows of samples ``index`` [b] (in this chunk): logits [b, T, V - first_view, C] of views first_view..,
-        labels [b], boxes [b, V, 5] or None (center views: NaN), embeddings [b, T, V - first_view, D] or None.
-        ``first_view`` > 0: the earlier view slots were filled already (``--append-views``)."""
+        labels [b], boxes [b, V, 5] or None (center views: NaN), embeddings [b, T, V - first_view, D] or None, view
+        parameters [b, V, A] and partners [b, V] (policies that store them). ``first_view`` > 0: the earlier view
+        slots were filled already (``--append-views``)."""
         r = np.asarray(index, np.int64) - self.start
         self.logits[r, :, first_view:] = logits
         self.labels[r] = labels
         self.views[r] = boxes if boxes is not None else np.nan
         if self.features is not None:
             self.features[r, :, first_view:] = features
+        if self.params is not None:
+            self.params[r], self.partners[r] = params, partners
 
     def flush(self, g, skip: set[int] | frozenset[int]) -> None:
         skipped = np.array([(self.start + k) in skip for k in range(len(self.labels))], bool)
@@ -629,7 +639,8 @@ class _ChunkBuffer:
             self.features[skipped] = np.nan
         if (self.labels[~skipped] < 0).any():
             raise BankError(f"internal error: chunk {self.j} incomplete at flush")
-        write_chunk(g, self.j, self.logits, self.labels, self.views, skipped, self.features)
+        write_chunk(g, self.j, self.logits, self.labels, self.views, skipped, self.features, self.params,
+                    self.partners)
 
 
 def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest,

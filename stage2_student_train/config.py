@@ -90,13 +90,19 @@ class TrainConfig:
     live_teacher_weights: tuple[str, ...] = key((), help="one per --live-teacher", flags=("--live-teacher-weights",),
                                                 action="append", resume=RESUME_MATCH, group=_LABELS,
                                                 default_text="DEFAULT")
-    replay_views: bool = key(False, help="replay the bank's stored crops and flips (multi-view banks)",
+    replay_views: bool = key(False, help="replay the bank's stored views: crops and flips, and the stored "
+                             "augmentations and mixing of an augmenting --view-policy (exact)",
                              flags=("--replay-views",), action="store_true", resume=RESUME_MATCH, group=_LABELS)
     view_order: str = key("cycle", help="which stored view each sample replays per epoch (--replay-views): cycle "
                                         "(epoch e: view (e + offset(i)) mod V, a fresh view every epoch until all V "
                                         "are used, offset(i) a seeded hash of the sample) or hash (an independent "
                                         "seeded draw per epoch, repeats possible: the order before this key)",
                           flags=("--view-order",), choices=("cycle", "hash"), resume=RESUME_MATCH, group=_LABELS)
+    mix_labels: str = key("", help="'blend': Mixup/CutMix (--mix-policy) in stage 2 with the two images' stored "
+                          "soft labels blended by lambda (FKD/ReLabel; approximate, warned)",
+                          flags=("--mix-labels",), resume=RESUME_MATCH, group=_LABELS, default_text="off")
+    mix_policy: str = key("mixup(0.8)+cutmix(1.0)", help="the mixing of --mix-labels blend (view-policy syntax)",
+                          flags=("--mix-policy",), resume=RESUME_MATCH, group=_LABELS)
     data: str = key("", help="dataset root (folders, file lists, CIFAR pickles, packed shards; `make demo` prepares "
                              "data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
                     test_only=True, group=_DATA, default_text="none, required")

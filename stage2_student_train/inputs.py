@@ -19,6 +19,7 @@ import kd_losses
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.loaders import resolve_loader
 from pipeline.distributed import cores_per_local_rank
+from pipeline.data.policy import parse_mix_policy
 from pipeline.errors import UsageError
 from pipeline.storage import name_for_path
 from stage2_student_train.config import TrainConfig
@@ -64,6 +65,13 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.replay_views and not cfg.augment:
         raise UsageError("--replay-views trains on the bank's stored augmented views and --no-augment on center "
                          "crops: drop one of them")
+    if cfg.mix_labels not in ("", "blend"):
+        raise UsageError(f"--mix-labels '{cfg.mix_labels}' is unknown; valid: blend (or leave it out)")
+    if cfg.mix_labels:
+        parse_mix_policy(cfg.mix_policy)
+        if cfg.replay_views:
+            raise UsageError("--mix-labels blend mixes in stage 2 and --replay-views replays the bank's views: drop "
+                             "one of them (a bank dumped with a mixing --view-policy replays mixing exactly)")
     if cfg.teacher_weights and not cfg.teacher:
         raise UsageError("--teacher-weights names the weights of --teacher NAME, and no --teacher is given")
     out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else

@@ -66,6 +66,13 @@ class LabelSource(Protocol):
         UsageError when the source stores no views."""
         ...
 
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        """For a bank whose view policy stores parameters (:mod:`pipeline.data.policy`): the replayed views'
+        ``params`` [len(order), 1, A], ``partners`` [len(order), 1] and the partners' own ``partner_boxes``
+        [.., 1, 5] and ``partner_params`` [.., 1, A] (what :func:`pipeline.data.loaders.load_mixed_batches`
+        takes); None otherwise."""
+        ...
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Entries to add to ``batch`` (which holds ``image`` [B, 3, H, W], ``index`` [B], ``epoch``):
         ``{"teacher_logits": [B, T, C] float32}`` or ``{"teacher_target": SparseTarget}`` (top-k and sampled
@@ -121,6 +128,9 @@ class NoLabelSource:
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
+
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        return None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {}
@@ -181,6 +191,7 @@ class BankLabelSource:
         self.preprocessing = first.attrs.get("preprocessing")
         self.replay_seed = replay_seed
         self.view_order = view_order
+        self._mix = _mix_arrays(first) if replay_seed is not None else None
 
     @property
     def views(self) -> torch.Tensor | None:
@@ -197,18 +208,36 @@ class BankLabelSource:
             raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
         idx = np.asarray(order, np.int64)
         v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views, self.view_order).numpy()
+        return self._read_chosen("views", idx, v)[:, None, :]
+
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        bank = self._views_bank
+        if bank is None or "view_params" not in bank.group:
+            return None
+        idx = np.asarray(order, np.int64)
+        v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views, self.view_order).numpy()
+        partners = self._read_chosen("view_partner", idx, v)
+        safe = np.maximum(partners, 0).astype(np.int64)
+        return {"params": self._read_chosen("view_params", idx, v)[:, None], "partners": partners[:, None],
+                "partner_boxes": self._read_chosen("views", safe, v)[:, None],
+                "partner_params": self._read_chosen("view_params", safe, v)[:, None]}
+
+    def _read_chosen(self, name: str, idx: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``name``[idx[k], v[k]] for every k of a per-(sample, view) array of the first bank, read chunk by chunk
+        (the array is not held)."""
         bank = self._views_bank
         step = max(1, bank.rows_per_chunk)
-        out = np.empty((len(idx), 5), np.float32)
+        arr = bank.group[name]
+        out = np.empty((len(idx), *arr.shape[2:]), arr.dtype)
         by_row = np.argsort(idx, kind="stable")
         bounds = np.searchsorted(idx[by_row], np.arange(0, self.num_samples + step, step))
         for j in range(len(bounds) - 1):
             sel = by_row[bounds[j]:bounds[j + 1]]
             if len(sel):
                 s = j * step
-                chunk = bank.read_rows("views", s, min(self.num_samples, s + step))
+                chunk = bank.read_rows(name, s, min(self.num_samples, s + step))
                 out[sel] = chunk[idx[sel] - s, v[sel]]
-        return out[:, None, :]
+        return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         index = batch["index"]
@@ -225,6 +254,12 @@ class BankLabelSource:
         else:
             logits = [o["teacher_logits"] for o in out]
             entries = {"teacher_logits": logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)}
+        if self._mix is not None:
+            entries.update(_mix_entries(self._mix, index, view, target))
+        if batch.get("index_mix") is not None and "teacher_logits" in entries:  # --mix-labels blend
+            other = [r.target(batch["index_mix"], view, target)["teacher_logits"] for r in self.residents]
+            entries["teacher_logits"] = blend_logits(entries["teacher_logits"], torch.cat(other, dim=1),
+                                                     batch["lam"].to(target))
         if self.feature_residents:
             f = [r.gather(index, view, target) for r in self.feature_residents]
             f = [torch.nn.functional.pad(x, (0, self.feature_dim - x.shape[-1])) for x in f]
@@ -237,6 +272,39 @@ def _target_kind(bank: LabelBank) -> str:
     if bank.format in ("topk", "sampled"):
         return f"{bank.format} K={bank.attrs.get('topk')} S={bank.attrs.get('samples') or 0}"
     return "logits"
+
+
+def blend_logits(z1: torch.Tensor, z2: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """FKD / ReLabel's approximate soft label of a mixed image: the two images' T = 1 teacher distributions
+    blended by λ, as logits (log-probabilities) [B, T, C]: ``log(lam·softmax(z1) + (1 − lam)·softmax(z2))``;
+    ``lam`` [B]. A loss at temperature T softens this blend (not the blend of the softened ones)."""
+    w = lam.to(z1.dtype).clamp(0, 1)[:, None, None]
+    a = torch.log_softmax(z1, dim=-1) + torch.log(w)
+    b = torch.log_softmax(z2, dim=-1) + torch.log1p(-w)
+    return torch.logaddexp(a, b)
+
+
+def _mix_arrays(bank: LabelBank) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A mixing bank's per (sample, view) partner class [N, V] int64 (its own class where unmixed) and λ [N, V]
+    float32 (8 B per view held, 16 B while building), or None for a bank without mixed views."""
+    if "view_partner" not in bank.group:
+        return None
+    partner = bank.read_rows("view_partner", 0, bank.num_samples).astype(np.int64)
+    if (partner < 0).all():
+        return None
+    labels = bank.labels().astype(np.int64)
+    lam = bank.read_rows("view_params", 0, bank.num_samples)[..., 5].astype(np.float32)
+    own = np.broadcast_to(labels[:, None], partner.shape)
+    return torch.from_numpy(np.where(partner >= 0, labels[np.maximum(partner, 0)], own)), torch.from_numpy(lam)
+
+
+def _mix_entries(mix: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, view: torch.Tensor | None,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """``label_mix`` [B] int64 and ``lam`` [B] float32 of the replayed views (the mixed-label contract of
+    :func:`kd_losses._common.cross_entropy`)."""
+    label_mix, lam = mix
+    v = view if view is not None else torch.zeros_like(index)
+    return {"label_mix": label_mix[index, v].to(device), "lam": lam[index, v].to(device)}
 
 
 def _has_boxes(bank: LabelBank) -> bool:
@@ -265,6 +333,9 @@ class LiveTeacherLabelSource:
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         raise UsageError("--replay-views replays a bank's stored views; a live teacher has none")
+
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        return None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         device_type, dtype = self.autocast
@@ -397,6 +468,17 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
                         "slightly (docs/GPU.md gives the measured logit difference)", b.path, made_by, cfg.loader)
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
+        if not cfg.replay_views and "view_params" in b.group:
+            raise UsageError(f"{b.path} stores augmented views ({b.attrs['views']['policy']}): its soft labels are "
+                             "the teachers' on those images; train with --replay-views")
+    if cfg.mix_labels:
+        sparse = [b.path for b in banks if b.format in ("topk", "sampled")]
+        if sparse:
+            raise UsageError(f"--mix-labels blend blends dense logits; {sparse[0]} is a {banks[0].format} bank: use a "
+                             "dense or int8 bank")
+        log.warning("--mix-labels blend: Mixup/CutMix targets blended from the two images' stored soft labels by "
+                    "lambda (FKD/ReLabel); approximate, the teacher's output on a mixed image is not the blend of its "
+                    "outputs (exact: dump with a mixing --view-policy and train with --replay-views)")
     for b in banks:
         try:
             kd_losses.check_teacher_format(cfg.method, b.format, sum(x.num_teachers for x in banks))

@@ -47,8 +47,12 @@ def make_batch(b: Batch, targets: torch.Tensor, device: str, epoch: int, channel
     images = b.images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return {"image": images, "label": targets[b.index].to(device, non_blocking=True), "index": b.index,
-            "epoch": epoch}
+    out = {"image": images, "label": targets[b.index].to(device, non_blocking=True), "index": b.index,
+           "epoch": epoch}
+    if b.mix is not None:  # mixed in the loader (--mix-labels blend): the partners' classes and λ
+        out.update(index_mix=b.mix["index_mix"], label_mix=targets[b.mix["index_mix"]].to(device, non_blocking=True),
+                   lam=b.mix["lam"].to(device, non_blocking=True))
+    return out
 
 
 def train_one_epoch(

@@ -25,7 +25,8 @@ from pipeline import storage
 from pipeline.config import save_yaml, to_dict
 from pipeline.data import Manifest, layout_of
 from pipeline.data.batch import Batch, DecodeError
-from pipeline.data.loaders import load_batches, resolve_loader
+from pipeline.data.loaders import load_batches, load_blended_batches, load_mixed_batches, resolve_loader
+from pipeline.data.policy import blend_rows, parse_mix_policy
 from pipeline.data.presets import PRESETS, Preprocess, resolve_preset
 from pipeline.distributed import (DistInfo, barrier, broadcast_buffers, broadcast_object, cleanup, derive_seed,
                                   gather_objects, init_distributed)
@@ -101,15 +102,31 @@ def train_order(cfg: TrainConfig, n: int, excluded: np.ndarray | None, epoch: in
 
 
 def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: str, cfg: TrainConfig, seed: int,
-             boxes: np.ndarray | None = None, max_steps: int = 0) -> Iterator[Batch]:
+             boxes: np.ndarray | None = None, max_steps: int = 0,
+             params: dict[str, np.ndarray] | None = None,
+             blend: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[Batch]:
+    """``params``: the replayed views' stored parameters (``LabelSource.view_params``), mixed with their partners
+    when the policy mixes; ``blend``: partners and rows of ``--mix-labels blend`` (mixed in the loader)."""
     if max_steps:
         order = order[: max_steps * cfg.batch_size]
         boxes = boxes[: len(order)] if boxes is not None else None
+        params = {k: a[: len(order)] for k, a in params.items()} if params is not None else None
+        blend = (blend[0][: len(order)], blend[1][: len(order)]) if blend is not None else None
     if len(order) == 0:  # a rank's empty val share: no batches (the loaders refuse an empty request)
         return
+    loader = resolve_loader(cfg.loader)
     try:
-        yield from load_batches(resolve_loader(cfg.loader), manifest, order, preset, mode, cfg.batch_size,
-                                cfg.workers, cfg.device, seed, boxes=boxes, hw_decoder_load=cfg.hw_decoder_load)
+        if blend is not None:
+            yield from load_blended_batches(loader, manifest, order, preset, mode, cfg.batch_size, cfg.workers,
+                                            cfg.device, seed, *blend, hw_decoder_load=cfg.hw_decoder_load)
+            return
+        if params is not None and (params["partners"] >= 0).any():
+            yield from load_mixed_batches(loader, manifest, order, preset, cfg.batch_size, cfg.workers, cfg.device,
+                                          boxes, hw_decoder_load=cfg.hw_decoder_load, **params)
+            return
+        yield from load_batches(loader, manifest, order, preset, mode, cfg.batch_size, cfg.workers, cfg.device,
+                                seed, boxes=boxes, hw_decoder_load=cfg.hw_decoder_load,
+                                params=params["params"] if params is not None else None)
     except DecodeError as e:  # not caught by the pre-scan: find the file to name it
         lay = layout_of(manifest)
         found = (list(order).index(e.sample), str(e)) if e.sample is not None else \
@@ -297,10 +314,13 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
     cfg, info = run.cfg, run.info
     order = train_order(cfg, len(run.train_m), run.excluded, epoch, info)
     boxes = run.label_source.boxes(order, epoch) if cfg.replay_views else None
+    params = run.label_source.view_params(order, epoch) if cfg.replay_views else None
+    blend = blend_rows(parse_mix_policy(cfg.mix_policy), cfg.seed, order, epoch, run.preset.crop,
+                       len(run.train_m)) if cfg.mix_labels else None
     mode = "views" if cfg.replay_views else ("train" if cfg.augment else "eval")
     seed_epoch(cfg.seed, epoch, info.rank)
     batches = _batches(run.train_m, order, run.preset, mode, cfg, loader_seed(cfg.seed, epoch, info.rank), boxes,
-                       cfg.max_steps_per_epoch)
+                       cfg.max_steps_per_epoch, params, blend)
 
     def on_step(step: int, parts: dict[str, float]) -> None:
         if run.tb is not None:

@@ -263,8 +263,8 @@ def _chunk_keys(arr: zarr.Array) -> list[tuple[int, ...]]:
 def verify_bank(path: str | Path) -> list[str]:
     """Read every chunk of every array; return the problems found (empty list = healthy).
 
-    Checks: schema version, shapes against attrs, every logits/labels/views chunk present and passing its
-    CRC32C checksum, every row chunk marked done, the complete flag, labels in range, no non-finite logits
+    Checks: schema version, shapes against attrs, every logits/labels/views chunk (and view_params/view_partner
+    of an augmenting view policy) present and passing its CRC32C checksum, every row chunk marked done, the complete flag, labels in range, no non-finite logits
     outside skipped rows.
     """
     problems: list[str] = []
@@ -279,6 +279,10 @@ def verify_bank(path: str | Path) -> list[str]:
         expected.pop("logits")
     extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format != "dense" else []
     extra += list((bank.feature_meta or {}).get("arrays", []))
+    num_params = len(bank.attrs.get("views", {}).get("params_columns", []))
+    if num_params:  # an augmenting view policy's stored parameters and partners
+        extra += ["view_params", "view_partner"]
+        expected.update(view_params=(n, v, num_params), view_partner=(n, v))
     for name in (*ARRAYS, *extra):
         if name not in g:
             if name == "logits" and bank.format != "dense":

@@ -5,6 +5,8 @@
 | logits   | (N, T, V, C) float16 / float32   | raw logits of T teachers on V views (dense banks)   |
 | labels   | (N,) int32                       | true class                                          |
 | views    | (N, V, 5) float32                | crop box (y, x, h, w normalized) and flip           |
+| view_params  | (N, V, A) float32            | augmenting policies only: ops, erasing box, λ, cut box (``pipeline.data.policy``) |
+| view_partner | (N, V) int32                 | augmenting policies only: the mixing partner's row (-1: none) |
 | skipped  | (N,) bool                        | samples skipped as corrupt (``--skip-corrupt``)      |
 | done     | (N / rows_per_chunk,) bool       | chunk completion, for resume (one zarr chunk each)  |
 
@@ -79,9 +81,11 @@ def compact_array_specs(fmt: str, shape: tuple[int, int, int, int], k: int | Non
 
 def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype: str, rows_per_chunk: int,
                        fmt: str = "dense", k: int | None = None, sums_width: int = 0,
-                       samples: int | None = None) -> None:
+                       samples: int | None = None, num_params: int = 0) -> None:
     """Create the (empty) arrays of a bank in ``group``: ``logits`` (dense) or the compact arrays of ``fmt`` and
-    ``chunk_sums`` [n_chunks, sums_width], then labels, views, skipped, done."""
+    ``chunk_sums`` [n_chunks, sums_width], then labels, views, skipped, done; with ``num_params`` A > 0 (a view
+    policy with stored parameters) ``view_params`` [N, V, A] float32 (fill NaN) and ``view_partner`` [N, V] int32
+    (fill -1)."""
     r = max(1, min(rows_per_chunk, n))
     if fmt == "dense":
         group.create_array("logits", shape=(n, t, v, c), chunks=(r, t, v, c), dtype=dtype,
@@ -96,6 +100,11 @@ def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype:
                        fill_value=-1)
     group.create_array("views", shape=(n, v, 5), chunks=(r, v, 5), dtype="float32",
                        compressors=compressors("float32"), fill_value=float("nan"))
+    if num_params:
+        group.create_array("view_params", shape=(n, v, num_params), chunks=(r, v, num_params), dtype="float32",
+                           compressors=compressors("float32"), fill_value=float("nan"))
+        group.create_array("view_partner", shape=(n, v), chunks=(r, v), dtype="int32",
+                           compressors=compressors("int32"), fill_value=-1)
     group.create_array("skipped", shape=(n,), chunks=(r,), dtype="bool", compressors=compressors("bool"),
                        fill_value=False)
     group.create_array("done", shape=(math.ceil(n / r),), chunks=(1,), dtype="bool",

@@ -71,8 +71,9 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
         for stale in Path(path).parent.glob(f".{Path(path).name}.creating-*"):  # left by a killed creator
             storage.remove(stale)
     g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
+    num_params = len(attrs.get("views", {}).get("params_columns", []))
     create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, cp.sums_width(t) if fmt != "dense" else 0,
-                       samples)
+                       samples, num_params)
     feats: dict[str, Any] = {}
     if feature_dims:
         ffmt = fe.feature_format(fmt, dtype)
@@ -132,9 +133,11 @@ def done_flags(g: zarr.Group) -> np.ndarray:
 
 
 def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                skipped: np.ndarray, features: np.ndarray | None = None) -> None:
-    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r], and the embeddings
-    [r, T, V, D] of a bank that stores them), then mark it done.
+                skipped: np.ndarray, features: np.ndarray | None = None, params: np.ndarray | None = None,
+                partners: np.ndarray | None = None) -> None:
+    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r], the embeddings
+    [r, T, V, D] of a bank that stores them, and ``params`` [r, V, A] / ``partners`` [r, V] of a view policy with
+    stored parameters), then mark it done.
 
     Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums."""
     r = g["labels"].chunks[0]
@@ -162,6 +165,11 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
                 g[name][s:e] = a
         g["labels"][s:e] = labels.astype(np.int32, copy=False)
         g["views"][s:e] = views.astype(np.float32, copy=False)
+        if "view_params" in g:
+            if params is None or partners is None:
+                raise BankError(f"chunk {j}: this bank stores view parameters and none were given")
+            g["view_params"][s:e] = params.astype(np.float32, copy=False)
+            g["view_partner"][s:e] = partners.astype(np.int32, copy=False)
         g["skipped"][s:e] = skipped.astype(bool, copy=False)
         g["done"][j] = True
 
