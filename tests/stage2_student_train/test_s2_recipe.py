@@ -102,6 +102,39 @@ def test_ema_after_one_update_is_the_hand_computation():
     assert build_ema(model, 0.0) is None
 
 
+def test_next_batch_is_prepared_before_the_loop_reads_the_current_step():
+    """One-ahead: the soft labels of batch i + 1 are gathered right after step i is queued, before the loop's host
+    reads of step i (log_every=1 here); images arrive in the student's dtype and memory format."""
+    from stage2_student_train.loop import train_one_epoch
+
+    images, targets = _data(24)
+    events: list[str] = []
+
+    class Source:
+        def __call__(self, batch):
+            events.append(f"gather {int(batch['index'][0]) // 8}")
+            assert batch["image"].dtype == torch.float64
+            assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+            return {}
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = kd_losses.build_loss("ce", num_classes=10)
+
+        def forward(self, logits, batch):
+            events.append(f"step {int(batch['index'][0]) // 8}")
+            return self.inner(logits, batch)
+
+    model = nobn_cnn().double().to(memory_format=torch.channels_last)
+    opt = build_optimizer([model], OptimConfig(name="sgd", lr=0.1))
+    step = TrainStep(TrainModule(model, Spy()), opt, targets, label_source=Source(), channels_last=True)
+    stats = train_one_epoch(step, [_batch(images, torch.arange(i * 8, i * 8 + 8)) for i in range(3)], 0, log_every=1,
+                            on_step=lambda i, parts: events.append(f"read {i}"))
+    assert events == ["gather 0", "step 0", "gather 1", "read 0", "step 1", "gather 2", "read 1", "step 2", "read 2"]
+    assert step.updates == 3 and stats["train_loss"] > 0
+
+
 @pytest.mark.parametrize("mode, value", [("norm", 1e-3), ("value", 1e-4), ("agc", 1e-3)])
 def test_clipping_bounds_the_update(mode, value):
     """Plain SGD (no momentum, lr 1): the update is minus the clipped gradient. norm: its 2-norm is the threshold;
