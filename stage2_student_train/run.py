@@ -446,9 +446,11 @@ def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: Metr
         "bank": ",".join(label_source.paths) or ("live" if cfg.live_teacher else None),
         "preset": cfg.preset, "amp": cfg.amp, "loader": cfg.loader,
         "epochs": cfg.epochs, "seed": cfg.seed, "world_size": info.world_size,
-        "global_batch_size": cfg.batch_size * info.world_size,
+        "global_batch_size": cfg.batch_size * info.world_size * cfg.optim.accum_steps,  # images per update
         **{k: last.get(k) for k in ("top1", "top5", "nll", "ece", "teacher_agreement", "teacher_kl")},
         "best_top1": max((r["top1"] for r in rows), default=best),
+        **({"ema_top1": last["ema_top1"], "ema_best_top1": max(r["ema_top1"] for r in rows if "ema_top1" in r)}
+           if "ema_top1" in last else {}),
         "train_time_s": sum(r.get("train_time_s", 0.0) for r in rows),
         "train_images_per_s": last.get("train_images_per_s"),
     }

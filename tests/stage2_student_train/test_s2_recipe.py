@@ -196,6 +196,9 @@ def test_ema_clipping_accumulation_resume_bit_exact(train, tmp_path, demo_bank, 
     assert [{k: r[k] for k in keys} for r in ra] == [{k: r[k] for k in keys} for r in rb]
     assert (full / "ema_best.pt").is_file() and _state(full / "ema_best.pt")["top1"] == max(r["ema_top1"] for r in ra)
     assert a["ema_best_top1"] == max(r["ema_top1"] for r in ra)
+    final = json.loads((full / "final.json").read_text())
+    assert final["ema_top1"] == ra[-1]["ema_top1"] and final["ema_best_top1"] == a["ema_best_top1"]
+    assert final["global_batch_size"] == 32 * 2  # images per optimizer update: batch x accum_steps x processes
 
 
 def test_bad_recipe_values_are_one_line_errors(train, tmp_path, demo_bank, capsys):
