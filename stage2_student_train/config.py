@@ -38,7 +38,8 @@ class OptimConfig:
     clip_mode: str = key("norm", help="gradient clipping mode: norm, value or agc (adaptive, NFNets)",
                          flags=("--clip-mode",), choices=("norm", "value", "agc"), resume=RESUME_APPLY, group=_OPT)
     accum_steps: int = key(1, help="micro-batches per optimizer update (gradient accumulation; the effective batch "
-                                   "is batch_size x accum_steps x processes)", flags=("--accum-steps",),
+                                   "is batch_size x accum_steps x processes)",
+                           flags=("--accum-steps", "--grad-accum-steps"),
                            resume=RESUME_MATCH, group=_OPT)
 
 

@@ -202,13 +202,15 @@ def test_ema_clipping_accumulation_resume_bit_exact(train, tmp_path, demo_bank, 
 
 
 def test_bad_recipe_values_are_one_line_errors(train, tmp_path, demo_bank, capsys):
-    for arg, msg in (("optim.accum_steps=0", "optim.accum_steps=0 must be >= 1"),
-                     ("ema_decay=1.0", "ema_decay=1.0 must be in [0, 1)"),
-                     ("optim.clip_mode=max", "optim.clip_mode=max must be one of norm, value, agc"),
-                     ("optim.clip_grad=-1", "optim.clip_grad=-1.0 must be >= 0")):
-        assert train(tmp_path / arg, arg, labels=(demo_bank,)) == 2
+    """Through the keys and timm's flags (``--grad-accum-steps`` = ``--accum-steps``, ``--model-ema-decay``,
+    ``--clip-grad``)."""
+    for args, msg in ((["--grad-accum-steps", "0"], "optim.accum_steps=0 must be >= 1"),
+                      (["--model-ema-decay", "1"], "ema_decay=1.0 must be in [0, 1)"),
+                      (["optim.clip_mode=max"], "optim.clip_mode=max must be one of norm, value, agc"),
+                      (["--clip-grad", "-1"], "optim.clip_grad=-1.0 must be >= 0")):
+        assert train(tmp_path / args[0], *args, labels=(demo_bank,)) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and msg in err[0], (arg, err)
+        assert len(err) == 1 and msg in err[0], (args, err)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -243,3 +245,4 @@ def test_two_ranks_accumulating_with_no_sync_train_what_one_rank_trains_with_the
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert json.loads((two / "final.json").read_text())["world_size"] == 2
+
