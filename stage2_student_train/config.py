@@ -32,6 +32,15 @@ class OptimConfig:
     no_wd_bn_bias: bool = key(False, help="no weight decay on 1-D parameters (BN weights, biases): another "
                                           "parameter grouping", resume=RESUME_MATCH)
     betas: tuple[float, float] = key((0.9, 0.999), help="AdamW betas", resume=RESUME_APPLY)
+    clip_grad: float = key(0.0, help="gradient clipping threshold (0: off): the max norm (norm), max |g| (value) or "
+                                     "the clipping factor (agc), timm's dispatch_clip_grad", flags=("--clip-grad",),
+                           resume=RESUME_APPLY, group=_OPT)
+    clip_mode: str = key("norm", help="gradient clipping mode: norm, value or agc (adaptive, NFNets)",
+                         flags=("--clip-mode",), choices=("norm", "value", "agc"), resume=RESUME_APPLY, group=_OPT)
+    accum_steps: int = key(1, help="micro-batches per optimizer update (gradient accumulation; the effective batch "
+                                   "is batch_size x accum_steps x processes)",
+                           flags=("--accum-steps", "--grad-accum-steps"),
+                           resume=RESUME_MATCH, group=_OPT)
 
 
 @dataclass(frozen=True)
@@ -157,5 +166,8 @@ class TrainConfig:
                           flags=("--test-only",), action="store_true", test_only=True, group=_RUN)
     overwrite: bool = key(False, help="replace an existing --output-dir", flags=("--overwrite",),
                           action="store_true", group=_RUN)
+    ema_decay: float = key(0.0, help="model EMA decay per optimizer update (timm ModelEmaV3; 0: off); the EMA is "
+                                     "evaluated each epoch (ema_top1, ...) and saved in last.pt and ema_best.pt",
+                           flags=("--model-ema-decay",), resume=RESUME_MATCH, group=_OPT)
     optim: OptimConfig = key(default_factory=OptimConfig, help="optimizer settings (optim.*)")
     sched: ScheduleConfig = key(default_factory=ScheduleConfig, help="lr schedule (sched.*)")

@@ -23,7 +23,7 @@ from pipeline.data.policy import parse_mix_policy
 from pipeline.errors import UsageError
 from pipeline.storage import name_for_path
 from stage2_student_train.config import TrainConfig
-from stage2_student_train.optim import OPTIMIZERS, SCHEDULES
+from stage2_student_train.optim import CLIP_MODES, OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
         ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, ">= 0"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.betas", list(o.betas), len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two in [0, 1)"),
+        ("optim.clip_grad", o.clip_grad, 0 <= o.clip_grad < math.inf, ">= 0 (0: off)"),
+        ("optim.clip_mode", o.clip_mode, o.clip_mode in CLIP_MODES, "one of " + ", ".join(CLIP_MODES)),
+        ("optim.accum_steps", o.accum_steps, o.accum_steps >= 1, ">= 1"),
+        ("ema_decay", cfg.ema_decay, 0 <= cfg.ema_decay < 1, "in [0, 1) (0: off)"),
         ("sched.warmup_epochs", sc.warmup_epochs, 0 <= sc.warmup_epochs < math.inf, ">= 0"),
         ("sched.warmup_start_factor", sc.warmup_start_factor, 0 <= sc.warmup_start_factor <= 1, "in [0, 1]"),
         ("sched.min_lr_factor", sc.min_lr_factor, 0 <= sc.min_lr_factor <= 1, "in [0, 1]"),

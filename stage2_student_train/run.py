@@ -41,8 +41,8 @@ from stage2_student_train.config import TrainConfig
 from stage2_student_train.inputs import check_config, load_manifests, undecodable
 from stage2_student_train.label_sources import LabelSource, build_label_source, val_teacher
 from stage2_student_train.loop import evaluate, train_one_epoch
-from stage2_student_train.optim import build_optimizer, build_scheduler
-from stage2_student_train.step import TrainModule, wrap
+from stage2_student_train.optim import build_ema, build_optimizer, build_scheduler, updates_per_epoch
+from stage2_student_train.step import TrainModule, TrainStep, wrap
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +185,16 @@ class Run:
     parts: ckpt.TrainingParts
     module: nn.Module  # TrainModule(parts.model, parts.criterion), wrapped in DDP under torchrun
     label_source: LabelSource
-    steps: int  # optimizer steps per epoch
+    steps: int  # steps (micro-batches) per epoch
     tb: Any  # TensorBoard SummaryWriter on rank 0, else None
     identity: dict[str, Any]  # what the data and banks are, whatever their paths (checkpoint.run_identity)
     val_teacher: Callable[[dict], torch.Tensor] | None = None  # the teachers' val logits, for agreement and KL
+    step: TrainStep | None = None  # built by _train once the checkpoint (if any) is restored
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates per epoch (one per ``optim.accum_steps`` steps)."""
+        return updates_per_epoch(self.steps, self.cfg.optim.accum_steps)
 
     @property
     def num_classes(self) -> int:
@@ -198,15 +204,16 @@ class Run:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run = _setup(cfg, info)
     cfg = run.cfg
-    start_epoch, best = 0, -1.0
+    start_epoch, best = 0, {"top1": -1.0, "ema_top1": -1.0}
     last = Path(cfg.resume_from) if cfg.resume_from else run.out / "last.pt"
     if cfg.resume and last.is_file():
         start_epoch, best = ckpt.restore_training(last, run.parts, to_dict(cfg), run.identity, info)
         log.info("resumed from %s at epoch %d", last, start_epoch)
-    # the schedule's position is the global step, whatever the checkpoint's scheduler stored (a resumed run
-    # follows its own config's schedule from its first step)
-    run.parts.scheduler = build_scheduler(run.parts.optimizer, run.steps, cfg.epochs, cfg.sched, cfg.optim.lr,
-                                          start_epoch * run.steps)
+    # the schedule's position is the global update, whatever the checkpoint's scheduler stored (a resumed run
+    # follows its own config's schedule from its first update)
+    run.parts.scheduler = build_scheduler(run.parts.optimizer, run.updates, cfg.epochs, cfg.sched, cfg.optim.lr,
+                                          start_epoch * run.updates)
+    run.step = _train_step(run, start_epoch * run.updates)
     if info.is_main:
         save_yaml(cfg, run.out / "config.yaml")
         _truncate_metrics(run.out / "metrics.jsonl", start_epoch)
@@ -222,7 +229,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
                    "elapsed_s": time.time() - t_start}
         best = _record_epoch(run, epoch, metrics, best)
-    final = _finalize(cfg, run.out, metrics, best, acc, run.label_source, info)
+    final = _finalize(cfg, run.out, metrics, best["top1"], acc, run.label_source, info)
     if run.tb is not None:
         run.tb.close()
     return final
@@ -266,15 +273,27 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     steps = math.ceil(n_per_rank / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    scheduler = build_scheduler(optimizer, steps, cfg.epochs, cfg.sched, cfg.optim.lr)
+    scheduler = build_scheduler(optimizer, updates_per_epoch(steps, cfg.optim.accum_steps), cfg.epochs, cfg.sched,
+                                cfg.optim.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and cfg.device == "cuda")
     module = wrap(TrainModule(model, criterion, tap, cfg.amp, info), info)
-    parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler)
+    parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler, build_ema(model, cfg.ema_decay))
     tb = _tensorboard(out) if info.is_main else None
     identity = ckpt.run_identity(train_m, label_source.bank_keys, info)
     teacher = val_teacher(label_source, val_m, preset.name, cfg.device, cfg.data)
     return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, module, label_source, steps, tb,
                identity, teacher)
+
+
+def _train_step(run: Run, updates: int) -> TrainStep:
+    """The run's :class:`TrainStep`: its module, optimizer, schedule, scaler, EMA, label source, clipping and
+    accumulation, positioned after ``updates`` optimizer updates."""
+    cfg, p = run.cfg, run.parts
+    targets = torch.from_numpy(run.train_m.labels.astype(np.int64))
+    return TrainStep(run.module, p.optimizer, targets, scheduler=p.scheduler, label_source=run.label_source,
+                     device=cfg.device, scaler=p.scaler, channels_last=cfg.channels_last,
+                     clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
+                     accum_steps=cfg.optim.accum_steps, ema=p.ema, updates=updates, info=run.info)
 
 
 def on_rank0(fn: Callable[[], Any], info: DistInfo) -> Any:
@@ -327,25 +346,28 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
             for k, v in parts.items():
                 run.tb.add_scalar(f"train_step/{k}", v, epoch * run.steps + step)
 
-    p = run.parts
-    targets = torch.from_numpy(run.train_m.labels.astype(np.int64))
-    return train_one_epoch(
-        run.module, p.optimizer, p.scheduler, batches, targets, run.label_source, epoch, device=cfg.device,
-        scaler=p.scaler, channels_last=cfg.channels_last, info=info, total_steps=run.steps, log_every=cfg.log_every,
-        on_step=on_step,
-    )
+    return train_one_epoch(run.step, batches, epoch, total_steps=run.steps, log_every=cfg.log_every,
+                           on_step=on_step)
 
 
 def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
-    """Val metrics of the student, every rank evaluating its share (BN statistics of rank 0 first)."""
+    """Val metrics of the student, every rank evaluating its share (BN statistics of rank 0 first); with a model
+    EMA, its metrics too, prefixed ``ema_`` (``ema_top1``, ...)."""
     cfg, info = run.cfg, run.info
-    # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save) rank 0's
-    broadcast_buffers(run.parts.model, info)
     val_order = val_share(run.val_keep, info)
     targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
-    return evaluate(run.parts.model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
-                    device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info,
-                    teacher=run.val_teacher)
+    results = []
+    for model in [run.parts.model] + ([run.parts.ema.module] if run.parts.ema is not None else []):
+        # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save)
+        # rank 0's
+        broadcast_buffers(model, info)
+        results.append(evaluate(model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
+                                device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info,
+                                teacher=run.val_teacher))
+    val, acc = results[0]
+    if len(results) > 1:
+        val = {**val, **{f"ema_{k}": v for k, v in results[1][0].items() if k != "n"}}
+    return val, acc
 
 
 def val_share(keep: np.ndarray, info: DistInfo) -> np.ndarray:
@@ -354,7 +376,7 @@ def val_share(keep: np.ndarray, info: DistInfo) -> np.ndarray:
     return np.array_split(keep, info.world_size)[info.rank]
 
 
-def _save_last(run: Run, epoch: int, best: float) -> None:
+def _save_last(run: Run, epoch: int, best: dict[str, float]) -> None:
     """Rank 0: ``last.pt`` of a finished training epoch (written again with the epoch's top-1 after evaluation)."""
     rng = gather_objects(ckpt.rng_state(), run.info)  # every rank's own generators
     if run.info.is_main:
@@ -364,13 +386,14 @@ def _save_last(run: Run, epoch: int, best: float) -> None:
     barrier(run.info)
 
 
-def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) -> float:
-    """Rank 0: append to metrics.jsonl, write last.pt (and best.pt), TensorBoard, log line. Returns the best
-    top-1 so far."""
+def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: dict[str, float]) -> dict[str, float]:
+    """Rank 0: append to metrics.jsonl, write last.pt (and best.pt, ema_best.pt), TensorBoard, log line. Returns
+    the best top-1 so far (``top1``, ``ema_top1``)."""
     cfg = run.cfg
     top1 = metrics["top1"]
-    is_best = top1 > best
-    best = max(best, top1)
+    is_best = top1 > best["top1"]
+    ema_best = "ema_top1" in metrics and metrics["ema_top1"] > best["ema_top1"]
+    best = {k: max(v, metrics.get(k, v)) for k, v in best.items()}
     rng = gather_objects(ckpt.rng_state(), run.info)
     if run.info.is_main:
         with open(run.out / "metrics.jsonl", "a") as f:
@@ -381,6 +404,9 @@ def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) ->
         if is_best:
             ckpt.save_best(run.out / "best.pt", run.parts.model, epoch, top1, config, cfg.student,
                            run.preset.to_dict())
+        if ema_best:
+            ckpt.save_best(run.out / "ema_best.pt", run.parts.ema.module, epoch, metrics["ema_top1"], config,
+                           cfg.student, run.preset.to_dict())
         for k, v in metrics.items():
             if run.tb is not None and isinstance(v, (int, float)):
                 run.tb.add_scalar(f"epoch/{k}", v, epoch)
@@ -440,9 +466,11 @@ def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: Metr
         "bank": ",".join(label_source.paths) or ("live" if cfg.live_teacher else None),
         "preset": cfg.preset, "amp": cfg.amp, "loader": cfg.loader,
         "epochs": cfg.epochs, "seed": cfg.seed, "world_size": info.world_size,
-        "global_batch_size": cfg.batch_size * info.world_size,
+        "global_batch_size": cfg.batch_size * info.world_size * cfg.optim.accum_steps,  # images per update
         **{k: last.get(k) for k in ("top1", "top5", "nll", "ece", "teacher_agreement", "teacher_kl")},
         "best_top1": max((r["top1"] for r in rows), default=best),
+        **({"ema_top1": last["ema_top1"], "ema_best_top1": max(r["ema_top1"] for r in rows if "ema_top1" in r)}
+           if "ema_top1" in last else {}),
         "train_time_s": sum(r.get("train_time_s", 0.0) for r in rows),
         "train_images_per_s": last.get("train_images_per_s"),
     }

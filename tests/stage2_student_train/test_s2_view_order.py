@@ -69,13 +69,17 @@ def test_fewer_views_than_epochs_warns_once(train, bank3: Path, tmp_path: Path, 
     assert len(warned) == 1 and "3 stored views for 4 epochs" in warned[0] and "--append-views" in warned[0]
 
 
-def test_view_order_is_run_defining_and_older_checkpoints_resume():
+def test_view_order_is_run_defining_and_older_checkpoints_resume_with_their_order():
     from pipeline.config import to_dict
     from stage2_student_train.checkpoint import check_resumable
     from stage2_student_train.config import TrainConfig
 
     cfg = to_dict(TrainConfig(method="kd", student="democnn_s", data="d"))
     older = {k: v for k, v in cfg.items() if k != "view_order"}  # written before the key existed
-    check_resumable(older, cfg, "last.pt")
+    check_resumable(older, cfg, "last.pt")  # a missing key means its default ...
+    replayed = {**older, "replay_views": True}  # ... but a run that replayed views used the hash order then
+    with pytest.raises(UsageError, match="view_order 'hash' -> 'cycle'"):
+        check_resumable(replayed, {**cfg, "replay_views": True}, "last.pt")
+    check_resumable(replayed, {**cfg, "replay_views": True, "view_order": "hash"}, "last.pt")
     with pytest.raises(UsageError, match="view_order 'hash' -> 'cycle'"):
         check_resumable({**cfg, "view_order": "hash"}, cfg, "last.pt")
