@@ -43,3 +43,10 @@ class ViewSampler:
         if self.policy == "center":
             return None
         return np.stack([self.boxes_for(manifest, int(i)) for i in order])
+
+    def recorded(self, manifest: Manifest, order: np.ndarray,
+                 boxes: np.ndarray | None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """What the bank stores for samples ``order`` beside their logits: the boxes (None: NaN, the center
+        view) and no other per-row arrays (a map dump's sampler, ``stage1_teacher_logits.label_maps.MapRegion``,
+        records its regions and image sizes)."""
+        return boxes, {}
