@@ -109,6 +109,15 @@ def loss_dict(loss: Tensor, **parts: Tensor | float) -> LossDict:
     return out
 
 
-def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
-    """Hard-label CE, mean over the batch. z [B, C], y [B] -> scalar."""
-    return F.cross_entropy(z, y)
+def cross_entropy(z: Tensor, y: Tensor, batch: Batch | None = None) -> Tensor:
+    """Hard-label CE, mean over the batch. z [B, C], y [B] -> scalar.
+
+    A CutMix batch (the shared contract: ``label_mix`` [B] int64, the pasted region's class, and ``lam`` [B]
+    float32, the area weight of ``label``) gives timm's mixed one-hot target: lam·CE(z, y) + (1 - lam)·CE(z,
+    label_mix) per sample (minimal version for label-map CutMix, ``stage2_student_train/map_labels.py``)."""
+    if batch is None or "label_mix" not in batch:
+        return F.cross_entropy(z, y)
+    lam = batch["lam"].to(z.device, torch.float32)
+    ce = lam * F.cross_entropy(z, y, reduction="none") + \
+        (1 - lam) * F.cross_entropy(z, batch["label_mix"].to(z.device), reduction="none")
+    return ce.mean()

@@ -30,7 +30,7 @@ def ce(student_logits: Tensor, batch: Batch) -> LossDict:
     student_logits [B, C], batch['label'] [B]. Parts: ``ce``.
     """
     z, y = student_and_labels(student_logits, batch)
-    loss = cross_entropy(z, y)
+    loss = cross_entropy(z, y, batch)
     return loss_dict(loss, ce=loss)
 
 
@@ -77,7 +77,7 @@ def kd(
     Parts: ``ce``; ``kd`` = T²·KL (unweighted by alpha).
     """
     z, y = student_and_labels(student_logits, batch)
-    ce_term = cross_entropy(z, y)
+    ce_term = cross_entropy(z, y, batch)
     kd_value = kd_term(z, batch, T, "kd")
     loss = (1.0 - alpha) * ce_term + alpha * kd_value
     return loss_dict(loss, ce=ce_term, kd=kd_value)

@@ -92,6 +92,9 @@ class TrainConfig:
                                                 default_text="DEFAULT")
     replay_views: bool = key(False, help="replay the bank's stored crops and flips (multi-view banks)",
                              flags=("--replay-views",), action="store_true", resume=RESUME_MATCH, group=_LABELS)
+    cutmix: float = key(0.0, help="CutMix with lambda ~ Beta(ALPHA, ALPHA), one box per batch, with a label-map bank: "
+                                   "each region's soft label pooled from its own image's map (0: off)",
+                        flags=("--cutmix",), resume=RESUME_MATCH, group=_LABELS)
     data: str = key("", help="dataset root (folders, file lists, CIFAR pickles, packed shards; `make demo` prepares "
                              "data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
                     test_only=True, group=_DATA, default_text="none, required")

@@ -64,6 +64,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.replay_views and not cfg.augment:
         raise UsageError("--replay-views trains on the bank's stored augmented views and --no-augment on center "
                          "crops: drop one of them")
+    if cfg.cutmix < 0:
+        raise UsageError(f"--cutmix {cfg.cutmix}: give ALPHA > 0 (Beta(ALPHA, ALPHA) area weights), or 0 for none")
     if cfg.teacher_weights and not cfg.teacher:
         raise UsageError("--teacher-weights names the weights of --teacher NAME, and no --teacher is given")
     out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else
