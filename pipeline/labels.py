@@ -5,6 +5,8 @@
   banks the fidelity to the dense teacher measured when they were written, on the targets stage 2 builds: at
   T = 1, 2, 4 the KL and total variation, and the tail's share of the target beside the teacher's own share.
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
+- ``map-check``: a label-map bank's pooled labels against its teachers' real outputs on K random crops
+  (:func:`stage1_teacher_logits.label_maps.map_check`).
 - ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
 Subcommands live in ``COMMANDS`` (name -> (add_arguments, run, help)); the bank-tools commands
@@ -60,7 +62,9 @@ def bank_info(path: str) -> dict:
         "bytes_per_view": round(size / max(n * v, 1), 2),
         "skipped": int(bank.skipped().sum()),
     }
-    if bank.format != "dense":
+    if bank.format == "labelmap":
+        info["label_map"] = {k: v for k, v in a["label_map"].items() if k not in ("cells", "region_box")}
+    elif bank.format != "dense":
         info["compact"] = {k: a[k] for k in ("topk", "samples", "sample_seed", "tail", "raw_bytes_per_vector")
                            if k in a}
     if "fidelity" in a:
@@ -132,6 +136,11 @@ def _run_info(args: argparse.Namespace) -> int:
         if cmp.get("tail") == "uniform":
             kept += " (first layout: stage 2 refuses it; rebuild with python -m pipeline.labels compact)"
         print(f"compact     {kept}  {cmp.get('raw_bytes_per_vector')} B/vector raw")
+    if "label_map" in info:
+        lm = info["label_map"]
+        form = f"top-{lm['topk']} logits + tail per cell" if lm.get("topk") else f"{lm['map_dtype']} logits"
+        print(f"label map   {lm['size']}x{lm['size']} cells, region {lm['region']}, {form}; native "
+              f"{lm.get('native')}, kinds {lm.get('kinds')} (labels map-check BANK measures pooled labels)")
     if "fidelity" in info:
         from pipeline.bank.compact import format_fidelity
 
@@ -170,6 +179,9 @@ def _load_tools() -> None:
 
     register(COMMANDS)
     register_plan(COMMANDS)
+    from stage1_teacher_logits.label_maps import register as register_map_check
+
+    register_map_check(COMMANDS)
 
 
 @cli_entry

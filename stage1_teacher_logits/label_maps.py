@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from pipeline.bank.labelmap import map_arrays, map_record, region_box
 from pipeline.data import Manifest, layout_of
@@ -70,3 +71,102 @@ class MapRegion:
         for k, (h, w) in enumerate(sizes):
             regions[k, 0, :4] = region_box(int(h), int(w), self.preset, self.region)
         return regions, {"image_size": sizes}
+
+
+# --- labels map-check ----------------------------------------------------------------------------------------
+def _kl_top1(real: torch.Tensor, pooled: torch.Tensor) -> dict[str, float]:
+    """real, pooled [K, C] logits -> mean KL(p_real^T || p_pooled^T) at T = 1 and 4, top-1 agreement (%)."""
+    out = {}
+    for temp in (1.0, 4.0):
+        lp, lq = torch.log_softmax(real / temp, -1), torch.log_softmax(pooled / temp, -1)
+        out[f"kl_t{temp:g}"] = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    out["top1_agreement"] = float((real.argmax(-1) == pooled.argmax(-1)).float().mean() * 100)
+    return out
+
+
+def map_check(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", data: str | None = None,
+              batch_size: int = 32) -> dict[str, Any]:
+    """How far pooled map labels are from the teacher's real output on random crops (issue 26).
+
+    ``rows`` random samples of the map bank at ``path`` (not skipped) each get a fresh random-resized crop + flip
+    (:func:`pipeline.bank.map_pool.crop_boxes` with ``seed``, the preset's scale and ratio); the teachers are
+    rebuilt exactly as the dump built them (its recorded config; ``data`` overrides the dataset root) and run on
+    the crops, and each crop's label is pooled from the map over its box. -> per teacher (``"<t>:<arch>"``):
+    ``pooled`` (KL at T = 1 and 4 of the real output against the pooled label, top-1 agreement %) and, for
+    comparison, ``whole`` (the same against the map's mean: one label per image, what a center bank gives every
+    crop), and ``rows``. Raises BankError for a bank that is not a complete label-map bank, UsageError for bad
+    arguments."""
+    from dataclasses import replace as dc_replace
+
+    from pipeline.bank.labelmap import read_maps, require_map_bank
+    from pipeline.bank.map_pool import crop_boxes, map_boxes, pool
+    from pipeline.bank.reader import LabelBank
+    from pipeline.config import from_dict
+    from pipeline.data import build_manifest
+    from pipeline.data.loaders import load_batches
+    from stage1_teacher_logits.dump import BankDump, DumpConfig
+
+    bank = LabelBank(path)
+    lm = require_map_bank(bank.attrs, path)
+    bank.require_complete()
+    if rows < 1:
+        raise UsageError(f"--rows {rows}: give K >= 1 random crops")
+    cfg = from_dict(DumpConfig, bank.attrs["config"])
+    cfg = dc_replace(cfg, data=data or cfg.data, device=device, out=path, workers=1)
+    manifest = build_manifest(cfg.data, cfg.split, layout=cfg.layout)
+    bank.validate(manifest)
+    dump = BankDump(cfg, manifest)
+    model = dump.build_teachers()
+    rng = np.random.default_rng(seed)
+    ok = np.flatnonzero(~bank.skipped())
+    idx = np.sort(rng.choice(ok, size=min(rows, len(ok)), replace=False))
+    sizes = np.asarray(bank.group["image_size"][:])[idx]
+    crops = crop_boxes(seed, 0, idx, sizes, dump.preset.scale, dump.preset.ratio)
+    real = []
+    for b in load_batches(dump.loader, manifest, idx, dump.branches, "views", batch_size, 1, device, seed,
+                          boxes=crops[:, None, :]):
+        real.append(model.ensemble([x.to(device) for x in b.inputs()]).float().cpu())
+    real_t = torch.cat(real)  # [K, T, C]
+    maps = torch.from_numpy(np.stack([read_maps(bank.group, int(i), int(i) + 1)[0] for i in idx]))
+    regions = torch.from_numpy(np.asarray(bank.group["views"][:])[idx, 0, :4])
+    pooled = pool(maps, map_boxes(torch.from_numpy(crops), regions, int(lm["size"])))
+    whole = maps.mean(dim=(2, 3))
+    out: dict[str, Any] = {"rows": len(idx), "map": {k: lm[k] for k in ("size", "region", "map_dtype", "topk")}}
+    for t, rec in enumerate(bank.teachers):
+        out[f"{t}:{rec.get('arch')}"] = {"kind": lm["kinds"][t], "pooled": _kl_top1(real_t[:, t], pooled[:, t]),
+                                         "whole": _kl_top1(real_t[:, t], whole[:, t])}
+    return out
+
+
+def _add_map_check(p: Any) -> None:
+    p.add_argument("bank", help="a label-map bank (dump_logits --format labelmap)")
+    p.add_argument("--rows", type=int, default=64, help="random crops checked (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rows and crops (default: 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the teachers run (default: cpu)")
+    p.add_argument("--data", default=None, help="dataset root, when it moved since the dump (default: the dump's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_map_check(args: Any) -> int:
+    import json
+
+    res = map_check(args.bank, args.rows, args.seed, args.device, args.data)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    m = res["map"]
+    print(f"map         {m['size']}x{m['size']} cells, region {m['region']}, "
+          + (f"top-{m['topk']} per cell" if m["topk"] else m["map_dtype"]) + f"; {res['rows']} random crops")
+    for name, r in res.items():
+        if isinstance(r, dict) and "pooled" in r:
+            for what, s in (("pooled", r["pooled"]), ("whole", r["whole"])):
+                print(f"{name:<12}{what:<7} KL T=1 {s['kl_t1']:.4g}  KL T=4 {s['kl_t4']:.4g}  top-1 agreement "
+                      f"{s['top1_agreement']:.1f}%  ({r['kind']})")
+    return 0
+
+
+def register(commands: dict) -> None:
+    """Add ``map-check`` to ``python -m pipeline.labels``'s commands (name -> (add_arguments, run, help))."""
+    commands["map-check"] = (_add_map_check, _run_map_check,
+                             "label-map bank: pooled labels vs the teacher's real output on K random crops (KL at "
+                             "T = 1, 4; top-1 agreement), per teacher")
