@@ -148,3 +148,28 @@ def test_map_check_reports_pooled_against_real_crops(map_banks: dict[str, Path],
         assert set(r[what]) == {"kl_t1", "kl_t4", "top1_agreement"} and r[what]["kl_t1"] >= 0
     assert labels_main(["map-check", str(map_banks["dense"])]) == 2
     assert "not a label-map bank" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_single_process_map_bank(demo_root: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from pipeline.distributed import torchrun_args
+
+    args = lambda out: ["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--preset",  # noqa: E731
+                        "demo", "--rows-per-chunk", "32", "--batch-size", "16", "--workers", "1", "--format",
+                        "labelmap", "--map-dtype", "int8", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    dist = tmp_path / "dist.zarr"
+    r = subprocess.run([sys.executable, *torchrun_args(2), "-m", "pipeline.dump_logits", *args(dist), "-v"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0 dumped 160 samples" in r.stdout + r.stderr and "rank 1 dumped 140 samples" in r.stdout + r.stderr
+    single = tmp_path / "single.zarr"
+    assert main(args(single)) == 0
+    a, b = zarr.open_group(str(dist), mode="r"), zarr.open_group(str(single), mode="r")
+    for n in ("map_q", "map_center", "map_scale") + ROW_ARRAYS:
+        assert a[n][:].tobytes() == b[n][:].tobytes(), n
+    assert dict(a.attrs)["metrics"] == dict(b.attrs)["metrics"] and verify_bank(dist) == []
