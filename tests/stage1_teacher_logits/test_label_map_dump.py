@@ -102,6 +102,11 @@ def test_map_models_of_torchvision_and_timm_heads():
         assert mm.kind == kind and maps.shape == (2, 7, 2, 2), name
         if kind != "pool_head":
             assert torch.allclose(maps.mean((2, 3)), z, atol=1e-5), name
+    vit = create_model("timm/vit_tiny_patch16_224", 7, "none").eval()  # TokenLabeling: the patch tokens' labels
+    mm = label_map_model(vit)
+    with torch.no_grad():
+        maps = mm(torch.randn(1, 3, 224, 224))
+    assert mm.kind == "timm_vit" and maps.shape == (1, 7, 14, 14)
 
 
 def test_unsupported_head_is_refused_in_one_line(demo_root: Path, tmp_path: Path, capsys):
