@@ -8,6 +8,8 @@
 - ``check``: for K sampled rows, rebuilds the inputs (manifest, preprocessing, stored views) and the teachers
   (the bank's own records), runs them live and compares with the stored rows in the stored format's terms
   (:mod:`pipeline.bank.check`); exit 1 beyond tolerance, 2 on bad input.
+- ``map-check``: a label-map bank's pooled labels against its teachers' real outputs on K random crops
+  (:func:`stage1_teacher_logits.label_maps.map_check`).
 - ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
 Subcommands live in ``COMMANDS`` (name -> (add_arguments, run, help)); the bank-tools commands
@@ -63,7 +65,9 @@ def bank_info(path: str) -> dict:
         "bytes_per_view": round(size / max(n * v, 1), 2),
         "skipped": int(bank.skipped().sum()),
     }
-    if bank.format != "dense":
+    if bank.format == "labelmap":
+        info["label_map"] = {k: v for k, v in a["label_map"].items() if k not in ("cells", "region_box")}
+    elif bank.format != "dense":
         info["compact"] = {k: a[k] for k in ("topk", "samples", "sample_seed", "tail", "raw_bytes_per_vector")
                            if k in a}
     if "fidelity" in a:
@@ -135,6 +139,11 @@ def _run_info(args: argparse.Namespace) -> int:
         if cmp.get("tail") == "uniform":
             kept += " (first layout: stage 2 refuses it; rebuild with python -m pipeline.labels compact)"
         print(f"compact     {kept}  {cmp.get('raw_bytes_per_vector')} B/vector raw")
+    if "label_map" in info:
+        lm = info["label_map"]
+        form = f"top-{lm['topk']} logits + tail per cell" if lm.get("topk") else f"{lm['map_dtype']} logits"
+        print(f"label map   {lm['size']}x{lm['size']} cells, region {lm['region']}, {form}; native "
+              f"{lm.get('native')}, kinds {lm.get('kinds')} (labels map-check BANK measures pooled labels)")
     if "fidelity" in info:
         from pipeline.bank.compact import format_fidelity
 
@@ -199,6 +208,9 @@ def _load_tools() -> None:
 
     register(COMMANDS)
     register_plan(COMMANDS)
+    from stage1_teacher_logits.label_maps import register as register_map_check
+
+    register_map_check(COMMANDS)
 
 
 @cli_entry

@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.bank.compact import check_format_args
+from pipeline.bank.labelmap import MAP_DTYPES, MAP_REGIONS, buffer_shape, check_map_args, chunk_rows, map_metrics, \
+    map_record
 from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
@@ -44,6 +46,7 @@ from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
 from pipeline.models.teachers import build_teachers, class_maps_record, parse_teachers, read_class_map
 from stage1_teacher_logits.append import ViewPrefix, append_config, first_view
+from stage1_teacher_logits.label_maps import MapRegion, build_map_model, map_attrs
 from stage1_teacher_logits.views import ViewSampler
 
 log = logging.getLogger(__name__)
@@ -87,8 +90,9 @@ class DumpConfig:
                           action="store_true")
     dtype: str = key("float16", help="stored logits; float32 for logits beyond +-65504", flags=("--dtype",),
                      choices=("float16", "float32"), resume=RESUME_MATCH)
-    format: str = key("dense", help="dense, topk (with --topk K), sampled (with --topk K --samples S) or int8: "
-                                    "compact banks are written directly, chunk by chunk", flags=("--format",),
+    format: str = key("dense", help="dense, topk (with --topk K), sampled (with --topk K --samples S), int8 or "
+                                    "labelmap (the classifier at every cell, --map-*): compact banks are written "
+                                    "directly, chunk by chunk", flags=("--format",),
                       resume=RESUME_MATCH)
     topk: int | None = key(None, help="K classes kept per vector with --format topk or sampled (plus the true class)",
                            flags=("--topk",), resume=RESUME_MATCH)
@@ -120,6 +124,16 @@ class DumpConfig:
                          default_text="one to one, or by ImageNet wnid for 1000-class teachers")
     features: bool = key(False, help="also store each teacher's pooled penultimate embedding (for rkd, pkt, sp, crd, "
                                      "fitnet)", flags=("--features",), action="store_true", resume=RESUME_MATCH)
+    # label maps (issue 26): --format labelmap
+    map_size: int | None = key(None, help="cells per side of a label map (--format labelmap); resampled from the "
+                                          "teacher's last feature map", flags=("--map-size",), resume=RESUME_MATCH,
+                               default_text="the teacher's native size at its input size")
+    map_region: str = key("eval", help="what a label map covers: eval (the preset's eval resize + center crop, as a "
+                                       "center bank) or full (the whole image squashed to the input size, ReLabel's "
+                                       "choice)", flags=("--map-region",), choices=MAP_REGIONS, resume=RESUME_MATCH)
+    map_dtype: str = key("float16", help="stored label map: float16 or int8 (per-cell scale); --topk K stores the K "
+                                         "largest logits per cell instead", flags=("--map-dtype",), choices=MAP_DTYPES,
+                         resume=RESUME_MATCH)
     hw_decoder_load: float = key(0.65, help="share of JPEGs DALI's mixed decoding (--device cuda) gives the hardware "
                                             "decoder, in [0, 1]; the rest take the hybrid path, Huffman-decoded on "
                                             "the loader threads", flags=("--hw-decoder-load",))
@@ -147,10 +161,21 @@ def _check(cfg: DumpConfig) -> None:
                          "--amp or use --device cuda")
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format '{cfg.format}'; valid: {', '.join(FORMATS)}")
+    check_map_args(cfg.format, cfg.map_size, cfg.map_region, cfg.map_dtype, cfg.topk)
+    if cfg.format == "labelmap":  # label maps: one region per sample, no embeddings
+        if cfg.features or cfg.view_policy != "center" or cfg.views != 1:
+            raise UsageError("--format labelmap maps one region per image (--map-region): drop --features, --views "
+                             "and --view-policy")
+        if cfg.samples is not None:
+            raise UsageError("--samples applies to --format sampled only, not labelmap")
+        return
     check_format_args(cfg.format, cfg.topk, cfg.samples)
 
 
 def _check_topk(cfg: DumpConfig, num_classes: int) -> None:
+    if cfg.format == "labelmap":
+        check_map_args(cfg.format, cfg.map_size, cfg.map_region, cfg.map_dtype, cfg.topk, num_classes)
+        return
     check_format_args(cfg.format, cfg.topk, cfg.samples, num_classes)
 
 
@@ -229,6 +254,7 @@ class BankDump:
         self.class_maps: list[list[int] | None] = [None] * len(self.specs)
         self.feature_dims: list[int] | None = None
         self.prefix = ViewPrefix(cfg.append_views) if cfg.append_views else None  # --append-views SRC
+        self.label_map: dict | None = None  # label maps: attrs["label_map"], once the map model is built
         self._identify()
 
     def build_teachers(self) -> TeacherEnsemble:
@@ -241,6 +267,9 @@ class BankDump:
         self.class_maps = class_maps_record(model)
         if cfg.features:
             self.feature_dims = model.enable_features([p.crop for p in self.teacher_pre])
+        if cfg.format == "labelmap":  # label maps: the classifier at every cell (stage1_teacher_logits/label_maps.py)
+            model = build_map_model(model, [s.arch for s in self.specs], cfg.map_size, self.teacher_pre)
+            self.label_map = map_attrs(model, cfg.map_region, cfg.map_dtype, cfg.topk)
         self._identify()
         return model
 
@@ -261,6 +290,9 @@ class BankDump:
             class_maps=tuple(tuple(m) if m is not None else None for m in self.class_maps)
             if any(m is not None for m in self.class_maps) else None,
             feature_dims=tuple(self.feature_dims) if self.feature_dims else None,
+            label_map=tuple(sorted(map_record(self.label_map["size"] if self.label_map else cfg.map_size,
+                                              cfg.map_region, cfg.map_dtype, cfg.topk).items()))
+            if cfg.format == "labelmap" else None,
         )
         ident = bank_identity(self.spec, self.manifest)
         self.key = ident.key
@@ -319,9 +351,12 @@ class BankDump:
         m = self.manifest
         # per teacher, the output feeding each dataset class, one to one included (labels info shows it)
         attrs["class_index"] = [list(c) if c is not None else list(range(m.num_classes)) for c in self.class_maps]
+        rows = self.cfg.rows_per_chunk
+        if self.label_map:  # label maps: chunks of bounded size
+            rows = chunk_rows(rows, len(self.specs), int(self.label_map["size"]), m.num_classes)
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
-                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
-                    self.cfg.sample_seed)
+                    rows, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
+                    self.cfg.sample_seed, label_map=self.label_map)
         return PrepareStatus.NEW
 
     def _other_loader(self, attrs: dict) -> bool:
@@ -351,7 +386,8 @@ class BankDump:
         if not mine:
             return
         plan = ChunkPlan(mine, rows, len(self.manifest), self.cfg.batch_size)
-        sampler = ViewSampler(self.cfg.view_policy, self.cfg.views, self.cfg.view_seed, self.preset)
+        sampler = ViewSampler(self.cfg.view_policy, self.cfg.views, self.cfg.view_seed, self.preset) \
+            if self.cfg.format != "labelmap" else MapRegion(self.cfg.map_region, self.preset)  # label maps
         run = _ChunkRun(self, g, model, plan, sampler, info)
         t0 = time.time()
         try:
@@ -369,6 +405,8 @@ class BankDump:
         g = open_group(self.path, "r+")
         if self.cfg.format == "dense":
             extra = {"metrics": teacher_metrics(g, list(self.spec.teachers))}
+        elif self.cfg.format == "labelmap":  # label maps: metrics of each map's mean over its cells
+            extra = {"metrics": map_metrics(g, list(self.spec.teachers))}
         else:
             extra = chunk_sums_attrs(g, entry_names(list(self.spec.teachers), len(self.specs)))
         mark_complete(g, extra)
@@ -426,7 +464,7 @@ class _ChunkRun:
                  info: DistInfo):
         self.dump, self.cfg, self.g, self.model, self.plan, self.sampler = dump, dump.cfg, g, model, plan, sampler
         self.manifest = dump.manifest
-        self.dump_shape = tuple(g.attrs["shape"])
+        self.dump_shape = buffer_shape(dict(g.attrs))  # label maps: the S·S cells on the view axis
         self.layout = layout_of(self.manifest)
         self.skip: set[int] = set()
         real_order = plan.order[plan.real]
@@ -468,6 +506,7 @@ class _ChunkRun:
         boxes, params, partners, it = self.sampler.batches(
             self.dump.loader, self.manifest, sub, self.dump.branches, self.cfg.batch_size, self.cfg.workers,
             self.cfg.device, self.cfg.seed, self.cfg.hw_decoder_load, None if prefix is None else prefix.new)
+        stored, extra = self.sampler.recorded(self.manifest, sub, boxes)  # label maps: regions, image sizes
         t, v, c = self.dump_shape[1:]
         buf: _ChunkBuffer | None = None
         pos = start
@@ -488,11 +527,12 @@ class _ChunkRun:
                     prefix.fill(buf)
             real = plan.real[pos:pos + b]
             index = plan.order[pos:pos + b][real]
+            rows = slice(pos - start, pos - start + b)
             buf.put_rows(index, out[real], self.manifest.labels[index],
-                         boxes[pos - start:pos - start + b][real] if boxes is not None else None,
+                         stored[rows][real] if stored is not None else None,
                          feats[real] if feats is not None else None,
-                         *((params[pos - start:pos - start + b][real], partners[pos - start:pos - start + b][real])
-                           if params is not None else (None, None)), first_view(prefix))
+                         *((params[rows][real], partners[rows][real]) if params is not None else (None, None)),
+                         first_view(prefix), {n: a[rows][real] for n, a in extra.items()})
             if pos + b == plan.chunk_end[pos]:  # chunk filled: queue it now, so a later decode error cannot lose it
                 if prefix is not None:
                     prefix.check(buf)
@@ -531,7 +571,8 @@ class _ChunkRun:
                 f = self.model.features
                 feats = None if f is None else f.reshape(b_, v_, t, -1).transpose(1, 2)
             else:
-                out = self.model(inputs)[:, :, None, :]
+                out = self.model(inputs)
+                out = out[:, :, None, :] if out.ndim == 3 else out  # label maps: [B, T, S·S, C] already
                 feats = None if self.model.features is None else self.model.features[:, :, None, :]
         out = out.float()
         if _any_bad(out, self.cfg.dtype):  # the slow, exact path only when a row is bad (one flag crosses)
@@ -615,15 +656,23 @@ class _ChunkBuffer:
         self.features = np.full((r, t, v, d), np.nan, np.float32) if d else None
         self.params = np.full((r, v, a), np.nan, np.float32) if a else None  # stored view parameters
         self.partners = np.full((r, v), -1, np.int32) if a else None
+        self.extra: dict[str, np.ndarray] = {}
+        self.rows = r
 
     def put_rows(self, index: np.ndarray, logits: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
                  features: np.ndarray | None = None, params: np.ndarray | None = None,
-                 partners: np.ndarray | None = None, first_view: int = 0) -> None:
+                 partners: np.ndarray | None = None, first_view: int = 0,
+                 extra: dict[str, np.ndarray] | None = None) -> None:
         """Rows of samples ``index`` [b] (in this chunk): logits [b, T, V - first_view, C] of views first_view..,
         labels [b], boxes [b, V, 5] or None (center views: NaN), embeddings [b, T, V - first_view, D] or None, view
-        parameters [b, V, A] and partners [b, V] (policies that store them). ``first_view`` > 0: the earlier view
-        slots were filled already (``--append-views``)."""
+        parameters [b, V, A] and partners [b, V] (policies that store them), ``extra``: other per-row arrays of
+        the format by name ([b, ...]: a map bank's ``image_size``). ``first_view`` > 0: the earlier view slots were
+        filled already (``--append-views``)."""
         r = np.asarray(index, np.int64) - self.start
+        for name, arr in (extra or {}).items():
+            if name not in self.extra:
+                self.extra[name] = np.full((self.rows,) + arr.shape[1:], -1, arr.dtype)
+            self.extra[name][r] = arr
         self.logits[r, :, first_view:] = logits
         self.labels[r] = labels
         self.views[r] = boxes if boxes is not None else np.nan
@@ -640,7 +689,7 @@ class _ChunkBuffer:
         if (self.labels[~skipped] < 0).any():
             raise BankError(f"internal error: chunk {self.j} incomplete at flush")
         write_chunk(g, self.j, self.logits, self.labels, self.views, skipped, self.features, self.params,
-                    self.partners)
+                    self.partners, self.extra)
 
 
 def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest,

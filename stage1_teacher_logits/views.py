@@ -109,3 +109,9 @@ class ViewSampler:
             it = load_batches(loader, manifest, order, preprocess, self.mode, batch_size, workers, device, seed,
                               boxes=load, hw_decoder_load=hw_decoder_load, params=params)
         return boxes, params, partners, it
+    def recorded(self, manifest: Manifest, order: np.ndarray,
+                 boxes: np.ndarray | None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """What the bank stores for samples ``order`` beside their logits: the boxes (None: NaN, the center
+        view) and no other per-row arrays (a map dump's sampler, ``stage1_teacher_logits.label_maps.MapRegion``,
+        records its regions and image sizes)."""
+        return boxes, {}

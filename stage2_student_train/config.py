@@ -112,6 +112,9 @@ class TrainConfig:
                           flags=("--mix-labels",), resume=RESUME_MATCH, group=_LABELS, default_text="off")
     mix_policy: str = key("mixup(0.8)+cutmix(1.0)", help="the mixing of --mix-labels blend (view-policy syntax)",
                           flags=("--mix-policy",), resume=RESUME_MATCH, group=_LABELS)
+    cutmix: float = key(0.0, help="CutMix with lambda ~ Beta(ALPHA, ALPHA), one box per batch, with a label-map bank: "
+                                   "each region's soft label pooled from its own image's map (0: off)",
+                        flags=("--cutmix",), resume=RESUME_MATCH, group=_LABELS)
     data: str = key("", help="dataset root (folders, file lists, CIFAR pickles, packed shards; `make demo` prepares "
                              "data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
                     test_only=True, group=_DATA, default_text="none, required")

@@ -72,6 +72,11 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if cfg.replay_views:
             raise UsageError("--mix-labels blend mixes in stage 2 and --replay-views replays the bank's views: drop "
                              "one of them (a bank dumped with a mixing --view-policy replays mixing exactly)")
+    if cfg.cutmix < 0:
+        raise UsageError(f"--cutmix {cfg.cutmix}: give ALPHA > 0 (Beta(ALPHA, ALPHA) area weights), or 0 for none")
+    if cfg.cutmix and cfg.mix_labels:
+        raise UsageError("--cutmix (region-exact, from a label-map bank) and --mix-labels blend both mix in stage 2: "
+                         "drop one of them")
     if cfg.teacher_weights and not cfg.teacher:
         raise UsageError("--teacher-weights names the weights of --teacher NAME, and no --teacher is given")
     out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else

@@ -50,6 +50,8 @@ class LabelSource(Protocol):
             dumped with ``--view-policy rrc``, even with one view); False for a center-crop bank, live or none.
         preprocessing: the bank's ``preprocessing`` attr (how its teachers saw the images), or None.
         feature_dim: D of the ``teacher_features`` it adds (built with ``features=True``), else None.
+        draws_crops: whether the source draws each epoch's training crops itself (:meth:`boxes`, replayed by the
+            loader): a label-map bank (:class:`stage2_student_train.map_labels.MapLabelSource`).
     """
 
     teachers: list[dict[str, Any]]
@@ -60,6 +62,7 @@ class LabelSource(Protocol):
     stores_views: bool
     preprocessing: dict[str, Any] | None
     feature_dim: int | None
+    draws_crops: bool
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         """Crop boxes [len(order), 1, 5] (y, x, h, w, flip) of the view each sample replays in ``epoch``;
@@ -116,6 +119,8 @@ def _view_hash(x, epoch: int, seed: int, num_views: int):
 class NoLabelSource:
     """Methods without a teacher: adds nothing to the batch."""
 
+    draws_crops = False
+
     def __init__(self) -> None:
         self.teachers: list[dict[str, Any]] = []
         self.paths: list[str] = []
@@ -147,6 +152,8 @@ class BankLabelSource:
     the bank when accessed (None without stored views). The boxes are not held: :meth:`boxes` reads the one
     box per sample an epoch replays, chunk by chunk (20 B per sample and view would be half a top-10 bank).
     """
+
+    draws_crops = False
 
     def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None,
                  progress: bool = False, features: bool = False, items: Sequence[tuple[str, int]] = (),
@@ -314,6 +321,8 @@ def _has_boxes(bank: LabelBank) -> bool:
 class LiveTeacherLabelSource:
     """Runs a teacher ensemble on each batch's images (eval mode, inference mode) -> [B, T, C]."""
 
+    draws_crops = False
+
     def __init__(self, specs: Sequence[TeacherSpec], classes: Sequence[str] | int, device: str, seed: int = 0,
                  crop: int = 224, features: bool = False, amp: str = "none"):
         """``classes``: the dataset's class names (or their number): pretrained teachers are mapped onto them;
@@ -438,6 +447,9 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
         crop = int(pre.get("crop") or resolve_preset(cfg.preset, train).crop)
         return run_items(sum(b.num_teachers for b in banks) or None, max(dims) if dims else None, crop)
 
+    if cfg.cutmix and (cfg.live_teacher or not kd_losses.needs_teacher(cfg.method)):
+        raise UsageError(f"--cutmix mixes the soft labels of a label-map bank (--format labelmap); method "
+                         f"'{cfg.method}'{' with --live-teacher' if cfg.live_teacher else ''} reads none: drop --cutmix")
     if cfg.live_teacher or not kd_losses.needs_teacher(cfg.method):
         check_host_memory([], 0, items([]))
     if cfg.live_teacher:
@@ -460,6 +472,8 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
     banks = [LabelBank(p) for p in paths]
     if cfg.banks and cfg.teacher:
         _check_teachers_agree(cfg, banks)
+    if any(b.format == "labelmap" for b in banks) or cfg.cutmix:  # label maps (stage2_student_train/map_labels.py)
+        return build_map_source(cfg, train, banks, items(banks))
     for b in banks:
         b.validate(train)
         made_by = b.attrs.get("loader", "dali")
@@ -494,6 +508,33 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
     log.info("soft labels from %s: %s", ", ".join(paths),
              ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
                        for r in src.residents))
+    return src
+
+
+def build_map_source(cfg: Any, train: Manifest, banks: list[LabelBank], items: Sequence[tuple[str, int]] = ()) -> Any:
+    """A :class:`stage2_student_train.map_labels.MapLabelSource` for one label-map bank (one-line UsageError for
+    several banks, a bank of another format with ``--cutmix``, ``--replay-views``, or a method that cannot read
+    logits)."""
+    from stage2_student_train.map_labels import MapLabelSource
+
+    if len(banks) != 1 or banks[0].format != "labelmap":
+        raise UsageError("--cutmix and label-map banks take exactly one label-map bank (--labels BANK, dumped with "
+                         f"--format labelmap); got {', '.join(f'{b.path} ({b.format})' for b in banks)}")
+    bank = banks[0]
+    if cfg.replay_views:
+        raise UsageError(f"{bank.path} is a label-map bank: every epoch draws fresh crops; drop --replay-views")
+    bank.validate(train)
+    try:
+        kd_losses.check_teacher_format(cfg.method, "dense", bank.num_teachers)
+    except ValueError as e:
+        raise UsageError(f"{e} (bank {bank.path})") from None
+    arrays = bank.attrs["label_map"]["arrays"] + ["views", "image_size"]
+    check_host_memory([], sum(int(bank.group[n].nbytes) for n in arrays), items)
+    preset = resolve_preset(cfg.preset, train, bank.attrs.get("preprocessing"))
+    src = MapLabelSource(bank, preset, cfg.seed, cfg.cutmix)
+    log.info("soft labels pooled from the label map %s: %s (%.3g GB on the host)", bank.path,
+             {k: v for k, v in bank.attrs["label_map"].items() if k in ("size", "region", "map_dtype", "topk")},
+             src.nbytes / 1e9)
     return src
 
 

@@ -332,11 +332,12 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One epoch: this rank's seeded order, the pipeline of the epoch's mode, the loop; TensorBoard per step."""
     cfg, info = run.cfg, run.info
     order = train_order(cfg, len(run.train_m), run.excluded, epoch, info)
-    boxes = run.label_source.boxes(order, epoch) if cfg.replay_views else None
+    replay = cfg.replay_views or run.label_source.draws_crops  # a label-map source draws each epoch's crops
+    boxes = run.label_source.boxes(order, epoch) if replay else None
     params = run.label_source.view_params(order, epoch) if cfg.replay_views else None
     blend = blend_rows(parse_mix_policy(cfg.mix_policy), cfg.seed, order, epoch, run.preset.crop,
                        len(run.train_m)) if cfg.mix_labels else None
-    mode = "views" if cfg.replay_views else ("train" if cfg.augment else "eval")
+    mode = "views" if replay else ("train" if cfg.augment else "eval")
     seed_epoch(cfg.seed, epoch, info.rank)
     batches = _batches(run.train_m, order, run.preset, mode, cfg, loader_seed(cfg.seed, epoch, info.rank), boxes,
                        cfg.max_steps_per_epoch, params, blend)

@@ -120,6 +120,7 @@ class BankSpec:
     sample_seed: int = 0
     class_maps: tuple[tuple[int, ...] | None, ...] | None = None
     feature_dims: tuple[int, ...] | None = None  # the teachers' embedding widths, when embeddings are stored
+    label_map: tuple[tuple[str, Any], ...] | None = None  # a map bank's pipeline.bank.labelmap.map_record items
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,13 @@ def bank_identity(spec: BankSpec, manifest: Any) -> BankIdentity:
         extra["class_maps"] = [list(m) if m is not None else None for m in spec.class_maps]
     if spec.feature_dims:
         extra["features"] = list(spec.feature_dims)
+    if spec.label_map:
+        extra["label_map"] = dict(spec.label_map)
     key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype,
                    compact_record(spec.format, spec.topk, spec.samples, spec.sample_seed), extra or None)
     suffix = format_suffix(spec.format, spec.topk, spec.samples, spec.sample_seed)
+    if spec.label_map:
+        from pipeline.bank.labelmap import map_suffix
+
+        suffix = map_suffix(dict(spec.label_map))
     return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key, suffix))

@@ -151,10 +151,15 @@ class LabelBank:
                                 "run python -m pipeline.labels verify")
 
     def read_logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed)."""
+        """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed; a label map: the mean
+        of its cells, [n, T, 1, C])."""
         stop = self.num_samples if stop is None else stop
         if self.format == "dense":
             return np.asarray(self.group["logits"][start:stop])
+        if self.format == "labelmap":
+            from pipeline.bank.labelmap import read_maps
+
+            return read_maps(self.group, start, stop).mean(axis=(2, 3))[:, :, None, :]
         from pipeline.bank.compact import reconstruct  # bank-tools issue
 
         return reconstruct(self, start, stop)
@@ -177,6 +182,8 @@ class LabelBank:
     @property
     def payload_arrays(self) -> list[str]:
         """The arrays that hold the labels: ``["logits"]`` or the compact arrays."""
+        if self.format == "labelmap":
+            return list(self.attrs["label_map"]["arrays"])
         return ["logits"] if self.format == "dense" else list(self.attrs.get("compact_arrays", []))
 
     def check_row_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +284,9 @@ def verify_bank(path: str | Path) -> list[str]:
     expected = {"logits": (n, t, v, c), "labels": (n,), "views": (n, v, 5), "skipped": (n,)}
     if bank.format != "dense":
         expected.pop("logits")
-    extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format != "dense" else []
+    extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format not in ("dense", "labelmap") else []
+    if bank.format == "labelmap":  # label maps: the map arrays and image sizes (pipeline/bank/labelmap.py)
+        extra = [*bank.attrs["label_map"]["arrays"], "image_size"]
     extra += list((bank.feature_meta or {}).get("arrays", []))
     num_params = len(bank.attrs.get("views", {}).get("params_columns", []))
     if num_params:  # an augmenting view policy's stored parameters and partners

@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline import storage
 from pipeline.bank import compact as cp
 from pipeline.bank import features as fe
+from pipeline.bank.labelmap import encode_chunk as encode_map_chunk
 from pipeline.bank.schema import (SCHEMA_VERSION, TAIL_TEMPERATURES, TOPK_TAILS, compact_array_specs, compressors,
                                   create_bank_arrays)
 from pipeline.errors import BankError
@@ -39,8 +40,8 @@ def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = Non
     """The attrs that describe a bank's format: ``format`` and, for compact banks, ``compact_arrays``, ``topk``,
     ``tail`` and ``tail_temperatures`` (top-k, sampled), ``samples`` and ``sample_seed`` (sampled),
     ``chunk_sums_layout`` and ``raw_bytes_per_vector``."""
-    if fmt == "dense":
-        return {"format": "dense"}
+    if fmt in ("dense", "labelmap"):
+        return {"format": fmt}
     out: dict[str, Any] = {"format": fmt, "compact_arrays": list(compact_array_specs(fmt, shape, k, samples)),
                            "chunk_sums_layout": {n: list(v) for n, v in cp.sums_layout(shape[1]).items()},
                            "raw_bytes_per_vector": cp.raw_bytes_per_vector(fmt, shape[3], k, samples)}
@@ -53,13 +54,15 @@ def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = Non
 
 def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, int, int], dtype: str,
                 rows_per_chunk: int, fmt: str = "dense", k: int | None = None,
-                feature_dims: list[int] | None = None, samples: int | None = None, sample_seed: int = 0) -> zarr.Group:
+                feature_dims: list[int] | None = None, samples: int | None = None, sample_seed: int = 0,
+                label_map: dict[str, Any] | None = None) -> zarr.Group:
     """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, format, chunking, version added).
 
     ``dtype``: the logits dtype (dense: stored; compact: what the logits are rounded to before encoding).
     ``fmt``/``k``/``samples``/``sample_seed``: ``dense``, ``topk`` with K, ``sampled`` with K, S and a seed, or
     ``int8``. ``feature_dims``: the teachers' embedding widths
-    when the bank stores embeddings (:mod:`pipeline.bank.features`).
+    when the bank stores embeddings (:mod:`pipeline.bank.features`). ``label_map``: a map bank's
+    ``attrs["label_map"]`` (``fmt`` ``labelmap``, :mod:`pipeline.bank.labelmap`).
     """
     n, t, v, c = shape
     # Local paths: build the bank aside and rename it into place, so that a kill during creation never leaves
@@ -72,8 +75,8 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
             storage.remove(stale)
     g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
     num_params = len(attrs.get("views", {}).get("params_columns", []))
-    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, cp.sums_width(t) if fmt != "dense" else 0,
-                       samples, num_params)
+    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k,
+                       cp.sums_width(t) if fmt not in ("dense", "labelmap") else 0, samples, num_params, label_map)
     feats: dict[str, Any] = {}
     if feature_dims:
         ffmt = fe.feature_format(fmt, dtype)
@@ -87,6 +90,7 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
         "schema_version": SCHEMA_VERSION,
         **format_attrs(fmt, shape, k, samples, sample_seed),
         **feats,
+        **({"label_map": label_map} if label_map else {}),
         "shape": [n, t, v, c],
         "dtype": dtype,
         "rows_per_chunk": int(g["labels"].chunks[0]),
@@ -134,12 +138,14 @@ def done_flags(g: zarr.Group) -> np.ndarray:
 
 def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, views: np.ndarray,
                 skipped: np.ndarray, features: np.ndarray | None = None, params: np.ndarray | None = None,
-                partners: np.ndarray | None = None) -> None:
+                partners: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
     """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r], the embeddings
-    [r, T, V, D] of a bank that stores them, and ``params`` [r, V, A] / ``partners`` [r, V] of a view policy with
-    stored parameters), then mark it done.
+    [r, T, V, D] of a bank that stores them, ``params`` [r, V, A] / ``partners`` [r, V] of a view policy with
+    stored parameters; ``extra``: other per-row arrays of the format, by name), then mark it done.
 
-    Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums."""
+    Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums. Map
+    banks: logits [r, T, S·S, C] (cells on the view axis), encoded by :func:`pipeline.bank.labelmap.encode_chunk`;
+    ``views`` [r, 1, 5] the mapped regions."""
     r = g["labels"].chunks[0]
     s = j * r
     e = s + len(labels)
@@ -150,6 +156,11 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
     with zarr.config.set(_WRITE_ALL):
         if fmt == "dense":
             g["logits"][s:e] = logits.astype(g["logits"].dtype, copy=False)
+        elif fmt == "labelmap":
+            lm = g.attrs["label_map"]
+            for name, a in encode_map_chunk(logits, np.asarray(skipped, bool), int(lm["size"]), lm["map_dtype"],
+                                            lm["topk"]).items():
+                g[name][s:e] = a
         else:
             arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
                                            g.attrs.get("topk"), g.attrs["dtype"], samples=g.attrs.get("samples"),
@@ -163,8 +174,10 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
                 raise BankError(f"chunk {j}: this bank stores embeddings and none were given")
             for name, a in fe.encode_features(np.asarray(features, np.float32), meta["format"]).items():
                 g[name][s:e] = a
+        for name, a in (extra or {}).items():
+            g[name][s:e] = a
         g["labels"][s:e] = labels.astype(np.int32, copy=False)
-        g["views"][s:e] = views.astype(np.float32, copy=False)
+        g["views"][s:e] = views[:, :g["views"].shape[1]].astype(np.float32, copy=False)  # a map bank: 1 region
         if "view_params" in g:
             if params is None or partners is None:
                 raise BankError(f"chunk {j}: this bank stores view parameters and none were given")
