@@ -45,6 +45,7 @@ from pipeline import storage
 from pipeline.bank.compact import decode, decode_int8, tail_stats
 from pipeline.bank.features import decode_features
 from pipeline.bank.reader import LabelBank, teacher_preprocessing
+from pipeline.bank import views as _views  # noqa: F401  (registers the replay of policies with parameters)
 from pipeline.bank.replay import ReplayRequest, replay_inputs
 from pipeline.data import Manifest, build_manifest
 from pipeline.data.loaders import dali_available, resolve_loader
@@ -124,6 +125,9 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     bank = LabelBank(path)
     bank.require_complete()
     attrs = bank.attrs
+    if bank.format == "labelmap":
+        raise UsageError(f"{path} is a label-map bank: check it with python -m pipeline.labels map-check {path} "
+                         "(its pooled labels against the teachers run live on random crops)")
     _refuse_combinations(path, attrs)
     manifest = _manifest(bank, data)
     picked = sample_rows(bank.skipped(), rows, seed)

@@ -16,7 +16,8 @@ import torch
 from pipeline.data.loaders import load_batches, load_mixed_batches
 from pipeline.data.manifest import Manifest
 from pipeline.data.presets import Preprocess
-from pipeline.errors import BankError
+from pipeline.bank.replay import register_replay
+from pipeline.errors import BankError, UsageError
 
 
 def stored_views(group: Any, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray | None]:
@@ -62,3 +63,31 @@ def rebuild_inputs(bank_group: Any, manifest: Manifest, rows: np.ndarray, preset
         it = load_mixed_batches(loader, manifest, samples, preset, k, 1, "cpu", boxes, rec["params"],
                                 rec["partners"], rec["partner_boxes"], rec["partner_params"])
     return torch.cat([b.images for b in it])
+
+
+def _replay_with_params(req: Any) -> Any:
+    """The :mod:`pipeline.bank.replay` function of policies with stored parameters (augmentations, Mixup, CutMix):
+    every view of ``req.rows`` rebuilt from its stored box, parameter row and partner (the partner's own stored
+    view of the same index), through the loaders exactly as the dump fed them."""
+    rows, v = np.asarray(req.rows, np.int64), int(req.views.shape[1])
+    rec = stored_views(req.bank.group, np.repeat(rows, v), np.tile(np.arange(v), len(rows)))
+    shaped = {k: (a.reshape(len(rows), v, *a.shape[2:]) if a is not None else None) for k, a in rec.items()}
+    branches = list(req.branches)
+    if (shaped["partners"] < 0).all():
+        return load_batches(req.loader, req.manifest, rows, branches, "views", req.batch_size, req.workers,
+                            req.device, boxes=shaped["boxes"], params=shaped["params"])
+    return load_mixed_batches(req.loader, req.manifest, rows, branches, req.batch_size, req.workers, req.device,
+                              shaped["boxes"], shaped["params"], shaped["partners"], shaped["partner_boxes"],
+                              shaped["partner_params"])
+
+
+def _stores_params(policy: str) -> bool:
+    from pipeline.data.policy import parse_view_policy
+
+    try:
+        return parse_view_policy(policy).stores_params
+    except UsageError:  # not a policy this version parses: replay_for names the known kinds
+        return False
+
+
+register_replay("augmenting", _replay_with_params, accepts=_stores_params)

@@ -160,9 +160,9 @@ def test_unknown_policy_exits_2_and_registry(banks: dict[str, Path], tmp_path: P
     copy = tmp_path / "mixed.zarr"
     shutil.copytree(banks["views"], copy)
     g = zarr.open_group(str(copy), mode="r+")
-    g.attrs["views"] = {**g.attrs["views"], "policy": "rrc+flip+mixup(0.8)"}
+    g.attrs["views"] = {**g.attrs["views"], "policy": "rrc+flip+warp(3)"}
     rc, out = _check(copy, capsys)
-    assert rc == 2 and "no replay is registered for view policy 'rrc+flip+mixup(0.8)'" in out
+    assert rc == 2 and "no replay is registered for view policy 'rrc+flip+warp(3)'" in out
     with pytest.raises(ValueError):
         register_replay("rrc", replay_for("rrc"))
     assert replay_kinds()[:3] == ["center", "rrc", "rrc+flip"]
@@ -219,3 +219,21 @@ def test_class_mapped_teacher(demo_root: Path, tmp_path: Path, capsys):
     g.attrs["class_maps"] = [m[::-1] for m in maps]
     rc, out = _check(bank, capsys)
     assert rc == 1 and out.startswith("FAIL"), out
+
+
+def test_augmented_and_mixed_views_pass_and_a_tampered_parameter_fails(demo_root: Path, tmp_path: Path, capsys):
+    """Views with stored parameters (RandAugment, erasing, Mixup/CutMix with partners) replay through the
+    registered replay of augmenting policies: the clean bank passes; changing one stored lambda fails."""
+    policy = "rrc+flip+randaug(2,9)+erasing(0.25)+mixup(0.8)+cutmix(1.0)"
+    bank = _dump(demo_root, tmp_path / "mixed.zarr", "--teacher", "democnn_s", "--weights", "none", "--views", "2",
+                 "--view-policy", policy, "--loader", "torch")
+    rc, out = _check(bank, capsys)
+    assert rc == 0, out
+    lam = list(zarr.open_group(str(bank), mode="r").attrs["views"]["params_columns"]).index("lam")
+
+    def edit(a):
+        assert 0 < a[0, 1, lam] < 1  # timm's Mixup mixes every view (mix probability 1)
+        a[0, 1, lam] = 1.0 - a[0, 1, lam] if abs(a[0, 1, lam] - 0.5) > 0.05 else a[0, 1, lam] + 0.2
+
+    rc, out = _check(_tampered(bank, tmp_path, "view_params", edit), capsys)
+    assert rc == 1 and f"row {ROW} view 1" in out, out

@@ -153,6 +153,8 @@ def test_map_check_reports_pooled_against_real_crops(map_banks: dict[str, Path],
         assert set(r[what]) == {"kl_t1", "kl_t4", "top1_agreement"} and r[what]["kl_t1"] >= 0
     assert labels_main(["map-check", str(map_banks["dense"])]) == 2
     assert "not a label-map bank" in capsys.readouterr().err
+    assert labels_main(["check", str(map_banks["f16"])]) == 2  # the stored-vs-live check names map-check
+    assert "label-map bank: check it with python -m pipeline.labels map-check" in capsys.readouterr().err
 
 
 @pytest.mark.slow
