@@ -44,7 +44,7 @@ bench: setup
 	$(PY) bench/stage1.py
 	$(PY) bench/stage2.py
 
-# Every experiment suite on the embedded data (CPU, about 2.5 hours on 2 cores, resumable); rewrites RESULTS.md and results/.
+# Every experiment suite on the embedded data (CPU, resumable; not yet timed with every suite); rewrites RESULTS.md and results/.
 results: setup
 	$(PY) -m pipeline.experiments all
 

@@ -1,7 +1,7 @@
 """``python -m pipeline.experiments SUITE...`` (``make results``): the seeds' claims, tested on the embedded data.
 
-Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views, formats, embedding, methods100,
-formats100, ranks, time-to-accuracy (or ``all``; the 100-class suites on ``pairs100``). A
+Suites: methods, tfkd, label-opt, label-efficiency, offline-vs-live, views, formats, embedding, recipes, maps,
+methods100, formats100, ranks, time-to-accuracy (or ``all``; the 100-class suites on ``pairs100``). A
 run: write the data trees; train the teachers (shared by every suite); dump their banks (content-addressed,
 shared); for every method, train its small hyperparameter grid on held-out training images and keep the best
 setting; train every arm with the scale's seeds (3 at full scale) at that setting (one optimizer and schedule for

@@ -202,7 +202,8 @@ class Runner:
                "preset": preset, "device": self.device, "batch_size": 256, "workers": 2, "rows_per_chunk": 2048,
                "format": opts.get("format", "dense"), "topk": opts.get("topk"), "samples": opts.get("samples"),
                "features": bool(opts.get("features")), "loader": "dali",
-               **({"views": views, "view_policy": "rrc+flip"} if views > 1 else {})}
+               **({"views": views, "view_policy": opts.get("view_policy", "rrc+flip")} if views > 1 else {}),
+               **{k: opts[k] for k in ("map_size", "map_region", "map_dtype") if k in opts}}
         old = os.environ.get("KD_CACHE")
         os.environ["KD_CACHE"] = str(self.cache)
         t0 = time.time()
