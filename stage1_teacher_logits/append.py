@@ -46,9 +46,6 @@ def append_config(cfg: Any) -> Any:
     if views.get("policy", "center") == "center":
         raise UsageError(f"--append-views {src.path}: its view policy is 'center' (one eval view); dump a bank with "
                          "--view-policy rrc or rrc+flip first")
-    if views.get("policy") not in ("rrc", "rrc+flip"):
-        raise UsageError(f"--append-views {src.path}: its view policy '{views.get('policy')}' stores per-view "
-                         "parameters and partners, which appending does not copy yet; dump the V'-view bank directly")
     if cfg.views <= src.num_views:
         raise UsageError(f"--append-views {src.path} holds {src.num_views} views: give --views V' > {src.num_views}")
     if cfg.out and storage.absolute(cfg.out) == storage.absolute(src.path):
@@ -89,6 +86,7 @@ class ViewPrefix:
         self.bank = LabelBank(path)
         self.num_views = self.bank.num_views
         self._src_views: dict[int, np.ndarray] = {}  # SRC's boxes of the chunks being filled, by first row
+        self._src_params: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # and its view parameters and partners
 
     def same_bank(self, spec: Any, fingerprint: str) -> None:
         """UsageError naming the first field in which the bank being written (``spec``: its BankSpec) is not SRC's
@@ -124,6 +122,9 @@ class ViewPrefix:
         v = self.num_views
         buf.logits[:, :, :v] = self.bank.read_rows("logits", start, stop)
         buf.views[:, :v] = self._src_views[start] = self.bank.read_rows("views", start, stop)
+        if buf.params is not None:  # a policy with stored parameters: the draws now must be SRC's (checked)
+            self._src_params[start] = (self.bank.read_rows("view_params", start, stop),
+                                       self.bank.read_rows("view_partner", start, stop))
         if buf.features is not None:
             buf.features[:, :, :v] = self.bank.read_features(start, stop)
 
@@ -133,10 +134,15 @@ class ViewPrefix:
         src = self._src_views.pop(buf.start)
         now = buf.views[:, :self.num_views]
         bad = ~((now == src) | (np.isnan(now) & np.isnan(src))).all(axis=(1, 2))
+        if buf.start in self._src_params:
+            params, partners = self._src_params.pop(buf.start)
+            drawn = buf.params[:, :self.num_views]
+            bad |= ~((drawn == params) | (np.isnan(drawn) & np.isnan(params))).all(axis=(1, 2))
+            bad |= ~(buf.partners[:, :self.num_views] == partners).all(axis=1)
         if bad.any():
-            raise BankError(f"--append-views {self.bank.path}: the stored boxes of sample "
-                            f"{buf.start + int(np.flatnonzero(bad)[0])} are not the first views the view seed draws "
-                            "now (another image size or view seed): dump a new bank")
+            raise BankError(f"--append-views {self.bank.path}: the stored views (boxes, parameters, partners) of "
+                            f"sample {buf.start + int(np.flatnonzero(bad)[0])} are not the first views the view seed "
+                            "draws now (another image size, view seed or version): dump a new bank")
 
 
 def first_view(prefix: ViewPrefix | None) -> int:

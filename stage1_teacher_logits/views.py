@@ -93,21 +93,24 @@ class ViewSampler:
         """The views of ``order`` through the loader: ``(boxes, params, partners, batches)``, the stored arrays
         ([len(order), V, 5] or None, [.., V, A] or None, [.., V] or None) and the :class:`Batch` iterator (views
         with stored parameters replayed and mixed with their partners': the images the teachers see).
-        ``new_views``: boxes [P, V, 5] -> the boxes the teachers still run on (``--append-views``: the new views;
-        policies with rrc boxes only)."""
+        ``new_views``: a per-view array [P, V, ...] -> the part the teachers still run on (``--append-views``: the
+        new views; applied to the boxes, parameter rows and partners alike)."""
         from pipeline.data.loaders import load_batches, load_mixed_batches
 
         boxes = self.boxes(manifest, order)
         params = self.params(order)
         partners = self.partners(order, len(manifest))
+
+        def load(a: np.ndarray | None) -> np.ndarray | None:  # what the teachers run on: all views, or the new
+            return a if new_views is None or a is None else new_views(a)
+
         if params is not None and self.parsed.mixes:
             pboxes, prows = self.partner_views(manifest, partners)
-            it = load_mixed_batches(loader, manifest, order, preprocess, batch_size, workers, device, boxes, params,
-                                    partners, pboxes, prows, hw_decoder_load)
+            it = load_mixed_batches(loader, manifest, order, preprocess, batch_size, workers, device, load(boxes),
+                                    load(params), load(partners), load(pboxes), load(prows), hw_decoder_load)
         else:
-            load = boxes if new_views is None else new_views(boxes)
             it = load_batches(loader, manifest, order, preprocess, self.mode, batch_size, workers, device, seed,
-                              boxes=load, hw_decoder_load=hw_decoder_load, params=params)
+                              boxes=load(boxes), hw_decoder_load=hw_decoder_load, params=load(params))
         return boxes, params, partners, it
     def recorded(self, manifest: Manifest, order: np.ndarray,
                  boxes: np.ndarray | None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:

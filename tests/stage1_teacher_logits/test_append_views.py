@@ -69,6 +69,21 @@ def test_sigkill_mid_append_then_rerun_equals_uninterrupted(src_and_direct, tmp_
     assert np.array_equal(_features(out), _features(direct), equal_nan=True)
 
 
+def test_append_of_an_augmenting_mixing_policy_equals_a_direct_dump(demo_root: Path, tmp_path: Path,
+                                                                    assert_banks_equal):
+    """Policies with stored parameters and partners append too: the new views' parameters, partners and the
+    teacher's logits on the new mixed views are the direct dump's, byte for byte."""
+    policy = ["--view-policy", "rrc+flip+randaug(2,9)+erasing(0.25)+mixup(0.8)+cutmix(1.0)", "--loader", "torch"]
+    src, direct, out = tmp_path / "p2.zarr", tmp_path / "p3.zarr", tmp_path / "a3.zarr"
+    assert main(_args(demo_root, src, 2, *policy)) == 0
+    assert main(_args(demo_root, direct, 3, *policy)) == 0
+    assert main(_append(src, out, 3)) == 0
+    assert_banks_equal(out, direct)
+    a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(direct), mode="r")
+    for name in ("view_params", "view_partner"):
+        assert np.array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), equal_nan=True), name
+
+
 def test_bad_appends_exit_2(src_and_direct, demo_bank: Path, tmp_path: Path, capsys):
     src, _ = src_and_direct
     tampered = tmp_path / "tampered.zarr"
@@ -82,7 +97,7 @@ def test_bad_appends_exit_2(src_and_direct, demo_bank: Path, tmp_path: Path, cap
         (_append(src, src, 4), "is SRC itself"),
         (_append(demo_bank, tmp_path / "b.zarr", 4), "view policy is 'center'"),
         (_append(src, tmp_path / "c.zarr", 4, "--dtype", "float32"), "field 'dtype'"),
-        (_append(tampered, tmp_path / "d.zarr", 4), "stored boxes of sample 3"),
+        (_append(tampered, tmp_path / "d.zarr", 4), "partners) of sample 3 are not the first views"),
         (_append(tmp_path / "missing.zarr", tmp_path / "e.zarr", 4), "not found"),
     ]
     for argv, message in cases:
