@@ -184,11 +184,12 @@ def decode(arrays: dict[str, np.ndarray], fmt: str, num_classes: int, labels: np
     return en.decode(_ts(arrays), fmt, num_classes, _t(np.asarray(labels)) if labels is not None else None).numpy()
 
 
-def fidelity_rows_mask(start: int, stop: int, chunk_start: int, chunk_rows: int) -> np.ndarray:
-    """[stop - start] bool: which bank rows [start, stop) belong to their chunk's fidelity sample (every
-    ``max(1, chunk_rows // FIDELITY_ROWS)``-th row from the chunk's first, ``chunk_rows`` its length)."""
+def fidelity_rows_mask(rows: np.ndarray, chunk_start: int, chunk_rows: int) -> np.ndarray:
+    """[len(rows)] bool: which bank ``rows`` belong to their chunk's fidelity sample (every
+    ``max(1, chunk_rows // FIDELITY_ROWS)``-th row from the chunk's first, ``chunk_start``; ``chunk_rows``: the
+    chunk's length)."""
     step = max(1, chunk_rows // FIDELITY_ROWS)
-    return (np.arange(start, stop) - chunk_start) % step == 0
+    return (np.asarray(rows, np.int64) - chunk_start) % step == 0
 
 
 def encode_chunk(x: np.ndarray, labels: np.ndarray, skipped: np.ndarray, fmt: str, k: int | None,
@@ -207,7 +208,7 @@ def encode_chunk(x: np.ndarray, labels: np.ndarray, skipped: np.ndarray, fmt: st
     """
     r, t = x.shape[:2]
     block = max(1, ENCODE_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))
-    fid = fidelity_rows_mask(0, r, 0, r)
+    fid = fidelity_rows_mask(np.arange(r), 0, r)
     parts: list[dict[str, np.ndarray]] = []
     for s in range(0, r, block):
         e = min(r, s + block)

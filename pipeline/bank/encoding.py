@@ -332,7 +332,7 @@ def fidelity_rows(source: torch.Tensor, arrays: dict[str, torch.Tensor], fmt: st
 # --- metric states --------------------------------------------------------------------------------------------
 def metric_rows(x: torch.Tensor, labels: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
     """Per sample and entry (each teacher, then their mean-logit ensemble when T > 1) of view-0 logits x [r, T, C]:
-    [r, E, 6] float64 with :data:`METRIC_COLUMNS` (valid: not skipped and finite; top-1 and top-5 hits; NLL;
+    [r, E, 6] float32 (the values are float32 computations) with :data:`METRIC_COLUMNS` (valid: not skipped and finite; top-1 and top-5 hits; NLL;
     confidence = max softmax; its calibration bin of 15). Same definitions as
     :func:`pipeline.bank.stats.metric_state` (ties: the smaller index ranks first); :func:`metric_sums` reduces
     them to ``MetricAccumulator(15).state()`` per entry."""
@@ -351,7 +351,7 @@ def metric_rows(x: torch.Tensor, labels: torch.Tensor, skipped: torch.Tensor) ->
         conf = 1.0 / s
         cols = [keep, rank == 0, rank < 5, torch.log(s) - zl[:, 0], conf,
                 (conf * NUM_BINS).long().clamp(max=NUM_BINS - 1)]
-        out.append(torch.stack([c.double() for c in cols], 1))
+        out.append(torch.stack([c.float() for c in cols], 1))
     return torch.stack(out, 1)
 
 
@@ -364,6 +364,7 @@ def metric_sums(rows: np.ndarray) -> np.ndarray:
         v = m[:, 0] > 0
         m = m[v]
         b = m[:, 5].astype(np.int64)
+        m = m.astype(np.float64)
         out += [np.array([v.sum(), m[:, 1].sum(), m[:, 2].sum(), m[:, 3].sum()], np.float64),
                 np.bincount(b, minlength=NUM_BINS).astype(np.float64),
                 np.bincount(b, weights=m[:, 4], minlength=NUM_BINS),

@@ -122,23 +122,36 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
     [r, T, V, D] of a bank that stores them), then mark it done.
 
     Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums."""
+    fmt = g.attrs.get("format", "dense")
+    if fmt == "dense":
+        arrays, per_chunk = {"logits": logits}, {}
+    else:
+        s = j * g["labels"].chunks[0]
+        arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
+                                       g.attrs.get("topk"), g.attrs["dtype"], samples=g.attrs.get("samples"),
+                                       seed=int(g.attrs.get("sample_seed", 0)), start=s)
+        per_chunk = {"chunk_sums": sums}
+    write_rows(g, j, arrays, labels, views, skipped, features, per_chunk)
+
+
+def write_rows(g: zarr.Group, j: int, arrays: dict[str, np.ndarray], labels: np.ndarray, views: np.ndarray,
+               skipped: np.ndarray, features: np.ndarray | None = None,
+               per_chunk: dict[str, np.ndarray] | None = None) -> None:
+    """Write row chunk ``j`` as encoded (``arrays``: {bank array: [r, ...]}, e.g. ``logits`` or a compact format's
+    arrays; ``per_chunk``: {array: its row j}, e.g. ``chunk_sums``), labels [r], views [r, V, 5], skipped [r] and
+    the embeddings [r, T, V, D] float32 of a bank that stores them; the ``done`` flag last. BankError when the
+    rows do not fit the bank's layout."""
     r = g["labels"].chunks[0]
     s = j * r
     e = s + len(labels)
     n = g["labels"].shape[0]
     if e > n or (e - s != r and e != n):
         raise BankError(f"chunk {j} write of {len(labels)} rows does not fit the bank layout")
-    fmt = g.attrs.get("format", "dense")
     with zarr.config.set(_WRITE_ALL):
-        if fmt == "dense":
-            g["logits"][s:e] = logits.astype(g["logits"].dtype, copy=False)
-        else:
-            arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
-                                           g.attrs.get("topk"), g.attrs["dtype"], samples=g.attrs.get("samples"),
-                                           seed=int(g.attrs.get("sample_seed", 0)), start=s)
-            for name, a in arrays.items():
-                g[name][s:e] = a
-            g["chunk_sums"][j] = sums
+        for name, a in arrays.items():
+            g[name][s:e] = a.astype(g[name].dtype, copy=False)
+        for name, a in (per_chunk or {}).items():
+            g[name][j] = a
         meta = g.attrs.get("features")
         if meta:
             if features is None:

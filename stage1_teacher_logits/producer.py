@@ -1,0 +1,150 @@
+"""Stage 1's producer: loader -> teachers on the device -> the format's encoder on the device -> host buffers ->
+the background writer. Per batch: one transfer of the images to the device, one finiteness flag and the encoded
+payload back; no per-sample Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.bank.compact import fidelity_rows_mask
+from pipeline.data.batch import DecodeError
+from pipeline.data.loaders import load_batches
+from pipeline.distributed import DistInfo
+from pipeline.errors import BankError
+from pipeline.models.ensemble import TeacherEnsemble
+from stage1_teacher_logits.encoders import encoder_for
+from stage1_teacher_logits.plan import ChunkPlan, ChunkRecovery
+from stage1_teacher_logits.views import ViewSampler
+from stage1_teacher_logits.writer import ChunkBuffer, ChunkWriter
+
+
+class Producer:
+    """Feeds one rank's :class:`ChunkPlan` through the teachers (``dump``: a
+    :class:`stage1_teacher_logits.dump.BankDump`, for its config, manifest, loader and preprocessing branches)
+    into the bank ``g``; :class:`ChunkRecovery` decides the stretches and handles undecodable files."""
+
+    def __init__(self, dump, g, model: TeacherEnsemble, plan: ChunkPlan, sampler: ViewSampler, info: DistInfo):
+        self.dump, self.cfg, self.g, self.model, self.plan, self.sampler = dump, dump.cfg, g, model, plan, sampler
+        self.manifest = dump.manifest
+        self.t, self.v, self.c = tuple(g.attrs["shape"])[1:]
+        self.recovery = ChunkRecovery(plan, self.manifest, self.cfg.skip_corrupt)
+        self.encoder = encoder_for(dict(g.attrs))
+        self.writer = ChunkWriter(g, self.encoder)
+        self.labels = torch.from_numpy(self.manifest.labels.astype(np.int64))
+        self.pbar = tqdm(total=plan.num_real, desc=f"dump rank {info.rank}", unit="img", disable=not info.is_main,
+                         mininterval=1.0)
+
+    def run(self) -> None:
+        try:
+            self.recovery.run(self._stretch)
+        finally:
+            self.pbar.close()  # ends the progress line, so an error message starts on its own line
+            self.writer.close()  # every queued chunk written (or the writer's error raised, unless one is raised)
+
+    def _stretch(self, start: int, stop: int, sub: np.ndarray) -> int | None:
+        """Positions [start, stop) (samples ``sub``) through one loader. Returns None when all were queued, or the
+        chunk start to resume from after a decode error (the bad file is then a suspect)."""
+        boxes = self.sampler.boxes(self.manifest, sub)
+        cfg = self.cfg
+        it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
+                          cfg.batch_size, cfg.workers, cfg.device, cfg.seed, boxes=boxes,
+                          hw_decoder_load=cfg.hw_decoder_load)
+        buf: ChunkBuffer | None = None
+        pos = start
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return None
+            except DecodeError as e:
+                chunk_start = self.recovery.after_decode_error(pos, e, self.dump.loader)
+                self.pbar.update(-int(self.plan.real[chunk_start:pos].sum()))
+                return chunk_start
+            b = len(batch.index)  # batches never straddle chunks (ChunkPlan): [pos, pos + b) is in one chunk
+            if buf is None:
+                j = int(self.plan.chunk[pos])
+                first, r = self.plan.chunk_rows(j)
+                buf = ChunkBuffer(j, first, r, self.v)
+            self._batch(batch.inputs(), pos, b, buf, boxes[pos - start:pos - start + b] if boxes is not None else None)
+            pos += b
+            if pos == self.plan.chunk_end[pos - 1]:  # chunk filled: queue it now, so a later error cannot lose it
+                self.writer.submit(buf)
+                buf = None
+            self.pbar.update(int(self.plan.real[pos - b:pos].sum()))
+            self.pbar.set_postfix_str(f"chunk {int(self.plan.chunk[pos - 1])}", refresh=False)
+
+    def _batch(self, inputs: list[torch.Tensor], pos: int, b: int, buf: ChunkBuffer, boxes: np.ndarray | None) -> None:
+        """Teachers and encoder on the device for plan positions [pos, pos + b); the real rows' payload into
+        ``buf``."""
+        plan, dev = self.plan, self.cfg.device
+        real = plan.real[pos:pos + b]
+        rows = plan.order[pos:pos + b][real]
+        skipped = self.recovery.skipped(pos, pos + b)[real]
+        x, feats = self._teachers(inputs, plan.order[pos:pos + b], self.recovery.skip)
+        keep = torch.from_numpy(np.flatnonzero(real)).to(dev) if not real.all() else None
+        if keep is not None:
+            x = x.index_select(0, keep)
+            feats = feats.index_select(0, keep) if feats is not None else None
+        first, r = plan.chunk_rows(buf.j)
+        fid = torch.from_numpy(fidelity_rows_mask(rows, first, r)).to(dev)
+        out = self.encoder.encode(x, self.labels[rows].to(dev), torch.from_numpy(skipped).to(dev), rows, fid)
+        host = {n: a.cpu().numpy() for n, a in out.items()}
+        f = None
+        if feats is not None:
+            f = feats.cpu().numpy()
+            f[skipped] = np.nan
+        buf.put(rows, host, self.manifest.labels[rows], boxes[real] if boxes is not None else None, skipped, f)
+
+    def _teachers(self, inputs: list[torch.Tensor], index: np.ndarray,
+                  skip: set[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One tensor per preprocessing branch, [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] float32 on
+        the device (every view of its branch through each teacher), and with ``--features`` the embeddings
+        [B, T, V, D] float32. Finiteness and the bank dtype's range are checked on the device (one flag crosses;
+        the exact, slow path only when a row is bad). ``index`` [B]: the batch's samples, for messages."""
+        t, c, cfg = self.t, self.c, self.cfg
+        inputs = [x.to(cfg.device, non_blocking=True) for x in inputs]
+        with torch.autocast("cuda", enabled=cfg.amp and cfg.device == "cuda"):
+            if inputs[0].ndim == 5:
+                b_, v_ = inputs[0].shape[:2]
+                out = self.model([x.flatten(0, 1) for x in inputs]).reshape(b_, v_, t, c).transpose(1, 2)
+                f = self.model.features
+                feats = None if f is None else f.reshape(b_, v_, t, -1).transpose(1, 2)
+            else:
+                out = self.model(inputs)[:, :, None, :]
+                feats = None if self.model.features is None else self.model.features[:, :, None, :]
+        out = out.float()
+        feats = None if feats is None else feats.float()
+        for what, y in (("logits", out), ("embeddings", feats)):
+            if y is not None and _any_bad(y, cfg.dtype):
+                _check_finite(y.cpu().numpy(), index, skip, self.manifest.files, cfg.dtype, what)
+        return out, feats
+
+
+def _any_bad(x: torch.Tensor, dtype: str) -> bool:
+    """Whether any value of ``x`` is non-finite or beyond the range of the bank ``dtype`` (one flag to the host)."""
+    limit = float(np.finfo(np.dtype(dtype)).max)
+    return bool((~torch.isfinite(x) | (x.abs() > limit)).any())
+
+
+def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], files: list[str],
+                  dtype: np.dtype | str = np.float32, what: str = "logits") -> None:
+    """BankError naming the first sample (not skipped) of ``out`` [B, ...] with a non-finite value, or one beyond
+    the range of the bank ``dtype``."""
+    bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    for k in np.flatnonzero(bad):
+        i = int(index[k])
+        if i not in skip:
+            raise BankError(f"teacher produced non-finite {what} for sample {i} ({files[i]}); "
+                            "nothing was marked done for its chunk")
+    # finite in float32 but beyond the bank dtype's range (|x| > 65504 in float16): would be stored as inf
+    with np.errstate(over="ignore"):
+        over = ~np.isfinite(out.astype(dtype).reshape(len(out), -1)).all(axis=1)
+    for k in np.flatnonzero(over):
+        i = int(index[k])
+        if i not in skip:
+            raise BankError(f"teacher {what} of sample {i} ({files[i]}) reach "
+                            f"{float(np.abs(out[k]).max()):.4g}, beyond the range of {np.dtype(dtype).name}: dump "
+                            "with --dtype float32; nothing was marked done for its chunk")
