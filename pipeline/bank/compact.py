@@ -3,9 +3,11 @@
 A compact bank has the same attrs and the same ``labels``/``views``/``skipped``/``done`` arrays as a dense one,
 a ``format`` attr, no ``logits`` array, and the arrays listed in ``attrs['compact_arrays']`` instead
 (:func:`pipeline.bank.schema.compact_array_specs`). It is written either directly by the dump
-(``dump_logits --format topk|sampled|int8``, chunk by chunk, never a dense array) or by ``labels compact`` from a
-dense bank; both encode every row chunk with :func:`encode_chunk`, starting from the logits rounded to the bank
-dtype (what a dense bank stores), so the two paths give the same bytes.
+(``dump_logits --format topk|sampled|int8``, batch by batch on the teachers' device, chunk by chunk, never a
+dense array) or by ``labels compact`` from a dense bank (:func:`encode_chunk`); both encode with the one torch
+encoder, :func:`pipeline.bank.encoding.encode_rows`, starting from the logits rounded to the bank dtype (what a
+dense bank stores), so on one device the two paths give the same bytes. The math lives in
+:mod:`pipeline.bank.encoding`; the numpy functions here are thin wrappers over it on CPU tensors.
 
 Notation (one vector = one (sample, teacher, view)): ``l_k = z_k - logsumexp(z)`` the teacher's log-probabilities
 at T = 1; ``S`` the kept classes (the top K and the true class y); ``R`` the other classes, ``m = |R|``; the
