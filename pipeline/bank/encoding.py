@@ -269,37 +269,44 @@ def tail_log_partition(tail_lse: torch.Tensor, count: torch.Tensor, beta: float)
     return f.masked_fill(empty, -math.inf)
 
 
-def target_probs(arrays: dict[str, torch.Tensor], fmt: str, labels: torch.Tensor, c: int, tau: float,
-                 tq: float = SAMPLE_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
+def target_probs(arrays: dict[str, torch.Tensor], fmt: str, labels: torch.Tensor, c: int,
+                 tau: float | tuple[float, ...], tq: float = SAMPLE_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
     """The target stage 2 builds at temperature ``tau``, densified: (probs [..., C] float64, stored [..., C] bool:
     classes the target knows one by one). ``topk``: kept classes exact, the tail bucket spread evenly over its
     classes; ``sampled``: the self-normalized importance-sampling estimate (zero on unsampled classes);
-    ``int8``: the decoded softmax. Vectors of skipped samples are NaN."""
+    ``int8``: the decoded softmax. Vectors of skipped samples are NaN. A tuple of temperatures gives probs
+    [len(tau), ..., C] (one pass for all of them)."""
+    many = isinstance(tau, (tuple, list))
+    taus = list(tau) if many else [tau]
     if fmt == "int8":
-        z = decode_int8(arrays["q"], arrays["scale"]).double() / tau
+        z = decode_int8(arrays["q"], arrays["scale"]).double()
+        z = z / torch.tensor(taus, dtype=torch.float64, device=z.device).reshape((-1,) + (1,) * z.dim())
         p = torch.exp(z - _lse(z)[..., None])
-        return p, torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        return (p if many else p[0]), torch.ones(p.shape[1:], dtype=torch.bool, device=p.device)
     vals, idx = arrays["topk_values"].double(), arrays["topk_indices"].long()
     lp_y = arrays["target_logprob"].double()
     lab = per_vector(labels.to(vals.device), lp_y.shape)
     in_top = (idx == lab[..., None]).any(-1)
     stored = kept_mask(idx.clamp(min=0), lab, c)
     count = (c - vals.shape[-1] - (~in_top).long()).double()
-    f = tail_log_partition(arrays["tail_lse"], count, 1.0 / tau)
-    kept_terms = torch.cat([vals / tau, torch.where(in_top, -math.inf, lp_y / tau)[..., None]], -1)
+    f = torch.stack([tail_log_partition(arrays["tail_lse"], count, 1.0 / t) for t in taus])  # [n_tau, ...]
+    tv = torch.tensor(taus, dtype=torch.float64, device=vals.device).reshape((-1,) + (1,) * lp_y.dim())
+    kept_terms = torch.cat([vals / tv[..., None], torch.where(in_top, -math.inf, lp_y / tv)[..., None]], -1)
     log_z = torch.logaddexp(_lse(kept_terms), f)
-    p = torch.zeros(lp_y.shape + (c,), dtype=torch.float64, device=vals.device)
+    p = torch.zeros((len(taus),) + lp_y.shape + (c,), dtype=torch.float64, device=vals.device)
     if fmt == "topk":
         p += torch.exp(f - torch.log(count.clamp(min=1.0)) - log_z)[..., None]
-    p.scatter_(-1, lab[..., None], torch.exp(lp_y / tau - log_z)[..., None])
-    p.scatter_(-1, idx.clamp(min=0), torch.exp(vals / tau - log_z[..., None]))
+    p.scatter_(-1, lab[..., None].expand(p.shape[:-1] + (1,)), torch.exp(lp_y / tv - log_z)[..., None])
+    p.scatter_(-1, idx.clamp(min=0).expand(p.shape[:-1] + idx.shape[-1:]), torch.exp(vals / tv[..., None] - log_z[..., None]))
     if fmt == "sampled":
         sidx, slp = arrays["sample_indices"].long(), arrays["sample_logprob"].double()
-        rel = slp * (1.0 / tau - 1.0 / tq)  # self-normalized: the draws share the exact tail mass at tau
-        p.scatter_add_(-1, sidx, torch.exp((f - log_z)[..., None] + rel - _lse(rel)[..., None]))
+        rel = slp * (1.0 / tv[..., None] - 1.0 / tq)  # self-normalized: the draws share the exact tail mass at tau
+        p.scatter_add_(-1, sidx.expand(p.shape[:-1] + sidx.shape[-1:]),
+                       torch.exp((f - log_z)[..., None] + rel - _lse(rel)[..., None]))
         stored = stored.scatter(-1, sidx, True)
     bad = ~(torch.isfinite(vals).all(-1) & torch.isfinite(lp_y))
-    return p.masked_fill(bad[..., None], math.nan), stored
+    p = p.masked_fill(bad[..., None], math.nan)
+    return (p if many else p[0]), stored
 
 
 def fidelity_rows(source: torch.Tensor, arrays: dict[str, torch.Tensor], fmt: str, labels: torch.Tensor,
@@ -307,26 +314,24 @@ def fidelity_rows(source: torch.Tensor, arrays: dict[str, torch.Tensor], fmt: st
     """Per vector of ``source`` [..., C] (the teacher's logits) against the targets of its stored ``arrays``:
     [..., FIDELITY_WIDTH] float64 = [counted, (KL, TV, tail share, dense tail share) at each of
     :data:`FIDELITY_TEMPERATURES`, top-1 agreement], zeros for a non-finite vector. Summed over vectors this is
-    :func:`pipeline.bank.compact.fidelity_sums` (KL 0 for ``sampled``, whose target is 0 on unsampled classes)."""
+    what ``attrs['fidelity']`` reports (KL 0 for ``sampled``, whose target is 0 on unsampled classes). All
+    temperatures in one pass (a leading axis)."""
     x = source.double()
     keep = torch.isfinite(x).all(-1)
-    out = torch.zeros(x.shape[:-1] + (FIDELITY_WIDTH,), dtype=torch.float64, device=x.device)
-    for i, tau in enumerate(FIDELITY_TEMPERATURES):
-        q, stored = target_probs(arrays, fmt, labels, c, tau)
-        ok = keep & torch.isfinite(q).all(-1)
-        z = torch.where(ok[..., None], x / tau, torch.zeros_like(x))
-        lp = z - _lse(z)[..., None]
-        p, q = torch.exp(lp), torch.where(ok[..., None], q, torch.zeros_like(q))
-        kls = torch.where(p > 0, p * (lp - torch.log(q.clamp(min=1e-300))), torch.zeros_like(p)).sum(-1)
-        stats = [kls.clamp(min=0.0) if fmt != "sampled" else torch.zeros_like(kls), 0.5 * (p - q).abs().sum(-1),
-                 torch.where(stored, 0.0, q).sum(-1), torch.where(stored, 0.0, p).sum(-1)]
-        base = 1 + len(FIDELITY_STATS) * i
-        for j, s in enumerate(stats):
-            out[..., base + j] = torch.where(ok, s, 0.0)
-        if tau == 1.0:
-            out[..., 0] = ok.double()
-            out[..., -1] = (ok & (p.argmax(-1) == q.argmax(-1))).double()
-    return out
+    q, stored = target_probs(arrays, fmt, labels, c, FIDELITY_TEMPERATURES)  # [n_tau, ..., C]
+    ok = keep & torch.isfinite(q).all(-1)
+    tv = torch.tensor(FIDELITY_TEMPERATURES, dtype=torch.float64, device=x.device).reshape((-1,) + (1,) * x.dim())
+    z = torch.where(ok[..., None], x / tv, torch.zeros_like(q))
+    lp = z - _lse(z)[..., None]
+    p, q = torch.exp(lp), torch.where(ok[..., None], q, torch.zeros_like(q))
+    kls = torch.where(p > 0, p * (lp - torch.log(q.clamp(min=1e-300))), torch.zeros_like(p)).sum(-1)
+    stats = torch.stack([kls.clamp(min=0.0) if fmt != "sampled" else torch.zeros_like(kls),
+                         0.5 * (p - q).abs().sum(-1), torch.where(stored, 0.0, q).sum(-1),
+                         torch.where(stored, 0.0, p).sum(-1)], -1)  # [n_tau, ..., 4]
+    stats = torch.where(ok[..., None], stats, 0.0)
+    one = FIDELITY_TEMPERATURES.index(1.0)
+    agree = (ok[one] & (p[one].argmax(-1) == q[one].argmax(-1))).double()
+    return torch.cat([ok[one].double()[..., None], stats.movedim(0, -2).flatten(-2), agree[..., None]], -1)
 
 
 # --- metric states --------------------------------------------------------------------------------------------
