@@ -1,0 +1,44 @@
+"""The format registry of stage 1: the producer encodes through whatever encoder is registered for the bank's
+format (a new format plugs in without editing the loop), and an unregistered format is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.dump_logits import main
+from stage1_teacher_logits import encoders
+
+
+def test_unregistered_format_is_refused():
+    with pytest.raises(ValueError, match="no stage-1 encoder registered for format 'labelmap'"):
+        encoders.encoder_for({"format": "labelmap", "dtype": "float16", "shape": [1, 1, 1, 1]})
+
+
+def test_the_dump_encodes_through_the_registered_encoder(demo_root: Path, tmp_path: Path, monkeypatch):
+    calls = {"rows": 0, "finish": 0}
+
+    class Counting(encoders.DenseEncoder):
+        def encode(self, x, labels, skipped, rows, fidelity):
+            assert x.ndim == 4 and len(rows) == len(x) == len(labels) == len(skipped) == len(fidelity)
+            calls["rows"] += len(rows)
+            out = super().encode(x, labels, skipped, rows, fidelity)
+            out["logits"] = out["logits"] * 0 + 1  # visible in the bank
+            return out
+
+        def finish(self, records):
+            calls["finish"] += 1
+            assert set(records) == {"logits"} and len(records["logits"]) <= 128
+            return {}
+
+    monkeypatch.setitem(encoders._ENCODERS, "dense", Counting)
+    out = tmp_path / "bank.zarr"
+    assert main(["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--preset", "demo",
+                 "--batch-size", "32", "--rows-per-chunk", "128", "--workers", "1", "--out", str(out)]) == 0
+    g = zarr.open_group(str(out), mode="r")
+    n = g["labels"].shape[0]
+    assert calls == {"rows": n, "finish": -(-n // 128)}
+    assert (np.asarray(g["logits"][:]) == 1).all()
