@@ -76,7 +76,7 @@ def bench_steps(bank_path: Path, steps: int, warmup: int, rounds: int, size: int
     from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
     from stage2_student_train.loop import train_one_epoch
     from stage2_student_train.optim import build_optimizer, build_scheduler
-    from stage2_student_train.step import TrainModule
+    from stage2_student_train.step import TrainModule, TrainStep
 
     bank = BankLabelSource([LabelBank(bank_path)])
     n = bank.num_samples
@@ -108,8 +108,9 @@ def bench_steps(bank_path: Path, steps: int, warmup: int, rounds: int, size: int
         crit, src = variants[name]
         model, opt, sched = state[name]
         stamps = [time.perf_counter()]
-        train_one_epoch(TrainModule(model, crit), opt, sched, batches(k), labels, src, 0, log_every=1,
-                        on_step=lambda step, parts: stamps.append(time.perf_counter()))
+        step = TrainStep(TrainModule(model, crit), opt, labels, scheduler=sched, label_source=src)
+        train_one_epoch(step, batches(k), 0, log_every=1,
+                        on_step=lambda i, parts: stamps.append(time.perf_counter()))
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
     with contextlib.redirect_stderr(io.StringIO()):  # the loop's progress bars

@@ -109,6 +109,47 @@ def loss_dict(loss: Tensor, **parts: Tensor | float) -> LossDict:
     return out
 
 
-def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
-    """Hard-label CE, mean over the batch. z [B, C], y [B] -> scalar."""
-    return F.cross_entropy(z, y)
+def mixed_labels(batch: Batch | None, y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """A mixed batch's partner classes ``batch["label_mix"]`` [B] int64 and weights ``batch["lam"]`` [B] (of
+    ``label``; 1 for unmixed rows) on ``y``'s device, or None when the batch is not mixed.
+
+    Raises:
+        ValueError: only one of the two keys, or shapes other than [B]."""
+    if batch is None or (batch.get("label_mix") is None and batch.get("lam") is None):
+        return None
+    if batch.get("label_mix") is None or batch.get("lam") is None:
+        raise ValueError("a mixed batch needs both 'label_mix' [B] and 'lam' [B]")
+    y2, lam = batch["label_mix"], batch["lam"]
+    if y2.shape != y.shape or lam.shape != y.shape:
+        raise ValueError(f"batch['label_mix'] and batch['lam'] must be [B]={y.shape[0]}, got "
+                         f"{tuple(y2.shape)} and {tuple(lam.shape)}")
+    return y2.to(device=y.device, dtype=torch.long), lam.to(device=y.device)
+
+
+def hard_target(y: Tensor, num_classes: int, batch: Batch | None = None, smoothing: float = 0.0,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """The hard-label target [B, C] as timm's ``mixup_target``: one-hot with ``off = smoothing / C`` and
+    ``on = 1 − smoothing + off``, and for a mixed batch (:func:`mixed_labels`) ``lam·t(label) + (1 − lam)·
+    t(label_mix)`` per row (timm's λ is per batch; here each row has its own)."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    t1 = torch.full((len(y), num_classes), off, dtype=dtype, device=y.device).scatter_(1, y[:, None], on)
+    mix = mixed_labels(batch, y)
+    if mix is None:
+        return t1
+    y2, lam = mix
+    t2 = torch.full_like(t1, off).scatter_(1, y2[:, None], on)
+    lam = lam.to(dtype)[:, None]
+    return t1 * lam + t2 * (1.0 - lam)
+
+
+def cross_entropy(z: Tensor, y: Tensor, batch: Batch | None = None, smoothing: float = 0.0) -> Tensor:
+    """Hard-label CE, mean over the batch. z [B, C], y [B] -> scalar.
+
+    For a mixed batch (``batch["label_mix"]``, ``batch["lam"]``: Mixup / CutMix views) or ``smoothing`` > 0, the
+    soft cross-entropy with :func:`hard_target` (timm's ``SoftTargetCrossEntropy`` on ``mixup_target``); else
+    exactly ``F.cross_entropy(z, y)``."""
+    if smoothing == 0.0 and mixed_labels(batch, y) is None:
+        return F.cross_entropy(z, y)
+    target = hard_target(y, z.shape[1], batch, smoothing, z.dtype)
+    return -(target * F.log_softmax(z, dim=1)).sum(dim=1).mean()

@@ -49,7 +49,7 @@ def dist(
     z, y = student_and_labels(student_logits, batch)
     ps = F.softmax(z / T, dim=1)
     pt = teacher_log_probs(batch, z, T, "dist")[0].exp()
-    ce_term = cross_entropy(z, y)
+    ce_term = cross_entropy(z, y, batch)
     inter = T * T * (1.0 - pearson_rows(ps, pt).mean())
     intra = T * T * (1.0 - pearson_rows(ps.t(), pt.t()).mean())
     loss = ce_term + beta * inter + gamma * intra

@@ -69,7 +69,7 @@ def dkd(
     """
     z, y = student_and_labels(student_logits, batch)
     gt_mask = F.one_hot(y, z.shape[1]).bool()
-    ce_term = cross_entropy(z, y)
+    ce_term = cross_entropy(z, y, batch)
 
     log_ps = F.log_softmax(z / T, dim=1)
     log_pt, tail = teacher_log_probs(batch, z, T, "dkd")

@@ -78,7 +78,7 @@ def _total(
     T: float,
 ) -> LossDict:
     """ce_weight·CE + weight·term (+ kd_weight·KD); parts ``ce``, ``loss_name`` and ``kd``."""
-    ce_term = cross_entropy(z, y)
+    ce_term = cross_entropy(z, y, batch)
     loss = ce_weight * ce_term + weight * term
     parts = {"ce": ce_term, loss_name: term}
     if kd_weight > 0:

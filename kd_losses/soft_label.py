@@ -50,7 +50,7 @@ def sl(
     z, y = student_and_labels(student_logits, batch)
     log_pt, tail = teacher_log_probs(batch, z, T, "sl", use_gt)
     kd_term = _soft_label_term(log_pt, z, T, tail)
-    return loss_dict(alpha * kd_term, ce=cross_entropy(z, y), kd=kd_term)
+    return loss_dict(alpha * kd_term, ce=cross_entropy(z, y, batch), kd=kd_term)
 
 
 @register_loss("sl_ens", needs_teacher=True, merge="mean_probs")
@@ -71,7 +71,7 @@ def sl_ens(
     log_p, tail = teacher_log_probs_each(batch, z, T, "sl_ens", use_gt)  # [B, N, C]
     log_p_ens = torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
     kd_term = _soft_label_term(log_p_ens, z, T, None if tail is None else tail.all(dim=1))
-    return loss_dict(alpha * kd_term, ce=cross_entropy(z, y), kd=kd_term)
+    return loss_dict(alpha * kd_term, ce=cross_entropy(z, y, batch), kd=kd_term)
 
 
 @register_loss("sl_kd", needs_teacher=True, merge="each")
@@ -91,7 +91,7 @@ def sl_kd(
     log_p, tail = teacher_log_probs_each(batch, z, T, "sl_kd", use_gt)  # [B, N, C]
     log_ps = F.log_softmax(z / T, dim=1)[:, None, :]
     kd_term = T * T * soft_ce_rows(log_p, log_ps, tail).mean(dim=0).sum()
-    return loss_dict(alpha * kd_term, ce=cross_entropy(z, y), kd=kd_term)
+    return loss_dict(alpha * kd_term, ce=cross_entropy(z, y, batch), kd=kd_term)
 
 
 @register_loss("sl_enc", needs_teacher=True, sparse_formats=(),
@@ -155,7 +155,7 @@ class SLEncLoss(nn.Module):
         perturbation = self.g(noise.to(device=weight.device, dtype=weight.dtype)).to(z.dtype)
         log_target = F.log_softmax((zt + perturbation) / self.T, dim=1)
         kd_term = _soft_label_term(log_target, z, self.T)
-        return loss_dict(self.alpha * kd_term, ce=cross_entropy(z, y), kd=kd_term)
+        return loss_dict(self.alpha * kd_term, ce=cross_entropy(z, y, batch), kd=kd_term)
 
     def extra_repr(self) -> str:
         return f"'sl_enc', num_classes={self.num_classes}, T={self.T!r}, alpha={self.alpha!r}"

@@ -40,7 +40,7 @@ def tfkd_self(
     (without alpha, multiplier).
     """
     z, y = student_and_labels(student_logits, batch)
-    ce_term = cross_entropy(z, y)
+    ce_term = cross_entropy(z, y, batch)
     kd_value = kd_term(z, batch, T, "tfkd_self")
     loss = (1.0 - alpha) * ce_term + alpha * multiplier * kd_value
     return loss_dict(loss, ce=ce_term, kd=kd_value)
@@ -75,7 +75,7 @@ def tfkd_reg(
     z, y = student_and_labels(student_logits, batch)
     b, k = z.shape
     onehot = F.one_hot(y, k).to(z.dtype)
-    ce_term = cross_entropy(z, y)
+    ce_term = cross_entropy(z, y, batch)
     if form == "paper":
         log_pd = onehot * math.log(a) + (1.0 - onehot) * math.log((1.0 - a) / (k - 1))
         log_target = F.log_softmax(log_pd / T, dim=1)

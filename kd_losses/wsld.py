@@ -38,7 +38,7 @@ def wsld(
     Parts: ``ce``; ``kd`` = T²·mean(w·H) (unweighted by alpha); ``weight_mean`` = mean_i w_i.
     """
     z, y = student_and_labels(student_logits, batch)
-    ce_term = cross_entropy(z, y)
+    ce_term = cross_entropy(z, y, batch)
     with torch.no_grad():
         ce_s = -F.log_softmax(z.detach(), dim=1).gather(1, y[:, None]).squeeze(1)
         ce_t = -teacher_log_probs(batch, z.detach(), 1.0, "wsld")[0].gather(1, y[:, None]).squeeze(1)

@@ -1,10 +1,15 @@
-"""Label-bank tools: ``python -m pipeline.labels {info,verify,ensemble,compact,stats} ...``.
+"""Label-bank tools: ``python -m pipeline.labels {info,verify,check,ensemble,compact,stats} ...``.
 
 - ``info``: shape, format, classes, each teacher's weights, preprocessing (and its source) and the output
   feeding each class, views, loader, embeddings, metrics, size on disk, bytes per sample and per view; for compact
   banks the fidelity to the dense teacher measured when they were written, on the targets stage 2 builds: at
   T = 1, 2, 4 the KL and total variation, and the tail's share of the target beside the teacher's own share.
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
+- ``check``: for K sampled rows, rebuilds the inputs (manifest, preprocessing, stored views) and the teachers
+  (the bank's own records), runs them live and compares with the stored rows in the stored format's terms
+  (:mod:`pipeline.bank.check`); exit 1 beyond tolerance, 2 on bad input.
+- ``map-check``: a label-map bank's pooled labels against its teachers' real outputs on K random crops
+  (:func:`stage1_teacher_logits.label_maps.map_check`).
 - ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
 Subcommands live in ``COMMANDS`` (name -> (add_arguments, run, help)); the bank-tools commands
@@ -60,7 +65,9 @@ def bank_info(path: str) -> dict:
         "bytes_per_view": round(size / max(n * v, 1), 2),
         "skipped": int(bank.skipped().sum()),
     }
-    if bank.format != "dense":
+    if bank.format == "labelmap":
+        info["label_map"] = {k: v for k, v in a["label_map"].items() if k not in ("cells", "region_box")}
+    elif bank.format != "dense":
         info["compact"] = {k: a[k] for k in ("topk", "samples", "sample_seed", "tail", "raw_bytes_per_vector")
                            if k in a}
     if "fidelity" in a:
@@ -132,6 +139,11 @@ def _run_info(args: argparse.Namespace) -> int:
         if cmp.get("tail") == "uniform":
             kept += " (first layout: stage 2 refuses it; rebuild with python -m pipeline.labels compact)"
         print(f"compact     {kept}  {cmp.get('raw_bytes_per_vector')} B/vector raw")
+    if "label_map" in info:
+        lm = info["label_map"]
+        form = f"top-{lm['topk']} logits + tail per cell" if lm.get("topk") else f"{lm['map_dtype']} logits"
+        print(f"label map   {lm['size']}x{lm['size']} cells, region {lm['region']}, {form}; native "
+              f"{lm.get('native')}, kinds {lm.get('kinds')} (labels map-check BANK measures pooled labels)")
     if "fidelity" in info:
         from pipeline.bank.compact import format_fidelity
 
@@ -155,9 +167,35 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bank")
+    p.add_argument("--rows", type=int, default=64, help="rows sampled and checked (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the teachers run (default cpu)")
+    p.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"),
+                   help="image loader (default: the one that made the bank; another one loosens the tolerance)")
+    p.add_argument("--data", default=None, help="dataset root (default: the one recorded in the bank)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pipeline.bank.check import check_bank
+
+    report = check_bank(args.bank, args.rows, args.seed, args.device, args.loader, args.data)
+    if args.json:
+        print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 COMMANDS["info"] = (_add_info, _run_info, "classes, teachers (weights, preprocessing, outputs), views, loader, "
                                           "embeddings, metrics, size of a bank")
 COMMANDS["verify"] = (_add_verify, _run_verify, "read every chunk; exit 1 on any problem")
+COMMANDS["check"] = (_add_check, _run_check, "rebuild sampled rows' inputs and teachers from the bank's records, run "
+                                             "them live, compare; exit 1 beyond the stored format's tolerance")
 
 
 def _load_tools() -> None:
@@ -170,6 +208,9 @@ def _load_tools() -> None:
 
     register(COMMANDS)
     register_plan(COMMANDS)
+    from stage1_teacher_logits.label_maps import register as register_map_check
+
+    register_map_check(COMMANDS)
 
 
 @cli_entry

@@ -3,7 +3,7 @@
 Resumable (chunks marked done are skipped; an interrupted dump re-run with the same command writes only the
 missing chunks and produces the same bytes), shardable over torchrun ranks (each rank owns whole row chunks),
 content-addressed (the same command twice is a no-op that prints the bank path). ``--format topk --topk K`` /
-``--format sampled --topk K --samples S`` / ``--format int8`` write a compact bank directly, chunk by chunk (the writer encodes each chunk; no dense array
+``--format sampled --topk K --samples S`` / ``--format int8`` write a compact bank directly, chunk by chunk (the format's encoder, stage1_teacher_logits/encoders.py, encodes each batch; no dense array
 is written), with the same guarantees.
 """
 
@@ -22,11 +22,12 @@ import torch
 
 from pipeline import storage
 from pipeline.bank.compact import check_format_args
+from pipeline.bank.labelmap import MAP_DTYPES, MAP_REGIONS, check_map_args, chunk_rows, map_metrics, map_record
 from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
 from pipeline.bank.stats import entry_names
-from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete
+from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete, remove_partial_writes
 from pipeline.config import RESUME_MATCH, key, to_dict
 from pipeline.data import Manifest, build_manifest
 from pipeline.data.layouts import SPLITS
@@ -37,6 +38,8 @@ from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
 from pipeline.models.teachers import build_teachers, class_maps_record, parse_teachers, read_class_map
+from stage1_teacher_logits.append import ViewPrefix, append_config
+from stage1_teacher_logits.label_maps import MapRegion, build_map_model, map_attrs
 from stage1_teacher_logits.plan import ChunkPlan
 from stage1_teacher_logits.producer import Producer
 from stage1_teacher_logits.views import ViewSampler
@@ -82,8 +85,9 @@ class DumpConfig:
                           action="store_true")
     dtype: str = key("float16", help="stored logits; float32 for logits beyond +-65504", flags=("--dtype",),
                      choices=("float16", "float32"), resume=RESUME_MATCH)
-    format: str = key("dense", help="dense, topk (with --topk K), sampled (with --topk K --samples S) or int8: "
-                                    "compact banks are written directly, chunk by chunk", flags=("--format",),
+    format: str = key("dense", help="dense, topk (with --topk K), sampled (with --topk K --samples S), int8 or "
+                                    "labelmap (the classifier at every cell, --map-*): compact banks are written "
+                                    "directly, chunk by chunk", flags=("--format",),
                       resume=RESUME_MATCH)
     topk: int | None = key(None, help="K classes kept per vector with --format topk or sampled (plus the true class)",
                            flags=("--topk",), resume=RESUME_MATCH)
@@ -97,7 +101,13 @@ class DumpConfig:
     skip_corrupt: bool = key(False, help="record undecodable images as skipped instead of failing",
                              flags=("--skip-corrupt",), action="store_true")
     views: int = key(1, help="views per image (K)", flags=("--views",), resume=RESUME_MATCH)
-    view_policy: str = key("center", help="center, rrc, rrc+flip", flags=("--view-policy",), resume=RESUME_MATCH)
+    append_views: str = key("", help="a complete dense bank SRC with V random views: write the bank with --views "
+                                     "V' > V of SRC's teachers and data, copying SRC's V views and computing only the "
+                                     "new ones (SRC is only read; the other keys default to SRC's)",
+                            flags=("--append-views",), default_text="none")
+    view_policy: str = key("center", help="center, rrc, rrc+flip, or with augmentations, e.g. "
+                           "rrc+flip+randaug(2,9)+erasing(0.25)+mixup(0.8)+cutmix(1.0) (README, 'View policies')",
+                           flags=("--view-policy",), resume=RESUME_MATCH)
     view_seed: int = key(0, help="seed of the view boxes", flags=("--view-seed",), resume=RESUME_MATCH)
     seed: int = key(0, help="init seed for teachers with --weights none", flags=("--seed",), resume=RESUME_MATCH)
     amp: bool = key(False, help="autocast the teachers (CUDA only)", flags=("--amp",), action="store_true",
@@ -109,6 +119,16 @@ class DumpConfig:
                          default_text="one to one, or by ImageNet wnid for 1000-class teachers")
     features: bool = key(False, help="also store each teacher's pooled penultimate embedding (for rkd, pkt, sp, crd, "
                                      "fitnet)", flags=("--features",), action="store_true", resume=RESUME_MATCH)
+    # label maps (issue 26): --format labelmap
+    map_size: int | None = key(None, help="cells per side of a label map (--format labelmap); resampled from the "
+                                          "teacher's last feature map", flags=("--map-size",), resume=RESUME_MATCH,
+                               default_text="the teacher's native size at its input size")
+    map_region: str = key("eval", help="what a label map covers: eval (the preset's eval resize + center crop, as a "
+                                       "center bank) or full (the whole image squashed to the input size, ReLabel's "
+                                       "choice)", flags=("--map-region",), choices=MAP_REGIONS, resume=RESUME_MATCH)
+    map_dtype: str = key("float16", help="stored label map: float16 or int8 (per-cell scale); --topk K stores the K "
+                                         "largest logits per cell instead", flags=("--map-dtype",), choices=MAP_DTYPES,
+                         resume=RESUME_MATCH)
     hw_decoder_load: float = key(0.65, help="share of JPEGs DALI's mixed decoding (--device cuda) gives the hardware "
                                             "decoder, in [0, 1]; the rest take the hybrid path, Huffman-decoded on "
                                             "the loader threads", flags=("--hw-decoder-load",))
@@ -136,10 +156,21 @@ def _check(cfg: DumpConfig) -> None:
                          "--amp or use --device cuda")
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format '{cfg.format}'; valid: {', '.join(FORMATS)}")
+    check_map_args(cfg.format, cfg.map_size, cfg.map_region, cfg.map_dtype, cfg.topk)
+    if cfg.format == "labelmap":  # label maps: one region per sample, no embeddings
+        if cfg.features or cfg.view_policy != "center" or cfg.views != 1:
+            raise UsageError("--format labelmap maps one region per image (--map-region): drop --features, --views "
+                             "and --view-policy")
+        if cfg.samples is not None:
+            raise UsageError("--samples applies to --format sampled only, not labelmap")
+        return
     check_format_args(cfg.format, cfg.topk, cfg.samples)
 
 
 def _check_topk(cfg: DumpConfig, num_classes: int) -> None:
+    if cfg.format == "labelmap":
+        check_map_args(cfg.format, cfg.map_size, cfg.map_region, cfg.map_dtype, cfg.topk, num_classes)
+        return
     check_format_args(cfg.format, cfg.topk, cfg.samples, num_classes)
 
 
@@ -153,6 +184,7 @@ class PrepareStatus(enum.Enum):
 
 def run_dump(cfg: DumpConfig) -> str:
     """Dump (or resume, or reuse) the bank described by ``cfg``; returns its path."""
+    cfg = append_config(cfg) if cfg.append_views else cfg
     _check(cfg)
     info = init_distributed(cfg.device)
     try:
@@ -165,6 +197,8 @@ def _run_dump(cfg: DumpConfig, info: DistInfo) -> str:
     dump = BankDump(cfg, build_manifest(cfg.data, cfg.split, layout=cfg.layout))
     # Build the teachers before touching the bank: a bad name or checkpoint must not leave a bank behind.
     model = dump.build_teachers()
+    if dump.prefix is not None:
+        dump.prefix.same_bank(dump.spec, dump.manifest.fingerprint)
     with _io_errors(dump.path), ExitStack() as stack:
         if _prepare_on_rank0(dump, info, stack) is PrepareStatus.COMPLETE:
             log.info("bank already complete: %s", dump.path)
@@ -214,6 +248,8 @@ class BankDump:
         self.cfg = replace(cfg, preset=self.preset.name, loader=self.loader, workers=workers)  # recorded resolved
         self.class_maps: list[list[int] | None] = [None] * len(self.specs)
         self.feature_dims: list[int] | None = None
+        self.prefix = ViewPrefix(cfg.append_views) if cfg.append_views else None  # --append-views SRC
+        self.label_map: dict | None = None  # label maps: attrs["label_map"], once the map model is built
         self._identify()
 
     def build_teachers(self) -> TeacherEnsemble:
@@ -226,6 +262,9 @@ class BankDump:
         self.class_maps = class_maps_record(model)
         if cfg.features:
             self.feature_dims = model.enable_features([p.crop for p in self.teacher_pre])
+        if cfg.format == "labelmap":  # label maps: the classifier at every cell (stage1_teacher_logits/label_maps.py)
+            model = build_map_model(model, [s.arch for s in self.specs], cfg.map_size, self.teacher_pre)
+            self.label_map = map_attrs(model, cfg.map_region, cfg.map_dtype, cfg.topk)
         self._identify()
         return model
 
@@ -246,6 +285,9 @@ class BankDump:
             class_maps=tuple(tuple(m) if m is not None else None for m in self.class_maps)
             if any(m is not None for m in self.class_maps) else None,
             feature_dims=tuple(self.feature_dims) if self.feature_dims else None,
+            label_map=tuple(sorted(map_record(self.label_map["size"] if self.label_map else cfg.map_size,
+                                              cfg.map_region, cfg.map_dtype, cfg.topk).items()))
+            if cfg.format == "labelmap" else None,
         )
         ident = bank_identity(self.spec, self.manifest)
         self.key = ident.key
@@ -283,7 +325,8 @@ class BankDump:
                 if attrs.get("loader", "dali") != self.loader:
                     raise BankError(f"{path} was started with --loader {attrs.get('loader', 'dali')}: resume it with "
                                     "the same loader (resampling differs slightly between loaders)")
-                log.info("resuming incomplete bank %s", path)
+                log.info("resuming incomplete bank %s (%d partial chunk writes of the killed run removed)", path,
+                         remove_partial_writes(path))
                 return PrepareStatus.RESUME
             if attrs.get("key") != self.key and not self.cfg.overwrite:
                 raise BankError(f"{path} holds a different bank (key {str(attrs.get('key'))[:8]} != {self.key[:8]}); "
@@ -303,9 +346,12 @@ class BankDump:
         m = self.manifest
         # per teacher, the output feeding each dataset class, one to one included (labels info shows it)
         attrs["class_index"] = [list(c) if c is not None else list(range(m.num_classes)) for c in self.class_maps]
+        rows = self.cfg.rows_per_chunk
+        if self.label_map:  # label maps: chunks of bounded size
+            rows = chunk_rows(rows, len(self.specs), int(self.label_map["size"]), m.num_classes)
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
-                    self.cfg.rows_per_chunk, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
-                    self.cfg.sample_seed)
+                    rows, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
+                    self.cfg.sample_seed, label_map=self.label_map)
         return PrepareStatus.NEW
 
     def _other_loader(self, attrs: dict) -> bool:
@@ -335,7 +381,8 @@ class BankDump:
         if not mine:
             return
         plan = ChunkPlan(mine, rows, len(self.manifest), self.cfg.batch_size)
-        sampler = ViewSampler(self.cfg.view_policy, self.cfg.views, self.cfg.view_seed, self.preset)
+        sampler = ViewSampler(self.cfg.view_policy, self.cfg.views, self.cfg.view_seed, self.preset) \
+            if self.cfg.format != "labelmap" else MapRegion(self.cfg.map_region, self.preset)  # label maps
         t0 = time.time()
         with _teacher_threads(self.cfg):
             Producer(self, g, model, plan, sampler, info).run()
@@ -349,6 +396,8 @@ class BankDump:
         g = open_group(self.path, "r+")
         if self.cfg.format == "dense":
             extra = {"metrics": teacher_metrics(g, list(self.spec.teachers))}
+        elif self.cfg.format == "labelmap":  # label maps: metrics of each map's mean over its cells
+            extra = {"metrics": map_metrics(g, list(self.spec.teachers))}
         else:
             extra = chunk_sums_attrs(g, entry_names(list(self.spec.teachers), len(self.specs)))
         mark_complete(g, extra)

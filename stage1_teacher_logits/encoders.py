@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.bank import encoding as en
+from pipeline.bank.labelmap import encode_chunk as encode_map_chunk
 
 
 class ChunkEncoder(Protocol):
@@ -82,6 +83,28 @@ class CompactEncoder:
         return {"chunk_sums": en.chunk_sums(records, self.t)}
 
 
+class LabelMapEncoder:
+    """``labelmap`` (issue 26): x [b, T, S·S, C] (the map model's cells on the view axis) rounded to the bank
+    dtype, skipped rows NaN, then :func:`pipeline.bank.labelmap.encode_chunk` per batch (float16, int8 with a
+    per-cell scale, or top-k per cell: each cell is encoded on its own, so per batch = per chunk, bit for bit).
+    The rounded cells cross to the host (the encoding is numpy); no per-chunk arrays."""
+
+    def __init__(self, attrs: dict[str, Any]):
+        lm = attrs["label_map"]
+        self.size, self.map_dtype, self.k = int(lm["size"]), lm["map_dtype"], lm["topk"]
+        self.dtype = torch.float16 if attrs["dtype"] == "float16" else torch.float32
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor, skipped: torch.Tensor, rows: np.ndarray,
+               fidelity: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = x.to(self.dtype).masked_fill(skipped.to(x.device)[:, None, None, None], float("nan"))
+        out = encode_map_chunk(z.cpu().numpy(), skipped.cpu().numpy(), self.size, self.map_dtype, self.k)
+        return {name: torch.from_numpy(a) for name, a in out.items()}
+
+    def finish(self, records: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {}
+
+
 register_encoder("dense", DenseEncoder)
 for _fmt in ("topk", "sampled", "int8"):
     register_encoder(_fmt, CompactEncoder)
+register_encoder("labelmap", LabelMapEncoder)

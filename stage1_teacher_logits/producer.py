@@ -13,24 +13,27 @@ from tqdm import tqdm
 
 from pipeline.bank.compact import fidelity_rows_mask
 from pipeline.data.batch import DecodeError
-from pipeline.data.loaders import load_batches
 from pipeline.distributed import DistInfo
 from pipeline.errors import BankError
 from pipeline.models.ensemble import TeacherEnsemble
+from stage1_teacher_logits.append import first_view
 from stage1_teacher_logits.encoders import encoder_for
 from stage1_teacher_logits.plan import ChunkPlan, ChunkRecovery
-from stage1_teacher_logits.views import ViewSampler
 from stage1_teacher_logits.writer import ChunkBuffer, ChunkWriter
 
 
 class Producer:
     """Feeds one rank's :class:`ChunkPlan` through the teachers (``dump``: a
     :class:`stage1_teacher_logits.dump.BankDump`, for its config, manifest, loader and preprocessing branches)
-    into the bank ``g``; :class:`ChunkRecovery` decides the stretches and handles undecodable files."""
+    into the bank ``g``; :class:`ChunkRecovery` decides the stretches and handles undecodable files. ``sampler``
+    (a :class:`stage1_teacher_logits.views.ViewSampler`, or a map dump's
+    :class:`stage1_teacher_logits.label_maps.MapRegion`) gives the loader's batches and what the bank records
+    per row; with ``--append-views`` (``dump.prefix``) each chunk buffer starts with SRC's views and the teachers
+    run on the new views only."""
 
-    def __init__(self, dump, g, model: TeacherEnsemble, plan: ChunkPlan, sampler: ViewSampler, info: DistInfo):
+    def __init__(self, dump, g, model: TeacherEnsemble, plan: ChunkPlan, sampler, info: DistInfo):
         self.dump, self.cfg, self.g, self.model, self.plan, self.sampler = dump, dump.cfg, g, model, plan, sampler
-        self.manifest = dump.manifest
+        self.manifest, self.prefix = dump.manifest, dump.prefix
         self.t, self.v, self.c = tuple(g.attrs["shape"])[1:]
         self.recovery = ChunkRecovery(plan, self.manifest, self.cfg.skip_corrupt)
         self.encoder = encoder_for(dict(g.attrs))
@@ -49,11 +52,11 @@ class Producer:
     def _stretch(self, start: int, stop: int, sub: np.ndarray) -> int | None:
         """Positions [start, stop) (samples ``sub``) through one loader. Returns None when all were queued, or the
         chunk start to resume from after a decode error (the bad file is then a suspect)."""
-        boxes = self.sampler.boxes(self.manifest, sub)
-        cfg = self.cfg
-        it = load_batches(self.dump.loader, self.manifest, sub, self.dump.branches, self.sampler.mode,
-                          cfg.batch_size, cfg.workers, cfg.device, cfg.seed, boxes=boxes,
-                          hw_decoder_load=cfg.hw_decoder_load)
+        cfg, prefix = self.cfg, self.prefix
+        boxes, params, partners, it = self.sampler.batches(
+            self.dump.loader, self.manifest, sub, self.dump.branches, cfg.batch_size, cfg.workers, cfg.device,
+            cfg.seed, cfg.hw_decoder_load, None if prefix is None else prefix.new)
+        stored, extra = self.sampler.recorded(self.manifest, sub, boxes)  # label maps: regions, image sizes
         buf: ChunkBuffer | None = None
         pos = start
         while True:
@@ -69,18 +72,27 @@ class Producer:
             if buf is None:
                 j = int(self.plan.chunk[pos])
                 first, r = self.plan.chunk_rows(j)
-                buf = ChunkBuffer(j, first, r, self.v)
-            self._batch(batch.inputs(), pos, b, buf, boxes[pos - start:pos - start + b] if boxes is not None else None)
+                buf = ChunkBuffer(j, first, r, self.v, params.shape[-1] if params is not None else 0)
+                if prefix is not None:
+                    prefix.fill(buf)
+            at = slice(pos - start, pos - start + b)
+            self._batch(batch.inputs(), pos, b, buf, None if stored is None else stored[at],
+                        {n: a[at] for n, a in extra.items()},
+                        None if params is None else (params[at], partners[at]))
             pos += b
             if pos == self.plan.chunk_end[pos - 1]:  # chunk filled: queue it now, so a later error cannot lose it
+                if prefix is not None:
+                    prefix.check(buf)
                 self.writer.submit(buf)
                 buf = None
             self.pbar.update(int(self.plan.real[pos - b:pos].sum()))
             self.pbar.set_postfix_str(f"chunk {int(self.plan.chunk[pos - 1])}", refresh=False)
 
-    def _batch(self, inputs: list[torch.Tensor], pos: int, b: int, buf: ChunkBuffer, boxes: np.ndarray | None) -> None:
+    def _batch(self, inputs: list[torch.Tensor], pos: int, b: int, buf: ChunkBuffer, boxes: np.ndarray | None,
+               extra: dict[str, np.ndarray], params: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Teachers and encoder on the device for plan positions [pos, pos + b); the real rows' payload into
-        ``buf``."""
+        ``buf`` with what the bank records beside it (``boxes`` [b, V, 5] or None, the sampler's ``extra``
+        arrays [b, ...], view ``params`` ([b, V, A], partners [b, V]) or None)."""
         plan, dev = self.plan, self.cfg.device
         real = plan.real[pos:pos + b]
         rows = plan.order[pos:pos + b][real]
@@ -103,11 +115,13 @@ class Producer:
         if feats is not None:
             f = feats.cpu().numpy()
             f[skipped] = np.nan
-        buf.put(rows, host, self.manifest.labels[rows], boxes[real] if boxes is not None else None, skipped, f)
+        pp = (None, None) if params is None else (params[0][real], params[1][real])
+        buf.put(rows, host, self.manifest.labels[rows], boxes[real] if boxes is not None else None, skipped, f,
+                *pp, first_view(self.prefix), {n: a[real] for n, a in extra.items()})
 
     def _teachers(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One tensor per preprocessing branch, [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] float32 on
-        the device (every view of its branch through each teacher), and with ``--features`` the embeddings
+        the device (a map model: [B, T, S·S, C], the cells on the view axis) (every view of its branch through each teacher), and with ``--features`` the embeddings
         [B, T, V, D] float32."""
         t, c, cfg = self.t, self.c, self.cfg
         inputs = [x.to(cfg.device, non_blocking=True) for x in inputs]
@@ -118,7 +132,8 @@ class Producer:
                 f = self.model.features
                 feats = None if f is None else f.reshape(b_, v_, t, -1).transpose(1, 2)
             else:
-                out = self.model(inputs)[:, :, None, :]
+                out = self.model(inputs)
+                out = out[:, :, None, :] if out.ndim == 3 else out  # label maps: [B, T, S·S, C] already
                 feats = None if self.model.features is None else self.model.features[:, :, None, :]
         return out.float(), None if feats is None else feats.float()
 

@@ -3,7 +3,8 @@ temp file, fsync, rename) and how a run is restored from it.
 
 ``last.pt`` (every epoch): ``model``, ``criterion`` (a loss's parameters and buffers: SL-Enc's network, CRD's
 memories), ``optimizer``, ``scheduler`` (recorded; a resumed run positions its own schedule at the global step),
-``scaler``, ``epoch``, ``best_top1``, ``preprocessing`` (the eval transform's record), ``rng`` (one record per rank: Python, numpy, torch and that rank's own CUDA
+``scaler``, ``ema`` (the model EMA's weights and buffers, with ``ema_decay`` > 0), ``epoch``, ``best_top1``,
+``ema_best_top1``, ``preprocessing`` (the eval transform's record), ``rng`` (one record per rank: Python, numpy, torch and that rank's own CUDA
 device), ``config`` (the resolved TrainConfig), ``identity`` (the training data's fingerprint, the banks' keys, the
 world size: what the run is, wherever its files are), ``num_classes``, ``arch``.
 
@@ -12,7 +13,8 @@ are compared by identity (fingerprint, bank key) rather than path (a moved copy 
 optimizer settings (lr, momentum, nesterov, betas, weight decay) and the whole schedule may change and apply from
 the first resumed step, each change logged; another world size continues (its steps per epoch and per-rank
 random streams change, logged). ``best.pt``: ``model``,
-``epoch``, ``top1``, ``config``, ``arch``, ``preprocessing``. Both load with ``torch.load(weights_only=True)`` and are valid teacher
+``epoch``, ``top1``, ``config``, ``arch``, ``preprocessing``; ``ema_best.pt``: the same for the EMA's best epoch
+(its ``model`` is the EMA's weights). All load with ``torch.load(weights_only=True)`` and are valid teacher
 weights for stage 1 (the model registry reads the ``model`` entry).
 """
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from pipeline import storage
-from pipeline.config import RESUME_APPLY, RESUME_MATCH, keys_where
+from pipeline.config import RESUME_APPLY, RESUME_MATCH, keys_where, to_dict
 from pipeline.errors import UsageError
 from stage2_student_train.config import TrainConfig
 
@@ -44,6 +46,20 @@ STATEFUL = ("model", "criterion", "optimizer", "scheduler", "scaler")
 RUN_DEFINING = keys_where(TrainConfig, resume=RESUME_MATCH)
 CHANGEABLE = keys_where(TrainConfig, resume=RESUME_APPLY)
 _PATH_KEYS = ("data", "banks")
+_DEFAULT_CONFIG = to_dict(TrainConfig())  # what a key missing from an older checkpoint's config meant
+# ... except where the behaviour before the key differs from its default: key -> (the saved key that made the old
+# behaviour matter, the value it meant). A --replay-views run from before view_order replayed the hash order.
+_LEGACY = {"view_order": ("replay_views", "hash")}
+
+
+def _default(dotted: str, config: dict[str, Any] | None = None) -> Any:
+    if dotted in _LEGACY and config is not None and config.get(_LEGACY[dotted][0]):
+        return _LEGACY[dotted][1]
+    value: Any = _DEFAULT_CONFIG
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
 
 @dataclass
 class TrainingParts:
@@ -54,6 +70,7 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: nn.Module | None = None  # timm ModelEmaV3 (its ``module`` is the averaged student), None when off
 
 
 def run_identity(train_manifest: Any, bank_keys: list[str], info: Any) -> dict[str, Any]:
@@ -63,14 +80,18 @@ def run_identity(train_manifest: Any, bank_keys: list[str], info: Any) -> dict[s
             "world_size": int(info.world_size)}
 
 
-def save_training(path: str | Path, parts: TrainingParts, epoch: int, best_top1: float, config: dict[str, Any],
+def save_training(path: str | Path, parts: TrainingParts, epoch: int, best: dict[str, float], config: dict[str, Any],
                   arch: str, num_classes: int, identity: dict[str, Any] | None = None,
                   rng: list[dict[str, Any]] | None = None, preprocessing: dict[str, Any] | None = None) -> None:
-    """Write ``last.pt``: every stateful part, the epoch just finished, the RNG states of every rank (``rng``,
-    gathered by the caller; default: this process's), the run's identity and its eval ``preprocessing``
+    """Write ``last.pt``: every stateful part (the EMA's ``module`` when there is one), the epoch just finished,
+    the best top-1 so far (``best``: ``top1`` and ``ema_top1``), the RNG states of every rank (``rng``, gathered
+    by the caller; default: this process's), the run's identity and its eval ``preprocessing``
     (``Preprocess.to_dict()``: what stage 1 uses for this checkpoint as a teacher, and ``--test-only``)."""
     state: dict[str, Any] = {name: getattr(parts, name).state_dict() for name in STATEFUL}
-    state.update({"epoch": epoch, "best_top1": best_top1, "rng": rng if rng is not None else [rng_state()],
+    if parts.ema is not None:
+        state["ema"] = parts.ema.module.state_dict()
+    state.update({"epoch": epoch, "best_top1": best["top1"], "ema_best_top1": best.get("ema_top1", -1.0),
+                  "rng": rng if rng is not None else [rng_state()],
                   "config": config, "identity": identity or {}, "num_classes": num_classes, "arch": arch,
                   "preprocessing": preprocessing})
     save_atomic(state, path)
@@ -85,8 +106,12 @@ def save_best(path: str | Path, model: nn.Module, epoch: int, top1: float, confi
 
 
 def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    """The value of ``dotted`` in ``config``; a declared key missing from it (a checkpoint older than the key)
+    reads as the key's default."""
     value: Any = config
     for part in dotted.split("."):
+        if isinstance(value, dict) and part not in value:
+            return _default(dotted, config)
         value = value.get(part) if isinstance(value, dict) else None
     if dotted in _PATH_KEYS and value:
         value = [storage.absolute(v) for v in value] if isinstance(value, (list, tuple)) else storage.absolute(value)
@@ -123,9 +148,9 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any], path: str | P
 
 
 def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, Any] | None = None,
-                     identity: dict[str, Any] | None = None, info: Any = None) -> tuple[int, float]:
-    """Load the model, loss, optimizer and scaler states and this rank's RNG states from ``last.pt``; returns
-    (next epoch, best top-1 so far). The scheduler's stored state is not loaded: the caller positions this run's
+                     identity: dict[str, Any] | None = None, info: Any = None) -> tuple[int, dict[str, float]]:
+    """Load the model, loss, optimizer, scaler and EMA states and this rank's RNG states from ``last.pt``; returns
+    (next epoch, best top-1 so far: ``{"top1", "ema_top1"}``). The scheduler's stored state is not loaded: the caller positions this run's
     schedule at the global step (``optim.build_scheduler``).
 
     With ``config`` (this run's resolved config, as a dict), refuses a checkpoint of another run
@@ -145,11 +170,15 @@ def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, A
     if config is not None and saved_config is not None:
         check_resumable(saved_config, config, path, state.get("identity"), identity)
         _log_changes(saved_config, config, path)
-    for name in STATEFUL:
+    if parts.ema is not None and "ema" not in state:
+        raise UsageError(f"--resume: {path} holds no model EMA (trained without ema_decay); resume with "
+                         "ema_decay=0 or start a new --output-dir")
+    for name in STATEFUL + (("ema",) if parts.ema is not None else ()):
         if name == "scheduler":
             continue
         try:
-            getattr(parts, name).load_state_dict(state[name])
+            part = parts.ema.module if name == "ema" else getattr(parts, name)
+            part.load_state_dict(state[name])
         except (RuntimeError, ValueError, KeyError) as e:
             first = " ".join(str(e).split())[:200]
             raise UsageError(f"--resume: the {name} state in {path} does not fit this run "
@@ -161,7 +190,8 @@ def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, A
 
         apply_settings(parts.optimizer, from_dict(OptimConfig, config.get("optim", {}), "optim."))
     _restore_rng(state["rng"], state.get("identity", {}).get("world_size"), info, path)
-    return int(state["epoch"]) + 1, float(state["best_top1"])
+    return int(state["epoch"]) + 1, {"top1": float(state["best_top1"]),
+                                     "ema_top1": float(state.get("ema_best_top1", -1.0))}
 
 
 def _log_changes(saved: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:

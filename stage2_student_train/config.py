@@ -32,6 +32,15 @@ class OptimConfig:
     no_wd_bn_bias: bool = key(False, help="no weight decay on 1-D parameters (BN weights, biases): another "
                                           "parameter grouping", resume=RESUME_MATCH)
     betas: tuple[float, float] = key((0.9, 0.999), help="AdamW betas", resume=RESUME_APPLY)
+    clip_grad: float = key(0.0, help="gradient clipping threshold (0: off): the max norm (norm), max |g| (value) or "
+                                     "the clipping factor (agc), timm's dispatch_clip_grad", flags=("--clip-grad",),
+                           resume=RESUME_APPLY, group=_OPT)
+    clip_mode: str = key("norm", help="gradient clipping mode: norm, value or agc (adaptive, NFNets)",
+                         flags=("--clip-mode",), choices=("norm", "value", "agc"), resume=RESUME_APPLY, group=_OPT)
+    accum_steps: int = key(1, help="micro-batches per optimizer update (gradient accumulation; the effective batch "
+                                   "is batch_size x accum_steps x processes)",
+                           flags=("--accum-steps", "--grad-accum-steps"),
+                           resume=RESUME_MATCH, group=_OPT)
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,22 @@ class TrainConfig:
     live_teacher_weights: tuple[str, ...] = key((), help="one per --live-teacher", flags=("--live-teacher-weights",),
                                                 action="append", resume=RESUME_MATCH, group=_LABELS,
                                                 default_text="DEFAULT")
-    replay_views: bool = key(False, help="replay the bank's stored crops and flips (multi-view banks)",
+    replay_views: bool = key(False, help="replay the bank's stored views: crops and flips, and the stored "
+                             "augmentations and mixing of an augmenting --view-policy (exact)",
                              flags=("--replay-views",), action="store_true", resume=RESUME_MATCH, group=_LABELS)
+    view_order: str = key("cycle", help="which stored view each sample replays per epoch (--replay-views): cycle "
+                                        "(epoch e: view (e + offset(i)) mod V, a fresh view every epoch until all V "
+                                        "are used, offset(i) a seeded hash of the sample) or hash (an independent "
+                                        "seeded draw per epoch, repeats possible: the order before this key)",
+                          flags=("--view-order",), choices=("cycle", "hash"), resume=RESUME_MATCH, group=_LABELS)
+    mix_labels: str = key("", help="'blend': Mixup/CutMix (--mix-policy) in stage 2 with the two images' stored "
+                          "soft labels blended by lambda (FKD/ReLabel; approximate, warned)",
+                          flags=("--mix-labels",), resume=RESUME_MATCH, group=_LABELS, default_text="off")
+    mix_policy: str = key("mixup(0.8)+cutmix(1.0)", help="the mixing of --mix-labels blend (view-policy syntax)",
+                          flags=("--mix-policy",), resume=RESUME_MATCH, group=_LABELS)
+    cutmix: float = key(0.0, help="CutMix with lambda ~ Beta(ALPHA, ALPHA), one box per batch, with a label-map bank: "
+                                   "each region's soft label pooled from its own image's map (0: off)",
+                        flags=("--cutmix",), resume=RESUME_MATCH, group=_LABELS)
     data: str = key("", help="dataset root (folders, file lists, CIFAR pickles, packed shards; `make demo` prepares "
                              "data/fashion-mnist)", flags=("--data", "--data-path"), resume=RESUME_MATCH,
                     test_only=True, group=_DATA, default_text="none, required")
@@ -146,5 +169,8 @@ class TrainConfig:
                           flags=("--test-only",), action="store_true", test_only=True, group=_RUN)
     overwrite: bool = key(False, help="replace an existing --output-dir", flags=("--overwrite",),
                           action="store_true", group=_RUN)
+    ema_decay: float = key(0.0, help="model EMA decay per optimizer update (timm ModelEmaV3; 0: off); the EMA is "
+                                     "evaluated each epoch (ema_top1, ...) and saved in last.pt and ema_best.pt",
+                           flags=("--model-ema-decay",), resume=RESUME_MATCH, group=_OPT)
     optim: OptimConfig = key(default_factory=OptimConfig, help="optimizer settings (optim.*)")
     sched: ScheduleConfig = key(default_factory=ScheduleConfig, help="lr schedule (sched.*)")

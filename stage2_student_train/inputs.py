@@ -19,10 +19,11 @@ import kd_losses
 from pipeline.data import Manifest, build_manifest, layout_of
 from pipeline.data.loaders import resolve_loader
 from pipeline.distributed import cores_per_local_rank
+from pipeline.data.policy import parse_mix_policy
 from pipeline.errors import UsageError
 from pipeline.storage import name_for_path
 from stage2_student_train.config import TrainConfig
-from stage2_student_train.optim import OPTIMIZERS, SCHEDULES
+from stage2_student_train.optim import CLIP_MODES, OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,18 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.replay_views and not cfg.augment:
         raise UsageError("--replay-views trains on the bank's stored augmented views and --no-augment on center "
                          "crops: drop one of them")
+    if cfg.mix_labels not in ("", "blend"):
+        raise UsageError(f"--mix-labels '{cfg.mix_labels}' is unknown; valid: blend (or leave it out)")
+    if cfg.mix_labels:
+        parse_mix_policy(cfg.mix_policy)
+        if cfg.replay_views:
+            raise UsageError("--mix-labels blend mixes in stage 2 and --replay-views replays the bank's views: drop "
+                             "one of them (a bank dumped with a mixing --view-policy replays mixing exactly)")
+    if cfg.cutmix < 0:
+        raise UsageError(f"--cutmix {cfg.cutmix}: give ALPHA > 0 (Beta(ALPHA, ALPHA) area weights), or 0 for none")
+    if cfg.cutmix and cfg.mix_labels:
+        raise UsageError("--cutmix (region-exact, from a label-map bank) and --mix-labels blend both mix in stage 2: "
+                         "drop one of them")
     if cfg.teacher_weights and not cfg.teacher:
         raise UsageError("--teacher-weights names the weights of --teacher NAME, and no --teacher is given")
     out = cfg.output_dir or (str(Path(cfg.resume_from).parent) if cfg.resume_from else
@@ -83,6 +96,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
         ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, ">= 0"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.betas", list(o.betas), len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two in [0, 1)"),
+        ("optim.clip_grad", o.clip_grad, 0 <= o.clip_grad < math.inf, ">= 0 (0: off)"),
+        ("optim.clip_mode", o.clip_mode, o.clip_mode in CLIP_MODES, "one of " + ", ".join(CLIP_MODES)),
+        ("optim.accum_steps", o.accum_steps, o.accum_steps >= 1, ">= 1"),
+        ("ema_decay", cfg.ema_decay, 0 <= cfg.ema_decay < 1, "in [0, 1) (0: off)"),
         ("sched.warmup_epochs", sc.warmup_epochs, 0 <= sc.warmup_epochs < math.inf, ">= 0"),
         ("sched.warmup_start_factor", sc.warmup_start_factor, 0 <= sc.warmup_start_factor <= 1, "in [0, 1]"),
         ("sched.min_lr_factor", sc.min_lr_factor, 0 <= sc.min_lr_factor <= 1, "in [0, 1]"),

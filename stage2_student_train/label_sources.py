@@ -50,6 +50,8 @@ class LabelSource(Protocol):
             dumped with ``--view-policy rrc``, even with one view); False for a center-crop bank, live or none.
         preprocessing: the bank's ``preprocessing`` attr (how its teachers saw the images), or None.
         feature_dim: D of the ``teacher_features`` it adds (built with ``features=True``), else None.
+        draws_crops: whether the source draws each epoch's training crops itself (:meth:`boxes`, replayed by the
+            loader): a label-map bank (:class:`stage2_student_train.map_labels.MapLabelSource`).
     """
 
     teachers: list[dict[str, Any]]
@@ -60,10 +62,18 @@ class LabelSource(Protocol):
     stores_views: bool
     preprocessing: dict[str, Any] | None
     feature_dim: int | None
+    draws_crops: bool
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         """Crop boxes [len(order), 1, 5] (y, x, h, w, flip) of the view each sample replays in ``epoch``;
         UsageError when the source stores no views."""
+        ...
+
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        """For a bank whose view policy stores parameters (:mod:`pipeline.data.policy`): the replayed views'
+        ``params`` [len(order), 1, A], ``partners`` [len(order), 1] and the partners' own ``partner_boxes``
+        [.., 1, 5] and ``partner_params`` [.., 1, A] (what :func:`pipeline.data.loaders.load_mixed_batches`
+        takes); None otherwise."""
         ...
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -74,18 +84,32 @@ class LabelSource(Protocol):
         ...
 
 
-def view_choice(index: torch.Tensor, epoch: int, seed: int, num_views: int) -> torch.Tensor:
-    """Which stored view sample ``index`` uses in ``epoch``: a seeded hash, so every view gets used and runs
-    are reproducible. -> [B] int64 in [0, num_views). CPU tensors are hashed through numpy (15 us instead of
-    50 us per 256-row batch: the per-step label gather is ~250 us), with the same int64 arithmetic."""
-    if index.device.type == "cpu":
-        return torch.from_numpy(_view_hash(index.numpy().astype(np.int64), epoch, seed, num_views))
-    return _view_hash(index.to(torch.int64), epoch, seed, num_views)
+VIEW_ORDERS = ("cycle", "hash")
+
+
+def view_choice(index: torch.Tensor, epoch: int, seed: int, num_views: int, order: str = "cycle") -> torch.Tensor:
+    """Which stored view sample ``index`` uses in ``epoch`` -> [B] int64 in [0, num_views).
+
+    ``order`` (``view_order``): ``cycle``: view ``(epoch + offset(i)) mod V``, ``offset(i)`` a seeded hash of the
+    sample (not of the epoch): every sample sees a different view each epoch and all V of them in V consecutive
+    epochs (its views in turn, then again from its offset: with V < E epochs views repeat, and the run warns),
+    while one batch mixes view slots; ``hash``: a seeded hash of (sample, epoch), drawn independently each epoch
+    (every view gets used on average, repeats are possible; the order before ``view_order`` existed). CPU tensors
+    are hashed through numpy (15 us instead of 50 us per 256-row batch), with the same int64 arithmetic."""
+    if order not in VIEW_ORDERS:
+        raise UsageError(f"unknown view order '{order}'; valid: {', '.join(VIEW_ORDERS)}")
+    on_cpu = index.device.type == "cpu"
+    x = index.numpy().astype(np.int64) if on_cpu else index.to(torch.int64)
+    if order == "hash":
+        v = _view_hash(x, epoch, seed, num_views)
+    else:
+        v = (_view_hash(x, -1, seed, num_views) + epoch) % num_views
+    return torch.from_numpy(v) if on_cpu else v
 
 
 def _view_hash(x, epoch: int, seed: int, num_views: int):
     """The hash of :func:`view_choice` on an int64 numpy array or torch tensor (wrapping multiplication,
-    arithmetic shifts, floor modulo: the same on both)."""
+    arithmetic shifts, floor modulo: the same on both). ``epoch = -1`` hashes the sample and seed only."""
     x = x * 0x9E3779B1 + (epoch + 1) * 0x85EBCA77 + (seed + 1) * 0xC2B2AE3D
     x = (x ^ (x >> 15)) * 0x2C1B3C6D
     x = x ^ (x >> 12)
@@ -94,6 +118,8 @@ def _view_hash(x, epoch: int, seed: int, num_views: int):
 
 class NoLabelSource:
     """Methods without a teacher: adds nothing to the batch."""
+
+    draws_crops = False
 
     def __init__(self) -> None:
         self.teachers: list[dict[str, Any]] = []
@@ -108,6 +134,9 @@ class NoLabelSource:
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
 
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        return None
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {}
 
@@ -116,7 +145,7 @@ class BankLabelSource:
     """Teacher logits of one or more banks held in memory (:mod:`pipeline.bank.resident`: dense banks in their
     dtype, compact banks compact), gathered by ``batch['index']`` and densified to [B, T, C] float32 on the
     batch's device (several banks: concatenated on T); with ``replay_seed`` the view of each sample follows
-    :func:`view_choice`, else view 0.
+    :func:`view_choice` in ``view_order``, else view 0.
 
     Attributes: ``residents`` (one :class:`pipeline.bank.resident.ResidentBank` per bank), ``num_samples``,
     ``num_views``, ``skipped``, ``teachers``, ``paths``; ``views``: the first bank's boxes [N, V, 5], read from
@@ -124,8 +153,11 @@ class BankLabelSource:
     box per sample an epoch replays, chunk by chunk (20 B per sample and view would be half a top-10 bank).
     """
 
+    draws_crops = False
+
     def __init__(self, banks: list[LabelBank], device: str = "cpu", replay_seed: int | None = None,
-                 progress: bool = False, features: bool = False, items: Sequence[tuple[str, int]] = ()):
+                 progress: bool = False, features: bool = False, items: Sequence[tuple[str, int]] = (),
+                 view_order: str = "cycle"):
         """``features``: also hold the banks' stored embeddings and add ``teacher_features`` [B, T, D] (every
         bank's zero-padded to the widest D); a bank without them is a one-line UsageError. ``items``: the run's
         other host allocations, checked with the banks (``pipeline.bank.resident.check_host_memory``)."""
@@ -165,6 +197,8 @@ class BankLabelSource:
         self.teachers = [t for b in banks for t in b.teachers]
         self.preprocessing = first.attrs.get("preprocessing")
         self.replay_seed = replay_seed
+        self.view_order = view_order
+        self._mix = _mix_arrays(first) if replay_seed is not None else None
 
     @property
     def views(self) -> torch.Tensor | None:
@@ -180,25 +214,43 @@ class BankLabelSource:
         if self._views_bank is None:
             raise UsageError("--replay-views needs a bank with stored views (dump with --views K --view-policy rrc)")
         idx = np.asarray(order, np.int64)
-        v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views).numpy()
+        v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views, self.view_order).numpy()
+        return self._read_chosen("views", idx, v)[:, None, :]
+
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        bank = self._views_bank
+        if bank is None or "view_params" not in bank.group:
+            return None
+        idx = np.asarray(order, np.int64)
+        v = view_choice(torch.from_numpy(idx), epoch, self.replay_seed or 0, self.num_views, self.view_order).numpy()
+        partners = self._read_chosen("view_partner", idx, v)
+        safe = np.maximum(partners, 0).astype(np.int64)
+        return {"params": self._read_chosen("view_params", idx, v)[:, None], "partners": partners[:, None],
+                "partner_boxes": self._read_chosen("views", safe, v)[:, None],
+                "partner_params": self._read_chosen("view_params", safe, v)[:, None]}
+
+    def _read_chosen(self, name: str, idx: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``name``[idx[k], v[k]] for every k of a per-(sample, view) array of the first bank, read chunk by chunk
+        (the array is not held)."""
         bank = self._views_bank
         step = max(1, bank.rows_per_chunk)
-        out = np.empty((len(idx), 5), np.float32)
+        arr = bank.group[name]
+        out = np.empty((len(idx), *arr.shape[2:]), arr.dtype)
         by_row = np.argsort(idx, kind="stable")
         bounds = np.searchsorted(idx[by_row], np.arange(0, self.num_samples + step, step))
         for j in range(len(bounds) - 1):
             sel = by_row[bounds[j]:bounds[j + 1]]
             if len(sel):
                 s = j * step
-                chunk = bank.read_rows("views", s, min(self.num_samples, s + step))
+                chunk = bank.read_rows(name, s, min(self.num_samples, s + step))
                 out[sel] = chunk[idx[sel] - s, v[sel]]
-        return out[:, None, :]
+        return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         index = batch["index"]
         view = None
         if self.replay_seed is not None and self.num_views > 1:
-            view = view_choice(index, batch["epoch"], self.replay_seed, self.num_views)
+            view = view_choice(index, batch["epoch"], self.replay_seed, self.num_views, self.view_order)
         image = batch.get("image")
         target = image.device if image is not None else torch.device(self.device)
         out = [r.target(index, view, target) for r in self.residents]
@@ -209,6 +261,12 @@ class BankLabelSource:
         else:
             logits = [o["teacher_logits"] for o in out]
             entries = {"teacher_logits": logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)}
+        if self._mix is not None:
+            entries.update(_mix_entries(self._mix, index, view, target))
+        if batch.get("index_mix") is not None and "teacher_logits" in entries:  # --mix-labels blend
+            other = [r.target(batch["index_mix"], view, target)["teacher_logits"] for r in self.residents]
+            entries["teacher_logits"] = blend_logits(entries["teacher_logits"], torch.cat(other, dim=1),
+                                                     batch["lam"].to(target))
         if self.feature_residents:
             f = [r.gather(index, view, target) for r in self.feature_residents]
             f = [torch.nn.functional.pad(x, (0, self.feature_dim - x.shape[-1])) for x in f]
@@ -223,12 +281,47 @@ def _target_kind(bank: LabelBank) -> str:
     return "logits"
 
 
+def blend_logits(z1: torch.Tensor, z2: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """FKD / ReLabel's approximate soft label of a mixed image: the two images' T = 1 teacher distributions
+    blended by λ, as logits (log-probabilities) [B, T, C]: ``log(lam·softmax(z1) + (1 − lam)·softmax(z2))``;
+    ``lam`` [B]. A loss at temperature T softens this blend (not the blend of the softened ones)."""
+    w = lam.to(z1.dtype).clamp(0, 1)[:, None, None]
+    a = torch.log_softmax(z1, dim=-1) + torch.log(w)
+    b = torch.log_softmax(z2, dim=-1) + torch.log1p(-w)
+    return torch.logaddexp(a, b)
+
+
+def _mix_arrays(bank: LabelBank) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A mixing bank's per (sample, view) partner class [N, V] int64 (its own class where unmixed) and λ [N, V]
+    float32 (8 B per view held, 16 B while building), or None for a bank without mixed views."""
+    if "view_partner" not in bank.group:
+        return None
+    partner = bank.read_rows("view_partner", 0, bank.num_samples).astype(np.int64)
+    if (partner < 0).all():
+        return None
+    labels = bank.labels().astype(np.int64)
+    lam = bank.read_rows("view_params", 0, bank.num_samples)[..., 5].astype(np.float32)
+    own = np.broadcast_to(labels[:, None], partner.shape)
+    return torch.from_numpy(np.where(partner >= 0, labels[np.maximum(partner, 0)], own)), torch.from_numpy(lam)
+
+
+def _mix_entries(mix: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, view: torch.Tensor | None,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """``label_mix`` [B] int64 and ``lam`` [B] float32 of the replayed views (the mixed-label contract of
+    :func:`kd_losses._common.cross_entropy`)."""
+    label_mix, lam = mix
+    v = view if view is not None else torch.zeros_like(index)
+    return {"label_mix": label_mix[index, v].to(device), "lam": lam[index, v].to(device)}
+
+
 def _has_boxes(bank: LabelBank) -> bool:
     return bank.attrs.get("views", {}).get("policy", "center") != "center"
 
 
 class LiveTeacherLabelSource:
     """Runs a teacher ensemble on each batch's images (eval mode, inference mode) -> [B, T, C]."""
+
+    draws_crops = False
 
     def __init__(self, specs: Sequence[TeacherSpec], classes: Sequence[str] | int, device: str, seed: int = 0,
                  crop: int = 224, features: bool = False, amp: str = "none"):
@@ -249,6 +342,9 @@ class LiveTeacherLabelSource:
 
     def boxes(self, order: np.ndarray, epoch: int) -> np.ndarray:
         raise UsageError("--replay-views replays a bank's stored views; a live teacher has none")
+
+    def view_params(self, order: np.ndarray, epoch: int) -> dict[str, np.ndarray] | None:
+        return None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         device_type, dtype = self.autocast
@@ -351,6 +447,9 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
         crop = int(pre.get("crop") or resolve_preset(cfg.preset, train).crop)
         return run_items(sum(b.num_teachers for b in banks) or None, max(dims) if dims else None, crop)
 
+    if cfg.cutmix and (cfg.live_teacher or not kd_losses.needs_teacher(cfg.method)):
+        raise UsageError(f"--cutmix mixes the soft labels of a label-map bank (--format labelmap); method "
+                         f"'{cfg.method}'{' with --live-teacher' if cfg.live_teacher else ''} reads none: drop --cutmix")
     if cfg.live_teacher or not kd_losses.needs_teacher(cfg.method):
         check_host_memory([], 0, items([]))
     if cfg.live_teacher:
@@ -373,6 +472,8 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
     banks = [LabelBank(p) for p in paths]
     if cfg.banks and cfg.teacher:
         _check_teachers_agree(cfg, banks)
+    if any(b.format == "labelmap" for b in banks) or cfg.cutmix:  # label maps (stage2_student_train/map_labels.py)
+        return build_map_source(cfg, train, banks, items(banks))
     for b in banks:
         b.validate(train)
         made_by = b.attrs.get("loader", "dali")
@@ -381,6 +482,17 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
                         "slightly (docs/GPU.md gives the measured logit difference)", b.path, made_by, cfg.loader)
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
+        if not cfg.replay_views and "view_params" in b.group:
+            raise UsageError(f"{b.path} stores augmented views ({b.attrs['views']['policy']}): its soft labels are "
+                             "the teachers' on those images; train with --replay-views")
+    if cfg.mix_labels:
+        sparse = [b.path for b in banks if b.format in ("topk", "sampled")]
+        if sparse:
+            raise UsageError(f"--mix-labels blend blends dense logits; {sparse[0]} is a {banks[0].format} bank: use a "
+                             "dense or int8 bank")
+        log.warning("--mix-labels blend: Mixup/CutMix targets blended from the two images' stored soft labels by "
+                    "lambda (FKD/ReLabel); approximate, the teacher's output on a mixed image is not the blend of its "
+                    "outputs (exact: dump with a mixing --view-policy and train with --replay-views)")
     for b in banks:
         try:
             kd_losses.check_teacher_format(cfg.method, b.format, sum(x.num_teachers for x in banks))
@@ -388,10 +500,41 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
             raise UsageError(f"{e} (bank {b.path})") from None
     src = BankLabelSource(banks, cfg.device, replay_seed=cfg.seed if cfg.replay_views else None,
                           progress=int(os.environ.get("RANK", "0")) == 0, features=kd_losses.needs_features(cfg.method),
-                          items=items(banks))
+                          items=items(banks), view_order=cfg.view_order)
+    if cfg.replay_views and src.num_views < cfg.epochs and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("%d stored views for %d epochs: each sample's views repeat (view order %s); dump more with "
+                    "python -m pipeline.dump_logits --append-views %s --views %d", src.num_views, cfg.epochs,
+                    cfg.view_order, paths[0], cfg.epochs)
     log.info("soft labels from %s: %s", ", ".join(paths),
              ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
                        for r in src.residents))
+    return src
+
+
+def build_map_source(cfg: Any, train: Manifest, banks: list[LabelBank], items: Sequence[tuple[str, int]] = ()) -> Any:
+    """A :class:`stage2_student_train.map_labels.MapLabelSource` for one label-map bank (one-line UsageError for
+    several banks, a bank of another format with ``--cutmix``, ``--replay-views``, or a method that cannot read
+    logits)."""
+    from stage2_student_train.map_labels import MapLabelSource
+
+    if len(banks) != 1 or banks[0].format != "labelmap":
+        raise UsageError("--cutmix and label-map banks take exactly one label-map bank (--labels BANK, dumped with "
+                         f"--format labelmap); got {', '.join(f'{b.path} ({b.format})' for b in banks)}")
+    bank = banks[0]
+    if cfg.replay_views:
+        raise UsageError(f"{bank.path} is a label-map bank: every epoch draws fresh crops; drop --replay-views")
+    bank.validate(train)
+    try:
+        kd_losses.check_teacher_format(cfg.method, "dense", bank.num_teachers)
+    except ValueError as e:
+        raise UsageError(f"{e} (bank {bank.path})") from None
+    arrays = bank.attrs["label_map"]["arrays"] + ["views", "image_size"]
+    check_host_memory([], sum(int(bank.group[n].nbytes) for n in arrays), items)
+    preset = resolve_preset(cfg.preset, train, bank.attrs.get("preprocessing"))
+    src = MapLabelSource(bank, preset, cfg.seed, cfg.cutmix)
+    log.info("soft labels pooled from the label map %s: %s (%.3g GB on the host)", bank.path,
+             {k: v for k, v in bank.attrs["label_map"].items() if k in ("size", "region", "map_dtype", "topk")},
+             src.nbytes / 1e9)
     return src
 
 

@@ -41,77 +41,56 @@ def autocast_context(device: str, amp: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def make_batch(b: Batch, targets: torch.Tensor, device: str, epoch: int, channels_last: bool) -> dict:
+def make_batch(b: Batch, targets: torch.Tensor, device: str, epoch: int, channels_last: bool,
+               dtype: torch.dtype | None = None) -> dict:
     """Decoded batch -> the loop's batch dict; ``targets`` [N] int64 are the manifest's true classes, looked up
-    by sample index."""
-    images = b.images.to(device, non_blocking=True)
+    by sample index. ``image`` [B, 3, H, W] on ``device`` (copied without blocking the host), in ``dtype`` (the
+    student's; None: as decoded) and channels_last memory format when asked."""
+    images = b.images.to(device, dtype=dtype, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return {"image": images, "label": targets[b.index].to(device, non_blocking=True), "index": b.index,
-            "epoch": epoch}
+    out = {"image": images, "label": targets[b.index].to(device, non_blocking=True), "index": b.index,
+           "epoch": epoch}
+    if b.mix is not None:  # mixed in the loader (--mix-labels blend): the partners' classes and λ
+        out.update(index_mix=b.mix["index_mix"], label_mix=targets[b.mix["index_mix"]].to(device, non_blocking=True),
+                   lam=b.mix["lam"].to(device, non_blocking=True))
+    return out
 
 
-def train_one_epoch(
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batches: Iterable[Batch],
-    targets: torch.Tensor,
-    label_source: Callable[[dict], dict[str, torch.Tensor]] | None,
-    epoch: int,
-    *,
-    device: str = "cpu",
-    scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = False,
-    info: DistInfo = DistInfo(),
-    total_steps: int | None = None,
-    log_every: int = 50,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, float]:
-    """One pass over ``batches``; returns the sample-weighted means of every loss part (``train_<part>``),
-    images/s, time, and the learning rate of the epoch's first and last steps (``lr_first``, ``lr_last``).
+def train_one_epoch(step: Any, batches: Iterable[Batch], epoch: int, *, total_steps: int | None = None,
+                    log_every: int = 50, on_step: Callable[[int, dict[str, float]], None] | None = None,
+                    ) -> dict[str, float]:
+    """One pass over ``batches`` with ``step`` (a :class:`stage2_student_train.step.TrainStep`: forward, backward,
+    updates, soft labels gathered one batch ahead); returns the sample-weighted means of every loss part
+    (``train_<part>``), images/s, time, and the learning rate of the epoch's first and last steps (``lr_first``,
+    ``lr_last``).
 
-    ``module``: a :class:`stage2_student_train.step.TrainModule` (student + loss; ``forward(batch)`` -> the loss
-    dict), or its DDP wrapper. ``targets`` [N] int64: true classes by sample index; ``label_source``: a
-    :class:`~stage2_student_train.label_sources.LabelSource` (its entries are added to each batch) or None.
-    Raises TrainingDiverged (exit 1) when the loss becomes non-finite on any rank.
+    Loss parts and finiteness accumulate on the device; the host reads them every ``log_every`` steps (``on_step``
+    gets the step's parts and lr there) and at the end of the epoch, never per step. Raises TrainingDiverged
+    (exit 1) when the loss became non-finite on any rank, at the first such read after it.
     """
-    module.train()
+    step.train()
+    info = step.info
     sums: dict[str, torch.Tensor] = {}  # sample-weighted sums of the loss parts, on the device: no host sync
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step whose loss was not finite
+    first_bad = torch.full((), -1, dtype=torch.int64, device=step.device)  # first step whose loss was not finite
     n_seen = 0
-    lr_first = lr_last = optimizer.param_groups[0]["lr"]
+    lr_first = lr_last = step.lr
     t0 = time.time()
     pbar = tqdm(total=total_steps, desc=f"epoch {epoch}", unit="step", disable=not info.is_main, mininterval=1.0,
                 leave=False)
-    step = -1
-    for step, b in enumerate(batches):
-        batch = make_batch(b, targets, device, epoch, channels_last)
-        if label_source is not None:
-            batch.update(label_source(batch))
-        out = module(batch)
-        loss = out["loss"]
-        bad = ~torch.isfinite(loss.detach())
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-        lr_last = optimizer.param_groups[0]["lr"]
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        bs = len(b.index)
+    for i, (batch, out) in enumerate(step.steps(batches, epoch)):
+        bad = ~torch.isfinite(out["loss"].detach())
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
+        bs = len(batch["index"])
         n_seen += bs
+        lr_last = step.last_lr
         for k, v in out.items():
             sums[k] = sums[k] + v.detach().float() * bs if k in sums else v.detach().float() * bs
-        if step % max(log_every, 1) == 0:  # the only host reads of a step: every log_every steps
+        if i % max(log_every, 1) == 0:  # the only host reads of a step: every log_every steps
             _stop_if_diverged(first_bad, epoch, info, pbar)
             parts = {k: float(v.detach()) for k, v in out.items()}
             if on_step is not None:
-                on_step(step, {**parts, "lr": lr_last})
+                on_step(i, {**parts, "lr": lr_last})
             pbar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{n_seen / max(time.time() - t0, 1e-9):.0f}")
         pbar.update(1)
     _stop_if_diverged(first_bad, epoch, info, pbar)

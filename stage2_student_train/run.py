@@ -25,7 +25,8 @@ from pipeline import storage
 from pipeline.config import save_yaml, to_dict
 from pipeline.data import Manifest, layout_of
 from pipeline.data.batch import Batch, DecodeError
-from pipeline.data.loaders import load_batches, resolve_loader
+from pipeline.data.loaders import load_batches, load_blended_batches, load_mixed_batches, resolve_loader
+from pipeline.data.policy import blend_rows, parse_mix_policy
 from pipeline.data.presets import PRESETS, Preprocess, resolve_preset
 from pipeline.distributed import (DistInfo, barrier, broadcast_buffers, broadcast_object, cleanup, derive_seed,
                                   gather_objects, init_distributed)
@@ -40,8 +41,8 @@ from stage2_student_train.config import TrainConfig
 from stage2_student_train.inputs import check_config, load_manifests, undecodable
 from stage2_student_train.label_sources import LabelSource, build_label_source, val_teacher
 from stage2_student_train.loop import evaluate, train_one_epoch
-from stage2_student_train.optim import build_optimizer, build_scheduler
-from stage2_student_train.step import TrainModule, wrap
+from stage2_student_train.optim import build_ema, build_optimizer, build_scheduler, updates_per_epoch
+from stage2_student_train.step import TrainModule, TrainStep, wrap
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,31 @@ def train_order(cfg: TrainConfig, n: int, excluded: np.ndarray | None, epoch: in
 
 
 def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: str, cfg: TrainConfig, seed: int,
-             boxes: np.ndarray | None = None, max_steps: int = 0) -> Iterator[Batch]:
+             boxes: np.ndarray | None = None, max_steps: int = 0,
+             params: dict[str, np.ndarray] | None = None,
+             blend: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[Batch]:
+    """``params``: the replayed views' stored parameters (``LabelSource.view_params``), mixed with their partners
+    when the policy mixes; ``blend``: partners and rows of ``--mix-labels blend`` (mixed in the loader)."""
     if max_steps:
         order = order[: max_steps * cfg.batch_size]
         boxes = boxes[: len(order)] if boxes is not None else None
+        params = {k: a[: len(order)] for k, a in params.items()} if params is not None else None
+        blend = (blend[0][: len(order)], blend[1][: len(order)]) if blend is not None else None
     if len(order) == 0:  # a rank's empty val share: no batches (the loaders refuse an empty request)
         return
+    loader = resolve_loader(cfg.loader)
     try:
-        yield from load_batches(resolve_loader(cfg.loader), manifest, order, preset, mode, cfg.batch_size,
-                                cfg.workers, cfg.device, seed, boxes=boxes, hw_decoder_load=cfg.hw_decoder_load)
+        if blend is not None:
+            yield from load_blended_batches(loader, manifest, order, preset, mode, cfg.batch_size, cfg.workers,
+                                            cfg.device, seed, *blend, hw_decoder_load=cfg.hw_decoder_load)
+            return
+        if params is not None and (params["partners"] >= 0).any():
+            yield from load_mixed_batches(loader, manifest, order, preset, cfg.batch_size, cfg.workers, cfg.device,
+                                          boxes, hw_decoder_load=cfg.hw_decoder_load, **params)
+            return
+        yield from load_batches(loader, manifest, order, preset, mode, cfg.batch_size, cfg.workers, cfg.device,
+                                seed, boxes=boxes, hw_decoder_load=cfg.hw_decoder_load,
+                                params=params["params"] if params is not None else None)
     except DecodeError as e:  # not caught by the pre-scan: find the file to name it
         lay = layout_of(manifest)
         found = (list(order).index(e.sample), str(e)) if e.sample is not None else \
@@ -168,10 +185,16 @@ class Run:
     parts: ckpt.TrainingParts
     module: nn.Module  # TrainModule(parts.model, parts.criterion), wrapped in DDP under torchrun
     label_source: LabelSource
-    steps: int  # optimizer steps per epoch
+    steps: int  # steps (micro-batches) per epoch
     tb: Any  # TensorBoard SummaryWriter on rank 0, else None
     identity: dict[str, Any]  # what the data and banks are, whatever their paths (checkpoint.run_identity)
     val_teacher: Callable[[dict], torch.Tensor] | None = None  # the teachers' val logits, for agreement and KL
+    step: TrainStep | None = None  # built by _train once the checkpoint (if any) is restored
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates per epoch (one per ``optim.accum_steps`` steps)."""
+        return updates_per_epoch(self.steps, self.cfg.optim.accum_steps)
 
     @property
     def num_classes(self) -> int:
@@ -181,15 +204,16 @@ class Run:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run = _setup(cfg, info)
     cfg = run.cfg
-    start_epoch, best = 0, -1.0
+    start_epoch, best = 0, {"top1": -1.0, "ema_top1": -1.0}
     last = Path(cfg.resume_from) if cfg.resume_from else run.out / "last.pt"
     if cfg.resume and last.is_file():
         start_epoch, best = ckpt.restore_training(last, run.parts, to_dict(cfg), run.identity, info)
         log.info("resumed from %s at epoch %d", last, start_epoch)
-    # the schedule's position is the global step, whatever the checkpoint's scheduler stored (a resumed run
-    # follows its own config's schedule from its first step)
-    run.parts.scheduler = build_scheduler(run.parts.optimizer, run.steps, cfg.epochs, cfg.sched, cfg.optim.lr,
-                                          start_epoch * run.steps)
+    # the schedule's position is the global update, whatever the checkpoint's scheduler stored (a resumed run
+    # follows its own config's schedule from its first update)
+    run.parts.scheduler = build_scheduler(run.parts.optimizer, run.updates, cfg.epochs, cfg.sched, cfg.optim.lr,
+                                          start_epoch * run.updates)
+    run.step = _train_step(run, start_epoch * run.updates)
     if info.is_main:
         save_yaml(cfg, run.out / "config.yaml")
         _truncate_metrics(run.out / "metrics.jsonl", start_epoch)
@@ -205,7 +229,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
                    "elapsed_s": time.time() - t_start}
         best = _record_epoch(run, epoch, metrics, best)
-    final = _finalize(cfg, run.out, metrics, best, acc, run.label_source, info)
+    final = _finalize(cfg, run.out, metrics, best["top1"], acc, run.label_source, info)
     if run.tb is not None:
         run.tb.close()
     return final
@@ -249,15 +273,27 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     steps = math.ceil(n_per_rank / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    scheduler = build_scheduler(optimizer, steps, cfg.epochs, cfg.sched, cfg.optim.lr)
+    scheduler = build_scheduler(optimizer, updates_per_epoch(steps, cfg.optim.accum_steps), cfg.epochs, cfg.sched,
+                                cfg.optim.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and cfg.device == "cuda")
     module = wrap(TrainModule(model, criterion, tap, cfg.amp, info), info)
-    parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler)
+    parts = ckpt.TrainingParts(model, criterion, optimizer, scheduler, scaler, build_ema(model, cfg.ema_decay))
     tb = _tensorboard(out) if info.is_main else None
     identity = ckpt.run_identity(train_m, label_source.bank_keys, info)
     teacher = val_teacher(label_source, val_m, preset.name, cfg.device, cfg.data)
     return Run(cfg, info, out, preset, train_m, val_m, excluded, val_keep, parts, module, label_source, steps, tb,
                identity, teacher)
+
+
+def _train_step(run: Run, updates: int) -> TrainStep:
+    """The run's :class:`TrainStep`: its module, optimizer, schedule, scaler, EMA, label source, clipping and
+    accumulation, positioned after ``updates`` optimizer updates."""
+    cfg, p = run.cfg, run.parts
+    targets = torch.from_numpy(run.train_m.labels.astype(np.int64))
+    return TrainStep(run.module, p.optimizer, targets, scheduler=p.scheduler, label_source=run.label_source,
+                     device=cfg.device, scaler=p.scaler, channels_last=cfg.channels_last,
+                     clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
+                     accum_steps=cfg.optim.accum_steps, ema=p.ema, updates=updates, info=run.info)
 
 
 def on_rank0(fn: Callable[[], Any], info: DistInfo) -> Any:
@@ -296,36 +332,43 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One epoch: this rank's seeded order, the pipeline of the epoch's mode, the loop; TensorBoard per step."""
     cfg, info = run.cfg, run.info
     order = train_order(cfg, len(run.train_m), run.excluded, epoch, info)
-    boxes = run.label_source.boxes(order, epoch) if cfg.replay_views else None
-    mode = "views" if cfg.replay_views else ("train" if cfg.augment else "eval")
+    replay = cfg.replay_views or run.label_source.draws_crops  # a label-map source draws each epoch's crops
+    boxes = run.label_source.boxes(order, epoch) if replay else None
+    params = run.label_source.view_params(order, epoch) if cfg.replay_views else None
+    blend = blend_rows(parse_mix_policy(cfg.mix_policy), cfg.seed, order, epoch, run.preset.crop,
+                       len(run.train_m)) if cfg.mix_labels else None
+    mode = "views" if replay else ("train" if cfg.augment else "eval")
     seed_epoch(cfg.seed, epoch, info.rank)
     batches = _batches(run.train_m, order, run.preset, mode, cfg, loader_seed(cfg.seed, epoch, info.rank), boxes,
-                       cfg.max_steps_per_epoch)
+                       cfg.max_steps_per_epoch, params, blend)
 
     def on_step(step: int, parts: dict[str, float]) -> None:
         if run.tb is not None:
             for k, v in parts.items():
                 run.tb.add_scalar(f"train_step/{k}", v, epoch * run.steps + step)
 
-    p = run.parts
-    targets = torch.from_numpy(run.train_m.labels.astype(np.int64))
-    return train_one_epoch(
-        run.module, p.optimizer, p.scheduler, batches, targets, run.label_source, epoch, device=cfg.device,
-        scaler=p.scaler, channels_last=cfg.channels_last, info=info, total_steps=run.steps, log_every=cfg.log_every,
-        on_step=on_step,
-    )
+    return train_one_epoch(run.step, batches, epoch, total_steps=run.steps, log_every=cfg.log_every,
+                           on_step=on_step)
 
 
 def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
-    """Val metrics of the student, every rank evaluating its share (BN statistics of rank 0 first)."""
+    """Val metrics of the student, every rank evaluating its share (BN statistics of rank 0 first); with a model
+    EMA, its metrics too, prefixed ``ema_`` (``ema_top1``, ...)."""
     cfg, info = run.cfg, run.info
-    # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save) rank 0's
-    broadcast_buffers(run.parts.model, info)
     val_order = val_share(run.val_keep, info)
     targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
-    return evaluate(run.parts.model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
-                    device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info,
-                    teacher=run.val_teacher)
+    results = []
+    for model in [run.parts.model] + ([run.parts.ema.module] if run.parts.ema is not None else []):
+        # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save)
+        # rank 0's
+        broadcast_buffers(model, info)
+        results.append(evaluate(model, _batches(run.val_m, val_order, run.preset, "eval", cfg, 0), targets,
+                                device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info,
+                                teacher=run.val_teacher))
+    val, acc = results[0]
+    if len(results) > 1:
+        val = {**val, **{f"ema_{k}": v for k, v in results[1][0].items() if k != "n"}}
+    return val, acc
 
 
 def val_share(keep: np.ndarray, info: DistInfo) -> np.ndarray:
@@ -334,7 +377,7 @@ def val_share(keep: np.ndarray, info: DistInfo) -> np.ndarray:
     return np.array_split(keep, info.world_size)[info.rank]
 
 
-def _save_last(run: Run, epoch: int, best: float) -> None:
+def _save_last(run: Run, epoch: int, best: dict[str, float]) -> None:
     """Rank 0: ``last.pt`` of a finished training epoch (written again with the epoch's top-1 after evaluation)."""
     rng = gather_objects(ckpt.rng_state(), run.info)  # every rank's own generators
     if run.info.is_main:
@@ -344,13 +387,14 @@ def _save_last(run: Run, epoch: int, best: float) -> None:
     barrier(run.info)
 
 
-def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) -> float:
-    """Rank 0: append to metrics.jsonl, write last.pt (and best.pt), TensorBoard, log line. Returns the best
-    top-1 so far."""
+def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: dict[str, float]) -> dict[str, float]:
+    """Rank 0: append to metrics.jsonl, write last.pt (and best.pt, ema_best.pt), TensorBoard, log line. Returns
+    the best top-1 so far (``top1``, ``ema_top1``)."""
     cfg = run.cfg
     top1 = metrics["top1"]
-    is_best = top1 > best
-    best = max(best, top1)
+    is_best = top1 > best["top1"]
+    ema_best = "ema_top1" in metrics and metrics["ema_top1"] > best["ema_top1"]
+    best = {k: max(v, metrics.get(k, v)) for k, v in best.items()}
     rng = gather_objects(ckpt.rng_state(), run.info)
     if run.info.is_main:
         with open(run.out / "metrics.jsonl", "a") as f:
@@ -361,6 +405,9 @@ def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: float) ->
         if is_best:
             ckpt.save_best(run.out / "best.pt", run.parts.model, epoch, top1, config, cfg.student,
                            run.preset.to_dict())
+        if ema_best:
+            ckpt.save_best(run.out / "ema_best.pt", run.parts.ema.module, epoch, metrics["ema_top1"], config,
+                           cfg.student, run.preset.to_dict())
         for k, v in metrics.items():
             if run.tb is not None and isinstance(v, (int, float)):
                 run.tb.add_scalar(f"epoch/{k}", v, epoch)
@@ -420,9 +467,11 @@ def _finalize(cfg: TrainConfig, out: Path, metrics: dict, best: float, acc: Metr
         "bank": ",".join(label_source.paths) or ("live" if cfg.live_teacher else None),
         "preset": cfg.preset, "amp": cfg.amp, "loader": cfg.loader,
         "epochs": cfg.epochs, "seed": cfg.seed, "world_size": info.world_size,
-        "global_batch_size": cfg.batch_size * info.world_size,
+        "global_batch_size": cfg.batch_size * info.world_size * cfg.optim.accum_steps,  # images per update
         **{k: last.get(k) for k in ("top1", "top5", "nll", "ece", "teacher_agreement", "teacher_kl")},
         "best_top1": max((r["top1"] for r in rows), default=best),
+        **({"ema_top1": last["ema_top1"], "ema_best_top1": max(r["ema_top1"] for r in rows if "ema_top1" in r)}
+           if "ema_top1" in last else {}),
         "train_time_s": sum(r.get("train_time_s", 0.0) for r in rows),
         "train_images_per_s": last.get("train_images_per_s"),
     }

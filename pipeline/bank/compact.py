@@ -109,6 +109,12 @@ def _np(arrays: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {n: a.cpu().numpy() for n, a in arrays.items()}
 
 
+def tail_stats(lp: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """lp [..., C] float32 log-probabilities at T = 1, kept [..., C] bool -> F(1/T_g) [..., G] float32 for every
+    grid temperature (:func:`pipeline.bank.encoding.tail_stats`; ``labels check`` recomputes a top-k tail)."""
+    return en.tail_stats(_t(np.asarray(lp, np.float32)), _t(np.asarray(kept, bool))).numpy()
+
+
 def encode_topk(logits: np.ndarray, k: int, labels: np.ndarray) -> dict[str, np.ndarray]:
     """logits [..., C], labels [r] or [...] -> {topk_values [..., K] float16 log-probs sorted decreasing,
     topk_indices [..., K] int16/int32, target_logprob [...] float16 (the true class's log-prob),

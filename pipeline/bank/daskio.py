@@ -143,6 +143,9 @@ def logits_array(bank, rows: int | None = None) -> da.Array:
     n, t, v, c = bank.shape
     if bank.format == "dense":
         x = da.from_zarr(g["logits"]).astype(np.float32)
+    elif bank.format == "labelmap":
+        raise BankError(f"label bank {bank.path} is a label map (format labelmap): the bank tools read dense and "
+                        "compact banks; use labels info / verify / map-check on it")
     else:
         names = tuple(bank.attrs.get("compact_arrays") or ())
         if not names or any(nm not in g for nm in names):

@@ -55,14 +55,20 @@ def preprocessing_record(preset: Any, teacher_amp: bool = False) -> dict[str, An
 
 
 def view_record(policy: str, num_views: int, seed: int, preset: Any) -> dict[str, Any]:
-    """What a bank's attrs (and key) record about its views; UsageError for an unknown or inconsistent policy."""
-    if policy not in VIEW_POLICIES:
-        raise UsageError(f"unknown view policy '{policy}'; valid: {', '.join(VIEW_POLICIES)}")
-    if policy == "center" and num_views != 1:
+    """What a bank's attrs (and key) record about its views: the canonical policy string
+    (:func:`pipeline.data.policy.parse_view_policy`), and for policies with stored parameters the ``view_params``
+    column names; UsageError for an unknown or inconsistent policy (the old policies keep their old record, so
+    their banks keep their keys)."""
+    from pipeline.data.policy import parse_view_policy
+
+    parsed = parse_view_policy(policy)
+    if parsed.geometry == "center" and num_views != 1:
         raise UsageError("view policy 'center' has exactly one view; use --view-policy rrc or rrc+flip with --views K")
-    rec: dict[str, Any] = {"policy": policy, "num_views": num_views}
-    if policy != "center":
+    rec: dict[str, Any] = {"policy": str(parsed), "num_views": num_views}
+    if parsed.geometry != "center":
         rec.update({"seed": seed, "scale": list(preset.scale), "ratio": list(preset.ratio)})
+    if parsed.stores_params:
+        rec.update({"params_columns": parsed.columns(), "crop": int(preset.crop)})
     return rec
 
 
@@ -114,6 +120,7 @@ class BankSpec:
     sample_seed: int = 0
     class_maps: tuple[tuple[int, ...] | None, ...] | None = None
     feature_dims: tuple[int, ...] | None = None  # the teachers' embedding widths, when embeddings are stored
+    label_map: tuple[tuple[str, Any], ...] | None = None  # a map bank's pipeline.bank.labelmap.map_record items
 
 
 @dataclass(frozen=True)
@@ -193,7 +200,13 @@ def bank_identity(spec: BankSpec, manifest: Any) -> BankIdentity:
         extra["class_maps"] = [list(m) if m is not None else None for m in spec.class_maps]
     if spec.feature_dims:
         extra["features"] = list(spec.feature_dims)
+    if spec.label_map:
+        extra["label_map"] = dict(spec.label_map)
     key = bank_key(spec.teachers, manifest.fingerprint, spec.preprocessing, spec.views, spec.dtype,
                    compact_record(spec.format, spec.topk, spec.samples, spec.sample_seed), extra or None)
     suffix = format_suffix(spec.format, spec.topk, spec.samples, spec.sample_seed)
+    if spec.label_map:
+        from pipeline.bank.labelmap import map_suffix
+
+        suffix = map_suffix(dict(spec.label_map))
     return BankIdentity(key, default_bank_path(manifest.name, manifest.split, spec.teachers, key, suffix))

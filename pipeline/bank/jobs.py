@@ -30,8 +30,17 @@ def _combine(x: np.ndarray, mode: str) -> np.ndarray:
         return top + np.log(np.exp(lp - top).mean(axis=1, keepdims=True))
 
 
+def _write_view_params(out: Output, start: int, stop: int, view_params: np.ndarray | None,
+                       view_partner: np.ndarray | None) -> None:
+    """An augmenting view policy's stored parameters, copied as they are (absent: nothing to write)."""
+    if view_params is not None:
+        out.write("view_params", start, stop, view_params)
+        out.write("view_partner", start, stop, view_partner)
+
+
 def ensemble_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                   skipped: np.ndarray, out: Output, mode: str, fp16: bool = True) -> np.ndarray:
+                   skipped: np.ndarray, out: Output, mode: str, fp16: bool = True,
+                   view_params: np.ndarray | None = None, view_partner: np.ndarray | None = None) -> np.ndarray:
     y = _combine(np.asarray(x, np.float32), mode)
     sk = np.asarray(skipped).reshape(len(y), -1).any(axis=1)
     y[sk] = np.nan
@@ -40,13 +49,15 @@ def ensemble_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, 
     out.write("logits", start, stop, y)
     out.write("labels", start, stop, labels)
     out.write("views", start, stop, views)
+    _write_view_params(out, start, stop, view_params, view_partner)
     out.write("skipped", start, stop, sk)
     return st.metric_states(y, labels, sk)
 
 
 def compact_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, views: np.ndarray,
                   skipped: np.ndarray, out: Output, fmt: str, k: int | None, c: int, dtype: str,
-                  samples: int | None = None, seed: int = 0) -> np.ndarray:
+                  samples: int | None = None, seed: int = 0, view_params: np.ndarray | None = None,
+                  view_partner: np.ndarray | None = None) -> np.ndarray:
     """Encode one row chunk with the dump's encoder (:func:`pipeline.bank.compact.encode_chunk`) and write it
     with its ``chunk_sums`` row; returns the sums (fidelity, source and reconstruction metric states)."""
     labels, skipped = np.asarray(labels), np.asarray(skipped, bool)
@@ -56,6 +67,7 @@ def compact_block(start: int, stop: int, *, x: np.ndarray, labels: np.ndarray, v
         out.write(name, start, stop, a)
     out.write("labels", start, stop, labels)
     out.write("views", start, stop, views)
+    _write_view_params(out, start, stop, view_params, view_partner)
     out.write("skipped", start, stop, skipped)
     j = start // out.array("labels").chunks[0]
     out.write("chunk_sums", j, j + 1, sums[None])

@@ -151,10 +151,15 @@ class LabelBank:
                                 "run python -m pipeline.labels verify")
 
     def read_logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed)."""
+        """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed; a label map: the mean
+        of its cells, [n, T, 1, C])."""
         stop = self.num_samples if stop is None else stop
         if self.format == "dense":
             return np.asarray(self.group["logits"][start:stop])
+        if self.format == "labelmap":
+            from pipeline.bank.labelmap import read_maps
+
+            return read_maps(self.group, start, stop).mean(axis=(2, 3))[:, :, None, :]
         from pipeline.bank.compact import reconstruct  # bank-tools issue
 
         return reconstruct(self, start, stop)
@@ -177,6 +182,8 @@ class LabelBank:
     @property
     def payload_arrays(self) -> list[str]:
         """The arrays that hold the labels: ``["logits"]`` or the compact arrays."""
+        if self.format == "labelmap":
+            return list(self.attrs["label_map"]["arrays"])
         return ["logits"] if self.format == "dense" else list(self.attrs.get("compact_arrays", []))
 
     def check_row_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -263,8 +270,8 @@ def _chunk_keys(arr: zarr.Array) -> list[tuple[int, ...]]:
 def verify_bank(path: str | Path) -> list[str]:
     """Read every chunk of every array; return the problems found (empty list = healthy).
 
-    Checks: schema version, shapes against attrs, every logits/labels/views chunk present and passing its
-    CRC32C checksum, every row chunk marked done, the complete flag, labels in range, no non-finite logits
+    Checks: schema version, shapes against attrs, every logits/labels/views chunk (and view_params/view_partner
+    of an augmenting view policy) present and passing its CRC32C checksum, every row chunk marked done, the complete flag, labels in range, no non-finite logits
     outside skipped rows.
     """
     problems: list[str] = []
@@ -277,8 +284,14 @@ def verify_bank(path: str | Path) -> list[str]:
     expected = {"logits": (n, t, v, c), "labels": (n,), "views": (n, v, 5), "skipped": (n,)}
     if bank.format != "dense":
         expected.pop("logits")
-    extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format != "dense" else []
+    extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format not in ("dense", "labelmap") else []
+    if bank.format == "labelmap":  # label maps: the map arrays and image sizes (pipeline/bank/labelmap.py)
+        extra = [*bank.attrs["label_map"]["arrays"], "image_size"]
     extra += list((bank.feature_meta or {}).get("arrays", []))
+    num_params = len(bank.attrs.get("views", {}).get("params_columns", []))
+    if num_params:  # an augmenting view policy's stored parameters and partners
+        extra += ["view_params", "view_partner"]
+        expected.update(view_params=(n, v, num_params), view_partner=(n, v))
     for name in (*ARRAYS, *extra):
         if name not in g:
             if name == "logits" and bank.format != "dense":

@@ -51,6 +51,14 @@ def _open_complete(path: str) -> LabelBank:
     return bank
 
 
+def _view_param_inputs(bank: LabelBank, rows: int) -> dict[str, Any]:
+    """The stored view parameters of an augmenting view policy (``view_params``, ``view_partner``) as job inputs,
+    copied row for row into the output (without them its views would replay unaugmented); {} for other banks."""
+    if "view_params" not in bank.group:
+        return {}
+    return {name: daskio.rows_array(bank.group[name], rows) for name in ("view_params", "view_partner")}
+
+
 def _source_record(bank: LabelBank) -> dict[str, Any]:
     return {"path": storage.absolute(bank.path), "key": bank.attrs.get("key"), "format": bank.format,
             "teachers": [t.get("name", t.get("arch")) for t in bank.teachers]}
@@ -190,7 +198,8 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
         x = da.concatenate([daskio.logits_array(b, rows) for b in banks], axis=1)
         skipped = da.stack([daskio.rows_array(b.group["skipped"], rows) for b in banks], axis=1)
         inputs = {"x": x, "labels": daskio.rows_array(ref.group["labels"], rows),
-                  "views": daskio.rows_array(ref.group["views"], rows), "skipped": skipped}
+                  "views": daskio.rows_array(ref.group["views"], rows), "skipped": skipped,
+                  **_view_param_inputs(ref, rows)}
         job = daskio.block_job(jobs.ensemble_block, inputs, rows, n, out=daskio.Output(tmp), mode=mode,
                                fp16=dtype == "float16")
         vec = _run_job(g, job, scheduler, progress, f"ensemble ({mode}) of {len(banks)} banks", f"ensemble into {out}")
@@ -207,7 +216,7 @@ def _create_compact(path: str, src: LabelBank, fmt: str, k: int | None, rows: in
     g = zarr.open_group(str(path), mode="w")
     # float arrays fill with NaN and top-k indices with -1: a missing chunk is refused by the stage-2 loader
     create_bank_arrays(g, n, t, v, c, str(src.attrs.get("dtype", "float16")), rows, fmt, k, cp.sums_width(t),
-                       samples)
+                       samples, len(src.attrs.get("views", {}).get("params_columns", [])))
     return g
 
 
@@ -242,7 +251,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         rows = daskio.block_rows(g[names[0]])
         inputs = {"x": daskio.logits_array(bank, rows), "labels": daskio.rows_array(bank.group["labels"], rows),
                   "views": daskio.rows_array(bank.group["views"], rows),
-                  "skipped": daskio.rows_array(bank.group["skipped"], rows)}
+                  "skipped": daskio.rows_array(bank.group["skipped"], rows), **_view_param_inputs(bank, rows)}
         job = daskio.block_job(jobs.compact_block, inputs, rows, n, out=daskio.Output(tmp), fmt=fmt, k=k, c=c,
                                dtype=str(bank.attrs.get("dtype", "float16")), samples=samples, seed=sample_seed)
         vec = _run_job(g, job, scheduler, progress, f"compact ({fmt}) {src}", f"compact into {out}")

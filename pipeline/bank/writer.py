@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline import storage
 from pipeline.bank import compact as cp
 from pipeline.bank import features as fe
+from pipeline.bank.labelmap import encode_chunk as encode_map_chunk
 from pipeline.bank.schema import (SCHEMA_VERSION, TAIL_TEMPERATURES, TOPK_TAILS, compact_array_specs, compressors,
                                   create_bank_arrays)
 from pipeline.errors import BankError
@@ -39,8 +40,8 @@ def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = Non
     """The attrs that describe a bank's format: ``format`` and, for compact banks, ``compact_arrays``, ``topk``,
     ``tail`` and ``tail_temperatures`` (top-k, sampled), ``samples`` and ``sample_seed`` (sampled),
     ``chunk_sums_layout`` and ``raw_bytes_per_vector``."""
-    if fmt == "dense":
-        return {"format": "dense"}
+    if fmt in ("dense", "labelmap"):
+        return {"format": fmt}
     out: dict[str, Any] = {"format": fmt, "compact_arrays": list(compact_array_specs(fmt, shape, k, samples)),
                            "chunk_sums_layout": {n: list(v) for n, v in cp.sums_layout(shape[1]).items()},
                            "raw_bytes_per_vector": cp.raw_bytes_per_vector(fmt, shape[3], k, samples)}
@@ -53,13 +54,15 @@ def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = Non
 
 def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, int, int], dtype: str,
                 rows_per_chunk: int, fmt: str = "dense", k: int | None = None,
-                feature_dims: list[int] | None = None, samples: int | None = None, sample_seed: int = 0) -> zarr.Group:
+                feature_dims: list[int] | None = None, samples: int | None = None, sample_seed: int = 0,
+                label_map: dict[str, Any] | None = None) -> zarr.Group:
     """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, format, chunking, version added).
 
     ``dtype``: the logits dtype (dense: stored; compact: what the logits are rounded to before encoding).
     ``fmt``/``k``/``samples``/``sample_seed``: ``dense``, ``topk`` with K, ``sampled`` with K, S and a seed, or
     ``int8``. ``feature_dims``: the teachers' embedding widths
-    when the bank stores embeddings (:mod:`pipeline.bank.features`).
+    when the bank stores embeddings (:mod:`pipeline.bank.features`). ``label_map``: a map bank's
+    ``attrs["label_map"]`` (``fmt`` ``labelmap``, :mod:`pipeline.bank.labelmap`).
     """
     n, t, v, c = shape
     # Local paths: build the bank aside and rename it into place, so that a kill during creation never leaves
@@ -71,8 +74,9 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
         for stale in Path(path).parent.glob(f".{Path(path).name}.creating-*"):  # left by a killed creator
             storage.remove(stale)
     g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
-    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, cp.sums_width(t) if fmt != "dense" else 0,
-                       samples)
+    num_params = len(attrs.get("views", {}).get("params_columns", []))
+    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k,
+                       cp.sums_width(t) if fmt not in ("dense", "labelmap") else 0, samples, num_params, label_map)
     feats: dict[str, Any] = {}
     if feature_dims:
         ffmt = fe.feature_format(fmt, dtype)
@@ -86,6 +90,7 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
         "schema_version": SCHEMA_VERSION,
         **format_attrs(fmt, shape, k, samples, sample_seed),
         **feats,
+        **({"label_map": label_map} if label_map else {}),
         "shape": [n, t, v, c],
         "dtype": dtype,
         "rows_per_chunk": int(g["labels"].chunks[0]),
@@ -99,6 +104,21 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
     storage.remove(path)  # mode "w": replace what is there
     storage.rename(build, path)
     return zarr.open_group(str(path), mode="r+")
+
+
+def remove_partial_writes(path: str | Path) -> int:
+    """Delete the ``*.partial`` files a killed writer left in a local bank -> how many.
+
+    zarr's ``LocalStore`` (3.1.x) writes every chunk file to ``<key>.<uuid>.partial`` and renames it into place, so
+    a SIGKILL mid-write leaves that temporary file beside the chunks (never a torn chunk file). They are garbage:
+    a resumed dump rewrites the chunk (its done flag is not set), and the leftover would only take disk space and
+    confuse tools listing chunk files. URL stores write whole objects and are left alone."""
+    if storage.is_url(path) or not Path(path).is_dir():
+        return 0
+    stale = list(Path(path).rglob("*.partial"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
 
 
 def done_flags(g: zarr.Group) -> np.ndarray:
@@ -117,30 +137,41 @@ def done_flags(g: zarr.Group) -> np.ndarray:
 
 
 def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, views: np.ndarray,
-                skipped: np.ndarray, features: np.ndarray | None = None) -> None:
-    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r], and the embeddings
-    [r, T, V, D] of a bank that stores them), then mark it done.
+                skipped: np.ndarray, features: np.ndarray | None = None, params: np.ndarray | None = None,
+                partners: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write row chunk ``j`` (logits [r, T, V, C], labels [r], views [r, V, 5], skipped [r], the embeddings
+    [r, T, V, D] of a bank that stores them, ``params`` [r, V, A] / ``partners`` [r, V] of a view policy with
+    stored parameters; ``extra``: other per-row arrays of the format, by name), then mark it done.
 
-    Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums."""
+    Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums. Map
+    banks: logits [r, T, S·S, C] (cells on the view axis), encoded by :func:`pipeline.bank.labelmap.encode_chunk`;
+    ``views`` [r, 1, 5] the mapped regions. The write itself is :func:`write_rows`."""
     fmt = g.attrs.get("format", "dense")
+    per_chunk: dict[str, np.ndarray] = {}
     if fmt == "dense":
-        arrays, per_chunk = {"logits": logits}, {}
+        arrays = {"logits": logits}
+    elif fmt == "labelmap":
+        lm = g.attrs["label_map"]
+        arrays = encode_map_chunk(logits, np.asarray(skipped, bool), int(lm["size"]), lm["map_dtype"], lm["topk"])
     else:
         s = j * g["labels"].chunks[0]
         arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
                                        g.attrs.get("topk"), g.attrs["dtype"], samples=g.attrs.get("samples"),
                                        seed=int(g.attrs.get("sample_seed", 0)), start=s)
         per_chunk = {"chunk_sums": sums}
-    write_rows(g, j, arrays, labels, views, skipped, features, per_chunk)
+    write_rows(g, j, arrays, labels, views, skipped, features, per_chunk, params, partners, extra)
 
 
 def write_rows(g: zarr.Group, j: int, arrays: dict[str, np.ndarray], labels: np.ndarray, views: np.ndarray,
                skipped: np.ndarray, features: np.ndarray | None = None,
-               per_chunk: dict[str, np.ndarray] | None = None) -> None:
-    """Write row chunk ``j`` as encoded (``arrays``: {bank array: [r, ...]}, e.g. ``logits`` or a compact format's
-    arrays; ``per_chunk``: {array: its row j}, e.g. ``chunk_sums``), labels [r], views [r, V, 5], skipped [r] and
-    the embeddings [r, T, V, D] float32 of a bank that stores them; the ``done`` flag last. BankError when the
-    rows do not fit the bank's layout."""
+               per_chunk: dict[str, np.ndarray] | None = None, params: np.ndarray | None = None,
+               partners: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write row chunk ``j`` as encoded (``arrays``: {bank array: [r, ...]}, e.g. ``logits``, a compact format's
+    or a map's arrays; ``per_chunk``: {array: its row j}, e.g. ``chunk_sums``), labels [r], views [r, V, 5] (only
+    the bank's view slots are stored: a map bank keeps 1 region), skipped [r], the embeddings [r, T, V, D] float32
+    of a bank that stores them, ``params`` [r, V, A] / ``partners`` [r, V] of a view policy with stored parameters,
+    ``extra``: other per-row arrays of the format by name (a map bank's ``image_size``); the ``done`` flag last.
+    BankError when the rows do not fit the bank's layout or an array the bank stores is missing."""
     r = g["labels"].chunks[0]
     s = j * r
     e = s + len(labels)
@@ -158,8 +189,15 @@ def write_rows(g: zarr.Group, j: int, arrays: dict[str, np.ndarray], labels: np.
                 raise BankError(f"chunk {j}: this bank stores embeddings and none were given")
             for name, a in fe.encode_features(np.asarray(features, np.float32), meta["format"]).items():
                 g[name][s:e] = a
+        for name, a in (extra or {}).items():
+            g[name][s:e] = a
         g["labels"][s:e] = labels.astype(np.int32, copy=False)
-        g["views"][s:e] = views.astype(np.float32, copy=False)
+        g["views"][s:e] = views[:, :g["views"].shape[1]].astype(np.float32, copy=False)  # a map bank: 1 region
+        if "view_params" in g:
+            if params is None or partners is None:
+                raise BankError(f"chunk {j}: this bank stores view parameters and none were given")
+            g["view_params"][s:e] = params.astype(np.float32, copy=False)
+            g["view_partner"][s:e] = partners.astype(np.int32, copy=False)
         g["skipped"][s:e] = skipped.astype(bool, copy=False)
         g["done"][j] = True
 

@@ -17,11 +17,14 @@ class Batch:
     """One decoded batch: ``images`` [B, 3, H, W] float32 (or [B, V, 3, H, W] for multi-view), ``index`` [B] int64.
 
     ``branches``: with several preprocessing branches (teachers wanting different preprocessing), every branch's
-    images in branch order (``images`` is branch 0); None with one branch."""
+    images in branch order (``images`` is branch 0); None with one branch. ``mix``: images mixed in the loader
+    (stage 2's ``--mix-labels blend``): ``{"index_mix": [B] int64 partner samples, "lam": [B] float32 weight of
+    the own image}``; None otherwise."""
 
     images: torch.Tensor
     index: torch.Tensor
     branches: list[torch.Tensor] | None = None
+    mix: dict[str, torch.Tensor] | None = None
 
     def inputs(self) -> list[torch.Tensor]:
         """Every branch's images (one element with one branch)."""

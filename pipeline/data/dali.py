@@ -35,6 +35,7 @@ def build_pipeline(
     seed: int = 0,
     boxes: np.ndarray | None = None,
     hw_decoder_load: float = 0.65,
+    raw: bool = False,
 ):
     """Build (not run) a DALI pipeline over ``manifest`` samples ``order`` (global indices, in that order).
 
@@ -47,6 +48,8 @@ def build_pipeline(
             preprocessed once per branch (teachers that want different preprocessing).
         hw_decoder_load: ``mixed`` decoding (``device="cuda"``): the share of JPEGs given to the hardware
             decoder; the others take nvJPEG's hybrid path, whose Huffman decoding runs on the ``num_threads``.
+        raw: ``views`` mode only: uint8 CHW views (crop, resize, flip; not normalized), for the stored
+            augmentations that follow in torch (:func:`pipeline.data.loaders.load_batches` with ``params``).
     Returns:
         A built pipeline whose outputs are (branch 0's image_0 .. image_{V-1}, branch 1's ..., index); its
         attribute ``kd_groups`` holds the number of outputs of each branch.
@@ -68,7 +71,8 @@ def build_pipeline(
     def _pipe():
         images, index = layout.dali_source(manifest, order, batch_size, decode_device, "Reader", hw_decoder_load)
         vb = (_box_source(boxes, batch_size), boxes.shape[1]) if mode == "views" else None
-        outs = [o for p in branches for o in _MODES[mode](images, p, vb, batch_size)]
+        ops = _raw_view_ops if raw and mode == "views" else _MODES[mode]
+        outs = [o for p in branches for o in ops(images, p, vb, batch_size)]
         return (*outs, index)
 
     pipe = _pipe(
@@ -144,9 +148,9 @@ def _train_ops(images, preprocess: Preprocess, boxes, batch_size: int) -> list:
     return [_normalize(images, preprocess, flip)]
 
 
-def _view_ops(images, preprocess: Preprocess, boxes: tuple, batch_size: int) -> list:
-    """One output per stored view (``boxes``: the boxes' external source and the number of views V): crop the
-    box, resize to ``crop``, flip when the box says so."""
+def _view_crops(images, preprocess: Preprocess, boxes: tuple) -> list:
+    """Per stored view (``boxes``: the boxes' external source and the number of views V): the box cropped and
+    resized to ``crop`` (uint8 HWC), and its flip flag."""
     from nvidia.dali import fn, types
 
     size = preprocess.crop
@@ -157,8 +161,21 @@ def _view_ops(images, preprocess: Preprocess, boxes: tuple, batch_size: int) -> 
         shape = fn.stack(vb[v, 2], vb[v, 3])
         crop = fn.slice(images, start, shape, axis_names="HW", out_of_bounds_policy="trim_to_shape")
         crop = fn.resize(crop, size=(size, size), antialias=True, interp_type=_interp(preprocess))
-        outs.append(_normalize(crop, preprocess, fn.cast(vb[v, 4], dtype=types.INT32)))
+        outs.append((crop, fn.cast(vb[v, 4], dtype=types.INT32)))
     return outs
+
+
+def _view_ops(images, preprocess: Preprocess, boxes: tuple, batch_size: int) -> list:
+    """One output per stored view: crop the box, resize to ``crop``, flip when the box says so, normalize."""
+    return [_normalize(crop, preprocess, flip) for crop, flip in _view_crops(images, preprocess, boxes)]
+
+
+def _raw_view_ops(images, preprocess: Preprocess, boxes: tuple, batch_size: int) -> list:
+    """As :func:`_view_ops`, uint8 CHW out (not normalized): the input of the stored augmentations."""
+    from nvidia.dali import fn, types
+
+    return [fn.crop_mirror_normalize(crop, dtype=types.UINT8, output_layout="CHW", mirror=flip)
+            for crop, flip in _view_crops(images, preprocess, boxes)]
 
 
 _MODES = {"eval": _eval_ops, "train": _train_ops, "views": _view_ops}

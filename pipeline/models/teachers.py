@@ -160,3 +160,34 @@ def build_teachers(specs: Sequence[TeacherSpec], classes: Sequence[str] | int, d
 def class_maps_record(ens: TeacherEnsemble) -> list[list[int] | None]:
     """The ensemble's class maps as bank attrs store them (one per teacher, None = one to one)."""
     return [getattr(ens, f"class_map_{t}").tolist() if ens.mapped[t] else None for t in range(len(ens.models))]
+
+
+def teachers_from_records(records: Sequence[dict[str, Any]], num_classes: int,
+                          class_maps: Sequence[Sequence[int] | None] | None = None, device: str = "cpu",
+                          branch_of: Sequence[int] | None = None) -> TeacherEnsemble:
+    """The teachers a bank's own records describe (``attrs["teachers"]``, ``attrs["class_maps"]``), rebuilt
+    without the command line that dumped it: ``labels check`` runs them live against the stored rows.
+
+    ``records``: identity records (``arch``, ``weights``: ``DEFAULT`` / an enum name / ``none`` / a checkpoint
+    path, ``sha256`` of that checkpoint, ``init_seed`` of a random init); ``num_classes``: C of the bank;
+    ``class_maps``: per teacher the teacher output of each dataset class, or None (one to one). A random init is
+    seeded with its recorded ``init_seed`` (as :func:`pipeline.models.ensemble.build_ensemble` did), so the same
+    weights come back. Raises UsageError (one line, exit 2) when a checkpoint is missing or its content differs
+    from the recorded sha256, or when a model cannot be built or loaded.
+    """
+    from pipeline.models.registry import create_model, weights_identity, weights_kind
+
+    maps = list(class_maps) if class_maps is not None else [None] * len(records)
+    models, map_tensors = [], []
+    for t, rec in enumerate(records):
+        weights = rec.get("weights", "DEFAULT")
+        kind = weights_kind(weights)  # a recorded checkpoint path that is gone: UsageError naming it
+        if kind == "path" and rec.get("sha256") and weights_identity(weights).get("sha256") != rec["sha256"]:
+            raise UsageError(f"teacher {t} ({rec.get('arch')}): checkpoint {weights} changed since the bank was dumped "
+                             f"(sha256 {str(rec['sha256'])[:12]} recorded): restore that file to check this bank")
+        torch.manual_seed(int(rec.get("init_seed", t)))
+        models.append(create_model(rec["arch"], num_classes if kind == "none" else None, weights))
+        m = maps[t]
+        map_tensors.append(torch.tensor(list(m), dtype=torch.long) if m is not None else None)
+    ens = TeacherEnsemble(models, map_tensors, branch_of).to(device)
+    return ens.to(memory_format=torch.channels_last) if device == "cuda" else ens  # as build_ensemble

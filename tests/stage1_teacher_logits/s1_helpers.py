@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def done_files(bank: Path) -> int:
     """How many chunk done flags the dump has written so far."""
     d = bank / "done" / "c"
-    return len(os.listdir(d)) if d.is_dir() else 0
+    return len([f for f in os.listdir(d) if not f.endswith(".partial")]) if d.is_dir() else 0
 
 
 def kill_dump_after_chunks(args: list[str], bank: Path, env: dict, chunks: int = 3) -> int:

@@ -14,8 +14,14 @@ from stage1_teacher_logits import encoders
 
 
 def test_unregistered_format_is_refused():
-    with pytest.raises(ValueError, match="no stage-1 encoder registered for format 'labelmap'"):
-        encoders.encoder_for({"format": "labelmap", "dtype": "float16", "shape": [1, 1, 1, 1]})
+    with pytest.raises(ValueError, match="no stage-1 encoder registered for format 'nosuchformat'"):
+        encoders.encoder_for({"format": "nosuchformat", "dtype": "float16", "shape": [1, 1, 1, 1]})
+
+
+def test_every_bank_format_has_an_encoder():
+    from pipeline.bank.schema import FORMATS
+
+    assert set(FORMATS) <= set(encoders._ENCODERS)
 
 
 def test_the_dump_encodes_through_the_registered_encoder(demo_root: Path, tmp_path: Path, monkeypatch):

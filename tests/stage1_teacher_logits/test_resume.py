@@ -25,11 +25,12 @@ def _args(demo_root: Path, out: Path) -> list[str]:
 
 
 def _chunk_files(bank: Path, chunks: set[int]) -> dict[str, int]:
-    """mtimes of every stored chunk file of the given row chunks, across all arrays."""
+    """mtimes of every stored chunk file of the given row chunks, across all arrays (not the ``*.partial`` files
+    a killed zarr write leaves)."""
     out = {}
     for name in ("logits", "labels", "views", "skipped", "done"):
         for p in (bank / name / "c").rglob("*"):
-            if p.is_file() and int(p.relative_to(bank / name / "c").parts[0]) in chunks:
+            if p.is_file() and p.suffix != ".partial" and int(p.relative_to(bank / name / "c").parts[0]) in chunks:
                 out[str(p.relative_to(bank))] = p.stat().st_mtime_ns
     return out
 
@@ -52,6 +53,9 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_root: Path, tmp_path: Pat
     before = _chunk_files(killed, done_chunks)
     assert len(before) >= 5 * len(done_chunks)  # logits, labels, views, skipped, done files of every done chunk
 
+    # what zarr's LocalStore leaves when killed inside a chunk write (it writes <key>.<uuid>.partial, then renames)
+    (killed / "labels" / "c" / f"{n_chunks - 1}.0123456789abcdef0123456789abcdef.partial").write_bytes(b"torn")
+
     # the same command again: completes, printing the same path, without touching finished chunks
     assert main(_args(demo_root, killed)) == 0
     assert capsys.readouterr().out.strip() == str(killed)
@@ -60,6 +64,7 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_root: Path, tmp_path: Pat
     assert len(after) == 5 * n_chunks
     g = zarr.open_group(str(killed), mode="r")
     assert dict(g.attrs)["complete"] is True and done_flags(g).all()
+    assert not list(killed.rglob("*.partial")), "the resumed dump leaves no partial write of the killed one"
 
     # an uninterrupted dump of the same command elsewhere is identical bit for bit
     clean = tmp_path / "clean.zarr"

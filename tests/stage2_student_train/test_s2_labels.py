@@ -25,7 +25,7 @@ from s2_helpers import demo_args, read_metrics, subprocess_env
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.label_sources import BankLabelSource, LiveTeacherLabelSource
 from stage2_student_train.loop import make_batch, train_one_epoch
-from stage2_student_train.step import TrainModule
+from stage2_student_train.step import TrainModule, TrainStep
 from stage2_student_train.optim import build_optimizer, build_scheduler
 from stage2_student_train.run import _batches
 
@@ -84,8 +84,8 @@ def test_loop_hands_the_loss_bank_rows_of_batch_index(demo_root, demo_bank):
     sched = build_scheduler(opt, 4, 1, cfg.sched, cfg.optim.lr)
     labels = torch.from_numpy(manifest.labels.astype(np.int64))
     src = BankLabelSource([LabelBank(demo_bank)])
-    stats = train_one_epoch(TrainModule(model, crit), opt, sched, _batches(manifest, order, get_preset("demo"), "train", cfg, 3),
-                            labels, src, 0)
+    step = TrainStep(TrainModule(model, crit), opt, labels, scheduler=sched, label_source=src)
+    stats = train_one_epoch(step, _batches(manifest, order, get_preset("demo"), "train", cfg, 3), 0)
     seen_idx = np.concatenate([b["index"].numpy() for b in crit.seen])
     assert seen_idx.tolist() == order.tolist()  # in order, each once, no padding duplicates
     bank_labels = LabelBank(demo_bank).labels()

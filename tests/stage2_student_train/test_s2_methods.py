@@ -19,7 +19,7 @@ from s2_helpers import read_metrics
 from stage2_student_train.config import OptimConfig, TrainConfig
 from stage2_student_train.label_sources import BankLabelSource
 from stage2_student_train.loop import train_one_epoch
-from stage2_student_train.step import TrainModule
+from stage2_student_train.step import TrainModule, TrainStep
 from stage2_student_train.optim import build_optimizer, build_scheduler
 from stage2_student_train.run import _batches, build_criterion
 
@@ -78,9 +78,10 @@ def test_sl_enc_parameters_are_optimized(demo_root, demo_bank):
     sched = build_scheduler(opt, 1, 1, cfg.sched, cfg.optim.lr)
     labels = torch.from_numpy(manifest.labels.astype(np.int64))
     order = np.arange(32)
-    train_one_epoch(TrainModule(model, crit), opt, sched, _batches(manifest, order, get_preset("demo"), "train", cfg, 0), labels,
-                    BankLabelSource([LabelBank(demo_bank)]), 0)
-    assert all(p.grad is not None for p in crit_params)
+    step = TrainStep(TrainModule(model, crit), opt, labels, scheduler=sched,
+                     label_source=BankLabelSource([LabelBank(demo_bank)]))
+    train_one_epoch(step, _batches(manifest, order, get_preset("demo"), "train", cfg, 0), 0)
+    # (gradients are freed after each update: the parameters having moved is the evidence)
     assert all(not torch.equal(a, p.detach()) for a, p in zip(before, crit_params))
 
 

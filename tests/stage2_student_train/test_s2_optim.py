@@ -1,5 +1,7 @@
-"""Training infrastructure (issue 4, point 5): SGD (momentum, nesterov) and AdamW, step / multistep / cosine
-schedules with linear warm-up (lr at known steps), no weight decay for BN and bias, and the same through the CLI."""
+"""Training infrastructure (issue 4, point 5; issue 25 point 6: from timm): SGD (momentum, nesterov) and AdamW,
+step / multistep / cosine schedules with linear warm-up (lr at known steps, and timm's schedulers equal to the
+schedule's definition, :func:`lr_factor`, at every update), no weight decay for BN and bias, and the same through the
+CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +15,33 @@ from pipeline.errors import UsageError
 from pipeline.models import create_model
 from s2_helpers import read_metrics
 from stage2_student_train.config import OptimConfig, ScheduleConfig
-from stage2_student_train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from stage2_student_train.optim import build_optimizer, build_scheduler, param_groups
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig) -> float:
+    """The schedules' definition (this project's own scheduler before timm's): the multiplier of the base lr at
+    global update ``step`` (0-based)."""
+    e = step / max(steps_per_epoch, 1)
+    warm = cfg.warmup_epochs
+    if warm > 0 and e < warm:
+        return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * e / warm
+    epoch = int(e)
+    if cfg.name == "step":
+        return cfg.gamma ** (epoch // max(cfg.step_size, 1))
+    if cfg.name == "multistep":  # from the milestone's first update on (timm's own convention: one update earlier)
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    if cfg.name == "cosine":
+        t = min(max(e - warm, 0.0) / max(epochs - warm, 1e-8), 1.0)
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def scheduled_factor(step: int, steps_per_epoch: int, epochs: int, cfg: ScheduleConfig) -> float:
+    """The lr factor timm's scheduler (build_scheduler) sets for update ``step``."""
+    m = nn.Linear(1, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    build_scheduler(opt, steps_per_epoch, epochs, cfg, 1.0).step_update(step)
+    return opt.param_groups[0]["lr"]
 
 
 def test_sgd_nesterov_and_adamw():
@@ -93,9 +121,32 @@ def test_no_weight_decay_for_bn_and_bias():
      [(0, 0.2), (2, 0.2 + 0.8 * 0.4), (5, 1.0), (9, 1.0), (10, 0.1)]),
     (ScheduleConfig(name="constant", warmup_epochs=1, warmup_start_factor=0.5), 3, [(0, 0.5), (5, 0.75), (10, 1.0), (29, 1.0)]),
 ])
-def test_lr_factor_at_known_steps(cfg, epochs, points):
+def test_lr_at_known_steps(cfg, epochs, points):
     for step, want in points:
         assert lr_factor(step, 10, epochs, cfg) == pytest.approx(want, abs=1e-12), (cfg.name, step)
+        assert scheduled_factor(step, 10, epochs, cfg) == pytest.approx(want, abs=1e-12), (cfg.name, step)
+
+
+@pytest.mark.parametrize("cfg", [
+    ScheduleConfig(name="step", step_size=2, gamma=0.1),
+    ScheduleConfig(name="step", step_size=2, warmup_epochs=1.5, warmup_start_factor=0.1),
+    ScheduleConfig(name="multistep", milestones=(1, 3), gamma=0.2),
+    ScheduleConfig(name="multistep", milestones=(1,), warmup_epochs=0.5, warmup_start_factor=0.2),
+    ScheduleConfig(name="cosine", warmup_epochs=2, warmup_start_factor=0.0),
+    ScheduleConfig(name="cosine", warmup_epochs=0.3, min_lr_factor=0.05),
+    ScheduleConfig(name="constant", warmup_epochs=1, warmup_start_factor=0.5),
+])
+@pytest.mark.parametrize("updates_per_epoch", [1, 3, 7])
+def test_timm_schedule_equals_the_definition_at_every_update(cfg, updates_per_epoch):
+    """The whole lr sequence of timm's scheduler, stepped per update, is lr_factor's (multistep included: timm
+    decays at bisect_right(milestones, u + 1), so the milestones go in as m * U + 1)."""
+    m = nn.Linear(1, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.4)
+    sched = build_scheduler(opt, updates_per_epoch, 5, cfg, 0.4)
+    for u in range(5 * updates_per_epoch + 3):
+        sched.step_update(u)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * lr_factor(u, updates_per_epoch, 5, cfg),
+                                                          rel=1e-12, abs=1e-15), (cfg, u)
 
 
 def test_scheduler_applies_the_factor_every_step():
@@ -107,7 +158,7 @@ def test_scheduler_applies_the_factor_every_step():
         for g in opt.param_groups:  # every group (decay and no-decay) follows the schedule
             assert g["lr"] == pytest.approx(0.4 * lr_factor(step, 4, 3, cfg), abs=1e-12)
         opt.step()
-        sched.step()
+        sched.step_update(step + 1)
     with pytest.raises(UsageError, match="unknown schedule 'poly'; valid: step, multistep, cosine, constant"):
         build_scheduler(opt, 4, 3, ScheduleConfig(name="poly"), 0.4)
 

@@ -150,7 +150,8 @@ def test_view_choice_is_the_same_hash_on_cpu_and_in_torch():
 
     idx = torch.cat([torch.arange(5000), torch.randint(-2 ** 62, 2 ** 62, (5000,), generator=torch.Generator().manual_seed(0))])
     for epoch, seed, k in ((0, 0, 8), (3, 11, 7), (40, 2, 100)):
-        np_path = view_choice(idx, epoch, seed, k)
-        torch_path = _view_hash(idx, epoch, seed, k)
-        assert torch.equal(np_path, torch_path) and np_path.dtype == torch.int64
-        assert int(np_path.min()) >= 0 and int(np_path.max()) < k
+        for order, torch_path in (("hash", _view_hash(idx, epoch, seed, k)),
+                                  ("cycle", (_view_hash(idx, -1, seed, k) + epoch) % k)):
+            np_path = view_choice(idx, epoch, seed, k, order)
+            assert torch.equal(np_path, torch_path) and np_path.dtype == torch.int64
+            assert int(np_path.min()) >= 0 and int(np_path.max()) < k
