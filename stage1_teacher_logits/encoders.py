@@ -1,12 +1,13 @@
 """Stage 1's bank formats: what the producer stores for a batch of teacher logits, encoded on their device.
 
 A format is an encoder registered by name (:func:`register_encoder`); the dump picks the one named by the bank's
-``format`` attr, so a new format (a label map, ...) plugs in without editing the loop. An encoder has two
-methods:
+``format`` attr, so a new format plugs in without editing the loop (``labelmap`` did: :class:`LabelMapEncoder`).
+An encoder has two methods:
 
-- ``encode(x, labels, skipped, rows, fidelity)``: on the teachers' device, x [b, T, V, C] float32 logits of bank
-  rows ``rows`` [b] (numpy), labels [b], skipped [b] bool (their vectors must be stored as NaN), fidelity [b] bool
-  (the rows of the chunk's fidelity sample, :func:`pipeline.bank.compact.fidelity_rows_mask`) -> {name: tensor
+- ``encode(x, labels, skipped, rows, fidelity)``: on the teachers' device, x [b, T, V, C] float32 logits (a map
+  model: [b, T, S·S, C]; with ``--append-views``, dense, only the new views) of bank rows ``rows`` [b] (numpy),
+  labels [b], skipped [b] bool (their vectors must be stored as NaN), fidelity [b] bool (the rows of the
+  chunk's fidelity sample, :func:`pipeline.bank.compact.fidelity_rows_mask`) -> {name: tensor
   [b, ...]}: arrays of the bank written at these rows, and per-row records (names starting with ``_``) that
   stay on the host until the chunk is complete. Only these tensors cross to the host.
 - ``finish(records)``: {name: numpy [r, ...]} of the whole chunk (row order) -> {array name: value of the

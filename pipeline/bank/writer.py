@@ -1,14 +1,17 @@
-"""Writing a label bank chunk by chunk, resumably, dense or compact.
+"""Writing a label bank chunk by chunk, resumably, dense, compact or label maps.
 
 A chunk's data arrays are written first and its ``done`` flag last, so a crash at any point leaves either
 a finished chunk or one that the next run rewrites. Each writer (rank) owns whole row chunks. The
 ``complete`` attr is set once, by rank 0, after every chunk is done; a complete bank is read-only.
 
-A compact bank (``fmt`` ``topk`` / ``sampled`` / ``int8``) is written the same way: :func:`write_chunk` takes the teacher's
-logits of the chunk, rounds them to the bank dtype (what a dense bank would store), encodes them
-(:func:`pipeline.bank.compact.encode_chunk`, shared with ``labels compact``) and writes the compact arrays and
-the chunk's fidelity/metric sums (``chunk_sums[j]``) before the done flag. No dense array is ever written.
-"""
+:func:`write_rows` writes one chunk as already encoded (the dump's background writer: stage 1's encoders,
+``stage1_teacher_logits/encoders.py``, encode each batch on the teachers' device) with its per-chunk arrays
+(``chunk_sums[j]``), view parameters and partners, and the format's extra per-row arrays, the done flag last.
+:func:`write_chunk` takes a chunk's logits instead and encodes them first (tools, tests, benches): a compact bank
+(``topk`` / ``sampled`` / ``int8``) rounds them to the bank dtype (what a dense bank would store) and encodes them
+(:func:`pipeline.bank.compact.encode_chunk`, shared with ``labels compact``) with the chunk's fidelity/metric sums;
+a map bank encodes its cells (:func:`pipeline.bank.labelmap.encode_chunk`). No dense array is ever written for
+them."""
 
 from __future__ import annotations
 

@@ -48,3 +48,28 @@ def test_the_dump_encodes_through_the_registered_encoder(demo_root: Path, tmp_pa
     n = g["labels"].shape[0]
     assert calls == {"rows": n, "finish": -(-n // 128)}
     assert (np.asarray(g["logits"][:]) == 1).all()
+
+
+@pytest.mark.parametrize("map_dtype,k", [("float16", None), ("int8", None), ("float16", 3)])
+def test_labelmap_encoder_per_batch_equals_the_chunk_encoding(map_dtype, k):
+    """The map encoder runs per batch; each cell is encoded on its own, so the batches concatenated are the bytes
+    of pipeline.bank.labelmap.encode_chunk over the whole chunk (what main's writer stored), skipped rows included."""
+    import torch
+
+    from pipeline.bank.labelmap import encode_chunk
+
+    attrs = {"format": "labelmap", "dtype": "float16", "shape": [10, 2, 1, 7],
+             "label_map": {"size": 3, "region": "eval", "map_dtype": map_dtype, "topk": k}}
+    enc = encoders.encoder_for(attrs)
+    x = torch.randn(10, 2, 9, 7, generator=torch.Generator().manual_seed(0)) * 5
+    skipped = torch.zeros(10, dtype=torch.bool)
+    skipped[4] = True
+    parts = [enc.encode(x[s:s + 4], torch.zeros(len(x[s:s + 4]), dtype=torch.long), skipped[s:s + 4],
+                        np.arange(s, min(10, s + 4)), torch.zeros(len(x[s:s + 4]), dtype=torch.bool))
+             for s in range(0, 10, 4)]
+    rounded = x.half().masked_fill(skipped[:, None, None, None], float("nan")).numpy()
+    want = encode_chunk(rounded, skipped.numpy(), 3, map_dtype, k)
+    assert enc.finish({}) == {}
+    for name, a in want.items():
+        got = np.concatenate([p[name].numpy() for p in parts])
+        assert got.dtype == a.dtype and np.array_equal(got, a, equal_nan=True), name
