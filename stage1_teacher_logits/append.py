@@ -116,17 +116,24 @@ class ViewPrefix:
         return np.ascontiguousarray(boxes[:, self.num_views:])
 
     def fill(self, buf: Any) -> None:
-        """Copy SRC's rows [buf.start, buf.start + r) into the first V view slots of ``buf`` (a chunk buffer:
-        ``logits`` [r, T, V', C], ``views`` [r, V', 5], ``features`` [r, T, V', D] or None)."""
+        """Copy SRC's rows [buf.start, buf.start + r) into the first V view slots of ``buf`` (a
+        :class:`stage1_teacher_logits.writer.ChunkBuffer` of V' views: its dense ``arrays["logits"]``
+        [r, T, V', C] in the bank dtype, ``views`` [r, V', 5], ``features`` [r, T, V', D] when the bank stores
+        embeddings); the producer then puts the new views from slot V on."""
         start, stop = buf.start, buf.start + len(buf.labels)
-        v = self.num_views
-        buf.logits[:, :, :v] = self.bank.read_rows("logits", start, stop)
+        v, v_all = self.num_views, buf.views.shape[1]
+        src = self.bank.read_rows("logits", start, stop).astype(str(self.bank.attrs["dtype"]), copy=False)
+        logits = np.full(src.shape[:2] + (v_all,) + src.shape[3:], np.nan, src.dtype)
+        logits[:, :, :v] = src
+        buf.arrays["logits"] = logits
         buf.views[:, :v] = self._src_views[start] = self.bank.read_rows("views", start, stop)
         if buf.params is not None:  # a policy with stored parameters: the draws now must be SRC's (checked)
             self._src_params[start] = (self.bank.read_rows("view_params", start, stop),
                                        self.bank.read_rows("view_partner", start, stop))
-        if buf.features is not None:
-            buf.features[:, :, :v] = self.bank.read_features(start, stop)
+        if self.bank.attrs.get("features"):
+            f = self.bank.read_features(start, stop)
+            buf.features = np.full(f.shape[:2] + (v_all,) + f.shape[3:], np.nan, np.float32)
+            buf.features[:, :, :v] = f
 
     def check(self, buf: Any) -> None:
         """BankError unless the boxes drawn now for a full chunk buffer begin with SRC's stored ones (the view

@@ -3,7 +3,7 @@
 Resumable (chunks marked done are skipped; an interrupted dump re-run with the same command writes only the
 missing chunks and produces the same bytes), shardable over torchrun ranks (each rank owns whole row chunks),
 content-addressed (the same command twice is a no-op that prints the bank path). ``--format topk --topk K`` /
-``--format sampled --topk K --samples S`` / ``--format int8`` write a compact bank directly, chunk by chunk (the writer encodes each chunk; no dense array
+``--format sampled --topk K --samples S`` / ``--format int8`` write a compact bank directly, chunk by chunk (the format's encoder, stage1_teacher_logits/encoders.py, encodes each batch; no dense array
 is written), with the same guarantees.
 """
 
@@ -12,9 +12,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import queue
-import sys
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -22,22 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.bank.compact import check_format_args
-from pipeline.bank.labelmap import MAP_DTYPES, MAP_REGIONS, buffer_shape, check_map_args, chunk_rows, map_metrics, \
-    map_record
+from pipeline.bank.labelmap import MAP_DTYPES, MAP_REGIONS, check_map_args, chunk_rows, map_metrics, map_record
 from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
 from pipeline.bank.stats import entry_names
-from pipeline.bank.writer import (chunk_sums_attrs, create_bank, done_flags, mark_complete, remove_partial_writes,
-                                  write_chunk)
+from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete, remove_partial_writes
 from pipeline.config import RESUME_MATCH, key, to_dict
-from pipeline.data import Manifest, build_manifest, layout_of
+from pipeline.data import Manifest, build_manifest
 from pipeline.data.layouts import SPLITS
-from pipeline.data.batch import DecodeError
 from pipeline.data.loaders import resolve_loader
 from pipeline.data.presets import teacher_preprocess, typical_side, upscale_warning
 from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, cores_per_local_rank, init_distributed
@@ -45,8 +38,10 @@ from pipeline.errors import BankError, UsageError
 from pipeline.metrics import MetricAccumulator
 from pipeline.models.ensemble import TeacherEnsemble
 from pipeline.models.teachers import build_teachers, class_maps_record, parse_teachers, read_class_map
-from stage1_teacher_logits.append import ViewPrefix, append_config, first_view
+from stage1_teacher_logits.append import ViewPrefix, append_config
 from stage1_teacher_logits.label_maps import MapRegion, build_map_model, map_attrs
+from stage1_teacher_logits.plan import ChunkPlan
+from stage1_teacher_logits.producer import Producer
 from stage1_teacher_logits.views import ViewSampler
 
 log = logging.getLogger(__name__)
@@ -388,13 +383,9 @@ class BankDump:
         plan = ChunkPlan(mine, rows, len(self.manifest), self.cfg.batch_size)
         sampler = ViewSampler(self.cfg.view_policy, self.cfg.views, self.cfg.view_seed, self.preset) \
             if self.cfg.format != "labelmap" else MapRegion(self.cfg.map_region, self.preset)  # label maps
-        run = _ChunkRun(self, g, model, plan, sampler, info)
         t0 = time.time()
-        try:
-            run.all()
-        finally:
-            run.pbar.close()  # ends the progress line, so an error message starts on its own line
-            run.writer.close()  # every queued chunk written (or the writer's error raised, unless one is raised)
+        with _teacher_threads(self.cfg):
+            Producer(self, g, model, plan, sampler, info).run()
         log.info("rank %d dumped %d samples in %.1fs", info.rank, plan.num_real, time.time() - t0)
 
     # --- finalize -------------------------------------------------------------------------------------------
@@ -413,302 +404,20 @@ class BankDump:
         log.info("bank complete: %s  %s", self.path, extra)
 
 
-class ChunkPlan:
-    """The order in which one rank feeds its chunks to the teachers.
-
-    Each chunk's rows, in index order, padded to a multiple of the batch size by repeating the chunk's last
-    sample: batches never straddle chunks, so a chunk's logits depend only on the chunk (a resumed dump is bit
-    for bit an uninterrupted one) and the requested batch size is kept (the padding rows are dropped).
-
-    Attributes: ``order`` [P] sample indices; ``real`` [P] bool (False for padding); ``chunk`` [P] the row chunk
-    of each position; ``chunk_start`` / ``chunk_end`` [P] that chunk's first position and one past its last.
-    """
-
-    def __init__(self, chunks: list[int], rows: int, n: int, batch_size: int):
-        order, real, chunk, start, end = [np.zeros(0, np.int64)], [np.zeros(0, bool)], [np.zeros(0, np.int64)], \
-            [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        pos = 0
-        for j in chunks:
-            idx = np.arange(j * rows, min(n, (j + 1) * rows))
-            pad = -len(idx) % batch_size
-            order += [idx, np.full(pad, idx[-1])]
-            real += [np.ones(len(idx), bool), np.zeros(pad, bool)]
-            size = len(idx) + pad
-            chunk.append(np.full(size, j))
-            start.append(np.full(size, pos))
-            end.append(np.full(size, pos + size))
-            pos += size
-        self.order = np.concatenate(order).astype(np.int64)
-        self.real = np.concatenate(real)
-        self.chunk = np.concatenate(chunk)
-        self.chunk_start = np.concatenate(start)
-        self.chunk_end = np.concatenate(end)
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    @property
-    def num_real(self) -> int:
-        return int(self.real.sum())
-
-
-class _ChunkRun:
-    """Runs DALI pipelines over a :class:`ChunkPlan`, writing each chunk as soon as it is full, and handles
-    undecodable files: they are found (structural pre-scan, or a full decode after a pipeline error), the clean
-    chunks before one are finished, and then the dump stops naming it or, with ``--skip-corrupt``, records it as
-    skipped and restarts at its chunk. Skipped samples get a stand-in (a neighbour) so batches keep their
-    composition; their rows are NaN and ``skipped`` is set."""
-
-    def __init__(self, dump: BankDump, g, model: TeacherEnsemble, plan: ChunkPlan, sampler: ViewSampler,
-                 info: DistInfo):
-        self.dump, self.cfg, self.g, self.model, self.plan, self.sampler = dump, dump.cfg, g, model, plan, sampler
-        self.manifest = dump.manifest
-        self.dump_shape = buffer_shape(dict(g.attrs))  # label maps: the S·S cells on the view axis
-        self.layout = layout_of(self.manifest)
-        self.skip: set[int] = set()
-        real_order = plan.order[plan.real]
-        # sample -> why it cannot be decoded: from the pre-scan, then from decode errors
-        self.suspect = {int(real_order[p]): r for p, r in self.layout.scan(self.manifest, real_order).items()}
-        self.pbar = tqdm(total=plan.num_real, desc=f"dump rank {info.rank}", unit="img", disable=not info.is_main,
-                         mininterval=1.0)
-        self.writer = _ChunkWriter()
-        self.num_rows = int(g["labels"].shape[0])
-
-    def all(self) -> None:
-        """Every chunk of the plan (one pipeline per stretch of positions free of known bad files)."""
-        plan, pos = self.plan, 0
-        while pos < len(plan):
-            bad = next((p for p in range(pos, len(plan))
-                        if int(plan.order[p]) in self.suspect and int(plan.order[p]) not in self.skip), None)
-            stop = int(plan.chunk_start[bad]) if bad is not None else len(plan)
-            if stop > pos:
-                reached = self._run_pipeline(pos, stop)
-                pos = stop if reached is None else reached
-                continue
-            idx = int(plan.order[bad])  # pos is the start of the bad file's chunk: all before it is written
-            where = self.layout.describe_sample(self.manifest, idx)
-            if not self.cfg.skip_corrupt:
-                raise BankError(f"cannot decode {where} (sample {idx}): {self.suspect[idx]}; "
-                                "fix or remove it, or pass --skip-corrupt")
-            log.warning("skipping undecodable file %s (sample %d): %s", where, idx, self.suspect[idx])
-            self.skip.add(idx)
-
-    def _run_pipeline(self, start: int, stop: int) -> int | None:
-        """Positions [start, stop) through one pipeline. Returns None when all were written, or the chunk start
-        to resume from after a decode error (the bad file is then added to the suspects)."""
-        plan = self.plan
-        sub = plan.order[start:stop].copy()
-        for k, i in enumerate(sub):
-            if int(i) in self.skip:
-                sub[k] = _stand_in(sub, k, self.skip)
-        prefix = self.dump.prefix  # --append-views: the teachers run on the new views only
-        boxes, params, partners, it = self.sampler.batches(
-            self.dump.loader, self.manifest, sub, self.dump.branches, self.cfg.batch_size, self.cfg.workers,
-            self.cfg.device, self.cfg.seed, self.cfg.hw_decoder_load, None if prefix is None else prefix.new)
-        stored, extra = self.sampler.recorded(self.manifest, sub, boxes)  # label maps: regions, image sizes
-        t, v, c = self.dump_shape[1:]
-        buf: _ChunkBuffer | None = None
-        pos = start
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return None
-            except DecodeError as e:
-                return self._after_decode_error(pos, e)
-            out, feats = self._teachers(batch.inputs(), t, c, batch.index.numpy())
-            b = len(out)  # batches never straddle chunks (ChunkPlan): positions [pos, pos + b) are in one chunk
-            if buf is None:
-                buf = _ChunkBuffer(self.num_rows, int(plan.chunk[pos]), plan.rows, t, v, c, self.cfg.dtype,
-                                   max(self.dump.feature_dims) if feats is not None else 0,
-                                   params.shape[-1] if params is not None else 0)
-                if prefix is not None:
-                    prefix.fill(buf)
-            real = plan.real[pos:pos + b]
-            index = plan.order[pos:pos + b][real]
-            rows = slice(pos - start, pos - start + b)
-            buf.put_rows(index, out[real], self.manifest.labels[index],
-                         stored[rows][real] if stored is not None else None,
-                         feats[real] if feats is not None else None,
-                         *((params[rows][real], partners[rows][real]) if params is not None else (None, None)),
-                         first_view(prefix), {n: a[rows][real] for n, a in extra.items()})
-            if pos + b == plan.chunk_end[pos]:  # chunk filled: queue it now, so a later decode error cannot lose it
-                if prefix is not None:
-                    prefix.check(buf)
-                self.writer.submit(self.g, buf, self.skip)
-                buf = None
-            pos += b
-            self.pbar.update(int(plan.real[pos - len(out):pos].sum()))
-            self.pbar.set_postfix_str(f"chunk {int(plan.chunk[pos - 1])}")
-
-    def _after_decode_error(self, pos: int, e: DecodeError) -> int:
-        """Find the file behind a decode error (the loader names it, or a full decode from ``pos`` finds it),
-        make it a suspect, and return the start of the unfinished chunk (its buffered rows are dropped)."""
-        plan = self.plan
-        chunk_start = int(plan.chunk_start[min(pos, len(plan) - 1)])
-        self.pbar.update(-int(plan.real[chunk_start:pos].sum()))
-        found = self.layout.find_corrupt(self.manifest, plan.order, pos, self.skip)
-        if e.sample is not None and (found is None or int(plan.order[found[0]]) != e.sample):
-            found = (next(p for p in range(pos, len(plan)) if int(plan.order[p]) == e.sample), str(e))
-        if found is None:
-            raise BankError(f"the {self.dump.loader} loader failed on the batch after sample {int(plan.order[pos])} "
-                            f"but every file from there decodes with PIL: {e}") from None
-        self.suspect[int(plan.order[found[0]])] = found[1]
-        return chunk_start
-
-    def _teachers(self, inputs: list[torch.Tensor], t: int, c: int,
-                  index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """One tensor per preprocessing branch, [B, 3, H, W] or [B, V, 3, H, W] -> logits [B, T, V, C] in the bank
-        dtype (every view of its branch through each teacher), and with ``--features`` the embeddings [B, T, V, D]
-        float32. Finiteness and the dtype's range are checked on the device; only the rounded logits cross to the
-        host (half the bytes of float32 for a float16 bank). ``index`` [B]: the batch's samples, for messages."""
-        inputs = [x.to(self.cfg.device, non_blocking=True) for x in inputs]
-        with torch.autocast("cuda", enabled=self.cfg.amp and self.cfg.device == "cuda"):
-            if inputs[0].ndim == 5:
-                b_, v_ = inputs[0].shape[:2]
-                out = self.model([x.flatten(0, 1) for x in inputs]).reshape(b_, v_, t, c).transpose(1, 2)
-                f = self.model.features
-                feats = None if f is None else f.reshape(b_, v_, t, -1).transpose(1, 2)
-            else:
-                out = self.model(inputs)
-                out = out[:, :, None, :] if out.ndim == 3 else out  # label maps: [B, T, S·S, C] already
-                feats = None if self.model.features is None else self.model.features[:, :, None, :]
-        out = out.float()
-        if _any_bad(out, self.cfg.dtype):  # the slow, exact path only when a row is bad (one flag crosses)
-            _check_finite(out.cpu().numpy(), index, self.skip, self.manifest, self.cfg.dtype)
-        if feats is not None and _any_bad(feats.float(), self.cfg.dtype):
-            _check_finite(feats.float().cpu().numpy(), index, self.skip, self.manifest, self.cfg.dtype, "embeddings")
-        dtype = torch.float16 if self.cfg.dtype == "float16" else torch.float32
-        return out.to(dtype).cpu().numpy(), None if feats is None else feats.float().cpu().numpy()
-
-
-def _stand_in(sub: np.ndarray, k: int, skip: set[int]) -> int:
-    for d in range(1, len(sub)):
-        for q in (k - d, k + d):
-            if 0 <= q < len(sub) and int(sub[q]) not in skip:
-                return int(sub[q])
-    raise BankError("every sample is corrupt")
-
-
-def _any_bad(x: torch.Tensor, dtype: str) -> bool:
-    """Whether any value of ``x`` is non-finite or beyond the range of the bank ``dtype`` (one flag to the host)."""
-    limit = float(np.finfo(np.dtype(dtype)).max)
-    return bool((~torch.isfinite(x) | (x.abs() > limit)).any())
-
-
-class _ChunkWriter:
-    """The dump's background writer: complete chunks reach one thread through a bounded queue (2 chunks), which
-    encodes, compresses and writes them (:func:`pipeline.bank.writer.write_chunk`: data arrays first, the done
-    flag last), so the teachers never wait for zstd and zarr. Chunks are written in the order they were queued;
-    a chunk still queued when the process is killed has no done flag, and a rerun writes it (resume stays bit for
-    bit). The writer's error (an OSError, a BankError) is raised in the dump's thread at the next submit or at
-    :meth:`close`."""
-
-    def __init__(self, depth: int = 2):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="bank-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is None:
-                g, buf, skip = item
-                try:
-                    buf.flush(g, skip)
-                except BaseException as e:  # noqa: BLE001  (handed to the dump's thread)
-                    self.error = e
-
-    def submit(self, g, buf: "_ChunkBuffer", skip: set[int]) -> None:
-        self._raise()
-        self.queue.put((g, buf, frozenset(skip)))
-
-    def close(self) -> None:
-        """Write what is queued, stop the thread; raise the writer's error unless the dump is already failing."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        if sys.exc_info()[0] is None:
-            self._raise()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-class _ChunkBuffer:
-    """The rows of one row chunk, collected in memory (teacher logits [r, T, V, C] in the bank dtype, the rounding
-    every bank applies: half the memory of float32 for a chunk of many views) and written (with its done flag)
-    once complete; :func:`pipeline.bank.writer.write_chunk` encodes them for a compact bank."""
-
-    def __init__(self, n: int, j: int, rows: int, t: int, v: int, c: int, dtype: str = "float32", d: int = 0,
-                 a: int = 0):
-        r = min(n, (j + 1) * rows) - j * rows
-        self.j, self.start = j, j * rows
-        self.logits = np.full((r, t, v, c), np.nan, dtype)
-        self.labels = np.full(r, -1, np.int32)
-        self.views = np.full((r, v, 5), np.nan, np.float32)
-        self.features = np.full((r, t, v, d), np.nan, np.float32) if d else None
-        self.params = np.full((r, v, a), np.nan, np.float32) if a else None  # stored view parameters
-        self.partners = np.full((r, v), -1, np.int32) if a else None
-        self.extra: dict[str, np.ndarray] = {}
-        self.rows = r
-
-    def put_rows(self, index: np.ndarray, logits: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None,
-                 features: np.ndarray | None = None, params: np.ndarray | None = None,
-                 partners: np.ndarray | None = None, first_view: int = 0,
-                 extra: dict[str, np.ndarray] | None = None) -> None:
-        """Rows of samples ``index`` [b] (in this chunk): logits [b, T, V - first_view, C] of views first_view..,
-        labels [b], boxes [b, V, 5] or None (center views: NaN), embeddings [b, T, V - first_view, D] or None, view
-        parameters [b, V, A] and partners [b, V] (policies that store them), ``extra``: other per-row arrays of
-        the format by name ([b, ...]: a map bank's ``image_size``). ``first_view`` > 0: the earlier view slots were
-        filled already (``--append-views``)."""
-        r = np.asarray(index, np.int64) - self.start
-        for name, arr in (extra or {}).items():
-            if name not in self.extra:
-                self.extra[name] = np.full((self.rows,) + arr.shape[1:], -1, arr.dtype)
-            self.extra[name][r] = arr
-        self.logits[r, :, first_view:] = logits
-        self.labels[r] = labels
-        self.views[r] = boxes if boxes is not None else np.nan
-        if self.features is not None:
-            self.features[r, :, first_view:] = features
-        if self.params is not None:
-            self.params[r], self.partners[r] = params, partners
-
-    def flush(self, g, skip: set[int] | frozenset[int]) -> None:
-        skipped = np.array([(self.start + k) in skip for k in range(len(self.labels))], bool)
-        self.logits[skipped] = np.nan
-        if self.features is not None:
-            self.features[skipped] = np.nan
-        if (self.labels[~skipped] < 0).any():
-            raise BankError(f"internal error: chunk {self.j} incomplete at flush")
-        write_chunk(g, self.j, self.logits, self.labels, self.views, skipped, self.features, self.params,
-                    self.partners, self.extra)
-
-
-def _check_finite(out: np.ndarray, index: np.ndarray, skip: set[int], manifest: Manifest,
-                  dtype: np.dtype | str = np.float32, what: str = "logits") -> None:
-    bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
-    for k in np.flatnonzero(bad):
-        i = int(index[k])
-        if i not in skip:
-            raise BankError(f"teacher produced non-finite {what} for sample {i} ({manifest.files[i]}); "
-                            "nothing was marked done for its chunk")
-    # finite in float32 but beyond the bank dtype's range (|x| > 65504 in float16): would be stored as inf
-    with np.errstate(over="ignore"):
-        over = ~np.isfinite(out.astype(dtype).reshape(len(out), -1)).all(axis=1)
-    for k in np.flatnonzero(over):
-        i = int(index[k])
-        if i not in skip:
-            raise BankError(f"teacher {what} of sample {i} ({manifest.files[i]}) reach "
-                            f"{float(np.abs(out[k]).max()):.4g}, beyond the range of {np.dtype(dtype).name}: dump "
-                            "with --dtype float32; nothing was marked done for its chunk")
+@contextmanager
+def _teacher_threads(cfg: DumpConfig):
+    """On a CPU, the teachers get this rank's share of the cores (``--workers``, default the cores per local
+    rank; the loader's threads default to the same), not torch's default of every core of the node (torchrun
+    ranks would oversubscribe it); restored afterwards."""
+    if cfg.device != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.workers or cores_per_local_rank())))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager

@@ -1,14 +1,17 @@
-"""Writing a label bank chunk by chunk, resumably, dense or compact.
+"""Writing a label bank chunk by chunk, resumably, dense, compact or label maps.
 
 A chunk's data arrays are written first and its ``done`` flag last, so a crash at any point leaves either
 a finished chunk or one that the next run rewrites. Each writer (rank) owns whole row chunks. The
 ``complete`` attr is set once, by rank 0, after every chunk is done; a complete bank is read-only.
 
-A compact bank (``fmt`` ``topk`` / ``sampled`` / ``int8``) is written the same way: :func:`write_chunk` takes the teacher's
-logits of the chunk, rounds them to the bank dtype (what a dense bank would store), encodes them
-(:func:`pipeline.bank.compact.encode_chunk`, shared with ``labels compact``) and writes the compact arrays and
-the chunk's fidelity/metric sums (``chunk_sums[j]``) before the done flag. No dense array is ever written.
-"""
+:func:`write_rows` writes one chunk as already encoded (the dump's background writer: stage 1's encoders,
+``stage1_teacher_logits/encoders.py``, encode each batch on the teachers' device) with its per-chunk arrays
+(``chunk_sums[j]``), view parameters and partners, and the format's extra per-row arrays, the done flag last.
+:func:`write_chunk` takes a chunk's logits instead and encodes them first (tools, tests, benches): a compact bank
+(``topk`` / ``sampled`` / ``int8``) rounds them to the bank dtype (what a dense bank would store) and encodes them
+(:func:`pipeline.bank.compact.encode_chunk`, shared with ``labels compact``) with the chunk's fidelity/metric sums;
+a map bank encodes its cells (:func:`pipeline.bank.labelmap.encode_chunk`). No dense array is ever written for
+them."""
 
 from __future__ import annotations
 
@@ -145,29 +148,44 @@ def write_chunk(g: zarr.Group, j: int, logits: np.ndarray, labels: np.ndarray, v
 
     Compact banks: the logits are rounded to the bank dtype, encoded, and stored with the chunk's sums. Map
     banks: logits [r, T, S·S, C] (cells on the view axis), encoded by :func:`pipeline.bank.labelmap.encode_chunk`;
-    ``views`` [r, 1, 5] the mapped regions."""
+    ``views`` [r, 1, 5] the mapped regions. The write itself is :func:`write_rows`."""
+    fmt = g.attrs.get("format", "dense")
+    per_chunk: dict[str, np.ndarray] = {}
+    if fmt == "dense":
+        arrays = {"logits": logits}
+    elif fmt == "labelmap":
+        lm = g.attrs["label_map"]
+        arrays = encode_map_chunk(logits, np.asarray(skipped, bool), int(lm["size"]), lm["map_dtype"], lm["topk"])
+    else:
+        s = j * g["labels"].chunks[0]
+        arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
+                                       g.attrs.get("topk"), g.attrs["dtype"], samples=g.attrs.get("samples"),
+                                       seed=int(g.attrs.get("sample_seed", 0)), start=s)
+        per_chunk = {"chunk_sums": sums}
+    write_rows(g, j, arrays, labels, views, skipped, features, per_chunk, params, partners, extra)
+
+
+def write_rows(g: zarr.Group, j: int, arrays: dict[str, np.ndarray], labels: np.ndarray, views: np.ndarray,
+               skipped: np.ndarray, features: np.ndarray | None = None,
+               per_chunk: dict[str, np.ndarray] | None = None, params: np.ndarray | None = None,
+               partners: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write row chunk ``j`` as encoded (``arrays``: {bank array: [r, ...]}, e.g. ``logits``, a compact format's
+    or a map's arrays; ``per_chunk``: {array: its row j}, e.g. ``chunk_sums``), labels [r], views [r, V, 5] (only
+    the bank's view slots are stored: a map bank keeps 1 region), skipped [r], the embeddings [r, T, V, D] float32
+    of a bank that stores them, ``params`` [r, V, A] / ``partners`` [r, V] of a view policy with stored parameters,
+    ``extra``: other per-row arrays of the format by name (a map bank's ``image_size``); the ``done`` flag last.
+    BankError when the rows do not fit the bank's layout or an array the bank stores is missing."""
     r = g["labels"].chunks[0]
     s = j * r
     e = s + len(labels)
     n = g["labels"].shape[0]
     if e > n or (e - s != r and e != n):
         raise BankError(f"chunk {j} write of {len(labels)} rows does not fit the bank layout")
-    fmt = g.attrs.get("format", "dense")
     with zarr.config.set(_WRITE_ALL):
-        if fmt == "dense":
-            g["logits"][s:e] = logits.astype(g["logits"].dtype, copy=False)
-        elif fmt == "labelmap":
-            lm = g.attrs["label_map"]
-            for name, a in encode_map_chunk(logits, np.asarray(skipped, bool), int(lm["size"]), lm["map_dtype"],
-                                            lm["topk"]).items():
-                g[name][s:e] = a
-        else:
-            arrays, sums = cp.encode_chunk(logits, np.asarray(labels), np.asarray(skipped, bool), fmt,
-                                           g.attrs.get("topk"), g.attrs["dtype"], samples=g.attrs.get("samples"),
-                                           seed=int(g.attrs.get("sample_seed", 0)), start=s)
-            for name, a in arrays.items():
-                g[name][s:e] = a
-            g["chunk_sums"][j] = sums
+        for name, a in arrays.items():
+            g[name][s:e] = a.astype(g[name].dtype, copy=False)
+        for name, a in (per_chunk or {}).items():
+            g[name][j] = a
         meta = g.attrs.get("features")
         if meta:
             if features is None:

@@ -108,19 +108,25 @@ class DatasetLayout:
 
     # --- broken samples ------------------------------------------------------------------------------------
     def head_tail(self, manifest: Manifest, i: int) -> tuple[bytes, bytes]:
-        """The first 16 and last 12 bytes of sample ``i``'s encoded image (b"", b"" when unreadable)."""
+        """The first 16 and last 12 bytes of sample ``i``'s encoded image (b"", b"" when unreadable): one open,
+        two ``pread``s (no Python file object: this runs once per file before every dump)."""
         try:
-            with open(Path(manifest.root) / manifest.files[i], "rb") as f:
-                head = f.read(16)
-                f.seek(max(0, f.seek(0, 2) - 12))
-                return head, f.read()
+            fd = os.open(os.path.join(manifest.root, manifest.files[i]), os.O_RDONLY)
         except OSError:
             return b"", b""
+        try:
+            size = os.fstat(fd).st_size
+            return os.pread(fd, 16, 0), os.pread(fd, 12, max(0, size - 12))
+        except OSError:
+            return b"", b""
+        finally:
+            os.close(fd)
 
-    def scan(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> dict[int, str]:
+    def scan(self, manifest: Manifest, order: np.ndarray, threads: int | None = None) -> dict[int, str]:
         """{position in ``order``: reason} of the samples no loader should see: empty, unreadable, not an image,
         a format DALI cannot decode (GIF, ...), or truncated (a JPEG/PNG without its end marker that a full PIL
-        decode confirms). Cheap (two small reads per file, threaded); DALI 2.4's CPU decoder has been seen to
+        decode confirms). Cheap (two small reads per file, ~10 us of CPU; each of ``threads``, default
+        min(8, 2 x the cores available), scans one contiguous slice); DALI 2.4's CPU decoder has been seen to
         crash, not raise, on some truncated JPEGs, so such files never reach it."""
 
         def problem(i: int) -> str | None:
@@ -133,9 +139,20 @@ class DatasetLayout:
             except Exception:  # noqa: BLE001  (any decoder error condemns the file)
                 return reason
 
-        with ThreadPoolExecutor(threads) as ex:
-            reasons = list(ex.map(problem, order, chunksize=256))
-        return {p: r for p, r in enumerate(reasons) if r is not None}
+        def part(lo: int, hi: int) -> dict[int, str]:
+            found = {}
+            for p in range(lo, hi):
+                reason = problem(int(order[p]))
+                if reason is not None:
+                    found[p] = reason
+            return found
+
+        if threads is None:
+            threads = min(8, 2 * len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 8)
+        cuts = np.linspace(0, len(order), max(1, min(threads, len(order) // 256 + 1)) + 1).astype(int)
+        with ThreadPoolExecutor(len(cuts) - 1) as ex:
+            parts = list(ex.map(part, cuts[:-1], cuts[1:]))
+        return {p: r for d in parts for p, r in d.items()}
 
     def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,
                      known: set[int] | frozenset[int] = frozenset()) -> tuple[int, str] | None:
@@ -372,7 +389,7 @@ class CifarLayout(DatasetLayout):
         )  # no name: DALI refuses a named external_source with num_outputs
         return (images.gpu() if decode_device == "mixed" else images), index
 
-    def scan(self, manifest: Manifest, order: np.ndarray, threads: int = 8) -> dict[int, str]:
+    def scan(self, manifest: Manifest, order: np.ndarray, threads: int | None = None) -> dict[int, str]:
         return {}  # pixel arrays need no check
 
     def find_corrupt(self, manifest: Manifest, order: np.ndarray, start: int,

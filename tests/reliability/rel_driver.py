@@ -1,7 +1,7 @@
 """Driver of the reliability tests (not a test module): run ``python -m MODULE ARGS...`` in this process and
 SIGKILL it (or pause it) just before a chosen source line runs for the n-th time.
 
-    REL_POINT='{"module": "pipeline.bank.writer", "func": "write_chunk", "line": "g[\\"done\\"][j] = True",
+    REL_POINT='{"module": "pipeline.bank.writer", "func": "write_rows", "line": "g[\\"done\\"][j] = True",
                 "hit": 3, "action": "kill"}' python tests/reliability/rel_driver.py pipeline.dump_logits ARGS...
 
 ``action``: ``kill`` (SIGKILL this process: no cleanup, no atexit, no finally) or ``pause`` (create

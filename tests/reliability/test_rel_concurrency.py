@@ -28,7 +28,7 @@ def test_second_dump_on_same_key_exits_2(demo_root: Path, tmp_path: Path, rel_re
     cache = tmp_path / "cache"
     monkeypatch.setenv("KD_CACHE", str(cache))
     pause = tmp_path / "release"
-    point = dict(module="pipeline.bank.writer", func="write_chunk", line='g["done"][j] = True', hit=3,
+    point = dict(module="pipeline.bank.writer", func="write_rows", line='g["done"][j] = True', hit=3,
                  action="pause")
     first = subprocess.Popen(driver_cmd("pipeline.dump_logits", *dump_args(demo_root, None)), cwd=REPO,
                              env=env(KD_CACHE=str(cache), REL_POINT=json.dumps(point), REL_PAUSE=str(pause)),

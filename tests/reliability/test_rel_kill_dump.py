@@ -118,9 +118,9 @@ POINTS = {
     "creating the bank (arrays made, attrs not yet written)":
         dict(module="pipeline.bank.writer", func="create_bank", line="g.attrs.update(full)", hit=1),
     "inside chunk 2 (logits and labels written, views not)":
-        dict(module="pipeline.bank.writer", func="write_chunk", line='g["views"][s:e]', hit=3),
+        dict(module="pipeline.bank.writer", func="write_rows", line='g["views"][s:e]', hit=3),
     "after chunk 4's data, before its done flag":
-        dict(module="pipeline.bank.writer", func="write_chunk", line='g["done"][j] = True', hit=5),
+        dict(module="pipeline.bank.writer", func="write_rows", line='g["done"][j] = True', hit=5),
     "every chunk done, complete not yet set":
         dict(module="pipeline.bank.writer", func="mark_complete", line='g.attrs.update({**extra', hit=1),
 }
@@ -136,7 +136,7 @@ def test_sigkill_at_chosen_lines_then_rerun(where: str, demo_root: Path, tmp_pat
         done, complete = _state(out)
         assert not complete
         hit = POINTS[where]["hit"]
-        if POINTS[where]["func"] == "write_chunk":
+        if POINTS[where]["func"] == "write_rows":
             assert done[: hit - 1].all() and not done[hit - 1:].any()
         if POINTS[where]["func"] == "mark_complete":
             assert done.all()
@@ -179,7 +179,7 @@ def test_torchrun_one_rank_killed_then_rerun(demo_root: Path, tmp_path: Path, re
     complete, and the same torchrun command completes the bank bit for bit."""
     out = tmp_path / "dist.zarr"
     args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1"]
-    point = dict(module="pipeline.bank.writer", func="write_chunk", line='g["done"][j] = True', hit=2,
+    point = dict(module="pipeline.bank.writer", func="write_rows", line='g["done"][j] = True', hit=2,
                  action="kill", ranks=[1])
     e = env(REL_POINT=json.dumps(point))
     r = subprocess.run([sys.executable, *args, "--master_port", str(free_port()), str(REPO / "tests" / "reliability"

@@ -251,25 +251,3 @@ def test_corrupt_image(image_tree: Path, tmp_path: Path, capsys, kind: str):
 def _chunk_mtimes(bank: Path) -> dict[str, int]:
     return {str(p.relative_to(bank)): p.stat().st_mtime_ns
             for name in ("logits", "labels", "skipped", "done") for p in (bank / name / "c").rglob("*") if p.is_file()}
-
-
-@pytest.mark.parametrize("n, rows, bs", [(97, 4096, 128), (300, 64, 32), (300, 64, 50), (10, 3, 4)])
-def test_chunk_plan_keeps_the_batch_size(n: int, rows: int, bs: int):
-    """Batches never straddle chunks, every sample appears once (plus padding), and the batch size is the
-    requested one: each chunk is padded to a multiple of it by repeating its last sample."""
-    from stage1_teacher_logits.dump import ChunkPlan
-
-    chunks = list(range(-(-n // rows)))
-    plan = ChunkPlan(chunks, rows, n, bs)
-    assert len(plan) % bs == 0 and plan.num_real == n
-    assert plan.order[plan.real].tolist() == list(range(n))
-    for b in range(0, len(plan), bs):
-        assert len(set(plan.chunk[b:b + bs].tolist())) == 1  # one chunk per batch
-    for j in chunks:
-        pos = np.flatnonzero(plan.chunk == j)
-        pad = plan.order[pos][~plan.real[pos]]
-        assert (pad == min(n, (j + 1) * rows) - 1).all()  # padding repeats the chunk's last sample
-        assert (plan.chunk_start[pos] == pos[0]).all() and (plan.chunk_end[pos] == pos[-1] + 1).all()
-    # a rank's share (every other chunk) is planned the same way
-    odd = ChunkPlan(chunks[1::2], rows, n, bs)
-    assert sorted(odd.order[odd.real].tolist()) == [i for j in chunks[1::2] for i in range(j * rows, min(n, (j + 1) * rows))]
