@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
-from pipeline.bank.reader import LabelBank
+from pipeline.bank.reader import LabelBank, require_chunks
 from pipeline.config import RESUME_MATCH, from_dict, keys_where, to_dict
 from pipeline.errors import BankError, UsageError
 
@@ -39,6 +39,8 @@ def append_config(cfg: Any) -> Any:
     bank with random views, when V' <= V, when ``--out`` is SRC, or for another loader than SRC's."""
     src = LabelBank(cfg.append_views)
     src.require_complete()
+    require_chunks(src, ["logits", "labels", "views", "skipped", "view_params", "view_partner",
+                         *((src.feature_meta or {}).get("arrays") or [])])  # a lost chunk would be copied as data
     if src.format != "dense":
         raise UsageError(f"--append-views {src.path}: a {src.format} bank; append views to the dense bank it was made "
                          "from (or dump one), then python -m pipeline.labels compact")

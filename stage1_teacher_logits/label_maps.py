@@ -118,6 +118,10 @@ def map_check(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", dat
     from pipeline.data.loaders import load_batches
     from stage1_teacher_logits.dump import BankDump, DumpConfig
 
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: give a seed >= 0")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this machine has no usable CUDA device; check with --device cpu")
     bank = LabelBank(path)
     lm = require_map_bank(bank.attrs, path)
     bank.require_complete()

@@ -72,8 +72,15 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if cfg.replay_views:
             raise UsageError("--mix-labels blend mixes in stage 2 and --replay-views replays the bank's views: drop "
                              "one of them (a bank dumped with a mixing --view-policy replays mixing exactly)")
-    if cfg.cutmix < 0:
+    if not math.isfinite(cfg.cutmix) or cfg.cutmix < 0:
         raise UsageError(f"--cutmix {cfg.cutmix}: give ALPHA > 0 (Beta(ALPHA, ALPHA) area weights), or 0 for none")
+    defaults = TrainConfig()
+    if cfg.mix_policy != defaults.mix_policy and not cfg.mix_labels:
+        raise UsageError(f"--mix-policy {cfg.mix_policy} says how --mix-labels blend mixes; add --mix-labels blend "
+                         "or drop --mix-policy")
+    if cfg.view_order != defaults.view_order and not cfg.replay_views:
+        raise UsageError(f"--view-order {cfg.view_order} orders the stored views --replay-views replays; add "
+                         "--replay-views or drop --view-order")
     if cfg.cutmix and cfg.mix_labels:
         raise UsageError("--cutmix (region-exact, from a label-map bank) and --mix-labels blend both mix in stage 2: "
                          "drop one of them")

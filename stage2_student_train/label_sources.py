@@ -26,7 +26,7 @@ import torch
 
 import kd_losses
 from pipeline.bank.identity import cache_root, cached_banks, teacher_match
-from pipeline.bank.reader import LabelBank
+from pipeline.bank.reader import LabelBank, require_chunks
 from pipeline.bank.resident import FeatureResident, check_host_memory, feature_nbytes, load_residents
 from pipeline.data import Manifest
 from pipeline.data.presets import resolve_preset
@@ -472,6 +472,8 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
     banks = [LabelBank(p) for p in paths]
     if cfg.banks and cfg.teacher:
         _check_teachers_agree(cfg, banks)
+    if cfg.mix_labels:
+        _check_blend(banks)
     if any(b.format == "labelmap" for b in banks) or cfg.cutmix:  # label maps (stage2_student_train/map_labels.py)
         return build_map_source(cfg, train, banks, items(banks))
     for b in banks:
@@ -482,17 +484,11 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
                         "slightly (docs/GPU.md gives the measured logit difference)", b.path, made_by, cfg.loader)
         if cfg.replay_views and b.num_views == 1 and not _has_boxes(b):
             raise UsageError(f"--replay-views needs a bank with stored views; {b.path} has only the center view")
+        if cfg.replay_views:  # a lost chunk would replay NaN boxes / parameters, or partners -1 read as "not mixed"
+            require_chunks(b, ("views", "view_params", "view_partner"))
         if not cfg.replay_views and "view_params" in b.group:
             raise UsageError(f"{b.path} stores augmented views ({b.attrs['views']['policy']}): its soft labels are "
                              "the teachers' on those images; train with --replay-views")
-    if cfg.mix_labels:
-        sparse = [b.path for b in banks if b.format in ("topk", "sampled")]
-        if sparse:
-            raise UsageError(f"--mix-labels blend blends dense logits; {sparse[0]} is a {banks[0].format} bank: use a "
-                             "dense or int8 bank")
-        log.warning("--mix-labels blend: Mixup/CutMix targets blended from the two images' stored soft labels by "
-                    "lambda (FKD/ReLabel); approximate, the teacher's output on a mixed image is not the blend of its "
-                    "outputs (exact: dump with a mixing --view-policy and train with --replay-views)")
     for b in banks:
         try:
             kd_losses.check_teacher_format(cfg.method, b.format, sum(x.num_teachers for x in banks))
@@ -509,6 +505,22 @@ def build_label_source(cfg: Any, train: Manifest, run_items: RunItems | None = N
              ", ".join(f"{r.format} [N, T, V, C] = {list(r.shape)} ({r.nbytes / 1e9:.3g} GB on {r.device})"
                        for r in src.residents))
     return src
+
+
+
+def _check_blend(banks: list[LabelBank]) -> None:
+    """``--mix-labels blend``: UsageError for banks whose stored labels cannot be blended (a label map mixes
+    region-exact with ``--cutmix``; top-k and sampled targets are not logits); else the approximation warning."""
+    if any(b.format == "labelmap" for b in banks):
+        raise UsageError("--mix-labels blend blends stored whole-image labels; a label-map bank mixes region-exact "
+                         "with --cutmix ALPHA instead")
+    sparse = [b for b in banks if b.format in ("topk", "sampled")]
+    if sparse:
+        raise UsageError(f"--mix-labels blend blends dense logits; {sparse[0].path} is a {sparse[0].format} bank: "
+                         "use a dense or int8 bank")
+    log.warning("--mix-labels blend: Mixup/CutMix targets blended from the two images' stored soft labels by "
+                "lambda (FKD/ReLabel); approximate, the teacher's output on a mixed image is not the blend of its "
+                "outputs (exact: dump with a mixing --view-policy and train with --replay-views)")
 
 
 def build_map_source(cfg: Any, train: Manifest, banks: list[LabelBank], items: Sequence[tuple[str, int]] = ()) -> Any:

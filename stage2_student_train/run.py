@@ -318,7 +318,9 @@ def _choose_preset(cfg: TrainConfig, train_m: Manifest, label_source: LabelSourc
     multi-view bank is read without replaying its views."""
     bank_pre = label_source.preprocessing
     preset = resolve_preset(cfg.preset, train_m, bank_pre)
-    if bank_pre and cfg.preset != "auto" and bank_pre.get("name") != preset.name:
+    same_input = bank_pre and label_source.draws_crops and all(  # a map pools its own crops: input size and norm
+        getattr(Preprocess.from_record(bank_pre), k) == getattr(preset, k) for k in ("crop", "mean", "std"))
+    if bank_pre and cfg.preset != "auto" and bank_pre.get("name") != preset.name and not same_input:
         log.warning("--preset %s differs from the preprocessing the bank was dumped with (%s): the student sees the "
                     "images otherwise than the teacher did", preset.name, bank_pre.get("name"))
     if label_source.stores_views and not cfg.replay_views:

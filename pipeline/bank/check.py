@@ -44,7 +44,7 @@ import torch
 from pipeline import storage
 from pipeline.bank.compact import decode, decode_int8, tail_stats
 from pipeline.bank.features import decode_features
-from pipeline.bank.reader import LabelBank, teacher_preprocessing
+from pipeline.bank.reader import LabelBank, require_chunks, teacher_preprocessing
 from pipeline.bank import views as _views  # noqa: F401  (registers the replay of policies with parameters)
 from pipeline.bank.replay import ReplayRequest, replay_inputs
 from pipeline.data import Manifest, build_manifest
@@ -120,8 +120,12 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     the one recorded in the bank). Raises UsageError / BankError on bad input (see the module docstring)."""
     if rows < 1:
         raise UsageError(f"--rows {rows}: give the number of rows to check, >= 1")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise UsageError(f"--device {device}: valid are cpu and cuda (where a CUDA device is available)")
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: give a seed >= 0")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: valid are cpu and cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this machine has no usable CUDA device; check with --device cpu")
     bank = LabelBank(path)
     bank.require_complete()
     attrs = bank.attrs
@@ -132,6 +136,12 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     manifest = _manifest(bank, data)
     picked = sample_rows(bank.skipped(), rows, seed)
     chosen_loader, rtol = _loader_and_slack(attrs, loader, device)
+    if "view_params" in bank.group and chosen_loader != attrs.get("loader", "dali"):
+        raise UsageError(f"{path} stores augmented views, dumped with the {attrs.get('loader', 'dali')} loader: "
+                         "check it with that loader (--loader auto); RandAugment, erasing and mixing amplify the "
+                         "loaders' resampling differences beyond a tolerance that would still catch a wrong bank")
+    require_chunks(bank, [*bank.payload_arrays, "labels", "views", "view_params", "view_partner",
+                          *((bank.feature_meta or {}).get("arrays") or [])])
     pres = [Preprocess.from_record(p) for p in teacher_preprocessing(attrs)]
     branches = list(dict.fromkeys(pres))
     model = teachers_from_records(attrs.get("teachers") or [], bank.num_classes, attrs.get("class_maps"), device,
@@ -224,13 +234,19 @@ def read_rows(bank: LabelBank, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The stored arrays (payload, ``labels``, ``views``, embeddings) at ``rows`` [K] (sorted), each read one
     row chunk at a time -> {name: [K, ...]}."""
     names = list(bank.payload_arrays) + ["labels", "views"] + list((bank.feature_meta or {}).get("arrays") or [])
+    names += [n for n in ("view_params", "view_partner") if n in bank.group]  # read by the replay: checked here
     step = bank.rows_per_chunk
     out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for j in np.unique(rows // step):
         sel = rows[rows // step == j]
         lo, hi = int(sel[0]), int(sel[-1]) + 1
         for name in names:
-            out[name].append(bank.read_rows(name, lo, hi)[sel - lo])
+            try:
+                out[name].append(bank.read_rows(name, lo, hi)[sel - lo])
+            except (ValueError, OSError) as e:  # zarr: a failed CRC32C checksum or an undecodable chunk
+                raise BankError(f"{bank.path} is damaged: array '{name}' rows {lo}..{hi - 1} cannot be read "
+                                f"({' '.join(str(e).split())[:80]}); run python -m pipeline.labels verify "
+                                f"{bank.path}") from None
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 

@@ -337,6 +337,22 @@ def verify_bank(path: str | Path) -> list[str]:
     return problems
 
 
+def require_chunks(bank: "LabelBank", names: list[str] | tuple[str, ...]) -> None:
+    """BankError (one line, naming ``labels verify``) unless every chunk file of the arrays ``names`` of ``bank`` is
+    stored. A lost chunk reads back as the array's fill value (NaN boxes and parameters, partner -1 = "not
+    mixed", NaN logits), which the readers would otherwise take for data. Checks existence only (one listing per
+    chunk, no decoding); arrays the bank does not have are skipped."""
+    g = bank.group
+    for name in names:
+        if name not in g:
+            continue
+        for idx in _chunk_keys(g[name]):
+            if not _chunk_exists(g, name, idx):
+                raise BankError(f"{bank.path} is damaged: array '{name}' chunk {'/'.join(map(str, idx))} is missing; "
+                                f"run python -m pipeline.labels verify {bank.path}, then dump it again (same command, "
+                                "--overwrite)")
+
+
 def _chunk_exists(g: zarr.Group, name: str, idx: tuple[int, ...]) -> bool:
     """Whether the chunk file of ``g[name]`` at grid ``idx`` is stored (zarr silently returns fill values otherwise)."""
     import asyncio
