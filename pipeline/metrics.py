@@ -6,6 +6,10 @@ confidence bins: sum_b |B_b|/N * |acc(B_b) - conf(B_b)|.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +84,24 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_bins:
     acc = MetricAccumulator(num_bins)
     acc.update(logits, labels)
     return acc.compute()
+
+
+def teacher_metrics_of(g: Any, teachers: list[dict], rows: Callable[[int, int], np.ndarray]) -> dict[str, dict[str, float]]:
+    """Top-1/top-5/NLL/ECE of each teacher of a bank group ``g`` (and of their mean-logit ensemble), its rows read
+    one row chunk at a time by ``rows(start, stop)`` -> logits [r, T, C] (view 0 of a dense bank, a map's mean
+    over its cells); skipped rows are left out. -> {``"<t>:<name>"`` or ``"ensemble"``: metrics}."""
+    n, t = int(g["labels"].shape[0]), len(teachers)
+    step = int(g["labels"].chunks[0])
+    accs = [MetricAccumulator() for _ in range(t + (1 if t > 1 else 0))]
+    for s in range(0, n, step):
+        z = torch.from_numpy(np.asarray(rows(s, min(n, s + step)), np.float32))
+        labels = torch.from_numpy(np.asarray(g["labels"][s:s + step]).astype(np.int64))
+        keep = ~torch.from_numpy(np.asarray(g["skipped"][s:s + step]))
+        z, labels = z[keep], labels[keep]
+        for k in range(t):
+            accs[k].update(z[:, k], labels)
+        if t > 1:
+            accs[t].update(z.mean(1), labels)
+    names = [f"{k}:{tt['name']}" for k, tt in enumerate(teachers)] + (["ensemble"] if t > 1 else [])
+    return {name: {k: round(v, 6) for k, v in a.compute().items()} for name, a in zip(names, accs)}
+

@@ -35,7 +35,7 @@ from pipeline.data.loaders import resolve_loader
 from pipeline.data.presets import teacher_preprocess, typical_side, upscale_warning
 from pipeline.distributed import DistInfo, barrier, broadcast_object, cleanup, cores_per_local_rank, init_distributed
 from pipeline.errors import BankError, UsageError
-from pipeline.metrics import MetricAccumulator
+from pipeline.metrics import teacher_metrics_of
 from pipeline.models.ensemble import TeacherEnsemble
 from pipeline.models.teachers import build_teachers, class_maps_record, parse_teachers, read_class_map
 from stage1_teacher_logits.append import ViewPrefix, append_config
@@ -433,17 +433,4 @@ def _io_errors(path: str):
 
 def teacher_metrics(g, teachers: list[dict]) -> dict[str, dict[str, float]]:
     """Top-1/top-5/NLL/ECE of each teacher (and their mean-logit ensemble) on view 0, read back from the bank."""
-    n, t = g["logits"].shape[:2]
-    rows = g["logits"].chunks[0]
-    accs = [MetricAccumulator() for _ in range(t + (1 if t > 1 else 0))]
-    for s in range(0, n, rows):
-        logits = torch.from_numpy(np.asarray(g["logits"][s:s + rows, :, 0]).astype(np.float32))
-        labels = torch.from_numpy(np.asarray(g["labels"][s:s + rows]).astype(np.int64))
-        keep = ~torch.from_numpy(np.asarray(g["skipped"][s:s + rows]))
-        logits, labels = logits[keep], labels[keep]
-        for k in range(t):
-            accs[k].update(logits[:, k], labels)
-        if t > 1:
-            accs[t].update(logits.mean(1), labels)
-    names = [f"{k}:{tt['name']}" for k, tt in enumerate(teachers)] + (["ensemble"] if t > 1 else [])
-    return {name: {k: round(v, 6) for k, v in a.compute().items()} for name, a in zip(names, accs)}
+    return teacher_metrics_of(g, teachers, lambda s, e: g["logits"][s:e, :, 0])

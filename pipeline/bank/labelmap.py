@@ -158,22 +158,9 @@ def read_maps(g: Any, start: int, stop: int) -> np.ndarray:
 def map_metrics(g: Any, teachers: list[dict]) -> dict[str, dict[str, float]]:
     """Top-1/top-5/NLL/ECE per teacher (and the mean-logit ensemble) of each map's mean over its cells: the
     teacher's logits on the region for ``pool_linear`` heads."""
-    from pipeline.metrics import MetricAccumulator
+    from pipeline.metrics import teacher_metrics_of
 
-    n, t = g["labels"].shape[0], len(teachers)
-    rows = int(g["labels"].chunks[0])
-    accs = [MetricAccumulator() for _ in range(t + (1 if t > 1 else 0))]
-    for s in range(0, n, rows):
-        z = torch.from_numpy(read_maps(g, s, min(n, s + rows)).mean(axis=(2, 3)))
-        labels = torch.from_numpy(np.asarray(g["labels"][s:s + rows]).astype(np.int64))
-        keep = ~torch.from_numpy(np.asarray(g["skipped"][s:s + rows]))
-        z, labels = z[keep], labels[keep]
-        for k in range(t):
-            accs[k].update(z[:, k], labels)
-        if t > 1:
-            accs[t].update(z.mean(1), labels)
-    names = [f"{k}:{tt['name']}" for k, tt in enumerate(teachers)] + (["ensemble"] if t > 1 else [])
-    return {name: {k: round(v, 6) for k, v in a.compute().items()} for name, a in zip(names, accs)}
+    return teacher_metrics_of(g, teachers, lambda s, e: read_maps(g, s, e).mean(axis=(2, 3)))
 
 
 def require_map_bank(attrs: dict[str, Any], path: str) -> dict[str, Any]:
