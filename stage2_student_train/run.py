@@ -273,6 +273,10 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     steps = math.ceil(n_per_rank / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
+    if cfg.optim.accum_steps > steps and info.is_main:
+        log.warning("--accum-steps %d exceeds the %d steps of an epoch: each update averages one epoch's %d "
+                    "batches (global_batch_size counts %d micro-batches it never reaches)", cfg.optim.accum_steps,
+                    steps, steps, cfg.optim.accum_steps)
     scheduler = build_scheduler(optimizer, updates_per_epoch(steps, cfg.optim.accum_steps), cfg.epochs, cfg.sched,
                                 cfg.optim.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and cfg.device == "cuda")

@@ -213,6 +213,13 @@ def test_bad_recipe_values_are_one_line_errors(train, tmp_path, demo_bank, capsy
         assert len(err) == 1 and msg in err[0], (args, err)
 
 
+def test_accumulating_more_steps_than_an_epoch_warns(train, tmp_path, demo_bank, caplog):
+    with caplog.at_level("WARNING"):
+        assert train(tmp_path / "r", "--accum-steps", "5", "max_steps_per_epoch=2", labels=(demo_bank,)) == 0
+    warned = [r.getMessage() for r in caplog.records if "--accum-steps 5 exceeds" in r.getMessage()]
+    assert len(warned) == 1 and "the 2 steps of an epoch" in warned[0]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_in_configs_loads(path):
     """Every key of every recipe exists (unknown keys are errors), its values pass the run's checks, its loss
