@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from pipeline import storage
 from pipeline.errors import CliParser, UsageError, cli_entry, setup_logging
 from pipeline.experiments import measure, report
-from pipeline.experiments.plan import BIG, GRIDS, SCALES, SMALL, TASKS, TEACHERS, Scale, Suite, fixed_loss, suites
+from pipeline.experiments.plan import BIG, GRIDS, SCALES, SMALL, TASKS, TEACHERS, Scale, Suite, suites
 from pipeline.experiments.runner import Job, Runner
 
 log = logging.getLogger("pipeline.experiments")
@@ -35,30 +35,42 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
                device: str = "cpu") -> dict[str, dict[str, Any]]:
     """Run the suites ``names`` (teachers, banks, grids, arms); write their summaries and RESULTS.md."""
     t0 = time.time()
+    phases: dict[str, float] = {}  # wall minutes of each phase of this invocation (finished runs cost nothing)
+
+    def phase(name: str) -> None:
+        phases[name] = round((time.time() - t0) / 60 - sum(phases.values()), 2)
+
     plan = [suites(scale)[n] for n in names]
     runner = Runner(root, scale, device)
     runner.prepare_data(data_root, tuple(sorted({s.task for s in plan})))
+    phase("data")
     methods = sorted({(a.method, s.task) for s in plan for a in s.arms})
     needed = {t for s in plan for a in s.arms for t in (*a.teachers, *([a.live] if a.live else []))}
     needed |= {TASKS[task].teacher(t) for m, task in methods if m in GRIDS and scale.grid for t in GRIDS[m][1]}
     runner.run_jobs([runner.teacher_job(TEACHERS[t]) for t in sorted(needed)], "teachers")
+    phase("teachers")
     if scale.grid:
         runner.run_jobs([j for m, task in methods if m in GRIDS for _, j in runner.grid_jobs(m, task)],
                         "hyperparameter grids")
+    phase("banks and grids")
     chosen = {(m, task): runner.choose(m, task) for m, task in methods}
     jobs = {(s.name, a.label, seed): runner.job({**runner.arm_overrides(a, chosen[a.method, s.task][0], s.task),
                                                  "seed": seed}, a.ranks)
             for s in plan for a in s.arms for seed in scale.seeds}
     runner.run_jobs(list(jobs.values()), "students")
+    phase("students")
     out = {}
     for s in plan:
         out[s.name] = summarize(s, runner, jobs, chosen)
         log.info("suite %s summarised", s.name)
+    phase("measurements and summaries")
+    timing = {"suites": names, "jobs": scale.jobs, "minutes": phases}
+    log.info("phases (wall minutes): %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     if results is not None:
         folder = results.parent / "results"
         folder.mkdir(parents=True, exist_ok=True)
         for name, summ in out.items():
-            (folder / f"{name}.json").write_text(json.dumps(summ, indent=1))
+            (folder / f"{name}.json").write_text(json.dumps({**summ, "timing": timing}, indent=1))
         summaries = report.load_summaries(folder)
         plots = {n: f"results/{report.plot(n, summ, folder)}" for n, summ in summaries.items()}
         report.write_results(results, scale, summaries, plots, list(suites(scale)))
@@ -79,7 +91,7 @@ def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job
         banks = (finals[0].get("bank") or "").split(",") if a.teachers and not a.live else []  # live: no bank
         arms[a.label] = {
             "method": a.method, "student": a.student, "chosen": setting, "ranks": a.ranks,
-            "loss": {**fixed_loss(a.method, scale), **setting, **a.loss},
+            "loss": runs[0].config["loss"],
             "grid": grid, **{k: [f[k] for f in finals] for k in ("top1", "ece", "nll")},
             **{k: [f[k] for f in finals] for k in ("teacher_agreement", "teacher_kl") if finals[0].get(k) is not None},
             "time_s": [f["train_time_s"] for f in finals],
@@ -146,7 +158,9 @@ def _setup(scale: Scale) -> str:
             f"lr {scale.lr}, weight decay 5e-4, batch {scale.batch_size}, cosine schedule with half an epoch of "
             "warm-up, pad-and-crop + flip augmentation; random-resized crops in the views suite); each method's "
             f"temperature and weights are chosen from at most 4 settings on {10 * scale.holdout} held-out training "
-            f"images (never the test set); models are evaluated on {10 * scale.val} test images.")
+            f"images (never the test set), each grid run training {scale.grid_epochs('fmnist10')} epochs (a "
+            f"{scale.grid_fraction:g} of the arms' schedule, to fit the budget) and scored once at its end; models "
+            f"are evaluated on {10 * scale.val} test images after every epoch.")
 
 
 def _measure(suite: Suite, runner: Runner) -> dict[str, str]:

@@ -98,6 +98,11 @@ def section(name: str, s: dict[str, Any], plot: str | None) -> str:
         out += ["", f"{k}: {v}"]
     if plot:
         out += ["", f"![{name}]({plot})"]
+    t = s.get("timing")
+    if t:
+        out += ["", f"Time: this suite ran in `python -m pipeline.experiments {' '.join(t['suites'])}` "
+                f"({t['jobs']} runs at a time); its phases took (wall minutes, runs already finished by an earlier "
+                f"invocation cost nothing): " + ", ".join(f"{k} {v:.1f}" for k, v in t["minutes"].items()) + "."]
     out += ["", "Reading: " + reading(s), ""]
     return "\n".join(out)
 

@@ -239,13 +239,12 @@ class Runner:
         center), so evaluation reports agreement and KL with the teacher."""
         t = TASKS[task]
         tree = t.grid_tree if grid else t.tree
+        epochs = int(arm.extra.get("epochs", self.scale.grid_epochs(task) if grid else self.scale.epochs(task)))
         over: dict[str, Any] = {"method": arm.method, "student": arm.student, "preset": arm.preset,
-                                "data": str(self.trees[tree]),
-                                "loss": {**fixed_loss(arm.method, self.scale), **loss, **arm.loss}}
+                                "data": str(self.trees[tree]), "epochs": epochs,
+                                "loss": {**fixed_loss(arm.method, self.scale, epochs), **loss, **arm.loss}}
         if grid:
-            over["val_split"] = t.grid_val
-        if task == "pairs100":
-            over["epochs"] = self.scale.pairs_student_epochs
+            over.update(val_split=t.grid_val, eval_every=epochs)  # a grid run is scored once, at its end
         over.update(arm.extra)
         if arm.live:
             arch, ck = self.teacher_ckpt(arm.live)

@@ -97,3 +97,23 @@ def test_quick_plan_runs_the_new_suites(tmp_path, demo_root, monkeypatch):
     assert {f["global_batch_size"] for f in finals} == {32}
     text = md.read_text()
     assert "| agree (%) | KL |" in text and "A run on 2 ranks equals a run on 1 rank" in text
+
+
+def test_grid_runs_train_a_shorter_schedule_scored_once(tmp_path):
+    """Full scale: a grid run trains half the arms' epochs on the held-out split and evaluates only at its end;
+    DKD's KD-weight warm-up follows the run's own epochs (a quarter), on either task."""
+    from pipeline.experiments.runner import Runner
+
+    scale = SCALES["full"]
+    runner = Runner(tmp_path / "runs", scale)
+    runner.trees = {k: tmp_path / k for k in ("student", "grid", "pairs")}
+    for task in ("fmnist10", "pairs100"):
+        (setting, job), *_ = runner.grid_jobs("ls", task)
+        assert job.config["epochs"] == job.config["eval_every"] == scale.grid_epochs(task) < scale.epochs(task)
+        assert job.config["val_split"] == {"fmnist10": "val", "pairs100": "heldout"}[task]
+        assert job.config["loss"]["eps"] == setting["eps"]
+    from pipeline.experiments.plan import Arm
+
+    arm = runner.arm_overrides(Arm("dkd", "dkd"), {}, "pairs100")
+    assert arm["epochs"] == scale.pairs_student_epochs and "eval_every" not in arm
+    assert arm["loss"]["warmup_epochs"] == scale.pairs_student_epochs // 4
