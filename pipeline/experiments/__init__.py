@@ -56,7 +56,7 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
     chosen = {(m, task): runner.choose(m, task) for m, task in methods}
     jobs = {(s.name, a.label, seed): runner.job({**runner.arm_overrides(a, chosen[a.method, s.task][0], s.task),
                                                  "seed": seed}, a.ranks)
-            for s in plan for a in s.arms for seed in scale.seeds}
+            for s in plan for a in s.arms for seed in s.seeds_of(scale)}
     runner.run_jobs(list(jobs.values()), "students")
     phase("students")
     out = {}
@@ -85,7 +85,7 @@ def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job
     scale = runner.scale
     arms: dict[str, Any] = {}
     for a in suite.arms:
-        runs = [jobs[(suite.name, a.label, s)] for s in scale.seeds]
+        runs = [jobs[(suite.name, a.label, s)] for s in suite.seeds_of(scale)]
         finals = [j.final() for j in runs]
         setting, grid = chosen[a.method, suite.task]
         banks = (finals[0].get("bank") or "").split(",") if a.teachers and not a.live else []  # live: no bank
@@ -109,10 +109,11 @@ def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job
     base = next((a for a in suite.arms if a.method == "ce" and a.student == SMALL and not a.extra), None)
     baseline = None
     if base is not None:
-        rows = [jobs[(suite.name, base.label, s)].metrics() for s in scale.seeds]
+        rows = [jobs[(suite.name, base.label, s)].metrics() for s in suite.seeds_of(scale)]
         baseline = {"label": base.label, "last_top1": [[r["top1"] for r in rs[-3:]] for rs in rows],
                     "train_loss": [rs[-1]["train_loss"] for rs in rows]}
-    return {"title": suite.title, "recipe": _recipe(scale, suite.task), "setup": _setup(scale), "note": suite.note,
+    return {"title": suite.title, "recipe": _recipe(scale, suite.task, suite.seeds_of(scale)),
+            "setup": _setup(scale), "note": suite.note,
             "task": suite.task, "kind": suite.kind,
             "teachers": teachers, "baseline": baseline, "arms": arms,
             "measurements": _measure(suite, runner) if suite.name == "offline-vs-live" else {}}
@@ -140,15 +141,17 @@ def _train_images(runner: Runner, name: str) -> int:
     return len(build_manifest(runner.trees[t.data], "train"))
 
 
-def _recipe(scale: Scale, task: str = "fmnist10") -> str:
+def _recipe(scale: Scale, task: str = "fmnist10", seeds: tuple[int, ...] | None = None) -> str:
+    seeds = scale.seeds if seeds is None else seeds
+    cut = (f" (cut from {len(scale.seeds)} to fit the plan's budget: differences have no noise estimate)"
+           if len(seeds) < len(scale.seeds) else "")
+    runs = f"{len(seeds)} seed(s) per arm ({', '.join(map(str, seeds))}){cut}"
     if task == "pairs100":
         a, b, c = scale.pairs
         return (f"Task pairs100 (100 classes; {100 * a} training images, {100 * b} held-out for the grid, "
-                f"{100 * c} val). Student `{SMALL}`, {scale.pairs_student_epochs} epochs, {len(scale.seeds)} seed(s) "
-                f"per arm ({', '.join(map(str, scale.seeds))}); teacher `big100` ({BIG}, "
-                f"{scale.pairs_teacher_epochs} epochs, the same training images).")
-    return (f"Student `{SMALL}`, {scale.student_epochs} epochs, {len(scale.seeds)} seed(s) per arm "
-            f"({', '.join(map(str, scale.seeds))}).")
+                f"{100 * c} val). Student `{SMALL}`, {scale.pairs_student_epochs} epochs, {runs}; teacher `big100` "
+                f"({BIG}, {scale.pairs_teacher_epochs} epochs, the same training images).")
+    return f"Student `{SMALL}`, {scale.student_epochs} epochs, {runs}."
 
 
 def _setup(scale: Scale) -> str:

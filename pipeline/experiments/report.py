@@ -31,8 +31,11 @@ def compare(a: list[float], b: list[float], expect: str) -> tuple[float, float, 
     ``>`` (a higher), ``<`` (a lower; e.g. a lower ECE) or ``~`` (equal). The threshold is 2 standard errors of
     the difference (per-arm seed variance; a single seed per arm gives no noise estimate: threshold 0).
     Verdicts: ``held`` (beyond noise in the expected direction, or within noise when equality is expected),
-    ``within noise``, ``reversed``, ``not held`` (equality expected, difference beyond noise)."""
+    ``within noise``, ``reversed``, ``not held`` (equality expected, difference beyond noise); ``one seed`` when
+    either side has a single value (no noise estimate: no verdict)."""
     d = statistics.mean(a) - statistics.mean(b)
+    if min(len(a), len(b)) < 2:
+        return d, math.nan, "one seed"
     var = sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1)
     noise = NOISE_Z * math.sqrt(var)
     if expect == "~":
@@ -61,8 +64,9 @@ def claims_table(scale: Scale, summaries: dict[str, dict[str, Any]]) -> str:
             digits = {"ece": 4, "time_s": 0}.get(cmp.metric, 2)
             where = "100 classes: " if (s or {}).get("task") == "pairs100" else ""
             cells.append(f"{where}{cmp.a} {mean_std(a, digits)} vs {cmp.b} {mean_std(b, digits)} ({cmp.metric}: "
-                         f"{d:+.{digits}f}{unit}, noise {noise:.{digits}f})")
-            verdicts.append(f"{v}" + (" (≈ expected)" if cmp.expect == "~" else ""))
+                         f"{d:+.{digits}f}{unit}, " + (f"noise {noise:.{digits}f})" if v != "one seed" else
+                                                       "one seed: no noise estimate)"))
+            verdicts.append(f"{v}" + (" (≈ expected)" if cmp.expect == "~" and v != "one seed" else ""))
         lines.append(f"| {c.claim} | {c.source} | {c.published} | {'<br>'.join(cells)} | {'<br>'.join(verdicts)} |")
     return "\n".join(lines)
 
@@ -148,7 +152,8 @@ def reading(s: dict[str, Any]) -> str:
             d, noise, v = compare(a["top1"], base["top1"], ">")
             de = statistics.mean(a["ece"]) - statistics.mean(base["ece"])
             word = {"held": "better", "reversed": "worse"}.get(v, "within seed noise")
-            out.append(f"{label}: {d:+.2f} pt top-1 vs {base_label} ({word}, noise {noise:.2f}), ECE {de:+.4f}")
+            why = "one seed, no noise estimate" if v == "one seed" else f"{word}, noise {noise:.2f}"
+            out.append(f"{label}: {d:+.2f} pt top-1 vs {base_label} ({why}), ECE {de:+.4f}")
     return "; ".join(out) + "." if out else "a single arm."
 
 

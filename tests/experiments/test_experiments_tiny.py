@@ -44,6 +44,24 @@ def test_verdicts():
     assert compare([1.0, 3.0, 2.0], [1.5, 2.5, 2.0], ">")[2] == "within noise"
     assert compare([0.02, 0.021], [0.03, 0.031], "<")[2] == "held"  # a lower ECE, as expected
     assert compare([1.0, 1.1], [1.05, 1.0], "~")[2] == "held" and compare([3.0, 3.1], [1.0, 1.1], "~")[2] == "not held"
+    assert compare([2.0], [1.0], ">")[2] == "one seed" == compare([1.0, 1.2], [3.0], "~")[2]  # no noise estimate
+
+
+def test_suites_cut_to_fewer_seeds_say_so():
+    """A suite cut to one seed runs the scale's first seed only, and its recipe line says it was cut; the claims
+    table gives no verdict on a single run per arm."""
+    from pipeline.experiments import _recipe
+    from pipeline.experiments.report import claims_table
+
+    scale = SCALES["full"]
+    plan = suites(scale)
+    assert plan["tfkd"].seeds_of(scale) == (0,) and plan["methods"].seeds_of(scale) == scale.seeds
+    assert "cut from 3" in _recipe(scale, "fmnist10", (0,)) and "cut" not in _recipe(scale, "fmnist10", scale.seeds)
+    arms = {"teacher labels only (kd, alpha 1), every image": {"top1": [80.0]},
+            f"ce, {scale.labeled} labels per class (as many steps)": {"top1": [70.0]}}
+    row = next(x for x in claims_table(scale, {"label-efficiency": {"arms": arms}}).splitlines()
+               if x.startswith("| Teacher labels on unlabelled images"))
+    assert "one seed: no noise estimate" in row and row.endswith("| one seed |")
 
 
 def test_unknown_suite_is_a_usage_error(capsys):
