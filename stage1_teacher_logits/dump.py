@@ -27,7 +27,8 @@ from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, prepro
 from pipeline.bank.reader import open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
 from pipeline.bank.stats import entry_names
-from pipeline.bank.writer import chunk_sums_attrs, create_bank, done_flags, mark_complete, remove_partial_writes
+from pipeline.bank.writer import (chunk_sums_attrs, create_bank, done_flags, mark_complete, metric_sums_attrs,
+                                  remove_partial_writes)
 from pipeline.config import RESUME_MATCH, key, to_dict
 from pipeline.data import Manifest, build_manifest
 from pipeline.data.layouts import SPLITS
@@ -351,7 +352,7 @@ class BankDump:
             rows = chunk_rows(rows, len(self.specs), int(self.label_map["size"]), m.num_classes)
         create_bank(path, attrs, (len(m), len(self.specs), self.cfg.views, m.num_classes), self.cfg.dtype,
                     rows, self.cfg.format, self.cfg.topk, self.feature_dims, self.cfg.samples,
-                    self.cfg.sample_seed, label_map=self.label_map)
+                    self.cfg.sample_seed, label_map=self.label_map, metric_sums=self.cfg.format == "dense")
         return PrepareStatus.NEW
 
     def _other_loader(self, attrs: dict) -> bool:
@@ -390,16 +391,20 @@ class BankDump:
 
     # --- finalize -------------------------------------------------------------------------------------------
     def finalize(self) -> None:
-        """Teacher metrics read back from the bank (dense) or summed from the per-chunk sums stored with the
-        chunks (compact: ``metrics`` of what stage 2 reads, ``source_metrics`` of the teachers, ``fidelity``),
-        then ``complete = True``."""
+        """Teacher metrics summed from the per-chunk sums stored with the chunks (dense: ``metric_sums``; compact:
+        ``chunk_sums``: ``metrics`` of what stage 2 reads, ``source_metrics`` of the teachers, ``fidelity``), or
+        read back from the bank (a dense bank begun before ``metric_sums``; label maps), then ``complete =
+        True``."""
         g = open_group(self.path, "r+")
-        if self.cfg.format == "dense":
+        names = entry_names(list(self.spec.teachers), len(self.specs))
+        if self.cfg.format == "dense" and "metric_sums" in g:
+            extra = metric_sums_attrs(g, names)
+        elif self.cfg.format == "dense":
             extra = {"metrics": teacher_metrics(g, list(self.spec.teachers))}
         elif self.cfg.format == "labelmap":  # label maps: metrics of each map's mean over its cells
             extra = {"metrics": map_metrics(g, list(self.spec.teachers))}
         else:
-            extra = chunk_sums_attrs(g, entry_names(list(self.spec.teachers), len(self.specs)))
+            extra = chunk_sums_attrs(g, names)
         mark_complete(g, extra)
         log.info("bank complete: %s  %s", self.path, extra)
 

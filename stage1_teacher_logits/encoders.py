@@ -10,8 +10,9 @@ An encoder has two methods:
   chunk's fidelity sample, :func:`pipeline.bank.compact.fidelity_rows_mask`) -> {name: tensor
   [b, ...]}: arrays of the bank written at these rows, and per-row records (names starting with ``_``) that
   stay on the host until the chunk is complete. Only these tensors cross to the host.
-- ``finish(records)``: {name: numpy [r, ...]} of the whole chunk (row order) -> {array name: value of the
-  chunk's row in that per-chunk array} (e.g. ``chunk_sums``), written before the chunk's done flag.
+- ``finish(records, labels)``: {name: numpy [r, ...]} of the whole chunk (row order) and its labels [r] ->
+  {array name: value of the chunk's row in that per-chunk array} (``chunk_sums``, ``metric_sums``), written
+  before the chunk's done flag.
 
 Both must be deterministic per row (resume after a kill stores the same bytes).
 """
@@ -31,7 +32,7 @@ class ChunkEncoder(Protocol):
     def encode(self, x: torch.Tensor, labels: torch.Tensor, skipped: torch.Tensor, rows: np.ndarray,
                fidelity: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
-    def finish(self, records: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def finish(self, records: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 EncoderFactory = Callable[[dict[str, Any]], ChunkEncoder]
@@ -53,17 +54,35 @@ def encoder_for(attrs: dict[str, Any]) -> ChunkEncoder:
 
 
 class DenseEncoder:
-    """``dense``: the logits rounded to the bank dtype (half the bytes of float32 cross for float16)."""
+    """``dense``: the logits rounded to the bank dtype (half the bytes of float32 cross for float16). A bank with
+    ``metric_sums`` (every dump since issue 24) also gets the teachers' metric states of view 0 as stored
+    (:func:`pipeline.bank.encoding.metric_rows` on the device, [b, E, 6] per batch; summed per chunk by
+    :meth:`finish`), so the dump's ``metrics`` need no read-back of the bank. With ``--append-views`` the batches
+    hold only the new views: view 0 then comes from the source bank's rows already in the chunk buffer, and
+    :meth:`finish` measures it there."""
 
     def __init__(self, attrs: dict[str, Any]):
         self.dtype = torch.float16 if attrs["dtype"] == "float16" else torch.float32
+        self.views = int(attrs["shape"][2])
+        self.metric_sums = bool(attrs.get("metric_sums"))
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor, skipped: torch.Tensor, rows: np.ndarray,
                fidelity: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": x.to(self.dtype).masked_fill(skipped.to(x.device)[:, None, None, None], float("nan"))}
+        z = x.to(self.dtype).masked_fill(skipped.to(x.device)[:, None, None, None], float("nan"))
+        out = {"logits": z}
+        if self.metric_sums and x.shape[2] == self.views:  # all views: view 0 is here
+            out["_metrics"] = en.metric_rows(z[:, :, 0], labels, skipped)
+        return out
 
-    def finish(self, records: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {}
+    def finish(self, records: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.metric_sums:
+            return {}
+        rows = records.get("_metrics")
+        if rows is None:  # appended views: view 0 was copied from the source bank
+            z = torch.from_numpy(np.ascontiguousarray(records["logits"][:, :, 0]))
+            skipped = ~torch.isfinite(z.float()).reshape(len(z), -1).all(1)
+            rows = en.metric_rows(z, torch.from_numpy(labels.astype(np.int64)), skipped).numpy()
+        return {"metric_sums": en.metric_sums(rows)}
 
 
 class CompactEncoder:
@@ -80,7 +99,7 @@ class CompactEncoder:
         return en.encode_rows(x, labels, skipped, self.fmt, self.k, self.dtype, fidelity, samples=self.samples,
                               seed=self.seed, rows=rows)
 
-    def finish(self, records: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def finish(self, records: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
         return {"chunk_sums": en.chunk_sums(records, self.t)}
 
 
@@ -101,7 +120,7 @@ class LabelMapEncoder:
         out = encode_map_chunk(z.cpu().numpy(), skipped.cpu().numpy(), self.size, self.map_dtype, self.k)
         return {name: torch.from_numpy(a) for name, a in out.items()}
 
-    def finish(self, records: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def finish(self, records: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
         return {}
 
 

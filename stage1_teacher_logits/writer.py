@@ -76,7 +76,7 @@ class ChunkBuffer:
         extra arrays, done flag last)."""
         if (self.labels < 0).any():
             raise BankError(f"internal error: chunk {self.j} incomplete at flush")
-        per_chunk = encoder.finish(self.arrays)
+        per_chunk = encoder.finish(self.arrays, self.labels)
         stored = {n: a for n, a in self.arrays.items() if not n.startswith("_")}
         write_rows(g, self.j, stored, self.labels, self.views, self.skipped, self.features, per_chunk, self.params,
                    self.partners, self.extra)

@@ -81,12 +81,12 @@ import torch
 
 from pipeline.bank import encoding as en
 from pipeline.bank.encoding import (FIDELITY_STATS, FIDELITY_TEMPERATURES, FIDELITY_WIDTH, SAMPLE_TEMPERATURE,
-                                    TAIL_EMPTY, TOPK_REST_FLOOR, sample_uniforms, sums_layout, sums_width,
+                                    TAIL_EMPTY, TOPK_REST_FLOOR, metric_width, sample_uniforms, sums_layout, sums_width,
                                     tail_betas)
 from pipeline.bank.schema import COMPACT_FORMATS, TAIL_TEMPERATURES, compact_array_specs, index_dtype
 
 __all__ = ["FIDELITY_STATS", "FIDELITY_TEMPERATURES", "FIDELITY_WIDTH", "SAMPLE_TEMPERATURE", "TAIL_EMPTY",
-           "TOPK_REST_FLOOR", "sample_uniforms", "sums_layout", "sums_width", "tail_betas"]
+           "TOPK_REST_FLOOR", "metric_width", "sample_uniforms", "sums_layout", "sums_width", "tail_betas"]
 
 FORMATS = COMPACT_FORMATS
 # Fidelity is measured on every (len // 256)-th row of each chunk: a stride sample over a class-sorted manifest

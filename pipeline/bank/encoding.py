@@ -378,10 +378,16 @@ def metric_sums(rows: np.ndarray) -> np.ndarray:
 
 
 # --- one batch of rows, one chunk's sums -----------------------------------------------------------------------
+def metric_width(t: int) -> int:
+    """Width of the metric states of T teachers (and their ensemble when T > 1): 49 per entry
+    (``MetricAccumulator(15).state()``, :func:`metric_sums`); a dense bank's ``metric_sums`` row."""
+    return (4 + 3 * NUM_BINS) * (t + (1 if t > 1 else 0))
+
+
 def sums_layout(t: int) -> dict[str, tuple[int, int]]:
     """Columns of a ``chunk_sums`` row: fidelity sums, metric states of the source logits and of the
     reconstruction (view 0; 49 per entry: ``MetricAccumulator(15).state()``)."""
-    m = (4 + 3 * NUM_BINS) * (t + (1 if t > 1 else 0))
+    m = metric_width(t)
     return {"fidelity": (0, FIDELITY_WIDTH), "source_metrics": (FIDELITY_WIDTH, FIDELITY_WIDTH + m),
             "metrics": (FIDELITY_WIDTH + m, FIDELITY_WIDTH + 2 * m)}
 

@@ -285,6 +285,8 @@ def verify_bank(path: str | Path) -> list[str]:
     if bank.format != "dense":
         expected.pop("logits")
     extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format not in ("dense", "labelmap") else []
+    if bank.attrs.get("metric_sums"):  # a dense dump's per-chunk teacher metric states
+        extra = ["metric_sums"]
     if bank.format == "labelmap":  # label maps: the map arrays and image sizes (pipeline/bank/labelmap.py)
         extra = [*bank.attrs["label_map"]["arrays"], "image_size"]
     extra += list((bank.feature_meta or {}).get("arrays", []))

@@ -104,7 +104,8 @@ def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype:
                        fmt: str = "dense", k: int | None = None, sums_width: int = 0,
                        samples: int | None = None, num_params: int = 0, label_map: dict | None = None) -> None:
     """Create the (empty) arrays of a bank in ``group``: ``logits`` (dense), the compact arrays of ``fmt`` and
-    ``chunk_sums`` [n_chunks, sums_width], or a map bank's arrays (``label_map``: its ``size``, ``map_dtype``,
+    ``chunk_sums`` [n_chunks, sums_width] (dense with ``sums_width`` > 0: ``metric_sums`` [n_chunks, sums_width],
+    the teachers' metric states per chunk), or a map bank's arrays (``label_map``: its ``size``, ``map_dtype``,
     ``topk``), then labels, views, skipped, done; with ``num_params`` A > 0 (a view policy with stored parameters)
     ``view_params`` [N, V, A] float32 (fill NaN) and ``view_partner`` [N, V] int32 (fill -1)."""
     r = max(1, min(rows_per_chunk, n))
@@ -116,6 +117,9 @@ def create_bank_arrays(group: zarr.Group, n: int, t: int, v: int, c: int, dtype:
     elif fmt == "dense":
         group.create_array("logits", shape=(n, t, v, c), chunks=(r, t, v, c), dtype=dtype,
                            compressors=compressors(dtype), fill_value=float("nan"))
+        if sums_width:  # the dump's per-chunk teacher metric states
+            group.create_array("metric_sums", shape=(math.ceil(n / r), sums_width), chunks=(1, sums_width),
+                               dtype="float64", compressors=compressors("float64"), fill_value=float("nan"))
     else:
         for name, (shape, dt, fill) in compact_array_specs(fmt, (n, t, v, c), k, samples).items():
             group.create_array(name, shape=shape, chunks=(r,) + tuple(shape[1:]), dtype=dt,

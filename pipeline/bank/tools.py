@@ -186,8 +186,8 @@ def ensemble_banks(paths: Sequence[str], out: str, mode: str = "mean-logits", ov
 
     with daskio.atomic_output(out, overwrite) as tmp:
         attrs = {k: val for k, val in ref.attrs.items()
-                 if k not in ("format", "compact_arrays", "topk", "tail", "chunk_sums_layout", "fidelity", "metrics",
-                              "source_metrics", "raw_bytes_per_vector", "features")}
+                 if k not in ("format", "metric_sums", "compact_arrays", "topk", "tail", "chunk_sums_layout", "fidelity",
+                              "metrics", "source_metrics", "raw_bytes_per_vector", "features")}
         attrs.update({"key": key, "teachers": teachers, "sources": sources, **_member_attrs(banks, mode, c),
                       "ensemble": {"mode": mode, "num_members": t_all},
                       "config": {"tool": "ensemble", "mode": mode, "inputs": [s["path"] for s in sources]}})
@@ -259,7 +259,7 @@ def compact_bank(src: str, out: str, fmt: str = "topk", k: int | None = None, ov
         fidelity = cp.fidelity_from_sums(vec[lay["fidelity"]], fmt)
         metrics = st.metrics_from_states(vec[lay["metrics"]], t_names)
         attrs = {key: val for key, val in bank.attrs.items()
-                 if key not in ("metrics", "complete", "created", "features")}
+                 if key not in ("metrics", "metric_sums", "complete", "created", "features")}
         attrs.update({
             "schema_version": SCHEMA_VERSION, **format_attrs(fmt, bank.shape, k, samples, sample_seed),
             "shape": [n, t, v, c], "rows_per_chunk": int(g["labels"].chunks[0]),

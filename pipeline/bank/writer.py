@@ -39,12 +39,13 @@ _WRITE_ALL = {"array.write_empty_chunks": True}
 
 
 def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = None, samples: int | None = None,
-                 sample_seed: int = 0) -> dict[str, Any]:
+                 sample_seed: int = 0, metric_sums: bool = False) -> dict[str, Any]:
     """The attrs that describe a bank's format: ``format`` and, for compact banks, ``compact_arrays``, ``topk``,
     ``tail`` and ``tail_temperatures`` (top-k, sampled), ``samples`` and ``sample_seed`` (sampled),
-    ``chunk_sums_layout`` and ``raw_bytes_per_vector``."""
+    ``chunk_sums_layout`` and ``raw_bytes_per_vector``; a dense bank with ``metric_sums``: ``metric_sums: true``
+    (its per-chunk teacher metric states, :func:`pipeline.bank.schema.create_bank_arrays`)."""
     if fmt in ("dense", "labelmap"):
-        return {"format": fmt}
+        return {"format": fmt, **({"metric_sums": True} if metric_sums and fmt == "dense" else {})}
     out: dict[str, Any] = {"format": fmt, "compact_arrays": list(compact_array_specs(fmt, shape, k, samples)),
                            "chunk_sums_layout": {n: list(v) for n, v in cp.sums_layout(shape[1]).items()},
                            "raw_bytes_per_vector": cp.raw_bytes_per_vector(fmt, shape[3], k, samples)}
@@ -58,14 +59,16 @@ def format_attrs(fmt: str, shape: tuple[int, int, int, int], k: int | None = Non
 def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, int, int], dtype: str,
                 rows_per_chunk: int, fmt: str = "dense", k: int | None = None,
                 feature_dims: list[int] | None = None, samples: int | None = None, sample_seed: int = 0,
-                label_map: dict[str, Any] | None = None) -> zarr.Group:
+                label_map: dict[str, Any] | None = None, metric_sums: bool = False) -> zarr.Group:
     """Create an empty, incomplete bank at ``path`` with ``attrs`` (shape, format, chunking, version added).
 
     ``dtype``: the logits dtype (dense: stored; compact: what the logits are rounded to before encoding).
     ``fmt``/``k``/``samples``/``sample_seed``: ``dense``, ``topk`` with K, ``sampled`` with K, S and a seed, or
     ``int8``. ``feature_dims``: the teachers' embedding widths
     when the bank stores embeddings (:mod:`pipeline.bank.features`). ``label_map``: a map bank's
-    ``attrs["label_map"]`` (``fmt`` ``labelmap``, :mod:`pipeline.bank.labelmap`).
+    ``attrs["label_map"]`` (``fmt`` ``labelmap``, :mod:`pipeline.bank.labelmap`). ``metric_sums`` (dense, the
+    dump): a ``metric_sums`` array [n_chunks, E·49] for the teachers' metric states of each chunk, summed by the
+    dump's writer (:func:`metric_sums_attrs`) instead of reading the bank back.
     """
     n, t, v, c = shape
     # Local paths: build the bank aside and rename it into place, so that a kill during creation never leaves
@@ -78,8 +81,8 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
             storage.remove(stale)
     g = zarr.open_group(str(build), mode="w", storage_options=storage.storage_options(path))
     num_params = len(attrs.get("views", {}).get("params_columns", []))
-    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k,
-                       cp.sums_width(t) if fmt not in ("dense", "labelmap") else 0, samples, num_params, label_map)
+    width = cp.sums_width(t) if fmt not in ("dense", "labelmap") else (cp.metric_width(t) if metric_sums else 0)
+    create_bank_arrays(g, n, t, v, c, dtype, rows_per_chunk, fmt, k, width, samples, num_params, label_map)
     feats: dict[str, Any] = {}
     if feature_dims:
         ffmt = fe.feature_format(fmt, dtype)
@@ -91,7 +94,7 @@ def create_bank(path: str | Path, attrs: dict[str, Any], shape: tuple[int, int, 
     full = {
         **attrs,
         "schema_version": SCHEMA_VERSION,
-        **format_attrs(fmt, shape, k, samples, sample_seed),
+        **format_attrs(fmt, shape, k, samples, sample_seed, metric_sums),
         **feats,
         **({"label_map": label_map} if label_map else {}),
         "shape": [n, t, v, c],
@@ -220,6 +223,18 @@ def chunk_sums_attrs(g: zarr.Group, names: list[str]) -> dict[str, Any]:
     return {"fidelity": cp.fidelity_from_sums(total[lay["fidelity"]], g.attrs.get("format", "topk")),
             "metrics": st.metrics_from_states(total[lay["metrics"]], names),
             "source_metrics": st.metrics_from_states(total[lay["source_metrics"]], names)}
+
+
+def metric_sums_attrs(g: zarr.Group, names: list[str]) -> dict[str, Any]:
+    """``metrics`` of a dense bank from the per-chunk metric states its dump stored (``metric_sums``, view 0 as
+    stored: the logits rounded to the bank dtype). BankError when a chunk has none (a damaged bank)."""
+    from pipeline.bank import stats as st
+
+    sums = np.asarray(g["metric_sums"][:], np.float64)
+    if not np.isfinite(sums).all():
+        bad = np.flatnonzero(~np.isfinite(sums).all(axis=1))
+        raise BankError(f"label bank is damaged: array 'metric_sums' has no value for chunks {bad[:10].tolist()}")
+    return {"metrics": st.metrics_from_states(sums.sum(axis=0), names)}
 
 
 def mark_complete(g: zarr.Group, extra: dict[str, Any]) -> None:

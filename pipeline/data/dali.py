@@ -11,6 +11,7 @@ reproducible, resumable and can be aligned with per-sample view boxes.
 from __future__ import annotations
 
 import logging
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -69,18 +70,20 @@ def build_pipeline(
 
     @pipeline_def
     def _pipe():
-        images, index = layout.dali_source(manifest, order, batch_size, decode_device, "Reader", hw_decoder_load)
+        images, index = layout.dali_source(manifest, order, batch_size, decode_device, "Reader", hw_decoder_load,
+                                           scratch)
         vb = (_box_source(boxes, batch_size), boxes.shape[1]) if mode == "views" else None
         ops = _raw_view_ops if raw and mode == "views" else _MODES[mode]
         outs = [o for p in branches for o in ops(images, p, vb, batch_size)]
         return (*outs, index)
 
-    pipe = _pipe(
-        batch_size=batch_size, num_threads=num_threads,
-        device_id=(torch.cuda.current_device() if device == "cuda" else None),
-        seed=seed, prefetch_queue_depth=2, exec_dynamic=True,
-    )
-    pipe.build()
+    with tempfile.TemporaryDirectory(prefix="kd-dali-") as scratch:  # the reader's file list, read at build
+        pipe = _pipe(
+            batch_size=batch_size, num_threads=num_threads,
+            device_id=(torch.cuda.current_device() if device == "cuda" else None),
+            seed=seed, prefetch_queue_depth=2, exec_dynamic=True,
+        )
+        pipe.build()
     pipe.kd_groups = groups
     return pipe
 

@@ -35,10 +35,10 @@ def test_the_dump_encodes_through_the_registered_encoder(demo_root: Path, tmp_pa
             out["logits"] = out["logits"] * 0 + 1  # visible in the bank
             return out
 
-        def finish(self, records):
+        def finish(self, records, labels):
             calls["finish"] += 1
-            assert set(records) == {"logits"} and len(records["logits"]) <= 128
-            return {}
+            assert set(records) == {"logits", "_metrics"} and len(records["logits"]) == len(labels) <= 128
+            return super().finish(records, labels)
 
     monkeypatch.setitem(encoders._ENCODERS, "dense", Counting)
     out = tmp_path / "bank.zarr"
@@ -69,7 +69,34 @@ def test_labelmap_encoder_per_batch_equals_the_chunk_encoding(map_dtype, k):
              for s in range(0, 10, 4)]
     rounded = x.half().masked_fill(skipped[:, None, None, None], float("nan")).numpy()
     want = encode_chunk(rounded, skipped.numpy(), 3, map_dtype, k)
-    assert enc.finish({}) == {}
+    assert enc.finish({}, np.zeros(0, np.int32)) == {}
     for name, a in want.items():
         got = np.concatenate([p[name].numpy() for p in parts])
         assert got.dtype == a.dtype and np.array_equal(got, a, equal_nan=True), name
+
+
+def test_dense_metrics_come_from_the_dump_and_equal_a_read_back(demo_root: Path, tmp_path: Path):
+    """A dense dump measures its teachers' metrics on the device as it goes (per-chunk ``metric_sums``, issue 24):
+    the ``metrics`` attr equals a read-back of the stored logits (each teacher and the ensemble), with chunks of
+    several batches and a short last chunk; a bank whose metric states lost a chunk fails ``labels verify``."""
+    import shutil
+
+    from pipeline.bank.reader import verify_bank
+    from stage1_teacher_logits.dump import teacher_metrics
+
+    out = tmp_path / "bank.zarr"
+    assert main(["--teacher", "democnn_s", "--teacher", "democnn", "--weights", "none", "--weights", "none",
+                 "--data", str(demo_root), "--preset", "demo", "--batch-size", "24", "--rows-per-chunk", "64",
+                 "--workers", "1", "--out", str(out)]) == 0
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["metric_sums"] is True and g["metric_sums"].shape == (-(-g["labels"].shape[0] // 64), 3 * 49)
+    got = g.attrs["metrics"]
+    want = teacher_metrics(g, list(g.attrs["teachers"]))
+    assert set(got) == set(want) == {"0:democnn_s", "1:democnn", "ensemble"}
+    for name in want:
+        assert got[name]["n"] == want[name]["n"] == g["labels"].shape[0]
+        for k in want[name]:
+            assert got[name][k] == pytest.approx(want[name][k], abs=2e-6), (name, k)
+    assert verify_bank(out) == []
+    shutil.rmtree(out / "metric_sums" / "c" / "1")
+    assert any("'metric_sums' chunk 1" in p for p in verify_bank(out))
