@@ -133,16 +133,31 @@ class Runner:
         log.info("%s: %d run(s) to do (%d already done), %s", what, len(todo), len(jobs) - len(todo),
                  f"{self.scale.jobs} at a time" if self.scale.jobs else "in this process")
         t0 = time.time()
-        if self.scale.jobs == 0:  # tiny scale: no process start-up per run (but torchrun for several ranks)
-            failed = [j for j in todo if not (self._run_here(j) if j.ranks == 1 else self._run_one(j))]
+        if self.scale.jobs == 0:  # tiny scale: in this thread (run_training may install signal handlers)
+            failed = [j for j in todo if not self._run_locked(j)]
         else:
             with ThreadPoolExecutor(self.scale.jobs) as ex:
-                failed = [j for j, ok in zip(todo, ex.map(self._run_one, todo)) if not ok]
+                failed = [j for j, ok in zip(todo, ex.map(self._run_locked, todo)) if not ok]
         log.info("%s: done in %.1f min", what, (time.time() - t0) / 60)
         if failed:
             log_file = failed[0].dir.with_suffix(".log")
             tail = log_file.read_text()[-600:] if log_file.is_file() else ""
             raise UsageError(f"{len(failed)} run(s) failed, first {failed[0].dir}: {' '.join(tail.split())}")
+
+    def _run_locked(self, job: Job) -> bool:
+        """Run ``job`` holding its lock (``<key>.lock`` beside its directory), unless it is done by then: two plan
+        invocations at once (``make results`` and a suite rerun, say) share jobs, and each would otherwise train
+        the other's run directory (``--overwrite`` or ``--resume`` while it is written). A job the other
+        invocation is training is waited for, then found done."""
+        from filelock import FileLock
+
+        job.dir.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(job.dir.with_suffix(".lock"))):
+            if job.done:
+                return True
+            if self.scale.jobs == 0 and job.ranks == 1:  # tiny scale: no process start-up per run
+                return self._run_here(job)
+            return self._run_one(job)
 
     def _run_here(self, job: Job) -> bool:
         from stage2_student_train import TrainConfig, run_training

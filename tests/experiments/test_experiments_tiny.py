@@ -135,3 +135,35 @@ def test_grid_runs_train_a_shorter_schedule_scored_once(tmp_path):
     arm = runner.arm_overrides(Arm("dkd", "dkd"), {}, "pairs100")
     assert arm["epochs"] == scale.pairs_student_epochs and "eval_every" not in arm
     assert arm["loss"]["warmup_epochs"] == scale.pairs_student_epochs // 4
+
+
+@pytest.mark.parametrize("scale_name", ["tiny", "full"])
+def test_two_invocations_never_train_one_job_at_once(tmp_path, monkeypatch, scale_name):
+    """Two plan invocations at once share jobs (the same config hashes to the same run directory): a job one of
+    them is training is waited for and then found done, never trained again in the same directory."""
+    import threading
+    import time
+
+    from pipeline.experiments.runner import Job, Runner
+
+    runner = Runner(tmp_path / "runs", SCALES[scale_name])
+    job = Job({"method": "ce", "seed": 0}, runner.root)
+    calls: list[float] = []
+    inside = threading.Event()
+
+    def train(j: Job) -> bool:  # stands in for the training process: writes final.json at its end
+        calls.append(time.time())
+        inside.set()
+        time.sleep(0.5)
+        j.dir.mkdir(parents=True, exist_ok=True)
+        (j.dir / "final.json").write_text("{}")
+        return True
+
+    monkeypatch.setattr(runner, "_run_here", train)
+    monkeypatch.setattr(runner, "_run_one", train)
+    first = threading.Thread(target=runner.run_jobs, args=([job], "first"))
+    first.start()
+    assert inside.wait(10)
+    runner.run_jobs([Job({"method": "ce", "seed": 0}, runner.root)], "second")  # the same job, not yet done
+    first.join()
+    assert len(calls) == 1 and job.done
