@@ -75,7 +75,7 @@ def test_labelmap_encoder_per_batch_equals_the_chunk_encoding(map_dtype, k):
         assert got.dtype == a.dtype and np.array_equal(got, a, equal_nan=True), name
 
 
-def test_dense_metrics_come_from_the_dump_and_equal_a_read_back(demo_root: Path, tmp_path: Path):
+def test_dense_metrics_come_from_the_dump_and_equal_a_read_back(demo_root: Path, tmp_path: Path, capsys):
     """A dense dump measures its teachers' metrics on the device as it goes (per-chunk ``metric_sums``, issue 24):
     the ``metrics`` attr equals a read-back of the stored logits (each teacher and the ensemble), with chunks of
     several batches and a short last chunk; a bank whose metric states lost a chunk fails ``labels verify``."""
@@ -85,9 +85,10 @@ def test_dense_metrics_come_from_the_dump_and_equal_a_read_back(demo_root: Path,
     from stage1_teacher_logits.dump import teacher_metrics
 
     out = tmp_path / "bank.zarr"
-    assert main(["--teacher", "democnn_s", "--teacher", "democnn", "--weights", "none", "--weights", "none",
-                 "--data", str(demo_root), "--preset", "demo", "--batch-size", "24", "--rows-per-chunk", "64",
-                 "--workers", "1", "--out", str(out)]) == 0
+    args = ["--teacher", "democnn_s", "--teacher", "democnn", "--weights", "none", "--weights", "none",
+            "--data", str(demo_root), "--preset", "demo", "--batch-size", "24", "--rows-per-chunk", "64",
+            "--workers", "1", "--out", str(out)]
+    assert main(args) == 0
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["metric_sums"] is True and g["metric_sums"].shape == (-(-g["labels"].shape[0] // 64), 3 * 49)
     got = g.attrs["metrics"]
@@ -100,3 +101,9 @@ def test_dense_metrics_come_from_the_dump_and_equal_a_read_back(demo_root: Path,
     assert verify_bank(out) == []
     shutil.rmtree(out / "metric_sums" / "c" / "1")
     assert any("'metric_sums' chunk 1" in p for p in verify_bank(out))
+    # a dump that finds every chunk done but a chunk's metric states missing stops in one line
+    zarr.open_group(str(out), mode="r+").attrs["complete"] = False
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "'metric_sums' has no value for chunks [1]" in err[0]
