@@ -174,9 +174,15 @@ Verdicts: a difference counts when it exceeds {z:g} standard errors of the diffe
 
 def write_results(md: Path, scale: Scale, summaries: dict[str, dict[str, Any]], plots: dict[str, str],
                   order: list[str]) -> None:
-    """Rewrite ``md`` whole: header, claims table, every summarised suite in ``order``."""
+    """Rewrite ``md`` whole: header, the suites of ``order`` with no summary yet, claims table, every summarised
+    suite in ``order``."""
     setup = summaries[next(iter(summaries))]["setup"] if summaries else ""
-    parts = [HEADER.format(setup=setup, z=NOISE_Z), "## Claims", "", claims_table(scale, summaries), ""]
+    parts = [HEADER.format(setup=setup, z=NOISE_Z)]
+    missing = [name for name in order if name not in summaries]
+    if missing:
+        parts += [f"Not run yet at this scale: {', '.join(missing)} (their claims say \"not run\"; `python -m "
+                  f"pipeline.experiments {' '.join(missing)}` runs them, reusing every finished run).", ""]
+    parts += ["## Claims", "", claims_table(scale, summaries), ""]
     for name in order:
         if name in summaries:
             parts += [f"<!-- suite:{name} -->", section(name, summaries[name], plots.get(name)),

@@ -30,6 +30,7 @@ def test_all_suites_tiny(tmp_path, demo_root, monkeypatch):
         summary = json.loads((tmp_path / "results" / f"{name}.json").read_text())
         assert all(len(a["top1"]) == 1 for a in summary["arms"].values())
     assert "Step time (one interleaved measurement" in text and "Exactness" in text
+    assert "Not run yet" not in text  # every suite ran
     jobs = sorted(p for p in (tmp_path / "runs" / "tiny" / "jobs").iterdir() if p.is_dir())  # not .log/.yaml
     mtimes = {p: (p / "final.json").stat().st_mtime_ns for p in jobs}
     # Re-running one suite reuses every finished run and rewrites RESULTS.md whole (no duplicated section)
@@ -167,3 +168,15 @@ def test_two_invocations_never_train_one_job_at_once(tmp_path, monkeypatch, scal
     runner.run_jobs([Job({"method": "ce", "seed": 0}, runner.root)], "second")  # the same job, not yet done
     first.join()
     assert len(calls) == 1 and job.done
+
+
+def test_results_name_the_suites_not_run_yet(tmp_path):
+    """A plan run in parts (some suites later) says in RESULTS.md which suites have no summary yet, and their
+    claims read "not run"."""
+    from pipeline.experiments.report import write_results
+
+    md = tmp_path / "RESULTS.md"
+    write_results(md, SCALES["tiny"], {}, {}, ["methods", "tfkd"])
+    text = md.read_text()
+    assert "Not run yet at this scale: methods, tfkd" in text and "python -m pipeline.experiments methods tfkd" in text
+    assert "| not run" in text or "not run |" in text
