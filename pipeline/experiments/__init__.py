@@ -28,7 +28,7 @@ from pipeline.experiments.runner import Job, Runner
 
 log = logging.getLogger("pipeline.experiments")
 
-__all__ = ["SCALES", "main", "run_suites", "suites"]
+__all__ = ["SCALES", "main", "run_suites", "suites", "write_report"]
 
 
 def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, results: Path | None,
@@ -71,11 +71,19 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
         folder.mkdir(parents=True, exist_ok=True)
         for name, summ in out.items():
             (folder / f"{name}.json").write_text(json.dumps({**summ, "timing": timing}, indent=1))
-        summaries = report.load_summaries(folder)
-        plots = {n: f"results/{report.plot(n, summ, folder)}" for n, summ in summaries.items()}
-        report.write_results(results, scale, summaries, plots, list(suites(scale)))
+        write_report(results, scale)
     log.info("suites %s done in %.1f min", ", ".join(names), (time.time() - t0) / 60)
     return out
+
+
+def write_report(results: Path, scale: Scale) -> int:
+    """Rewrite ``results`` (RESULTS.md) and the plots from every suite summary in ``results/`` beside it (written
+    by this and earlier invocations, here or elsewhere); -> how many suites it holds."""
+    folder = results.parent / "results"
+    summaries = report.load_summaries(folder) if folder.is_dir() else {}
+    plots = {n: f"results/{report.plot(n, summ, folder)}" for n, summ in summaries.items()}
+    report.write_results(results, scale, summaries, plots, list(suites(scale)))
+    return len(summaries)
 
 
 def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job],
@@ -189,7 +197,10 @@ def _measure(suite: Suite, runner: Runner) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = CliParser(prog="python -m pipeline.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", nargs="+", help="suite name(s) or 'all'")
+    p.add_argument("suite", nargs="*", help="suite name(s) or 'all'")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite --results and its plots from the summaries in results/ (written by earlier "
+                        "invocations); nothing runs")
     p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full (default) or tiny")
     p.add_argument("--quick", action="store_true", help="the tiny plan (--scale tiny): every step in seconds")
     p.add_argument("--root", default="results/runs", help="where runs and banks go (default: results/runs)")
@@ -204,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dataclasses import replace
 
         scale = replace(scale, jobs=args.jobs)
+    if args.report_only:
+        if args.suite or not args.results:
+            raise UsageError("--report-only rewrites --results from results/*.json: give no suite, and a --results file")
+        log.info("%s rewritten from %d suite summaries", args.results, write_report(Path(args.results), scale))
+        return 0
+    if not args.suite:
+        raise UsageError("name the suite(s) to run, or all (or --report-only)")
     names = list(suites(scale)) if args.suite == ["all"] else args.suite
     for n in names:
         if n not in suites(scale):

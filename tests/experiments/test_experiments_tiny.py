@@ -37,6 +37,11 @@ def test_all_suites_tiny(tmp_path, demo_root, monkeypatch):
     assert main(["methods", *common]) == 0
     assert md.read_text().count("<!-- suite:methods -->") == 1 and "<!-- suite:embedding -->" in md.read_text()
     assert {p: (p / "final.json").stat().st_mtime_ns for p in jobs} == mtimes
+    # --report-only rewrites RESULTS.md from the summaries alone (a plan run in parts): the same text
+    before = md.read_text()
+    md.unlink()
+    assert main(["--report-only", "--scale", "tiny", "--results", str(md)]) == 0
+    assert md.read_text() == before
 
 
 def test_verdicts():
@@ -63,6 +68,11 @@ def test_suites_cut_to_fewer_seeds_say_so():
     row = next(x for x in claims_table(scale, {"label-efficiency": {"arms": arms}}).splitlines()
                if x.startswith("| Teacher labels on unlabelled images"))
     assert "one seed: no noise estimate" in row and row.endswith("| one seed |")
+
+
+def test_report_only_and_no_suite_are_checked(capsys):
+    assert main([]) == 2 and "name the suite(s)" in capsys.readouterr().err
+    assert main(["--report-only", "methods"]) == 2 and "give no suite" in capsys.readouterr().err
 
 
 def test_unknown_suite_is_a_usage_error(capsys):
