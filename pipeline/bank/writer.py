@@ -233,7 +233,9 @@ def metric_sums_attrs(g: zarr.Group, names: list[str]) -> dict[str, Any]:
     sums = np.asarray(g["metric_sums"][:], np.float64)
     if not np.isfinite(sums).all():
         bad = np.flatnonzero(~np.isfinite(sums).all(axis=1))
-        raise BankError(f"label bank is damaged: array 'metric_sums' has no value for chunks {bad[:10].tolist()}")
+        raise BankError(f"label bank is damaged: array 'metric_sums' has no value for chunks {bad[:10].tolist()}; "
+                        "a rerun cannot repair a chunk marked done: run python -m pipeline.labels verify on it, "
+                        "remove the bank folder and dump it again")
     return {"metrics": st.metrics_from_states(sums.sum(axis=0), names)}
 
 

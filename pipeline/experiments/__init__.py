@@ -28,7 +28,7 @@ from pipeline.experiments.runner import Job, Runner
 
 log = logging.getLogger("pipeline.experiments")
 
-__all__ = ["SCALES", "main", "run_suites", "suites", "write_report"]
+__all__ = ["SCALES", "main", "run_suites", "scale_name", "suites", "write_report"]
 
 
 def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, results: Path | None,
@@ -64,7 +64,7 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
         out[s.name] = summarize(s, runner, jobs, chosen)
         log.info("suite %s summarised", s.name)
     phase("measurements and summaries")
-    timing = {"suites": names, "jobs": scale.jobs, "minutes": phases}
+    timing = {"suites": names, "jobs": scale.jobs, "minutes": phases, "scale": scale_name(scale)}
     log.info("phases (wall minutes): %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     if results is not None:
         folder = results.parent / "results"
@@ -76,11 +76,31 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
     return out
 
 
-def write_report(results: Path, scale: Scale) -> int:
+def scale_name(scale: Scale) -> str:
+    """The name in ``SCALES`` of ``scale`` (whatever its ``jobs``), else ``custom``."""
+    from dataclasses import replace
+
+    return next((k for k, v in SCALES.items() if replace(scale, jobs=v.jobs) == v), "custom")
+
+
+def write_report(results: Path, scale: Scale, require: bool = False) -> int:
     """Rewrite ``results`` (RESULTS.md) and the plots from every suite summary in ``results/`` beside it (written
-    by this and earlier invocations, here or elsewhere); -> how many suites it holds."""
+    by this and earlier invocations, here or elsewhere); -> how many suites it holds. UsageError when ``results``
+    cannot be written, a summary is damaged or of another scale, or (``require``) there is no summary at all
+    (RESULTS.md is then left as it is)."""
+    if results.is_dir() or not results.parent.is_dir():
+        raise UsageError(f"cannot write {results}: " + ("it is a folder" if results.is_dir() else
+                         f"folder {results.parent} does not exist") + "; give --results a file in an existing folder")
     folder = results.parent / "results"
-    summaries = report.load_summaries(folder) if folder.is_dir() else {}
+    summaries = report.load_summaries(folder, list(suites(scale))) if folder.is_dir() else {}
+    if require and not summaries:
+        raise UsageError(f"no suite summaries in {folder} (results/<suite>.json, written by a run); {results} left "
+                         "as it is: run the suites first")
+    want = scale_name(scale)
+    other = sorted(n for n, summ in summaries.items() if summ.get("timing", {}).get("scale", "full") != want)
+    if other:
+        raise UsageError(f"summaries {', '.join(other)} in {folder} are of another scale than --scale {want}; "
+                         "use their scale (--quick for tiny), or another --results folder")
     plots = {n: f"results/{report.plot(n, summ, folder)}" for n, summ in summaries.items()}
     report.write_results(results, scale, summaries, plots, list(suites(scale)))
     return len(summaries)
@@ -205,23 +225,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the tiny plan (--scale tiny): every step in seconds")
     p.add_argument("--root", default="results/runs", help="where runs and banks go (default: results/runs)")
     p.add_argument("--data-root", default="data/results", help="where the data trees are written")
-    p.add_argument("--results", default="RESULTS.md", help="the file rewritten ('' = none) (default: RESULTS.md)")
+    p.add_argument("--results", default="RESULTS.md",
+                   help="the file rewritten; the suite summaries go to results/ beside it ('' = neither: the runs "
+                        "are kept, a later run of the suite writes them) (default: RESULTS.md)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     p.add_argument("--jobs", type=int, default=None, help="training processes at once (default: the scale's)")
     args = p.parse_args(argv)
     setup_logging()
     scale = SCALES["tiny" if args.quick else args.scale]
-    if args.jobs:
-        from dataclasses import replace
-
-        scale = replace(scale, jobs=args.jobs)
     if args.report_only:
         if args.suite or not args.results:
             raise UsageError("--report-only rewrites --results from results/*.json: give no suite, and a --results file")
-        log.info("%s rewritten from %d suite summaries", args.results, write_report(Path(args.results), scale))
+        ignored = [f for f, on in (("--jobs", args.jobs is not None), ("--device", args.device != "cpu"),
+                                   ("--root", args.root != "results/runs"),
+                                   ("--data-root", args.data_root != "data/results")) if on]
+        if ignored:
+            raise UsageError(f"--report-only runs nothing: drop {', '.join(ignored)}")
+        log.info("%s rewritten from %d suite summaries", args.results,
+                 write_report(Path(args.results), scale, require=True))
         return 0
+    if args.jobs is not None:
+        if args.jobs < 0:
+            raise UsageError(f"--jobs {args.jobs}: give 1 or more training processes at once (0: in this process)")
+        from dataclasses import replace
+
+        scale = replace(scale, jobs=args.jobs)
     if not args.suite:
         raise UsageError("name the suite(s) to run, or all (or --report-only)")
+    if "all" in args.suite and len(args.suite) > 1:
+        raise UsageError("'all' stands alone: give all, or suite names")
+    out_md = Path(args.results) if args.results else None
+    if out_md is not None and (out_md.is_dir() or not out_md.parent.is_dir()):  # before hours of runs, not after
+        raise UsageError(f"cannot write {out_md}: give --results a file in an existing folder")
     names = list(suites(scale)) if args.suite == ["all"] else args.suite
     for n in names:
         if n not in suites(scale):

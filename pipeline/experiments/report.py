@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UsageError
 from pipeline.experiments.plan import Claim, Comparison, Scale, claims
 
 NOISE_Z = 2.0  # a difference counts beyond seed noise when it exceeds 2 standard errors of the difference
@@ -180,8 +181,9 @@ def write_results(md: Path, scale: Scale, summaries: dict[str, dict[str, Any]], 
     parts = [HEADER.format(setup=setup, z=NOISE_Z)]
     missing = [name for name in order if name not in summaries]
     if missing:
+        quick = " --quick" if scale.max_steps else ""
         parts += [f"Not run yet at this scale: {', '.join(missing)} (their claims say \"not run\"; `python -m "
-                  f"pipeline.experiments {' '.join(missing)}` runs them, reusing every finished run).", ""]
+                  f"pipeline.experiments{quick} {' '.join(missing)}` runs them, reusing every finished run).", ""]
     parts += ["## Claims", "", claims_table(scale, summaries), ""]
     for name in order:
         if name in summaries:
@@ -245,8 +247,22 @@ def _plot_time(name: str, s: dict[str, Any], out: Path, plt: Any) -> str:
     return f"{name}.png"
 
 
-def load_summaries(folder: Path) -> dict[str, dict[str, Any]]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+def load_summaries(folder: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{suite: summary} of the ``results/<suite>.json`` files in ``folder`` (with ``names``: only those suites;
+    other json files are left alone). UsageError naming the file when one is not a suite summary."""
+    out = {}
+    for p in sorted(folder.glob("*.json")):
+        if names is not None and p.stem not in names:
+            continue
+        try:
+            s = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{p} is not a suite summary ({type(e).__name__}: {' '.join(str(e).split())}); "
+                             "rerun that suite, or remove the file") from None
+        if not isinstance(s, dict) or not isinstance(s.get("arms"), dict):
+            raise UsageError(f"{p} is not a suite summary (no 'arms'); rerun that suite, or remove the file")
+        out[p.stem] = s
+    return out
 
 
 __all__ = ["Claim", "Comparison", "claims_table", "compare", "load_summaries", "plot", "section", "write_results"]

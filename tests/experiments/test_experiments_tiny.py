@@ -42,6 +42,8 @@ def test_all_suites_tiny(tmp_path, demo_root, monkeypatch):
     md.unlink()
     assert main(["--report-only", "--scale", "tiny", "--results", str(md)]) == 0
     assert md.read_text() == before
+    # summaries of the tiny scale are not rewritten into a full-scale report
+    assert main(["--report-only", "--results", str(md)]) == 2 and md.read_text() == before
 
 
 def test_verdicts():
@@ -70,9 +72,34 @@ def test_suites_cut_to_fewer_seeds_say_so():
     assert "one seed: no noise estimate" in row and row.endswith("| one seed |")
 
 
-def test_report_only_and_no_suite_are_checked(capsys):
-    assert main([]) == 2 and "name the suite(s)" in capsys.readouterr().err
-    assert main(["--report-only", "methods"]) == 2 and "give no suite" in capsys.readouterr().err
+def test_report_only_and_no_suite_are_checked(capsys, tmp_path):
+    """Bad requests of the plan CLI exit 2 in one line and never overwrite a RESULTS.md with less than it holds
+    (found by a new user's trial: --report-only in a fresh clone emptied RESULTS.md; damaged summaries,
+    a folder as --results, 'all' with names and --jobs -1 gave tracebacks or were ignored)."""
+    def err(argv):
+        assert main(argv) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1
+        return lines[0]
+
+    assert "name the suite(s)" in err([])
+    assert "give no suite" in err(["--report-only", "methods"])
+    md = tmp_path / "RESULTS.md"
+    md.write_text("real results\n")
+    assert "no suite summaries" in err(["--report-only", "--results", str(md)])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.json").write_text("{}")  # not a suite's name: left alone
+    assert "no suite summaries" in err(["--report-only", "--results", str(md)])
+    for bad in ("", '{"title": "x"', "[1, 2]", '{"title": "x"}'):
+        (folder / "formats.json").write_text(bad)
+        assert "formats.json is not a suite summary" in err(["--report-only", "--results", str(md)])
+    assert md.read_text() == "real results\n"
+    assert "drop --jobs" in err(["--report-only", "--jobs", "2", "--results", str(md)])
+    assert "it is a folder" in err(["--report-only", "--results", str(tmp_path)])
+    assert "cannot write" in err(["formats", "--quick", "--results", str(tmp_path / "no" / "R.md")])
+    assert "'all' stands alone" in err(["all", "formats"])
+    assert "--jobs -1" in err(["formats", "--quick", "--jobs", "-1"])
 
 
 def test_unknown_suite_is_a_usage_error(capsys):
@@ -188,5 +215,6 @@ def test_results_name_the_suites_not_run_yet(tmp_path):
     md = tmp_path / "RESULTS.md"
     write_results(md, SCALES["tiny"], {}, {}, ["methods", "tfkd"])
     text = md.read_text()
-    assert "Not run yet at this scale: methods, tfkd" in text and "python -m pipeline.experiments methods tfkd" in text
+    assert "Not run yet at this scale: methods, tfkd" in text
+    assert "python -m pipeline.experiments --quick methods tfkd" in text  # the tiny scale's own command
     assert "| not run" in text or "not run |" in text
