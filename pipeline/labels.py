@@ -162,6 +162,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     if problems:
         for pr in problems:
             print(f"FAIL {args.bank}: {pr}", file=sys.stderr)
+        print(f"fix: remove {args.bank} and rerun the dump that wrote it (its config: labels info {args.bank}); a "
+              "dump resumes an incomplete bank but never rewrites a complete one", file=sys.stderr)
         return 1
     print(f"OK {args.bank}")
     return 0

@@ -203,6 +203,9 @@ def _run_dump(cfg: DumpConfig, info: DistInfo) -> str:
     with _io_errors(dump.path), ExitStack() as stack:
         if _prepare_on_rank0(dump, info, stack) is PrepareStatus.COMPLETE:
             log.info("bank already complete: %s", dump.path)
+            if cfg.overwrite:
+                log.warning("--overwrite replaces a different bank only: %s already holds this one, complete, and is "
+                            "reused; to dump it again, remove it first", dump.path)
             return dump.path
         barrier(info)
         dump.write_chunks(model, info)

@@ -84,6 +84,7 @@ def test_verify_deleted_chunk(bank_copy: Path, capsys):
     assert main(["verify", str(bank_copy)]) == 1
     err = capsys.readouterr().err
     assert "'logits'" in err and "chunk 3/0/0/0" in err and "missing" in err
+    assert f"fix: remove {bank_copy} and rerun the dump" in err  # a complete bank is never rewritten by a dump
 
 
 def test_verify_incomplete(bank_copy: Path, capsys):

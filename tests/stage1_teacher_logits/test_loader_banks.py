@@ -58,3 +58,17 @@ def test_amp_on_cpu_is_refused(demo_root: Path, tmp_path: Path, capsys):
     assert _dump(demo_root, tmp_path / "a.zarr", "torch", "none", "demo", "democnn_s", "train", "--amp") == 2
     assert "CUDA only" in capsys.readouterr().err
     assert not (tmp_path / "a.zarr").exists()
+
+
+def test_overwrite_of_a_complete_bank_of_the_same_key_says_it_is_reused(demo_root: Path, tmp_path: Path, caplog):
+    """--overwrite replaces a different bank only: on a complete bank of the same key (a lost chunk included) the
+    dump reuses it and says so, with the fix, instead of ignoring the flag silently."""
+    out = tmp_path / "b.zarr"
+    assert _dump(demo_root, out, "torch", "none") == 0
+    lost = out / "labels" / "c" / "1"
+    lost.unlink()
+    with caplog.at_level("WARNING"):
+        assert _dump(demo_root, out, "torch", "none", "demo", "democnn_s", "train", "--overwrite") == 0
+    warned = [r.getMessage() for r in caplog.records if "--overwrite" in r.getMessage()]
+    assert len(warned) == 1 and "reused" in warned[0] and "remove it first" in warned[0]
+    assert not lost.exists()  # reused as it was: nothing rewritten
