@@ -150,6 +150,18 @@ def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 @_collective
+def all_reduce_sum_with_grad(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``t`` over ranks with autograd: the gradient of each rank's ``t`` is the sum over ranks of the output's
+    gradients (``torch.distributed.nn.functional.all_reduce``; gloo and NCCL). ``t`` must be on the rank's
+    device; without a process group ``t`` itself."""
+    if not info.enabled:
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+@_collective
 def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Every rank's ``t`` [n_r, ...] concatenated in rank order -> [sum n_r, ...] on ``t``'s device (the first
     dimension may differ across ranks; the others must agree). Gathered on the rank's device, like

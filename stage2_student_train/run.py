@@ -43,6 +43,7 @@ from stage2_student_train.label_sources import LabelSource, build_label_source, 
 from stage2_student_train.loop import evaluate, train_one_epoch
 from stage2_student_train.optim import build_ema, build_optimizer, build_scheduler, updates_per_epoch
 from stage2_student_train.step import TrainModule, TrainStep, wrap
+from stage2_student_train.sync_bn import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,8 @@ def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
     num_classes = train_m.num_classes
     seed_everything(cfg.seed)
     model = create_model(cfg.student, num_classes, cfg.student_weights).to(cfg.device)
+    if cfg.sync_bn:
+        model = convert_sync_batchnorm(model, info)
     label_source = build_label_source(cfg, train_m, lambda t, d, crop: memory.run_items(
         cfg, num_classes, len(train_m), t, d, crop))
     preset = _choose_preset(cfg, train_m, label_source)
