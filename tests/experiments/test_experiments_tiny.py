@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from pipeline.experiments import SCALES, main, suites
 from pipeline.experiments.plan import claims
@@ -146,13 +147,16 @@ def test_quick_plan_runs_the_new_suites(tmp_path, demo_root, monkeypatch):
     assert len(curve) == 1 and curve[0][0] > 0  # (training seconds, top-1) after the one epoch
     assert summary["arms"]["kd, bank"]["dump_s"] > 0 and summary["arms"]["kd, live"]["dump_s"] is None
     ranks = json.loads((tmp_path / "results" / "ranks.json").read_text())["arms"]
-    assert ranks["kd, 2 ranks"]["ranks"] == 2
+    assert ranks["kd, 2 ranks, --sync-bn"]["ranks"] == ranks["kd, 2 ranks, per-rank BN"]["ranks"] == 2
     jobs = tmp_path / "runs" / "tiny" / "jobs"
+    configs = [yaml.safe_load(p.read_text()) for p in jobs.glob("*.yaml")]
+    assert sum(bool(c.get("sync_bn")) for c in configs) == 2  # the two --sync-bn arms, one seed each
     finals = [json.loads(p.read_text()) for p in jobs.glob("*/final.json")]
     assert sorted({f["world_size"] for f in finals}) == [1, 2]
     assert {f["global_batch_size"] for f in finals} == {32}
     text = md.read_text()
-    assert "| agree (%) | KL |" in text and "A run on 2 ranks equals a run on 1 rank" in text
+    assert "| agree (%) | KL |" in text and "A run on 2 ranks with --sync-bn equals a run on 1 rank" in text
+    assert "Without --sync-bn, 2 ranks still equal 1 rank" in text
 
 
 def test_grid_runs_train_a_shorter_schedule_scored_once(tmp_path):
