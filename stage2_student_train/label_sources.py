@@ -550,17 +550,41 @@ def build_map_source(cfg: Any, train: Manifest, banks: list[LabelBank], items: S
     return src
 
 
+def _once_per_image(teacher: Callable[[dict[str, Any]], torch.Tensor],
+                    n: int) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """``teacher`` (batch -> [B, T, C]) run once per val image: the teacher is frozen and the eval view fixed, so
+    its logits of image i are kept (on the batch's device, n x T x C float32) at the first evaluation and gathered
+    by ``batch['index']`` at every later one (a live-teacher run evaluated the teacher on the whole val split
+    every epoch: 40% of its time on the demo data)."""
+    kept: dict[str, torch.Tensor] = {}
+    have = torch.zeros(n, dtype=torch.bool)
+
+    def logits(batch: dict[str, Any]) -> torch.Tensor:
+        idx = batch["index"].cpu()
+        if "logits" in kept and bool(have[idx].all()):
+            return kept["logits"][idx.to(kept["logits"].device)].to(batch["image"].device)
+        out = teacher(batch)
+        if "logits" not in kept:
+            kept["logits"] = out.new_zeros((n, *out.shape[1:]))
+        kept["logits"][idx.to(out.device)] = out.detach()
+        have[idx] = True
+        return out
+
+    return logits
+
+
 def val_teacher(source: LabelSource, val: Manifest, preset_name: str, device: str,
                 data_flag: str = "ROOT") -> Callable[[dict[str, Any]], torch.Tensor] | None:
     """What evaluation compares the student with: batch -> the teachers' logits [B, T, C] on the val images, or
     None (no teacher, or no val bank: logged with the dump command that makes one).
 
-    A live teacher runs on the val batch. Banks: a complete cached bank of the val split (dataset fingerprint)
-    whose teachers are the training banks' (arch, weights, checkpoint sha256, in order), dumped with the run's
-    preprocessing and the eval transform (center view), preferring dense; its rows are gathered by the val
-    samples' indices (compact banks: their T = 1 reconstruction)."""
+    A live teacher runs on each val image once (its logits are kept for later evaluations). Banks: a complete
+    cached bank of the val split (dataset fingerprint) whose teachers are the training banks' (arch, weights,
+    checkpoint sha256, in order), dumped with the run's preprocessing and the eval transform (center view),
+    preferring dense; its rows are gathered by the val samples' indices (compact banks: their T = 1
+    reconstruction)."""
     if isinstance(source, LiveTeacherLabelSource):
-        return lambda batch: source(batch)["teacher_logits"]
+        return _once_per_image(lambda batch: source(batch)["teacher_logits"], len(val))
     if not isinstance(source, BankLabelSource):
         return None
     want = [teacher_match(t) for t in source.teachers]

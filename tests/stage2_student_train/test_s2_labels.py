@@ -130,6 +130,32 @@ def test_live_teacher_equals_bank_per_batch(demo_root, ckpt_bank, teacher_ckpt, 
     assert n == 96
 
 
+def test_live_val_teacher_runs_once_per_image(demo_root, teacher_ckpt):
+    """Evaluation's live teacher (agreement, KL) runs on each val image once: later evaluations gather the kept
+    logits by index, equal to running it again; a batch with an image not seen yet runs the teacher."""
+    from stage2_student_train.label_sources import val_teacher
+
+    manifest = build_manifest(demo_root, "val")
+    cfg = TrainConfig(batch_size=16, workers=1, data=str(demo_root), preset="demo")
+    labels = torch.from_numpy(manifest.labels.astype(np.int64))
+    live = LiveTeacherLabelSource(parse_teachers(["democnn_s"], [str(teacher_ckpt)]), 10, "cpu")
+    calls = []
+    live.model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    fn = val_teacher(live, manifest, "demo", "cpu")
+    batches = [make_batch(b, labels, "cpu", 0, False)
+               for b in _batches(manifest, np.arange(48), get_preset("demo"), "eval", cfg, 0)]
+    first = [fn(b) for b in batches]
+    assert calls == [16, 16, 16]
+    again = [fn(b) for b in batches]
+    assert calls == [16, 16, 16]  # kept: no teacher forward
+    for a, b, batch in zip(first, again, batches):
+        assert torch.equal(a, b) and torch.equal(b, live(batch)["teacher_logits"])
+    calls.clear()
+    mixed = next(iter(_batches(manifest, np.arange(40, 56), get_preset("demo"), "eval", cfg, 0)))
+    fn(make_batch(mixed, labels, "cpu", 0, False))
+    assert calls == [16]  # 8 images not seen yet: the teacher runs on the batch
+
+
 @pytest.mark.parametrize("weights", ["checkpoint", "none"])
 def test_live_teacher_run_matches_bank_run(train, tmp_path, demo_bank, ckpt_bank, teacher_ckpt, weights):
     """End to end with --no-augment: a bank run and a live-teacher run (same seed, same teacher weights) log the
