@@ -152,13 +152,13 @@ def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 @_collective
 def all_reduce_sum_with_grad(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``t`` over ranks with autograd: the gradient of each rank's ``t`` is the sum over ranks of the output's
-    gradients (``torch.distributed.nn.functional.all_reduce``; gloo and NCCL). ``t`` must be on the rank's
-    device; without a process group ``t`` itself."""
+    gradients (torch's functional ``all_reduce``, whose backward is registered by torch; gloo and NCCL). ``t``
+    must be on the rank's device; without a process group ``t`` itself."""
     if not info.enabled:
         return t
-    from torch.distributed.nn.functional import all_reduce
+    from torch.distributed import _functional_collectives as fc
 
-    return all_reduce(t, op=dist.ReduceOp.SUM)
+    return fc.wait_tensor(fc.all_reduce(t, "sum", dist.group.WORLD))
 
 
 @_collective

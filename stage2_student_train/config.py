@@ -152,7 +152,7 @@ class TrainConfig:
     sync_bn: bool = key(False, help="batch-norm statistics over all ranks' batches under torchrun (torchvision's "
                                     "and timm's --sync-bn): n ranks then train what one rank with the global batch "
                                     "trains; without it each rank normalizes by its own batch",
-                        flags=("--sync-bn",), action="store_true", resume=RESUME_MATCH, group=_OPT)
+                        flags=("--sync-bn",), action="store_true", resume=RESUME_APPLY, group=_OPT)
     loader: str = key("auto", help="image loader: dali (NVIDIA DALI, default where installed) or torch",
                       flags=("--loader",), choices=("auto", "dali", "torch"), test_only=True, group=_DATA)
     hw_decoder_load: float = key(0.65, help="share of JPEGs DALI's mixed decoding (--device cuda) gives the "

@@ -88,9 +88,10 @@ def has_batch_norm(model: nn.Module) -> bool:
 def convert_sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
     """``model`` with every batch-norm layer computing its statistics over all ranks' batches (see the module
     docstring); convert before building the optimizer (the layers are new modules with copied parameters).
-    Without a process group, or without batch norm (logged), ``model`` unchanged. Raises UsageError on CPU for a
+    Without a process group or without batch norm (both logged), ``model`` unchanged. Raises UsageError on CPU for a
     batch-norm subclass other than torch's and timm's ``BatchNormAct2d``."""
     if not info.enabled:
+        log.warning("--sync-bn: one process (no torchrun); nothing to synchronise")
         return model
     if not has_batch_norm(model):
         if info.is_main:
@@ -106,8 +107,9 @@ def convert_sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
 def _convert_cpu(module: nn.Module, info: DistInfo) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if type(module) not in _PLAIN and type(module).__name__ != "BatchNormAct2d":
-            raise UsageError(f"--sync-bn on CPU: {type(module).__name__} is not a torch BatchNorm layer; run on "
-                             "--device cuda (torch's SyncBatchNorm) or without --sync-bn")
+            raise UsageError(f"--sync-bn on CPU converts torch's BatchNorm1d/2d/3d and timm's BatchNormAct2d, not "
+                             f"the subclass {type(module).__name__}; run on --device cuda (torch's SyncBatchNorm) "
+                             "or without --sync-bn")
         return GlobalBatchNorm(module, info)
     for name, child in module.named_children():
         new = _convert_cpu(child, info)
