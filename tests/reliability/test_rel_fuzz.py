@@ -176,8 +176,10 @@ def test_fuzz_labels_cli(data, demo_bank, tmp_path_factory):
         args = [] if cmd is None else [cmd, data.draw(VALUE)]
         allowed = (2,)
     rc, stdout, err = _call(main, args)
-    if rc == 1:  # verify: one FAIL line per problem
-        assert err.strip() and all(ln.startswith("FAIL ") for ln in err.strip().splitlines()), err
+    if rc == 1:  # verify: one FAIL line per problem, then the one line of the fix
+        lines = err.strip().splitlines()
+        assert len(lines) >= 2 and all(ln.startswith("FAIL ") for ln in lines[:-1]), err
+        assert lines[-1].startswith("fix: "), err
     _check(rc, err, allowed)
     assert not (base / "rel_fuzz_out").exists()
 
