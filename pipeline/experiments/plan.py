@@ -20,7 +20,7 @@ class Scale:
     class (the student's among them, never the held-out ones); every model is evaluated on ``val`` images per class
     of the test set.
 
-    The full scale was sized for 3 hours on 2 cores with converged baselines; measured, the whole plan takes over
+    The full scale was sized for 3 hours on 2 cores with converged baselines; measured, the whole plan takes about
     4 hours there, and of the baselines only the 100-class teacher meets the criterion in every seed: the others
     still move 0.36-0.6 pt at a near-zero learning rate in some seed (docs/DESIGN.md, "Result suites"). The CE
     probes that chose the scale (one seed) of
