@@ -578,14 +578,14 @@ def val_teacher(source: LabelSource, val: Manifest, preset_name: str, device: st
     """What evaluation compares the student with: batch -> the teachers' logits [B, T, C] on the val images, or
     None (no teacher, or no val bank: logged with the dump command that makes one).
 
-    A live teacher runs on each val image once (its logits are kept for later evaluations). Banks: a complete
-    cached bank of the val split (dataset fingerprint) whose teachers are the training banks' (arch, weights,
-    checkpoint sha256, in order), dumped with the run's preprocessing and the eval transform (center view),
-    preferring dense; its rows are gathered by the val samples' indices (compact banks: their T = 1
+    A live teacher runs on each val image once (its logits are kept for later evaluations). Banks and label maps:
+    a complete cached bank of the val split (dataset fingerprint) whose teachers are the training banks' (arch,
+    weights, checkpoint sha256, in order), dumped with the run's preprocessing and the eval transform (center
+    view), preferring dense; its rows are gathered by the val samples' indices (compact banks: their T = 1
     reconstruction)."""
     if isinstance(source, LiveTeacherLabelSource):
         return _once_per_image(lambda batch: source(batch)["teacher_logits"], len(val))
-    if not isinstance(source, BankLabelSource):
+    if not source.teachers:  # no teacher (a bank or label map has its teachers' identities)
         return None
     want = [teacher_match(t) for t in source.teachers]
     found = [b for b in cached_banks() if b.complete and b.fingerprint == val.fingerprint

@@ -144,6 +144,23 @@ def test_training_from_a_map_with_random_crops_and_cutmix(map_bank: Path, demo_r
     assert final["bank"] == str(map_bank)
 
 
+def test_a_map_run_reports_teacher_agreement_from_a_val_bank(map_bank: Path, demo_root: Path, tmp_path: Path,
+                                                             monkeypatch):
+    """A label map has teachers, so evaluation compares the student with them on val, from a cached val bank of
+    the same teachers and preset (the map arm of the results had no agreement or KL)."""
+    from pipeline.dump_logits import main as dump
+
+    monkeypatch.setenv("KD_CACHE", str(tmp_path / "cache"))
+    assert dump(["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--split", "val",
+                 "--preset", "demo_rrc", "--batch-size", "32", "--workers", "1"]) == 0
+    out = tmp_path / "map"
+    args = demo_args(demo_root, out, labels=(map_bank,))
+    args[args.index("demo")] = "demo_rrc"
+    assert main(["--method", "kd", *args, "max_steps_per_epoch=2"]) == 0
+    row = read_metrics(out)[-1]
+    assert 0 <= row["teacher_agreement"] <= 100 and row["teacher_kl"] > 0
+
+
 def test_cutmix_and_map_refusals_are_one_line(map_bank: Path, demo_bank: Path, demo_root: Path, tmp_path: Path,
                                               capsys):
     cases = [(["--method", "kd", "--cutmix", "1", *demo_args(demo_root, tmp_path / "a", labels=(demo_bank,))],
