@@ -106,7 +106,9 @@ def convert_sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def _convert_cpu(module: nn.Module, info: DistInfo) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if type(module) not in _PLAIN and type(module).__name__ != "BatchNormAct2d":
+        from timm.layers import BatchNormAct2d
+
+        if type(module) not in (*_PLAIN, BatchNormAct2d):
             raise UsageError(f"--sync-bn on CPU converts torch's BatchNorm1d/2d/3d and timm's BatchNormAct2d, not "
                              f"the subclass {type(module).__name__}; run on --device cuda (torch's SyncBatchNorm) "
                              "or without --sync-bn")
