@@ -160,7 +160,15 @@ class TrainConfig:
                                  test_only=True, group=_DATA)
     max_steps_per_epoch: int = key(0, help="at most this many steps per epoch (0: the whole split)",
                                    resume=RESUME_APPLY)
-    eval_every: int = key(1, help="evaluate every k epochs (and after the last)")
+    eval_every: int = key(1, help="evaluate every k epochs (and after the last)", flags=("--eval-every",),
+                          group=_RUN)
+    eval_last: int = key(1, help="also evaluate each of the last N epochs whatever eval_every (the convergence of "
+                                 "a run's end: its last 3 epochs' top-1)", flags=("--eval-last",), group=_RUN)
+    precise_bn: int = key(0, help="before each evaluation, re-estimate the batch-norm running statistics over this "
+                                  "many training batches (precise BN, Wu & Johnson 2021: the same images and "
+                                  "augmentation every time, so evaluations differ only by the weights; 0: off, "
+                                  "the running averages of the last batches)", flags=("--precise-bn",),
+                          resume=RESUME_APPLY, group=_OPT)
     log_every: int = key(50, help="steps between TensorBoard step logs")
     output_dir: str = key("", help="run directory", flags=("--output-dir",), test_only=True, group=_RUN,
                           default_text="runs/<method>-<student>-seed<seed>, or the --resume file's folder")

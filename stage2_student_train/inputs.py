@@ -116,6 +116,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
         ("workers", cfg.workers, cfg.workers >= 0, ">= 0"),
         ("hw_decoder_load", cfg.hw_decoder_load, 0 <= cfg.hw_decoder_load <= 1, "in [0, 1]"),
         ("eval_every", cfg.eval_every, cfg.eval_every >= 1, ">= 1"),
+        ("eval_last", cfg.eval_last, cfg.eval_last >= 1, ">= 1"),
+        ("precise_bn", cfg.precise_bn, cfg.precise_bn >= 0, ">= 0"),
         ("log_every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
         ("max_steps_per_epoch", cfg.max_steps_per_epoch, cfg.max_steps_per_epoch >= 0, ">= 0 (0: all)"),
         ("train_subset", cfg.train_subset, cfg.train_subset >= 0, ">= 0 (0: all)"),

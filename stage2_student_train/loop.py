@@ -123,6 +123,37 @@ def _stop_if_diverged(first_bad: torch.Tensor, epoch: int, info: DistInfo, pbar:
 
 
 @torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[Batch], targets: torch.Tensor, *, device: str = "cpu",
+                   amp: str = "none", channels_last: bool = False, info: DistInfo = DistInfo()) -> int:
+    """Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", sec. 3): replace every batch-norm
+    layer's running mean and variance by their equal-weight averages over ``batches`` (images [B, 3, H, W], the
+    model in training mode, no gradients; ``torch.optim.swa_utils.update_bn``), then average them over ranks, so
+    every rank evaluates the statistics of all ranks' batches. With a momentum of 0.1 the running averages
+    otherwise follow the last ~20 training batches, which makes evaluations of the same weights differ.
+    Returns the number of batches this rank ran (0: the model has no batch norm, nothing changed). Every rank
+    must run the same number of batches (a synchronised BN layer all-reduces in each forward)."""
+    from torch.optim.swa_utils import update_bn
+
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        return 0
+    seen = [0]
+
+    def images() -> Iterable[torch.Tensor]:
+        for b in batches:
+            seen[0] += 1
+            yield make_batch(b, targets, device, 0, channels_last)["image"]
+
+    with autocast_context(device, amp):
+        update_bn(images(), model)
+    if info.enabled:
+        for m in layers:
+            for buf in (m.running_mean, m.running_var):
+                buf.copy_(all_reduce_sum(buf, info) / info.world_size)
+    return seen[0]
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], targets: torch.Tensor, *, device: str = "cpu",
              amp: str = "none", channels_last: bool = False, info: DistInfo = DistInfo(),
              teacher: Callable[[dict], torch.Tensor] | None = None,

@@ -1,6 +1,8 @@
 """Stage 2: train a student from images plus stored soft labels (or a live teacher, for comparisons).
 
-Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per epoch), ``final.json``,
+Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per evaluated epoch: every
+``eval_every``-th and each of the last ``eval_last``; its ``train_time_s`` is the training time of every epoch since
+the previous line), ``final.json``,
 ``last.pt`` / ``best.pt`` checkpoints, TensorBoard events in ``tb/``, and PNG plots at the end.
 """
 
@@ -40,7 +42,7 @@ from stage2_student_train import memory
 from stage2_student_train.config import TrainConfig
 from stage2_student_train.inputs import check_config, load_manifests, undecodable
 from stage2_student_train.label_sources import LabelSource, build_label_source, val_teacher
-from stage2_student_train.loop import evaluate, train_one_epoch
+from stage2_student_train.loop import evaluate, recalibrate_bn, train_one_epoch
 from stage2_student_train.optim import build_ema, build_optimizer, build_scheduler, updates_per_epoch
 from stage2_student_train.step import TrainModule, TrainStep, wrap
 from stage2_student_train.sync_bn import convert_sync_batchnorm
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 # Purposes of derived seeds (pipeline.distributed.derive_seed): each (seed, purpose, epoch, rank) is its own stream.
-SEED_TRAIN, SEED_LOADER = 1, 2
+SEED_TRAIN, SEED_LOADER, SEED_PRECISE_BN = 1, 2, 3
 
 
 def seed_everything(seed: int) -> None:
@@ -205,7 +207,7 @@ class Run:
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run = _setup(cfg, info)
     cfg = run.cfg
-    start_epoch, best = 0, {"top1": -1.0, "ema_top1": -1.0}
+    start_epoch, best = 0, {"top1": -1.0, "ema_top1": -1.0, "pending_train_s": 0.0}
     last = Path(cfg.resume_from) if cfg.resume_from else run.out / "last.pt"
     if cfg.resume and last.is_file():
         start_epoch, best = ckpt.restore_training(last, run.parts, to_dict(cfg), run.identity, info)
@@ -223,13 +225,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     acc = None
     for epoch in range(start_epoch, cfg.epochs):
         train_stats = _train_epoch(run, epoch)
+        # training seconds since the last evaluation (epochs it skips), kept in last.pt for a resumed run
+        best["pending_train_s"] = best.get("pending_train_s", 0.0) + train_stats["train_time_s"]
         _save_last(run, epoch, best)  # the epoch's training is kept even if its evaluation fails
-        if (epoch + 1) % max(cfg.eval_every, 1) and epoch != cfg.epochs - 1:
+        if (epoch + 1) % max(cfg.eval_every, 1) and epoch < cfg.epochs - max(cfg.eval_last, 1):
             continue
         val, acc = _evaluate(run)
         metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
-                   "elapsed_s": time.time() - t_start}
-        best = _record_epoch(run, epoch, metrics, best)
+                   "train_time_s": best["pending_train_s"], "elapsed_s": time.time() - t_start}
+        best = _record_epoch(run, epoch, metrics, {**best, "pending_train_s": 0.0})
     final = _finalize(cfg, run.out, metrics, best["top1"], acc, run.label_source, info)
     if run.tb is not None:
         run.tb.close()
@@ -368,6 +372,9 @@ def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
     targets = torch.from_numpy(run.val_m.labels.astype(np.int64))
     results = []
     for model in [run.parts.model] + ([run.parts.ema.module] if run.parts.ema is not None else []):
+        if cfg.precise_bn:
+            recalibrate_bn(model, _precise_bn_batches(run), torch.from_numpy(run.train_m.labels.astype(np.int64)),
+                           device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, info=info)
         # DDP keeps parameters in sync, not the BN statistics of each rank's last batch: evaluate (and save)
         # rank 0's
         broadcast_buffers(model, info)
@@ -378,6 +385,20 @@ def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
     if len(results) > 1:
         val = {**val, **{f"ema_{k}": v for k, v in results[1][0].items() if k != "n"}}
     return val, acc
+
+
+def _precise_bn_batches(run: Run) -> Iterator[Batch]:
+    """``cfg.precise_bn`` training batches per rank for :func:`recalibrate_bn`: the same seeded sample of training
+    images with the same augmentation (the preset's train transform, seeded once) at every evaluation, the
+    rank's share of ``precise_bn x batch_size x ranks`` images (fewer when the split is smaller)."""
+    cfg, info = run.cfg, run.info
+    pool = np.flatnonzero(~run.excluded)
+    per_rank = min(cfg.precise_bn * cfg.batch_size, len(pool) // info.world_size)
+    order = np.random.default_rng([cfg.seed, 104729]).permutation(pool)[: per_rank * info.world_size]
+    order = order[info.rank::info.world_size]
+    mode = "train" if cfg.augment else "eval"
+    return _batches(run.train_m, order, run.preset, mode, cfg, derive_seed(cfg.seed, SEED_PRECISE_BN, 0, info.rank)
+                    % 2**31)
 
 
 def val_share(keep: np.ndarray, info: DistInfo) -> np.ndarray:

@@ -64,7 +64,8 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
         out[s.name] = summarize(s, runner, jobs, chosen)
         log.info("suite %s summarised", s.name)
     phase("measurements and summaries")
-    timing = {"suites": names, "jobs": scale.jobs, "minutes": phases, "scale": scale_name(scale)}
+    timing = {"suites": names, "jobs": scale.jobs, "minutes": phases, "scale": scale_name(scale),
+              **_plan_minutes(root, names, phases)}
     log.info("phases (wall minutes): %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     if results is not None:
         folder = results.parent / "results"
@@ -74,6 +75,27 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
         write_report(results, scale)
     log.info("suites %s done in %.1f min", ", ".join(names), (time.time() - t0) / 60)
     return out
+
+
+def _plan_minutes(root: Path, names: list[str], phases: dict[str, float]) -> dict[str, Any]:
+    """Record this invocation's phases in ``<root>/timing.jsonl`` and return the sums over every invocation
+    recorded there (``plan_minutes``, ``invocations``): a plan killed and resumed, or run suite by suite, is
+    measured whole (an invocation's phases exclude runs an earlier one finished)."""
+    f = root / "timing.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(f, "a") as out:
+        out.write(json.dumps({"suites": names, "minutes": phases, "ended": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+    total: dict[str, float] = {}
+    n = 0
+    for line in f.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a killed write: that invocation is not counted
+            continue
+        n += 1
+        for k, v in rec.get("minutes", {}).items():
+            total[k] = round(total.get(k, 0.0) + float(v), 2)
+    return {"plan_minutes": total, "invocations": n}
 
 
 def scale_name(scale: Scale) -> str:
@@ -132,7 +154,7 @@ def summarize(suite: Suite, runner: Runner, jobs: dict[tuple[str, str, int], Job
     for name in sorted({t for a in suite.arms for t in (*a.teachers, *([a.live] if a.live else []))}):
         job = runner.teacher_job(TEACHERS[name])
         rows = job.metrics()
-        teachers[name] = {"arch": TEACHERS[name].arch, "epochs": len(rows), "train_images": _train_images(runner, name),
+        teachers[name] = {"arch": TEACHERS[name].arch, "epochs": rows[-1]["epoch"] + 1, "train_images": _train_images(runner, name),
                           "last_top1": [r["top1"] for r in rows[-3:]], "train_loss": rows[-1]["train_loss"]}
     base = next((a for a in suite.arms if a.method == "ce" and a.student == SMALL and not a.extra), None)
     baseline = None
@@ -189,9 +211,19 @@ def _setup(scale: Scale) -> str:
             f"lr {scale.lr}, weight decay 5e-4, batch {scale.batch_size}, cosine schedule with half an epoch of "
             "warm-up, pad-and-crop + flip augmentation; random-resized crops in the views suite); each method's "
             f"temperature and weights are chosen from at most 4 settings on {10 * scale.holdout} held-out training "
-            f"images (never the test set), each grid run training {scale.grid_epochs('fmnist10')} epochs (a "
-            f"{scale.grid_fraction:g} of the arms' schedule, to fit the budget) and scored once at its end; models "
-            f"are evaluated on {10 * scale.val} test images after every epoch.")
+            f"images (never the test set), each grid run training {scale.grid_epochs('fmnist10')} of the arms' "
+            f"{scale.student_epochs} epochs (to fit the budget) and scored once at its end; models are evaluated on "
+            f"{10 * scale.val} test images {_eval_when(scale)}.")
+
+
+def _eval_when(scale: Scale) -> str:
+    when = "after every epoch" if scale.eval_every == 1 else (
+        f"every {scale.eval_every} epochs and after each of the last {scale.eval_last}")
+    if scale.precise_bn:
+        when += (f", each time with batch-norm statistics re-estimated on the same {scale.precise_bn} training "
+                 "batches (precise BN: the running averages of the last batches made evaluations of near-identical "
+                 "weights differ by up to 0.5 pt)")
+    return when
 
 
 def _measure(suite: Suite, runner: Runner) -> dict[str, str]:

@@ -50,7 +50,10 @@ class Scale:
     pairs: tuple[int, int, int] = (100, 20, 50)  # pairs100 images per class: train, held-out, val
     pairs_teacher_epochs: int = 24
     pairs_student_epochs: int = 30
-    grid_fraction: float = 0.5  # grid runs train this fraction of the arms' epochs, evaluated once at the end
+    grid_fraction: float = 1 / 3  # grid runs train this fraction of the arms' epochs, evaluated once at the end
+    eval_every: int = 3  # arms evaluate every 3rd epoch and each of the last ``eval_last`` (the convergence check)
+    eval_last: int = 3
+    precise_bn: int = 20  # batches re-estimating BN statistics before each evaluation (0: the running averages)
 
     def epochs(self, task: str) -> int:
         """A student's epochs on ``task``."""
@@ -67,7 +70,7 @@ SCALES = {
     "tiny": Scale(student=12, holdout=6, teacher=24, val=6, teacher_epochs=1, small_teacher_epochs=1,
                   student_epochs=1, seeds=(0,), batch_size=32, labeled=4, views=(2,), topk=(2,), max_steps=2,
                   grid=False, jobs=0, pairs=(1, 1, 1), pairs_teacher_epochs=1, pairs_student_epochs=1,
-                  recipe_views=2),
+                  recipe_views=2, eval_every=1, eval_last=1, precise_bn=1),
 }
 
 BIG, SMALL = "democnn", "democnn_s"
@@ -172,7 +175,7 @@ def _kd(**kw: Any) -> Arm:
 def suites(scale: Scale) -> dict[str, Suite]:
     """Every suite at ``scale``, in the order RESULTS.md lists them."""
     ratio = max(1, scale.student // max(scale.labeled, 1))  # as many steps as the all-images arms, as many evals
-    few = {"train_subset": 10 * scale.labeled, "epochs": scale.student_epochs * ratio, "eval_every": ratio}
+    few = {"train_subset": 10 * scale.labeled, "epochs": scale.student_epochs * ratio, "eval_every": ratio * scale.eval_every}
     half = {"batch_size": scale.batch_size // 2}  # per rank, on 2 ranks
     # Seeds cut to fit the budget: the suites of the earlier claims (tfkd, label-opt, label-efficiency, embedding,
     # views) run one seed. Even so the whole plan takes more than 3 hours on 2 cores (measured phases: docs/DESIGN.md).
@@ -292,14 +295,15 @@ def _hundred_classes() -> list[Suite]:
     return [
         Suite("methods100", "Logit methods at 100 classes (pairs100)", (
             _ce(), Arm("ls", "ls"), Arm("kd", "kd", teachers=t), Arm("wsld", "wsld", teachers=t),
-            Arm("dkd", "dkd", teachers=t), Arm("dist", "dist", teachers=t)), task="pairs100"),
+            Arm("dkd", "dkd", teachers=t), Arm("dist", "dist", teachers=t)), task="pairs100", seeds=2),
         Suite("formats100", "Bank formats at 100 classes: dense, int8, top-k, sampled (pairs100)", (
             _ce(), *[Arm(f"kd T=4, {lab}", "kd", teachers=t, bank=b, loss={"T": 4.0, "alpha": 0.9})
                      for lab, b in FORMATS100],
             *[Arm(f"wsld, {lab}", "wsld", teachers=t, bank=b) for lab, b in FORMATS100]), task="pairs100",
               note="KD runs at T = 4 and alpha 0.9 for every format (fixed, not chosen: the setting where formats "
                    "differ most); WSLD at its temperature chosen on the held-out images with the dense bank. "
-                   "Top-10 and sampled 5+5 store the same number of classes per sample (equal bytes)."),
+                   "Top-10 and sampled 5+5 store the same number of classes per sample (equal bytes).",
+              seeds=2),
     ]
 
 

@@ -108,6 +108,11 @@ def section(name: str, s: dict[str, Any], plot: str | None) -> str:
         out += ["", f"Time: this suite ran in `python -m pipeline.experiments {' '.join(t['suites'])}` "
                 f"({t['jobs']} runs at a time); its phases took (wall minutes, runs already finished by an earlier "
                 f"invocation cost nothing): " + ", ".join(f"{k} {v:.1f}" for k, v in t["minutes"].items()) + "."]
+        if t.get("invocations", 1) > 1:
+            total = t["plan_minutes"]
+            out[-1] += (f" Over all {t['invocations']} invocations on its run folder (resumes and other suites "
+                        f"included): " + ", ".join(f"{k} {v:.1f}" for k, v in total.items())
+                        + f"; {sum(total.values()) / 60:.2f} h in all.")
     out += ["", "Reading: " + reading(s), ""]
     return "\n".join(out)
 
@@ -184,6 +189,13 @@ def write_results(md: Path, scale: Scale, summaries: dict[str, dict[str, Any]], 
         quick = " --quick" if scale.max_steps else ""
         parts += [f"Not run yet at this scale: {', '.join(missing)} (their claims say \"not run\"; `python -m "
                   f"pipeline.experiments{quick} {' '.join(missing)}` runs them, reusing every finished run).", ""]
+    timed = [x["timing"] for x in summaries.values() if x.get("timing", {}).get("plan_minutes")]
+    if timed:
+        t = max(timed, key=lambda x: (x["invocations"], sum(x["plan_minutes"].values())))
+        total = t["plan_minutes"]
+        parts += [f"Measured time of the plan ({t['invocations']} invocation(s) on one run folder, {t['jobs']} runs "
+                  "at a time; wall minutes per phase): " + ", ".join(f"{k} {v:.1f}" for k, v in total.items())
+                  + f"; {sum(total.values()) / 60:.2f} h in all.", ""]
     parts += ["## Claims", "", claims_table(scale, summaries), ""]
     for name in order:
         if name in summaries:

@@ -115,6 +115,7 @@ class Runner:
         s = self.scale
         base = {"data": str(self.trees["student"]), "device": self.device, "batch_size": s.batch_size,
                 "workers": 1, "epochs": s.student_epochs, "max_steps_per_epoch": s.max_steps, "log_every": 1000,
+                "eval_every": s.eval_every, "eval_last": s.eval_last, "precise_bn": s.precise_bn,
                 "loader": "dali", "optim": {"name": "sgd", "lr": s.lr, "momentum": 0.9, "nesterov": True,
                                             "weight_decay": 5e-4},
                 "sched": {"name": "cosine", "warmup_epochs": 0.5}}
@@ -259,7 +260,7 @@ class Runner:
                                 "data": str(self.trees[tree]), "epochs": epochs,
                                 "loss": {**fixed_loss(arm.method, self.scale, epochs), **loss, **arm.loss}}
         if grid:
-            over.update(val_split=t.grid_val, eval_every=epochs)  # a grid run is scored once, at its end
+            over.update(val_split=t.grid_val, eval_every=epochs, eval_last=1)  # a grid run is scored at its end
         over.update(arm.extra)
         if arm.live:
             arch, ck = self.teacher_ckpt(arm.live)
