@@ -157,6 +157,16 @@ def test_quick_plan_runs_the_new_suites(tmp_path, demo_root, monkeypatch):
     text = md.read_text()
     assert "| agree (%) | KL |" in text and "A run on 2 ranks with --sync-bn equals a run on 1 rank" in text
     assert "Without --sync-bn, 2 ranks still equal 1 rank" in text
+    # a second invocation (a resumed plan) adds its phases to the plan's time, which RESULTS.md reports whole
+    assert main(["ranks", "--quick", "--root", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data"),
+                 "--results", str(md)]) == 0
+    records = [json.loads(l) for l in (tmp_path / "runs" / "tiny" / "timing.jsonl").read_text().splitlines()]
+    assert [r["suites"] for r in records] == [["ranks", "time-to-accuracy"], ["ranks"]]
+    timing = json.loads((tmp_path / "results" / "ranks.json").read_text())["timing"]
+    assert timing["invocations"] == 2 and timing["plan_minutes"]["teachers"] == pytest.approx(
+        sum(r["minutes"]["teachers"] for r in records), abs=0.02)
+    assert "Measured time of the plan (2 invocation(s) on one run folder" in md.read_text()
+    assert "Over all 2 invocations on its run folder" in md.read_text()
 
 
 def test_grid_runs_train_a_shorter_schedule_scored_once(tmp_path):
@@ -170,6 +180,7 @@ def test_grid_runs_train_a_shorter_schedule_scored_once(tmp_path):
     for task in ("fmnist10", "pairs100"):
         (setting, job), *_ = runner.grid_jobs("ls", task)
         assert job.config["epochs"] == job.config["eval_every"] == scale.grid_epochs(task) < scale.epochs(task)
+        assert job.config["eval_last"] == 1 and job.config["precise_bn"] == scale.precise_bn > 0
         assert job.config["val_split"] == {"fmnist10": "val", "pairs100": "heldout"}[task]
         assert job.config["loss"]["eps"] == setting["eps"]
     from pipeline.experiments.plan import Arm

@@ -88,6 +88,32 @@ def test_kill_and_resume(tmp_path, demo_root, demo_bank):
     _assert_same_run(ref, out)
 
 
+def test_kill_between_evaluations_and_resume(tmp_path, demo_root, demo_bank):
+    """--eval-every 3 with --precise-bn: killed in epoch 1 (epoch 0 trained, not evaluated), resumed, the run ends
+    bit for bit as the uninterrupted one (precise-BN statistics included) and its one metrics row counts the
+    training time of all 3 epochs, the killed run's epoch 0 among them (kept in last.pt)."""
+    flags = (*RESUME_ARGS, "--eval-every", "3", "--precise-bn", "2")
+    env = subprocess_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
+    runs = {}
+    for name in ("killed", "uninterrupted"):
+        runs[name] = [sys.executable, "-m", "pipeline.train_student",
+                      *demo_args(demo_root, tmp_path / name, *flags, epochs=3, labels=(demo_bank,))]
+    assert kill_once_started(runs["killed"], env, tmp_path, tmp_path / "stderr.txt") == -signal.SIGKILL
+    state = _full_state(tmp_path / "killed" / "last.pt")
+    assert state["epoch"] in (0, 1) and state["pending_train_s"] > 0
+    assert not (tmp_path / "killed" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "killed")
+    for cmd in (runs["killed"] + ["--resume"], runs["uninterrupted"]):
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_metrics(tmp_path / "killed")
+    assert [r["epoch"] for r in rows] == [2] and rows[0]["train_time_s"] > state["pending_train_s"]
+    _assert_same_run(tmp_path / "uninterrupted", tmp_path / "killed")
+    a = _full_state(tmp_path / "killed" / "last.pt")["model"]
+    b = _full_state(tmp_path / "uninterrupted" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_best_and_last_checkpoints(reference_run):
     rows = read_metrics(reference_run)
     best = _full_state(reference_run / "best.pt")
