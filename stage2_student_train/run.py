@@ -89,6 +89,17 @@ def build_criterion(cfg: TrainConfig, num_classes: int, **dims: int | None) -> n
 def train_order(cfg: TrainConfig, n: int, excluded: np.ndarray | None, epoch: int, info: DistInfo) -> np.ndarray:
     """This rank's ordered sample indices for ``epoch``: seeded permutation, equal share per rank. ``excluded``:
     [N] bool, samples never trained on (skipped by the bank, undecodable)."""
+    perm = np.random.default_rng([cfg.seed, epoch]).permutation(train_pool(cfg, n, excluded))
+    per_rank = len(perm) // info.world_size
+    if per_rank == 0:  # decided alike on every rank, before any collective
+        raise UsageError(f"the training split has {len(perm)} usable samples, fewer than the {info.world_size} "
+                         "processes: use fewer processes (torchrun --nproc_per_node) or more data")
+    return perm[info.rank::info.world_size][:per_rank]
+
+
+def train_pool(cfg: TrainConfig, n: int, excluded: np.ndarray | None) -> np.ndarray:
+    """The sorted sample indices a run trains on: all ``n`` but the ``excluded``, or its seeded ``train_subset``
+    of them (UsageError when the subset is larger)."""
     pool = np.arange(n)
     if excluded is not None:
         pool = pool[~excluded]
@@ -96,12 +107,7 @@ def train_order(cfg: TrainConfig, n: int, excluded: np.ndarray | None, epoch: in
         if cfg.train_subset > len(pool):
             raise UsageError(f"train_subset={cfg.train_subset} exceeds the {len(pool)} training samples")
         pool = np.sort(np.random.default_rng([cfg.seed, 7919]).permutation(pool)[: cfg.train_subset])
-    perm = np.random.default_rng([cfg.seed, epoch]).permutation(pool)
-    per_rank = len(perm) // info.world_size
-    if per_rank == 0:  # decided alike on every rank, before any collective
-        raise UsageError(f"the training split has {len(perm)} usable samples, fewer than the {info.world_size} "
-                         "processes: use fewer processes (torchrun --nproc_per_node) or more data")
-    return perm[info.rank::info.world_size][:per_rank]
+    return pool
 
 
 def _batches(manifest: Manifest, order: np.ndarray, preset: Preprocess, mode: str, cfg: TrainConfig, seed: int,
@@ -388,11 +394,12 @@ def _evaluate(run: Run) -> tuple[dict[str, float], MetricAccumulator]:
 
 
 def _precise_bn_batches(run: Run) -> Iterator[Batch]:
-    """``cfg.precise_bn`` training batches per rank for :func:`recalibrate_bn`: the same seeded sample of training
-    images with the same augmentation (the preset's train transform, seeded once) at every evaluation, the
-    rank's share of ``precise_bn x batch_size x ranks`` images (fewer when the split is smaller)."""
+    """``cfg.precise_bn`` training batches per rank for :func:`recalibrate_bn`: the same seeded sample of the
+    images the run trains on (its ``train_subset`` when it has one) with the same augmentation (the preset's train
+    transform, seeded once) at every evaluation; the rank's share of ``precise_bn x batch_size x ranks`` images
+    (fewer when the run trains on fewer)."""
     cfg, info = run.cfg, run.info
-    pool = np.flatnonzero(~run.excluded)
+    pool = train_pool(cfg, len(run.train_m), run.excluded)  # never an image the run does not train on
     per_rank = min(cfg.precise_bn * cfg.batch_size, len(pool) // info.world_size)
     order = np.random.default_rng([cfg.seed, 104729]).permutation(pool)[: per_rank * info.world_size]
     order = order[info.rank::info.world_size]

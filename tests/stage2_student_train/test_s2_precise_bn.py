@@ -79,3 +79,28 @@ def test_eval_every_and_eval_last_choose_the_evaluated_epochs(train, tmp_path, d
     final = json.loads((out / "final.json").read_text())
     assert final["train_time_s"] == pytest.approx(sum(r["train_time_s"] for r in rows))
     assert train(tmp_path / "bad", "--method", "ce", "--eval-last", "0") == 2
+
+
+def test_precise_bn_reads_only_images_the_run_trains_on(demo_root):
+    """With train_subset (the label-efficiency suite's few-labels arm) the statistics come from the subset alone:
+    precise BN must not give a run the images it is meant not to see; the same images every evaluation."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipeline.config import from_dict
+    from pipeline.data import build_manifest
+    from pipeline.data.presets import resolve_preset
+    from pipeline.distributed import DistInfo
+    from stage2_student_train.config import TrainConfig
+    from stage2_student_train.run import _precise_bn_batches, train_pool
+
+    m = build_manifest(str(demo_root), "train")
+    cfg = from_dict(TrainConfig, {"data": str(demo_root), "train_subset": 40, "precise_bn": 50, "batch_size": 16,
+                                  "workers": 1, "preset": "demo"})
+    run = SimpleNamespace(cfg=cfg, info=DistInfo(), train_m=m, excluded=np.zeros(len(m), bool),
+                          preset=resolve_preset("demo", m))
+    seen = [np.concatenate([b.index.numpy() for b in _precise_bn_batches(run)]) for _ in range(2)]
+    pool = train_pool(cfg, len(m), run.excluded)
+    assert len(pool) == 40 < len(m) and sorted(seen[0]) == sorted(pool.tolist())
+    assert np.array_equal(seen[0], seen[1])
