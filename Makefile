@@ -44,7 +44,7 @@ bench: setup
 	$(PY) bench/stage1.py
 	$(PY) bench/stage2.py
 
-# Every experiment suite on the embedded data (CPU, resumable; about 4 hours on 2 cores, phases in docs/DESIGN.md);
+# Every experiment suite on the embedded data (CPU, resumable; 2.5 hours on 2 cores, phases in docs/DESIGN.md);
 # rewrites RESULTS.md and results/.
 results: setup
 	$(PY) -m pipeline.experiments all

@@ -20,14 +20,10 @@ class Scale:
     class (the student's among them, never the held-out ones); every model is evaluated on ``val`` images per class
     of the test set.
 
-    The full scale was sized for 3 hours on 2 cores with converged baselines; measured, the whole plan takes about
-    4 hours there, and of the baselines only the 100-class teacher meets the criterion in every seed: the others
-    still move 0.36-0.6 pt at a near-zero learning rate in some seed (docs/DESIGN.md, "Result suites"). The CE
-    probes that chose the scale (one seed) of
-    ``democnn_s`` (val top-1 of the last 3 epochs; the criterion is < 0.3 pt): 500 per class at batch 64 moved
-    0.42 pt over 20 epochs and 0.56 over 30 (batch-norm statistics of 64-image batches keep moving at a near-zero
-    learning rate); at batch 128, 30 epochs: 0.16 pt (fmnist10, 82.6 %) and 0.18 pt (pairs100 at 100 per class,
-    60.0 %), 1.7 and 2.7 s of training per epoch on one thread. Grid runs train half the epochs.
+    The full scale runs the whole plan in 2.53 hours on 2 cores (measured 2026-12-06; docs/DESIGN.md, "Result
+    suites"): evaluation every 3rd epoch and each of the last 3, each after precise BN over 20 training batches,
+    grids at a third of the arms' epochs, the 100-class method and format suites at 2 seeds. Batch 128 and 30
+    epochs were chosen by CE probes of ``democnn_s`` (batch 64 kept moving 0.4-0.6 pt at a near-zero learning rate).
     """
 
     student: int = 500
@@ -178,7 +174,7 @@ def suites(scale: Scale) -> dict[str, Suite]:
     few = {"train_subset": 10 * scale.labeled, "epochs": scale.student_epochs * ratio, "eval_every": ratio * scale.eval_every}
     half = {"batch_size": scale.batch_size // 2}  # per rank, on 2 ranks
     # Seeds cut to fit the budget: the suites of the earlier claims (tfkd, label-opt, label-efficiency, embedding,
-    # views) run one seed. Even so the whole plan takes more than 3 hours on 2 cores (measured phases: docs/DESIGN.md).
+    # views) run one seed, the 100-class method and format suites two (measured phases: docs/DESIGN.md).
     out = [
         Suite("methods", "Logit methods from one bank", (
             _ce(), Arm("ls", "ls"), _kd(), Arm("wsld", "wsld", teachers=("big",)), Arm("tfkd_reg", "tfkd_reg"),
