@@ -3,7 +3,8 @@
 - ``info``: shape, format, classes, each teacher's weights, preprocessing (and its source) and the output
   feeding each class, views, loader, embeddings, metrics, size on disk, bytes per sample and per view; for compact
   banks the fidelity to the dense teacher measured when they were written, on the targets stage 2 builds: at
-  T = 1, 2, 4 the KL and total variation, and the tail's share of the target beside the teacher's own share.
+  T = 1, 2, 4 the KL and total variation, and the tail's share of the target beside the teacher's own share; a
+  ``DAMAGED`` line for each array of a complete bank missing chunk files (existence only: ``verify`` decodes).
 - ``verify``: reads everything, checks checksums, shapes and completeness; exit 1 on any problem.
 - ``check``: for K sampled rows, rebuilds the inputs (manifest, preprocessing, stored views) and the teachers
   (the bank's own records), runs them live and compares with the stored rows in the stored format's terms
@@ -33,7 +34,7 @@ def bank_info(path: str) -> dict:
     """Summary of a bank as a dict (what ``labels info`` prints): shape, format, dataset and its classes, each
     teacher with its weights, preprocessing (and where it came from) and the output feeding each class, views,
     loader, embeddings, metrics, size, and for compact banks their fidelity."""
-    from pipeline.bank.reader import LabelBank, class_index, teacher_preprocessing
+    from pipeline.bank.reader import LabelBank, class_index, missing_chunk_files, teacher_preprocessing
 
     bank = LabelBank(path)
     n, t, v, c = bank.shape
@@ -64,6 +65,7 @@ def bank_info(path: str) -> dict:
         "bytes_per_sample": round(size / max(n, 1), 2),
         "bytes_per_view": round(size / max(n * v, 1), 2),
         "skipped": int(bank.skipped().sum()),
+        "missing_chunks": missing_chunk_files(bank),
     }
     if bank.format == "labelmap":
         info["label_map"] = {k: v for k, v in a["label_map"].items() if k not in ("cells", "region_box")}
@@ -131,6 +133,9 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"metrics     {name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}")
     print(f"size        {info['bytes_on_disk'] / 1e6:.2f} MB  {info['bytes_per_sample']} B/sample  "
           f"{info['bytes_per_view']} B/view  skipped {info['skipped']}")
+    for name, keys in info["missing_chunks"].items():
+        print(f"DAMAGED     array '{name}' misses {len(keys)} chunk file(s) ({_abbreviate(keys, 4)}); run "
+              f"python -m pipeline.labels verify {info['path']}, then remove the bank and dump it again")
     if "compact" in info:
         cmp = info["compact"]
         kept = f"top {cmp['topk']} + true class, tail {cmp.get('tail')}" if "topk" in cmp else "int8 + per-vector scale"

@@ -267,6 +267,38 @@ def _chunk_keys(arr: zarr.Array) -> list[tuple[int, ...]]:
     return [tuple(int(x) for x in idx) for idx in np.ndindex(*grid)]
 
 
+def _extra_arrays(bank: "LabelBank") -> list[str]:
+    """The arrays a bank of this format and policy holds beyond :data:`ARRAYS` (every chunk of each is written)."""
+    extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format not in ("dense", "labelmap") else []
+    if bank.attrs.get("metric_sums"):  # a dense dump's per-chunk teacher metric states
+        extra = ["metric_sums"]
+    if bank.format == "labelmap":  # label maps: the map arrays and image sizes (pipeline/bank/labelmap.py)
+        extra = [*bank.attrs["label_map"]["arrays"], "image_size"]
+    extra += list((bank.feature_meta or {}).get("arrays", []))
+    if bank.attrs.get("views", {}).get("params_columns"):  # an augmenting view policy's parameters and partners
+        extra += ["view_params", "view_partner"]
+    return extra
+
+
+def missing_chunk_files(bank: "LabelBank") -> dict[str, list[str]]:
+    """Per array of a complete bank whose every chunk is written (the payload, ``labels``, ``views`` and the
+    format's own arrays), the keys (``"3/0/0/0"``) of chunk files not stored: a cheap damage check (one existence
+    test per chunk, no decoding; :func:`verify_bank` also decodes and checksums). ``{}`` for a healthy or an
+    incomplete bank (whose unwritten chunks are expected)."""
+    if not bank.complete:
+        return {}
+    g = bank.group
+    names = [x for x in ("logits", "labels", "views", *_extra_arrays(bank)) if x in g]
+    if bank.format != "dense" and "logits" in names:
+        names.remove("logits")
+    out: dict[str, list[str]] = {}
+    for name in names:
+        keys = ["/".join(map(str, idx)) for idx in _chunk_keys(g[name]) if not _chunk_exists(g, name, idx)]
+        if keys:
+            out[name] = keys
+    return out
+
+
 def verify_bank(path: str | Path) -> list[str]:
     """Read every chunk of every array; return the problems found (empty list = healthy).
 
@@ -284,15 +316,9 @@ def verify_bank(path: str | Path) -> list[str]:
     expected = {"logits": (n, t, v, c), "labels": (n,), "views": (n, v, 5), "skipped": (n,)}
     if bank.format != "dense":
         expected.pop("logits")
-    extra = [*bank.attrs.get("compact_arrays", []), "chunk_sums"] if bank.format not in ("dense", "labelmap") else []
-    if bank.attrs.get("metric_sums"):  # a dense dump's per-chunk teacher metric states
-        extra = ["metric_sums"]
-    if bank.format == "labelmap":  # label maps: the map arrays and image sizes (pipeline/bank/labelmap.py)
-        extra = [*bank.attrs["label_map"]["arrays"], "image_size"]
-    extra += list((bank.feature_meta or {}).get("arrays", []))
+    extra = _extra_arrays(bank)
     num_params = len(bank.attrs.get("views", {}).get("params_columns", []))
-    if num_params:  # an augmenting view policy's stored parameters and partners
-        extra += ["view_params", "view_partner"]
+    if num_params:
         expected.update(view_params=(n, v, num_params), view_partner=(n, v))
     for name in (*ARRAYS, *extra):
         if name not in g:

@@ -110,3 +110,18 @@ def test_verify_subprocess_exit_code(bank_copy: Path):
     r = subprocess.run([sys.executable, "-m", "pipeline.labels", "verify", str(bank_copy)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "'labels' chunk 0 is missing" in r.stderr
+
+
+def test_info_names_missing_chunk_files(bank_copy: Path, capsys):
+    """A complete bank with a lost chunk file: ``info`` (which decodes nothing) still says it is damaged, naming the
+    array and chunk, and points to ``verify``; a healthy bank has no such line."""
+    assert main(["info", str(bank_copy)]) == 0
+    assert "DAMAGED" not in capsys.readouterr().out
+    os.remove(bank_copy / "logits" / "c" / "3" / "0" / "0" / "0")
+    os.remove(bank_copy / "labels" / "c" / "1")
+    assert main(["info", str(bank_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "DAMAGED     array 'logits' misses 1 chunk file(s) (3/0/0/0)" in out
+    assert "array 'labels' misses 1 chunk file(s) (1)" in out and f"labels verify {bank_copy}" in out
+    assert main(["info", str(bank_copy), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["missing_chunks"] == {"logits": ["3/0/0/0"], "labels": ["1"]}

@@ -91,18 +91,21 @@ def test_two_ranks_train_what_one_rank_trains_with_the_global_batch(train, tmp_p
 
 def test_sync_bn_makes_two_ranks_train_what_one_rank_trains_with_the_global_batch(train, tmp_path, demo_root,
                                                                                   demo_bank):
-    """A batch-norm student (democnn_s): with --sync-bn, 2 ranks x batch 4 train the 1-rank batch-8 model,
-    running statistics included (re-estimated by --precise-bn over the same 2 global batches); without it each rank normalizes by its own 4 images and the models differ. (Over
+    """A batch-norm student (democnn_s): with --sync-bn, 2 ranks x batch 4 train the 1-rank batch-8 model over 2
+    epochs (each rank's share of every epoch's new order, soft labels gathered by index on each rank), running
+    statistics included (re-estimated by --precise-bn over the same 2 global batches); without it each rank
+    normalizes by its own 4 images and the models differ. (Over
     more steps float rounding grows in either case, as it does between GlobalBatchNorm and F.batch_norm in one
     process: 1e-7 after 12 steps, 1e-5 after 18.)"""
-    common = ["--method", "kd", "--no-augment", "max_steps_per_epoch=6", "--lr", "0.05", "sched.name=constant",
+    common = ["--method", "kd", "--no-augment", "max_steps_per_epoch=3", "--lr", "0.05", "sched.name=constant",
               "--precise-bn", "2", "--sync-bn"]
     one = tmp_path / "one"
-    assert train(one, *common, "--batch-size", "8", labels=(demo_bank,)) == 0  # 1 process: --sync-bn changes nothing
+    # 1 process: --sync-bn changes nothing
+    assert train(one, *common, "--batch-size", "8", epochs=2, labels=(demo_bank,)) == 0
     a = _state(one / "last.pt")["model"]
     states = {}
     for name, flags in (("sync", common), ("local", common[:-1])):
-        args = demo_args(demo_root, tmp_path / name, *flags, labels=(demo_bank,))
+        args = demo_args(demo_root, tmp_path / name, *flags, epochs=2, labels=(demo_bank,))
         args[args.index("--batch-size") + 1] = "4"
         proc, _ = _torchrun(tmp_path, args)
         assert proc.returncode == 0, proc.stderr[-3000:]
