@@ -193,8 +193,8 @@ def _train_images(runner: Runner, name: str) -> int:
 
 def _recipe(scale: Scale, task: str = "fmnist10", seeds: tuple[int, ...] | None = None) -> str:
     seeds = scale.seeds if seeds is None else seeds
-    cut = (f" (cut from {len(scale.seeds)} to fit the plan's budget: differences have no noise estimate)"
-           if len(seeds) < len(scale.seeds) else "")
+    noise = "differences have no noise estimate" if len(seeds) == 1 else f"the noise rests on {len(seeds)} seeds"
+    cut = f" (cut from {len(scale.seeds)} to fit the plan's budget: {noise})" if len(seeds) < len(scale.seeds) else ""
     runs = f"{len(seeds)} seed(s) per arm ({', '.join(map(str, seeds))}){cut}"
     if task == "pairs100":
         a, b, c = scale.pairs

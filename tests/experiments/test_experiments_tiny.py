@@ -66,6 +66,8 @@ def test_suites_cut_to_fewer_seeds_say_so():
     plan = suites(scale)
     assert plan["tfkd"].seeds_of(scale) == (0,) and plan["methods"].seeds_of(scale) == scale.seeds
     assert "cut from 3" in _recipe(scale, "fmnist10", (0,)) and "cut" not in _recipe(scale, "fmnist10", scale.seeds)
+    assert "no noise estimate" in _recipe(scale, "fmnist10", (0,))  # one seed: the claims say "one seed"
+    assert "no noise estimate" not in _recipe(scale, "fmnist10", (0, 1))  # two seeds: a (weak) noise estimate
     arms = {"teacher labels only (kd, alpha 1), every image": {"top1": [80.0]},
             f"ce, {scale.labeled} labels per class (as many steps)": {"top1": [70.0]}}
     row = next(x for x in claims_table(scale, {"label-efficiency": {"arms": arms}}).splitlines()
