@@ -6,7 +6,8 @@
 4. Train students with ``ce``, ``kd`` and ``wsld`` from that one bank (stage 2).
 5. Print the comparison table.
 
-Steps whose outputs exist are reused, so a second run only prints the table. ``--device cuda`` runs on a GPU.
+Steps whose outputs exist are reused, so a second run only prints the table; an interrupted training run resumes
+from its last checkpoint. ``--device cuda`` runs on a GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def _train(config: str, out: Path, data: Path, device: str, extra: dict) -> None
     if (out / "final.json").is_file() and _same_run(out, cfg):
         log.info("reusing finished run %s", out)
         return
+    if (out / "last.pt").is_file() and _same_run(out, cfg):  # an interrupted demo: its epochs are not lost
+        log.info("resuming interrupted run %s", out)
+        cfg = resolve(TrainConfig, REPO / "configs" / config, {**cli, "overwrite": False, "resume": True})
     run_training(cfg)
 
 

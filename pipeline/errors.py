@@ -45,6 +45,10 @@ class BankError(UsageError):
     """A label bank is missing, incomplete, corrupt or does not match the dataset."""
 
 
+class NotABankError(BankError):
+    """The path holds no label bank: nothing there, or a folder a dump did not write (never "damaged")."""
+
+
 class CliParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with the entry points' error contract: a bad flag or value is one line on
     stderr (``PROG: error: MESSAGE (see --help)``, no usage block) and exit code 2 (SystemExit, as argparse);

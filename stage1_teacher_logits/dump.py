@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.bank.compact import check_format_args
 from pipeline.bank.labelmap import MAP_DTYPES, MAP_REGIONS, check_map_args, chunk_rows, map_metrics, map_record
 from pipeline.bank.identity import BankSpec, bank_identity, cached_banks, preprocessing_record, view_record
-from pipeline.bank.reader import open_group
+from pipeline.bank.reader import LabelBank, missing_chunk_files, open_group
 from pipeline.bank.schema import DEFAULT_ROWS_PER_CHUNK, FORMATS
 from pipeline.bank.stats import entry_names
 from pipeline.bank.writer import (chunk_sums_attrs, create_bank, done_flags, mark_complete, metric_sums_attrs,
@@ -324,7 +324,18 @@ class BankDump:
             except BankError:
                 attrs = {}
             if attrs.get("key") == self.key and attrs.get("complete") and not self._other_loader(attrs):
-                return PrepareStatus.COMPLETE
+                try:
+                    lost = missing_chunk_files(LabelBank(path))  # existence only: one listing per chunk
+                except BankError:  # readers name what they refuse; the dump reuses the bank as before
+                    lost = {}
+                if not lost:
+                    return PrepareStatus.COMPLETE
+                name, keys = next(iter(lost.items()))
+                what = f"array '{name}' misses chunk file(s) {', '.join(keys[:3])}"
+                if not self.cfg.overwrite:
+                    raise BankError(f"{path} holds this bank, complete but damaged ({what}); rerun with --overwrite "
+                                    "to dump it again")
+                log.warning("%s is damaged (%s): dumping it again (--overwrite)", path, what)
             if attrs.get("key") == self.key and not attrs.get("complete"):
                 if attrs.get("loader", "dali") != self.loader:
                     raise BankError(f"{path} was started with --loader {attrs.get('loader', 'dali')}: resume it with "

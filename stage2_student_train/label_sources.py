@@ -387,9 +387,11 @@ def missing_bank_hint(manifest: Manifest, specs: Sequence[TeacherSpec], on_data:
     data (``on_data``: complete banks with its fingerprint), with their weights and how to use one; then the dump
     command that makes the wanted bank, built from the user's own flags. A model without named weights gets a
     placeholder checkpoint, never ``--weights DEFAULT`` (which would fail)."""
-    from pipeline.models.registry import has_named_weights
+    from pipeline.models.registry import check_model_name, has_named_weights
 
     archs = [s.arch for s in specs]
+    for arch in archs:  # a typo is not a missing bank: never suggest dumping a model that does not exist
+        check_model_name(arch)
     same_names = [b for b in on_data if [t.get("arch") for t in b.attrs.get("teachers", [])] == archs]
     msg = f"no bank of {' + '.join(archs)}"
     msg += f" (weights {', '.join(str(s.weights) for s in specs)})" if weights_given else ""

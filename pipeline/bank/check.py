@@ -44,7 +44,7 @@ import torch
 from pipeline import storage
 from pipeline.bank.compact import decode, decode_int8, tail_stats
 from pipeline.bank.features import decode_features
-from pipeline.bank.reader import LabelBank, require_chunks, teacher_preprocessing
+from pipeline.bank.reader import LabelBank, damaged, require_chunks, teacher_preprocessing
 from pipeline.bank import views as _views  # noqa: F401  (registers the replay of policies with parameters)
 from pipeline.bank.replay import ReplayRequest, replay_inputs
 from pipeline.data import Manifest, build_manifest
@@ -244,9 +244,8 @@ def read_rows(bank: LabelBank, rows: np.ndarray) -> dict[str, np.ndarray]:
             try:
                 out[name].append(bank.read_rows(name, lo, hi)[sel - lo])
             except (ValueError, OSError) as e:  # zarr: a failed CRC32C checksum or an undecodable chunk
-                raise BankError(f"{bank.path} is damaged: array '{name}' rows {lo}..{hi - 1} cannot be read "
-                                f"({' '.join(str(e).split())[:80]}); run python -m pipeline.labels verify "
-                                f"{bank.path}") from None
+                raise damaged(bank.path, f"array '{name}' rows {lo}..{hi - 1} cannot be read "
+                                     f"({' '.join(str(e).split())[:80]})") from None
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 

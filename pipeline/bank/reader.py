@@ -19,17 +19,28 @@ import zarr
 
 from pipeline import storage
 from pipeline.bank.schema import ARRAYS, FORMATS, SCHEMA_VERSION
-from pipeline.errors import BankError
+from pipeline.errors import BankError, NotABankError
 
 log = logging.getLogger(__name__)
+
+
+def damaged(path: str, what: str) -> BankError:
+    """The error for a damaged bank (one place for its wording): ``what`` is wrong, and the fix. A dump reuses a
+    complete bank of its key, so the fix removes the bank first (``dump_logits --overwrite`` also replaces a
+    complete bank with missing chunk files, but not one whose chunks fail their checksums)."""
+    return BankError(f"label bank {path} is damaged: {what}; run python -m pipeline.labels verify {path}, then "
+                     "remove the bank and dump it again")
 
 
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     """Open a zarr group at a local path or fsspec URL; a missing or non-zarr path is a BankError."""
     if not storage.is_url(path) and not Path(path).exists():
-        raise BankError(f"label bank not found: {path}")
+        raise NotABankError(f"label bank not found: {path}")
     try:
         return storage.open_zarr_group(path, mode)
+    except zarr.errors.GroupNotFoundError:
+        raise NotABankError(f"{path} is not a label bank (no zarr group there): give the --out folder of a "
+                        "python -m pipeline.dump_logits run") from None
     except Exception as e:
         raise BankError(f"cannot open label bank {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
 
@@ -43,7 +54,7 @@ class LabelBank:
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         version = self.attrs.get("schema_version")
         if version is None:
-            raise BankError(f"{path} is not a label bank (no schema_version attr)")
+            raise NotABankError(f"{path} is not a label bank (no schema_version attr)")
         if version != SCHEMA_VERSION:
             raise BankError(f"{path}: unknown schema_version {version!r} (this version reads {SCHEMA_VERSION})")
         self.format = self.attrs.get("format", "dense")
@@ -126,29 +137,26 @@ class LabelBank:
     def _read_whole(self, name: str) -> np.ndarray:
         """A whole (small) array; a missing array or an unreadable chunk is a BankError naming it."""
         if name not in self.group:
-            raise BankError(f"label bank {self.path} is damaged: array '{name}' is missing; "
-                            "run python -m pipeline.labels verify")
+            raise damaged(self.path, f"array '{name}' is missing")
         arr = self.group[name]
         try:
             return np.asarray(arr[:])
         except Exception as e:  # checksum mismatch, truncated chunk: find the chunk to name it
             step = arr.chunks[0]
             bad = next((j for j, s in enumerate(range(0, arr.shape[0], step)) if not _readable(arr, s, s + step)), "?")
-            raise BankError(f"label bank {self.path} is damaged: array '{name}' chunk {bad} unreadable "
-                            f"({type(e).__name__}); run python -m pipeline.labels verify") from None
+            raise damaged(self.path, f"array '{name}' chunk {bad} unreadable "
+                            f"({type(e).__name__})") from None
 
     def _check_readable(self, name: str) -> None:
         """Every chunk of ``name`` decodes (read chunk by chunk, nothing kept); BankError naming the first that
         does not."""
         if name not in self.group:
-            raise BankError(f"label bank {self.path} is damaged: array '{name}' is missing; "
-                            "run python -m pipeline.labels verify")
+            raise damaged(self.path, f"array '{name}' is missing")
         arr = self.group[name]
         step = arr.chunks[0]
         for j, s in enumerate(range(0, arr.shape[0], step)):
             if not _readable(arr, s, s + step):
-                raise BankError(f"label bank {self.path} is damaged: array '{name}' chunk {j} unreadable; "
-                                "run python -m pipeline.labels verify")
+                raise damaged(self.path, f"array '{name}' chunk {j} unreadable")
 
     def read_logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Dense logits rows [start, stop) as [n, T, V, C] (compact formats reconstructed; a label map: the mean
@@ -195,17 +203,16 @@ class LabelBank:
         self._check_readable("views")
         missing = np.flatnonzero(labels < 0)  # a missing labels chunk reads back as the fill value -1
         if len(missing):
-            raise BankError(f"label bank {self.path} is damaged: array 'labels' has no value in rows "
-                            f"{missing[:5].tolist()}; run python -m pipeline.labels verify")
+            chunk = int(missing[0]) // max(1, self.rows_per_chunk)
+            lost = "" if _chunk_exists(self.group, "labels", (chunk,)) else f" (its chunk file {chunk} is missing)"
+            raise damaged(self.path, f"array 'labels' has no value in rows {missing[:5].tolist()}{lost}")
         if "done" in self.group:
             undone = np.flatnonzero(~self._read_whole("done").astype(bool))
             if len(undone):
-                raise BankError(f"label bank {self.path} is damaged: array 'done' marks chunks {undone[:5].tolist()} "
-                                "not done; run python -m pipeline.labels verify")
+                raise damaged(self.path, f"array 'done' marks chunks {undone[:5].tolist()} not done")
         for name in self.payload_arrays:
             if name not in self.group:
-                raise BankError(f"label bank {self.path} (format {self.format}) is damaged: array '{name}' is "
-                                "missing; run python -m pipeline.labels verify")
+                raise damaged(self.path, f"array '{name}' of its format ({self.format}) is missing")
         return labels, skipped
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -214,16 +221,19 @@ class LabelBank:
             return np.asarray(self.group[name][start:stop])
         except Exception as e:  # checksum mismatch, truncated chunk, ...: never train on a damaged bank
             step = max(1, self.rows_per_chunk)
-            raise BankError(f"label bank {self.path} is damaged: array '{name}' rows {start}-{stop - 1} (chunk "
-                            f"{start // step}) unreadable ({type(e).__name__}); run python -m pipeline.labels verify") from None
+            raise damaged(self.path, f"array '{name}' rows {start}-{stop - 1} (chunk "
+                            f"{start // step}) unreadable ({type(e).__name__})") from None
 
     def refuse_bad_rows(self, bad: np.ndarray, start: int, what: str = "logits") -> None:
         """BankError when ``bad`` [r] (rows of a chunk starting at ``start`` that are not finite, or hold a fill
         value, and are not skipped) has any True: a missing chunk file reads back as its fill value."""
         if bad.any():
-            raise BankError(f"label bank {self.path} is damaged: non-finite {what} in rows "
-                            f"{(start + np.flatnonzero(bad)[:5]).tolist()} (chunk {start // max(1, self.rows_per_chunk)}); "
-                            "run python -m pipeline.labels verify")
+            chunk = start // max(1, self.rows_per_chunk)
+            rows = (start + np.flatnonzero(bad)[:5]).tolist()
+            for name in what.split("/"):  # a lost chunk file reads back as fill values: name the cause
+                if name in self.group and not _chunk_exists(self.group, name, (chunk, *(0,) * (self.group[name].ndim - 1))):
+                    raise damaged(self.path, f"array '{name}' chunk file {chunk} (rows {start}-{start + len(bad) - 1}) is missing")
+            raise damaged(self.path, f"non-finite {what} in rows {rows} (chunk {chunk})")
 
     def missing_row_chunks(self, name: str) -> list[int]:
         """Row chunks of ``name`` whose chunk file is not stored (for arrays whose fill value is a valid value,
@@ -247,8 +257,8 @@ class LabelBank:
             except BankError:
                 raise
             except Exception as e:  # checksum mismatch, truncated chunk, ...: never train on a damaged bank
-                raise BankError(f"label bank {self.path} is damaged: array '{name}' rows {s}-{min(n, s + step) - 1} (chunk "
-                                f"{s // step}) unreadable ({type(e).__name__}); run python -m pipeline.labels verify") from None
+                raise damaged(self.path, f"array '{name}' rows {s}-{min(n, s + step) - 1} (chunk "
+                                f"{s // step}) unreadable ({type(e).__name__})") from None
             self.refuse_bad_rows(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) & ~skipped[s:s + len(rows)], s)
             out[s:s + step] = torch.from_numpy(np.ascontiguousarray(rows))
         return out
@@ -305,10 +315,15 @@ def verify_bank(path: str | Path) -> list[str]:
     Checks: schema version, shapes against attrs, every logits/labels/views chunk (and view_params/view_partner
     of an augmenting view policy) present and passing its CRC32C checksum, every row chunk marked done, the complete flag, labels in range, no non-finite logits
     outside skipped rows.
+
+    Raises :class:`~pipeline.errors.NotABankError` when ``path`` holds no bank (missing, or a folder a dump did not
+    write): nothing there is damaged, and removing it would be the wrong fix.
     """
     problems: list[str] = []
     try:
         bank = LabelBank(path)
+    except NotABankError:
+        raise
     except BankError as e:
         return [str(e)]
     g = bank.group
@@ -376,9 +391,7 @@ def require_chunks(bank: "LabelBank", names: list[str] | tuple[str, ...]) -> Non
             continue
         for idx in _chunk_keys(g[name]):
             if not _chunk_exists(g, name, idx):
-                raise BankError(f"{bank.path} is damaged: array '{name}' chunk {'/'.join(map(str, idx))} is missing; "
-                                f"run python -m pipeline.labels verify {bank.path}, then dump it again (same command, "
-                                "--overwrite)")
+                raise damaged(bank.path, f"array '{name}' chunk file {'/'.join(map(str, idx))} is missing")
 
 
 def _chunk_exists(g: zarr.Group, name: str, idx: tuple[int, ...]) -> bool:

@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.bank import compact as cp
-from pipeline.bank.reader import LabelBank
+from pipeline.bank.reader import LabelBank, damaged
 from pipeline.bank.schema import TAIL_TEMPERATURES, index_dtype
 from pipeline.distributed import barrier, broadcast_object, current_info, gather_objects, local_world_size
 from pipeline.errors import BankError
@@ -526,8 +526,7 @@ def _require_chunks(bank: LabelBank, array: str) -> None:
     """BankError when a chunk of ``array`` is missing (zarr would read it as fill values: zeros, silently)."""
     missing = bank.missing_row_chunks(array)
     if missing:
-        raise BankError(f"label bank {bank.path} is damaged: array '{array}' chunk {missing[0]} is missing; "
-                        "run python -m pipeline.labels verify")
+        raise damaged(bank.path, f"array '{array}' chunk file {missing[0]} is missing")
 
 
 RESIDENTS: dict[str, type[ResidentBank]] = {c.format: c for c in (DenseResident, TopKResident, SampledResident,

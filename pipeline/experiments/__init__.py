@@ -257,14 +257,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the tiny plan (--scale tiny): every step in seconds")
     p.add_argument("--root", default="results/runs", help="where runs and banks go (default: results/runs)")
     p.add_argument("--data-root", default="data/results", help="where the data trees are written")
-    p.add_argument("--results", default="RESULTS.md",
+    p.add_argument("--results", default=None,
                    help="the file rewritten; the suite summaries go to results/ beside it ('' = neither: the runs "
-                        "are kept, a later run of the suite writes them) (default: RESULTS.md)")
+                        "are kept, a later run of the suite writes them) (default: RESULTS.md; with --quick or "
+                        "--scale tiny results/runs/tiny/RESULTS.md, so a quick try never replaces the real results)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     p.add_argument("--jobs", type=int, default=None, help="training processes at once (default: the scale's)")
     args = p.parse_args(argv)
     setup_logging()
     scale = SCALES["tiny" if args.quick else args.scale]
+    if args.results is None:
+        args.results = "RESULTS.md" if scale_name(scale) == "full" else f"results/runs/{scale_name(scale)}/RESULTS.md"
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         if args.suite or not args.results:
             raise UsageError("--report-only rewrites --results from results/*.json: give no suite, and a --results file")

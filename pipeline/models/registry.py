@@ -56,6 +56,14 @@ def available_models() -> list[str]:
     return sorted(set(_MODELS) | set(torchvision_names()))
 
 
+def check_model_name(name: str) -> None:
+    """UsageError naming the valid models unless ``name`` is one this registry builds: a registered or torchvision
+    name, ``timm/<name>`` or ``module.path:function`` (those two are checked when built)."""
+    if not (name.startswith("timm/") or ":" in name or name in _MODELS or name in torchvision_names()):
+        raise UsageError(f"unknown model '{name}'; valid: {', '.join(available_models())}, timm/<name> "
+                         "(timm.list_models()) or module.path:function")
+
+
 def _strip_prefixes(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
@@ -270,8 +278,7 @@ def create_model(name: str, num_classes: int | None, weights: str | None = None)
         def build(c: int) -> nn.Module:
             return tvm.get_model(name, weights=None, num_classes=c)
     else:
-        raise UsageError(f"unknown model '{name}'; valid: {', '.join(available_models())}, timm/<name> "
-                         "(timm.list_models()) or module.path:function")
+        check_model_name(name)  # raises: no builder above takes this name
     if kind == "named":
         raise UsageError(f"model '{name}' has no named weights; give a checkpoint path or none")
     if kind == "path":

@@ -159,12 +159,15 @@ def test_quick_plan_runs_the_new_suites(tmp_path, demo_root, monkeypatch):
     text = md.read_text()
     assert "| agree (%) | KL |" in text and "A run on 2 ranks with --sync-bn equals a run on 1 rank" in text
     assert "Without --sync-bn, 2 ranks still equal 1 rank" in text
-    # a second invocation (a resumed plan) adds its phases to the plan's time, which RESULTS.md reports whole
-    assert main(["ranks", "--quick", "--root", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data"),
-                 "--results", str(md)]) == 0
+    assert "`python -m pipeline.experiments --quick` (the tiny plan" in text  # never mistaken for real results
+    # a second invocation (a resumed plan) adds its phases to the plan's time, which RESULTS.md reports whole;
+    # without --results a quick plan writes under results/runs/tiny, never over the real RESULTS.md and summaries
+    assert main(["ranks", "--quick", "--root", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data")]) == 0
+    assert md.read_text() == text and json.loads((tmp_path / "results" / "ranks.json").read_text())["arms"] == ranks
+    md, folder = tmp_path / "results" / "runs" / "tiny" / "RESULTS.md", tmp_path / "results" / "runs" / "tiny" / "results"
     records = [json.loads(l) for l in (tmp_path / "runs" / "tiny" / "timing.jsonl").read_text().splitlines()]
     assert [r["suites"] for r in records] == [["ranks", "time-to-accuracy"], ["ranks"]]
-    timing = json.loads((tmp_path / "results" / "ranks.json").read_text())["timing"]
+    timing = json.loads((folder / "ranks.json").read_text())["timing"]
     assert timing["invocations"] == 2 and timing["plan_minutes"]["teachers"] == pytest.approx(
         sum(r["minutes"]["teachers"] for r in records), abs=0.02)
     assert "Measured time of the plan (2 invocation(s) on one run folder" in md.read_text()

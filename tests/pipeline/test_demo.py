@@ -61,3 +61,12 @@ def test_demo_flow(tmp_path, monkeypatch, capsys, caplog):
     assert main(argv) == 0
     assert json.loads((out / "student-kd" / "final.json").read_text())["bank"].endswith(banks[0].name)
     assert yaml.safe_load(cfg_path.read_text())["banks"] == [str(banks[0])]
+    # an interrupted run (a checkpoint, no final.json) resumes from its checkpoint: no epoch trained again
+    (out / "student-kd" / "final.json").unlink()
+    epochs = (out / "student-kd" / "metrics.jsonl").read_text()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.demo"):
+        assert main(argv) == 0
+    assert f"resuming interrupted run {out / 'student-kd'}" in caplog.text
+    assert (out / "student-kd" / "final.json").is_file()
+    assert (out / "student-kd" / "metrics.jsonl").read_text() == epochs

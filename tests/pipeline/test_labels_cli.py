@@ -100,11 +100,6 @@ def test_verify_chunk_not_done(bank_copy: Path, capsys):
     assert "chunks not done: [1]" in capsys.readouterr().err
 
 
-def test_verify_not_a_bank(tmp_path: Path, capsys):
-    assert main(["verify", str(tmp_path / "missing.zarr")]) == 1
-    assert "not found" in capsys.readouterr().err
-
-
 def test_verify_subprocess_exit_code(bank_copy: Path):
     os.remove(bank_copy / "labels" / "c" / "0")
     r = subprocess.run([sys.executable, "-m", "pipeline.labels", "verify", str(bank_copy)], cwd=REPO,

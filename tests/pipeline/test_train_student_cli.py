@@ -73,6 +73,10 @@ def test_teacher_finds_cached_bank(tmp_path, demo_root, monkeypatch, capsys, wei
                  *_args(demo_root, tmp_path / "r2")]) == 2
     msg = _one_error_line(capsys)
     assert f"no bank of democnn (weights {w}) for" in msg and "python -m pipeline.dump_logits --teacher democnn" in msg
+    # a misspelt teacher is an unknown model, not a bank to dump
+    assert main(["--method", "wsld", "--teacher", "democnn_x", *_args(demo_root, tmp_path / "r4")]) == 2
+    typo = _one_error_line(capsys)
+    assert "unknown model 'democnn_x'" in typo and "dump_logits" not in typo
     if weights == "none":  # the printed command makes exactly the bank the lookup wanted
         cmd = msg.split("make it with python -m pipeline.dump_logits ", 1)[1].split(" (or give", 1)[0].split()
         assert dump(cmd) == 0

@@ -20,6 +20,7 @@ CASES = [
     ("logits", "c/2/0/0/0", "2/0/0/0", "flip"),
     ("logits", "c/2/0/0/0", "2/0/0/0", "truncate"),
     ("logits", "c/4/0/0/0", "4/0/0/0", "empty"),
+    ("logits", "c/3/0/0/0", "3/0/0/0", "delete"),
     ("labels", "c/3", "3", "flip"),
     ("labels", "c/3", "3", "truncate"),
     ("labels", "c/1", "1", "delete"),
@@ -65,7 +66,9 @@ def test_damaged_chunk_verify_and_stage2(array, chunk_file, key, how, demo_bank:
     out = tmp_path / "run"
     assert train_main(train_args(demo_root, out, labels=[bank])) == 2
     msg = assert_one_line_error(capsys.readouterr().err, "damaged", f"'{array}'", str(bank))
-    assert "verify" in msg
+    assert f"labels verify {bank}" in msg and "remove the bank and dump it again" in msg
+    if how == "delete" and array in ("logits", "labels"):  # the cause named: a lost file, not bad values
+        assert "chunk file" in msg and "is missing" in msg and "non-finite" not in msg, msg
     assert not (out / "last.pt").exists() and not (out / "metrics.jsonl").exists()
 
 
@@ -75,3 +78,37 @@ def test_undamaged_copy_trains(demo_bank: Path, demo_root: Path, tmp_path: Path)
     shutil.copytree(demo_bank, bank)
     assert labels_main(["verify", str(bank)]) == 0
     assert train_main(train_args(demo_root, tmp_path / "run", labels=[bank])) == 0
+
+
+def test_dump_onto_a_damaged_complete_bank(demo_bank: Path, demo_root: Path, tmp_path: Path, capsys):
+    """A dump finds a complete bank of its key with a lost chunk file: it refuses to reuse it (exit 2, naming the
+    array and --overwrite) and, with --overwrite, dumps it again whole."""
+    from pipeline.dump_logits import main as dump_main
+
+    bank = tmp_path / "bank.zarr"
+    shutil.copytree(demo_bank, bank)
+    (bank / "logits" / "c" / "3" / "0" / "0" / "0").unlink()
+    args = ["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--split", "train",
+            "--preset", "demo", "--batch-size", "32", "--rows-per-chunk", "64", "--out", str(bank)]
+    capsys.readouterr()
+    assert dump_main(args) == 2
+    assert_one_line_error(capsys.readouterr().err, "complete but damaged", "'logits'", "3/0/0/0", "--overwrite")
+    assert labels_main(["verify", str(bank)]) == 1  # refused, not repaired behind the user's back
+    assert dump_main([*args, "--overwrite"]) == 0
+    assert labels_main(["verify", str(bank)]) == 0
+
+
+@pytest.mark.parametrize("what", ["missing", "empty folder", "other zarr group"])
+def test_verify_of_a_path_that_holds_no_bank(what, tmp_path: Path, capsys):
+    """verify on a path that is not a bank is a usage error (exit 2), never "damaged: remove it"."""
+    import zarr
+
+    path = tmp_path / "x.zarr"
+    if what == "empty folder":
+        path.mkdir()
+    elif what == "other zarr group":
+        zarr.open_group(str(path), mode="w").attrs["note"] = "not a bank"
+    assert labels_main(["verify", str(path)]) == 2
+    msg = assert_one_line_error(capsys.readouterr().err, str(path))
+    assert ("not found" if what == "missing" else "is not a label bank") in msg and "remove" not in msg
+    assert path.exists() == (what != "missing")
