@@ -90,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                data=str(data), split="train", preset="demo", device=args.device,
                                batch_size=256, rows_per_chunk=1024))
     runs = [out / "teacher-ce"]
-    for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        log.info("step 4/5: student with %s from the bank", m)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for i, m in enumerate(methods, 1):
+        source = "soft labels from the bank" if kd_losses.needs_teacher(m) else "the dataset's labels only"
+        log.info("step 4/5: student %d of %d, %s (%s)", i, len(methods), m, source)
         run = out / f"student-{m}"
         banks = {"banks": [bank]} if kd_losses.needs_teacher(m) else {}  # ce reads no bank (and would say so)
         _train("demo_student.yaml", run, data, args.device, {"method": m, **banks, **extra})

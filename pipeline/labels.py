@@ -108,7 +108,8 @@ def _run_info(args: argparse.Namespace) -> int:
         return 0
     s = info["shape"]
     print(f"bank        {info['path']}")
-    print(f"format      {info['format']}  dtype {info['dtype']}  complete {info['complete']}")
+    damage = " (but chunk files are missing: see DAMAGED below)" if info["missing_chunks"] else ""
+    print(f"format      {info['format']}  dtype {info['dtype']}  complete {info['complete']}{damage}")
     print(f"shape       N={s['N']} T={s['T']} V={s['V']} C={s['C']}  rows/chunk {info['rows_per_chunk']}")
     ds = info["dataset"]
     print(f"dataset     {ds['name']} / {ds['split']} ({ds['layout']})  fingerprint {str(ds['fingerprint'])[:16]}")
@@ -168,7 +169,8 @@ def _run_verify(args: argparse.Namespace) -> int:
         for pr in problems:
             print(f"FAIL {args.bank}: {pr}", file=sys.stderr)
         print(f"fix: remove {args.bank} and rerun the dump that wrote it (its config: labels info {args.bank}); a "
-              "dump resumes an incomplete bank but never rewrites a complete one", file=sys.stderr)
+              "dump resumes an incomplete bank but never rewrites a complete one (with --overwrite it does when "
+              "chunk files are missing)", file=sys.stderr)
         return 1
     print(f"OK {args.bank}")
     return 0

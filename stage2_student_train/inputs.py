@@ -47,8 +47,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(" ".join(str(e).split())) from None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UsageError("epochs and batch_size must be >= 1")
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"{name}={getattr(cfg, name)} must be >= 1")
     if cfg.workers is None:  # more loader workers than cores only slows a run down (and PyTorch warns)
         cfg = replace(cfg, workers=min(DEFAULT_MAX_WORKERS, cores_per_local_rank()))
     _check_numbers(cfg)

@@ -536,7 +536,8 @@ def build_manifest(root: str | Path, split: str = "train", name: str | None = No
     """
     root = Path(root)
     if not root.exists():
-        raise UsageError(f"dataset root not found: {root}")
+        raise UsageError(f"dataset root not found: {root}; give an ImageNet-style root (<split>/<class>/*.jpg), or "
+                         "write the embedded one with python -m pipeline.data prepare-demo")
     if split not in SPLITS:
         raise UsageError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
     name = name or root.resolve().name

@@ -38,7 +38,7 @@ def run_suites(names: list[str], scale: Scale, root: Path, data_root: Path, resu
     phases: dict[str, float] = {}  # wall minutes of each phase of this invocation (finished runs cost nothing)
 
     def phase(name: str) -> None:
-        phases[name] = round((time.time() - t0) / 60 - sum(phases.values()), 2)
+        phases[name] = max(0.0, round((time.time() - t0) / 60 - sum(phases.values()), 2))
 
     plan = [suites(scale)[n] for n in names]
     runner = Runner(root, scale, device)
@@ -206,14 +206,18 @@ def _recipe(scale: Scale, task: str = "fmnist10", seeds: tuple[int, ...] | None 
 
 def _setup(scale: Scale) -> str:
     return (f"the student (`{SMALL}`, 0.1M parameters) trains on {10 * scale.student} training images "
-            f"({scale.student} per class) for {scale.student_epochs} epochs; the big teacher (`democnn`, 0.6M) on "
-            f"{10 * scale.teacher} for {scale.teacher_epochs} epochs; every method uses one recipe (SGD, nesterov, "
+            f"({scale.student} per class) for {_epochs(scale.student_epochs)}; the big teacher (`democnn`, 0.6M) on "
+            f"{10 * scale.teacher} for {_epochs(scale.teacher_epochs)}; every method uses one recipe (SGD, nesterov, "
             f"lr {scale.lr}, weight decay 5e-4, batch {scale.batch_size}, cosine schedule with half an epoch of "
             "warm-up, pad-and-crop + flip augmentation; random-resized crops in the views suite); each method's "
             f"temperature and weights are chosen from at most 4 settings on {10 * scale.holdout} held-out training "
             f"images (never the test set), each grid run training {scale.grid_epochs('fmnist10')} of the arms' "
             f"{scale.student_epochs} epochs (to fit the budget) and scored once at its end; models are evaluated on "
             f"{10 * scale.val} test images {_eval_when(scale)}.")
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
 def _eval_when(scale: Scale) -> str:
@@ -256,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale", default="full", choices=sorted(SCALES), help="full (default) or tiny")
     p.add_argument("--quick", action="store_true", help="the tiny plan (--scale tiny): every step in seconds")
     p.add_argument("--root", default="results/runs", help="where runs and banks go (default: results/runs)")
-    p.add_argument("--data-root", default="data/results", help="where the data trees are written")
+    p.add_argument("--data-root", default="data/results", help="where the data trees are written (default: "
+                   "data/results)")
     p.add_argument("--results", default=None,
                    help="the file rewritten; the suite summaries go to results/ beside it ('' = neither: the runs "
                         "are kept, a later run of the suite writes them) (default: RESULTS.md; with --quick or "

@@ -117,6 +117,7 @@ def test_info_names_missing_chunk_files(bank_copy: Path, capsys):
     assert main(["info", str(bank_copy)]) == 0
     out = capsys.readouterr().out
     assert "DAMAGED     array 'logits' misses 1 chunk file(s) (3/0/0/0)" in out
+    assert "complete True (but chunk files are missing" in out  # the flag alone would read as healthy
     assert "array 'labels' misses 1 chunk file(s) (1)" in out and f"labels verify {bank_copy}" in out
     assert main(["info", str(bank_copy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["missing_chunks"] == {"logits": ["3/0/0/0"], "labels": ["1"]}

@@ -176,6 +176,8 @@ def test_unknown_names_are_one_line_exit_2(tmp_path, demo_root, capsys, extra, s
     (["sched.gamma=0"], "sched.gamma=0.0 must be > 0"),
     (["sched.step_size=0"], "sched.step_size=0 must be >= 1"),
     (["eval_every=0"], "eval_every=0 must be >= 1"),
+    (["--epochs", "0"], "epochs=0 must be >= 1"),
+    (["-b", "-4"], "batch_size=-4 must be >= 1"),
     (["-j", "-2"], "workers=-2 must be >= 0"),
     (["loss.T=0"], "'kd': T=0 is outside (0, inf)"),
     (["loss.alpha=-0.5"], "'kd': alpha=-0.5 is outside [0, 1]"),
