@@ -2,7 +2,7 @@
 
 1. Write the embedded Fashion-MNIST subset as a JPEG tree (``data/fashion-mnist``).
 2. Train a teacher with plain cross-entropy (``configs/demo_teacher.yaml``).
-3. Dump its label bank once (stage 1, DALI CPU).
+3. Dump its label bank once (stage 1, DALI CPU), and a bank of the val images (teacher agreement and KL).
 4. Train students with ``ce``, ``kd`` and ``wsld`` from that one bank (stage 2).
 5. Print the comparison table.
 
@@ -85,10 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {"epochs": args.epochs} if args.epochs else {}
     log.info("step 2/5: teacher (plain cross-entropy)")
     _train("demo_teacher.yaml", out / "teacher-ce", data, args.device, extra)
-    log.info("step 3/5: dump the teacher's label bank (stage 1)")
-    bank = run_dump(DumpConfig(teacher=("democnn",), weights=(str(out / "teacher-ce" / "best.pt"),),
-                               data=str(data), split="train", preset="demo", device=args.device,
-                               batch_size=256, rows_per_chunk=1024))
+    log.info("step 3/5: dump the teacher's label bank (stage 1), and its val bank for the students' agreement and KL")
+    dumps = {split: run_dump(DumpConfig(teacher=("democnn",), weights=(str(out / "teacher-ce" / "best.pt"),),
+                                        data=str(data), split=split, preset="demo", device=args.device,
+                                        batch_size=256, rows_per_chunk=1024)) for split in ("train", "val")}
+    bank = dumps["train"]
     runs = [out / "teacher-ce"]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for i, m in enumerate(methods, 1):
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("step 5/5: the comparison table")
     print()
     print(format_table(collect([str(r) for r in runs])))
-    print(f"\nlabel bank: {bank}")
+    print(f"\nlabel bank: {bank} (val: {dumps['val']})")
     print(f"runs:       {out}/ ({', '.join(r.name for r in runs)})")
     print(f"again:      python -m pipeline.report {out}")
     return 0

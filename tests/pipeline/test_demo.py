@@ -31,9 +31,11 @@ def test_demo_flow(tmp_path, monkeypatch, capsys, caplog):
     assert {"bank", "top1", "top5", "ece", "time_s"} <= set(header)
     rows = {l.split()[0]: dict(zip(header, l.split())) for l in table[1:]}
     assert set(rows) == {"teacher-ce", "student-ce", "student-kd", "student-wsld"}
-    banks = list((tmp_path / "cache").glob("*/democnn-*.zarr"))
-    assert len(banks) == 1  # one bank, dumped once, from the teacher's best checkpoint
-    assert lines[start + 5] == f"label bank: {banks[0]}"  # the demo says where its bank and runs are
+    banks = sorted((tmp_path / "cache").glob("*/democnn-*.zarr"))
+    assert len(banks) == 2  # the train bank, dumped once from the teacher's best checkpoint, and its val bank
+    banks = [b for b in banks if "-train" in b.parent.name] + [b for b in banks if "-val" in b.parent.name]
+    assert len(banks) == 2, banks
+    assert lines[start + 5] == f"label bank: {banks[0]} (val: {banks[1]})"  # where its banks and runs are
     assert lines[start + 6].startswith(f"runs:       {out}/ (teacher-ce, student-ce")
     assert lines[start + 7] == f"again:      python -m pipeline.report {out}"
     from pipeline.report import main as report
@@ -45,6 +47,8 @@ def test_demo_flow(tmp_path, monkeypatch, capsys, caplog):
         assert f["bank"].endswith(banks[0].name) and f["teacher"] == "democnn" and f["epochs"] == 1
         assert rows[f"student-{m}"]["bank"] == banks[0].name
     assert rows["student-ce"]["bank"] == "-" and rows["teacher-ce"]["student"] == "democnn"
+    for m in ("kd", "wsld"):  # the val bank gives the students' agreement with the teacher and the KL
+        assert 0 <= float(rows[f"student-{m}"]["agree"]) <= 100 and float(rows[f"student-{m}"]["kl"]) >= 0
     # a second run reuses every step and prints the same table
     assert main(argv) == 0
     again = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
