@@ -36,14 +36,21 @@ _ALSO_FROM_SRC = ("rows_per_chunk", "skip_corrupt")
 def append_config(cfg: Any) -> Any:
     """The DumpConfig of the appended bank: ``cfg`` (``append_views`` = SRC, ``views`` = V') with every key it
     leaves at its default taken from SRC's recorded config. UsageError (one line) when SRC is not a complete dense
-    bank with random views, when V' <= V, when ``--out`` is SRC, or for another loader than SRC's."""
+    bank with random views, when V' <= V, when ``--out`` is SRC, for another loader than SRC's, or for a compact
+    ``--format`` (the appended bank is dense: SRC's views are copied as stored; ``labels compact`` compacts it)."""
     src = LabelBank(cfg.append_views)
     src.require_complete()
     require_chunks(src, ["logits", "labels", "views", "skipped", "view_params", "view_partner",
                          *((src.feature_meta or {}).get("arrays") or [])])  # a lost chunk would be copied as data
+    if src.format == "labelmap":
+        raise UsageError(f"--append-views {src.path}: a label-map bank stores maps, not views (stage 2 pools every "
+                         "fresh crop from them); append views to a dense bank with random views")
     if src.format != "dense":
         raise UsageError(f"--append-views {src.path}: a {src.format} bank; append views to the dense bank it was made "
                          "from (or dump one), then python -m pipeline.labels compact")
+    if cfg.format != "dense":  # SRC's views are copied as stored dense logits; the encoders take a whole batch's
+        raise UsageError(f"--append-views writes a dense bank (SRC's views are copied as stored): drop --format "
+                         f"{cfg.format}, then python -m pipeline.labels compact OUT -o COMPACT with the format's flags")
     views = src.attrs.get("views") or {}
     if views.get("policy", "center") == "center":
         raise UsageError(f"--append-views {src.path}: its view policy is 'center' (one eval view); dump a bank with "

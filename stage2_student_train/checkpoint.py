@@ -4,7 +4,7 @@ temp file, fsync, rename) and how a run is restored from it.
 ``last.pt`` (every epoch): ``model``, ``criterion`` (a loss's parameters and buffers: SL-Enc's network, CRD's
 memories), ``optimizer``, ``scheduler`` (recorded; a resumed run positions its own schedule at the global step),
 ``scaler``, ``ema`` (the model EMA's weights and buffers, with ``ema_decay`` > 0), ``epoch``, ``best_top1``,
-``ema_best_top1``, ``pending_train_s``, ``preprocessing`` (the eval transform's record), ``rng`` (one record per rank: Python, numpy, torch and that rank's own CUDA
+``ema_best_top1``, ``pending_train_s``, ``pending_stats``, ``preprocessing`` (the eval transform's record), ``rng`` (one record per rank: Python, numpy, torch and that rank's own CUDA
 device), ``config`` (the resolved TrainConfig), ``identity`` (the training data's fingerprint, the banks' keys, the
 world size: what the run is, wherever its files are), ``num_classes``, ``arch``.
 
@@ -85,14 +85,15 @@ def save_training(path: str | Path, parts: TrainingParts, epoch: int, best: dict
                   rng: list[dict[str, Any]] | None = None, preprocessing: dict[str, Any] | None = None) -> None:
     """Write ``last.pt``: every stateful part (the EMA's ``module`` when there is one), the epoch just finished,
     the best top-1 so far (``best``: ``top1`` and ``ema_top1``; ``pending_train_s``: training seconds of the
-    epochs since the last evaluation), the RNG states of every rank (``rng``, gathered
+    epochs since the last evaluation; ``pending_stats``: the training statistics of an epoch whose evaluation is
+    not recorded yet, or None), the RNG states of every rank (``rng``, gathered
     by the caller; default: this process's), the run's identity and its eval ``preprocessing``
     (``Preprocess.to_dict()``: what stage 1 uses for this checkpoint as a teacher, and ``--test-only``)."""
     state: dict[str, Any] = {name: getattr(parts, name).state_dict() for name in STATEFUL}
     if parts.ema is not None:
         state["ema"] = parts.ema.module.state_dict()
     state.update({"epoch": epoch, "best_top1": best["top1"], "ema_best_top1": best.get("ema_top1", -1.0),
-                  "pending_train_s": best.get("pending_train_s", 0.0),
+                  "pending_train_s": best.get("pending_train_s", 0.0), "pending_stats": best.get("pending_stats"),
                   "rng": rng if rng is not None else [rng_state()],
                   "config": config, "identity": identity or {}, "num_classes": num_classes, "arch": arch,
                   "preprocessing": preprocessing})
@@ -194,7 +195,8 @@ def restore_training(path: str | Path, parts: TrainingParts, config: dict[str, A
     _restore_rng(state["rng"], state.get("identity", {}).get("world_size"), info, path)
     return int(state["epoch"]) + 1, {"top1": float(state["best_top1"]),
                                      "ema_top1": float(state.get("ema_best_top1", -1.0)),
-                                     "pending_train_s": float(state.get("pending_train_s", 0.0))}
+                                     "pending_train_s": float(state.get("pending_train_s", 0.0)),
+                                     "pending_stats": state.get("pending_stats")}
 
 
 def _log_changes(saved: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:

@@ -29,7 +29,7 @@ from pipeline.data import Manifest, layout_of
 from pipeline.data.batch import Batch, DecodeError
 from pipeline.data.loaders import load_batches, load_blended_batches, load_mixed_batches, resolve_loader
 from pipeline.data.policy import blend_rows, parse_mix_policy
-from pipeline.data.presets import PRESETS, Preprocess, resolve_preset
+from pipeline.data.presets import PRESETS, Preprocess, resolve_preset, typical_side, upscale_warning
 from pipeline.distributed import (DistInfo, barrier, broadcast_buffers, broadcast_object, cleanup, derive_seed,
                                   gather_objects, init_distributed)
 from pipeline.errors import UsageError
@@ -229,21 +229,36 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     t_start = time.time()
     metrics: dict[str, Any] = {}
     acc = None
-    for epoch in range(start_epoch, cfg.epochs):
-        train_stats = _train_epoch(run, epoch)
-        # training seconds since the last evaluation (epochs it skips), kept in last.pt for a resumed run
-        best["pending_train_s"] = best.get("pending_train_s", 0.0) + train_stats["train_time_s"]
-        _save_last(run, epoch, best)  # the epoch's training is kept even if its evaluation fails
-        if (epoch + 1) % max(cfg.eval_every, 1) and epoch < cfg.epochs - max(cfg.eval_last, 1):
-            continue
+
+    def evaluate_epoch(epoch: int, train_stats: dict[str, float]) -> None:
+        nonlocal metrics, acc, best
         val, acc = _evaluate(run)
         metrics = {"epoch": epoch, **{k: v for k, v in val.items() if k != "n"}, "val_n": val["n"], **train_stats,
                    "train_time_s": best["pending_train_s"], "elapsed_s": time.time() - t_start}
-        best = _record_epoch(run, epoch, metrics, {**best, "pending_train_s": 0.0})
+        best = _record_epoch(run, epoch, metrics, {**best, "pending_train_s": 0.0, "pending_stats": None})
+
+    done = start_epoch - 1  # a run stopped between an epoch's training and its evaluation: evaluate it first
+    if done >= 0 and best.get("pending_stats") and _evaluates(cfg, done):
+        log.info("epoch %d was trained but not evaluated before the run stopped: evaluating it now", done)
+        evaluate_epoch(done, best["pending_stats"])
+    for epoch in range(start_epoch, cfg.epochs):
+        train_stats = _train_epoch(run, epoch)
+        # training seconds since the last evaluation (epochs it skips), kept in last.pt for a resumed run, with
+        # the epoch's training statistics until its evaluation is recorded
+        best["pending_train_s"] = best.get("pending_train_s", 0.0) + train_stats["train_time_s"]
+        best["pending_stats"] = train_stats
+        _save_last(run, epoch, best)  # the epoch's training is kept even if its evaluation fails
+        if _evaluates(cfg, epoch):
+            evaluate_epoch(epoch, train_stats)
     final = _finalize(cfg, run.out, metrics, best["top1"], acc, run.label_source, info)
     if run.tb is not None:
         run.tb.close()
     return final
+
+
+def _evaluates(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether ``epoch`` (0-based) is evaluated: every ``eval_every``-th epoch and each of the last ``eval_last``."""
+    return (epoch + 1) % max(cfg.eval_every, 1) == 0 or epoch >= cfg.epochs - max(cfg.eval_last, 1)
 
 
 def _setup(cfg: TrainConfig, info: DistInfo) -> Run:
@@ -335,11 +350,18 @@ def _choose_preset(cfg: TrainConfig, train_m: Manifest, label_source: LabelSourc
     multi-view bank is read without replaying its views."""
     bank_pre = label_source.preprocessing
     preset = resolve_preset(cfg.preset, train_m, bank_pre)
+    if cfg.preset == "auto" and not bank_pre:  # the layout's default, chosen without a word otherwise
+        warning = upscale_warning([(preset, f"the {train_m.layout} layout's default")], typical_side(train_m))
+        if warning:
+            log.warning("%s", warning)
     same_input = bank_pre and label_source.draws_crops and all(  # a map pools its own crops: input size and norm
         getattr(Preprocess.from_record(bank_pre), k) == getattr(preset, k) for k in ("crop", "mean", "std"))
     if bank_pre and cfg.preset != "auto" and bank_pre.get("name") != preset.name and not same_input:
         log.warning("--preset %s differs from the preprocessing the bank was dumped with (%s): the student sees the "
                     "images otherwise than the teacher did", preset.name, bank_pre.get("name"))
+    if label_source.draws_crops and not cfg.augment:
+        raise UsageError("--no-augment trains on center views, but a label-map bank exists to label fresh random "
+                         "crops (each pooled from its map): drop --no-augment, or train from a dense center bank")
     if label_source.stores_views and not cfg.replay_views:
         log.warning("the bank stores %d random-crop view(s) per image; without --replay-views every sample uses "
                     "view 0's soft labels with the student's own random %s augmentation: pass --replay-views to "
@@ -431,7 +453,7 @@ def _record_epoch(run: Run, epoch: int, metrics: dict[str, Any], best: dict[str,
     top1 = metrics["top1"]
     is_best = top1 > best["top1"]
     ema_best = "ema_top1" in metrics and metrics["ema_top1"] > best["ema_top1"]
-    best = {k: max(v, metrics.get(k, v)) for k, v in best.items()}
+    best = {**best, **{k: max(best[k], metrics.get(k, best[k])) for k in ("top1", "ema_top1")}}
     rng = gather_objects(ckpt.rng_state(), run.info)
     if run.info.is_main:
         with open(run.out / "metrics.jsonl", "a") as f:

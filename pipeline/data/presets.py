@@ -209,5 +209,5 @@ def upscale_warning(choices: list[tuple[Preprocess, str]], side: int | None, fac
     what = "; ".join(f"'{p.name}' crops {p.crop} px (from {src})" for p, src in big)
     return (f"the images are about {side} px (median shorter side of a sample) but {what}: each image is upscaled "
             f"{max(p.crop for p, _ in big) / side:.1f}x, which is slow and unlike small-image training; if the "
-            f"teacher was trained on images this small, pass --preset NAME; presets that fit: "
+            f"models are meant for images this small, pass --preset NAME; presets that fit: "
             f"{', '.join(fit) if fit else 'none (add one in pipeline/data/presets.py)'}")

@@ -116,6 +116,16 @@ def test_2_auto_preset_far_above_the_image_size_warns(self_teacher: Path, tmp_pa
         assert len(got) == 1 and said in got[0] and "the images are about 20 px" in got[0], got
         assert "--preset NAME; presets that fit: cifar (32 px), demo (32 px), demo_rrc (32 px), tiny (16 px)" \
             in got[0], got[0]
+    # stage 2 without a bank (no teacher's preprocessing to follow) says the same of the layout's default
+    make_image_tree(root, classes=tuple(f"c{i}" for i in range(10)), per_class=1, sizes=((20, 20),), split="val")
+    for k, (extra, said) in enumerate((((), True), (("--preset", "tiny"), False))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert train(["--method", "ce", "--student", "democnn_s", *common, "--epochs", "1",
+                          "max_steps_per_epoch=1", "--output-dir", str(tmp_path / f"s{k}"), *extra]) == 0
+        got = _warnings(caplog, "upscaled")
+        assert len(got) == int(said) and all("'imagenet' crops 224 px (from the imagefolder layout's default)" in g
+                                             for g in got), got
 
 
 # --- 3. checkpoint load failures ------------------------------------------------------------------------------

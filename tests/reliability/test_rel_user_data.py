@@ -219,7 +219,8 @@ sys.exit(main(sys.argv[2:]))
 
 def test_8_image_broken_during_training_keeps_the_epoch(demo_root: Path, tmp_path: Path):
     """A val image that breaks after the pre-scan (seen by evaluation): one line naming it, exit 2, and the
-    epoch's training is already in last.pt; with the file fixed, --resume continues after that epoch."""
+    epoch's training is already in last.pt; with the file fixed, --resume evaluates that epoch (the evaluation that
+    failed) and continues after it."""
     data = _demo_copy(demo_root, tmp_path)
     bad = sorted((data / "val").rglob("*.jpg"))[3]
     good = bad.read_bytes()
@@ -233,7 +234,7 @@ def test_8_image_broken_during_training_keeps_the_epoch(demo_root: Path, tmp_pat
     bad.write_bytes(good)
     assert train([*args, "--resume", "--epochs", "2"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[0]["val_n"] == rows[1]["val_n"]
 
 
 # --- 10. EXIF-rotated JPEGs in multi-view banks --------------------------------------------------------------------

@@ -99,8 +99,11 @@ def test_bad_appends_exit_2(src_and_direct, demo_bank: Path, tmp_path: Path, cap
         (_append(src, tmp_path / "c.zarr", 4, "--dtype", "float32"), "field 'dtype'"),
         (_append(tampered, tmp_path / "d.zarr", 4), "partners) of sample 3 are not the first views"),
         (_append(tmp_path / "missing.zarr", tmp_path / "e.zarr", 4), "not found"),
+        (_append(src, tmp_path / "f.zarr", 4, "--format", "topk", "--topk", "3"), "drop --format topk"),
+        (_append(src, tmp_path / "g.zarr", 4, "--format", "int8"), "drop --format int8"),
     ]
     for argv, message in cases:
         rc = main(argv)
         last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar, when there is one
         assert rc == 2 and last.startswith("error: ") and message in last, (argv, last)
+    assert not (tmp_path / "f.zarr").exists() and not (tmp_path / "g.zarr").exists()  # refused before writing

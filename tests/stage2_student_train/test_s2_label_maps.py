@@ -168,7 +168,9 @@ def test_cutmix_and_map_refusals_are_one_line(map_bank: Path, demo_bank: Path, d
              (["--method", "ce", "--cutmix", "1", *demo_args(demo_root, tmp_path / "b")], "drop --cutmix"),
              (["--method", "kd", *demo_args(demo_root, tmp_path / "c", labels=(map_bank,))], "rrc"),
              (["--method", "kd", "--replay-views", *demo_args(demo_root, tmp_path / "d", labels=(map_bank,))],
-              "--replay-views")]
+              "--replay-views"),
+             (["--method", "kd", *demo_args(demo_root, tmp_path / "e", labels=(map_bank,)), "--preset", "demo_rrc",
+               "--no-augment"], "drop --no-augment")]  # never silently ignored: a map's crops are its point
     for argv, word in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -114,6 +114,37 @@ def test_kill_between_evaluations_and_resume(tmp_path, demo_root, demo_bank):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stop_between_training_and_evaluation_evaluates_that_epoch_on_resume(tmp_path, demo_root, demo_bank,
+                                                                           monkeypatch, caplog):
+    """A run stopped after an epoch's last.pt but before its evaluation (a kill in that window: here the evaluation
+    raises) evaluates that epoch first when resumed: no metrics row and no best.pt candidate is lost, and the run
+    ends as the uninterrupted one, rows included."""
+    import stage2_student_train.run as run_mod
+    from pipeline.train_student import main
+
+    flags = (*RESUME_ARGS, "--precise-bn", "2")
+    assert main(demo_args(demo_root, tmp_path / "ref", *flags, epochs=3, labels=(demo_bank,))) == 0
+    real, calls = run_mod._evaluate, []
+
+    def stop_at_second(run):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 1 trained and saved, not evaluated
+            raise KeyboardInterrupt
+        return real(run)
+
+    monkeypatch.setattr(run_mod, "_evaluate", stop_at_second)
+    assert main(demo_args(demo_root, tmp_path / "cut", *flags, epochs=3, labels=(demo_bank,))) == 130  # Ctrl-C
+    monkeypatch.setattr(run_mod, "_evaluate", real)
+    state = _full_state(tmp_path / "cut" / "last.pt")
+    assert state["epoch"] == 1 and state["pending_stats"]["train_loss"] > 0
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [0]
+    with caplog.at_level(logging.INFO, logger="stage2_student_train.run"):
+        assert main(demo_args(demo_root, tmp_path / "cut", *flags, "--resume", epochs=3, labels=(demo_bank,))) == 0
+    assert "epoch 1 was trained but not evaluated before the run stopped: evaluating it now" in caplog.text
+    _assert_same_run(tmp_path / "ref", tmp_path / "cut")
+    assert _full_state(tmp_path / "cut" / "best.pt")["top1"] == _full_state(tmp_path / "ref" / "best.pt")["top1"]
+
+
 def test_best_and_last_checkpoints(reference_run):
     rows = read_metrics(reference_run)
     best = _full_state(reference_run / "best.pt")
