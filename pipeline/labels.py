@@ -1,4 +1,4 @@
-"""Label-bank tools: ``python -m pipeline.labels {info,verify,check,ensemble,compact,stats} ...``.
+"""Label-bank tools: ``python -m pipeline.labels {info,verify,check,map-check,ensemble,compact,stats,plan} ...``.
 
 - ``info``: shape, format, classes, each teacher's weights, preprocessing (and its source) and the output
   feeding each class, views, loader, embeddings, metrics, size on disk, bytes per sample and per view; for compact
@@ -13,9 +13,10 @@
   (:func:`stage1_teacher_logits.label_maps.map_check`).
 - ``ensemble``, ``compact``, ``stats``: dask jobs over the bank chunks (see :mod:`pipeline.bank.tools`).
 
-Subcommands live in ``COMMANDS`` (name -> (add_arguments, run, help)); the bank-tools commands
-(``ensemble``, ``compact``, ``stats``) come from :mod:`pipeline.bank.tools`.
+- ``plan``: bytes, memory, encoding time and fidelity of every format for a dataset size (measured on ``--bank``).
 """
+# Subcommands live in ``COMMANDS`` (name -> (add_arguments, run, help)); the bank-tools commands (``ensemble``,
+# ``compact``, ``stats``) come from pipeline.bank.tools, ``plan`` from pipeline.bank.plan.
 
 from __future__ import annotations
 

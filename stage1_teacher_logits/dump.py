@@ -147,8 +147,10 @@ def _check(cfg: DumpConfig) -> None:
         raise UsageError(f"unknown device '{cfg.device}'; valid: cpu, cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
-    if cfg.batch_size < 1 or cfg.rows_per_chunk < 1 or (cfg.workers is not None and cfg.workers < 1) or cfg.views < 1:
-        raise UsageError("batch_size, rows_per_chunk, workers and views must be >= 1")
+    for name in ("batch_size", "rows_per_chunk", "workers", "views"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{name}={value} must be >= 1")
     if not 0 <= cfg.hw_decoder_load <= 1:
         raise UsageError(f"--hw-decoder-load {cfg.hw_decoder_load} is out of range: give the share of JPEGs for the "
                          "hardware decoder in [0, 1] (default 0.65)")

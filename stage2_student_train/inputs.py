@@ -77,6 +77,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--cutmix {cfg.cutmix}: give ALPHA > 0 (Beta(ALPHA, ALPHA) area weights), or 0 for none")
     defaults = TrainConfig()
     if cfg.mix_policy != defaults.mix_policy and not cfg.mix_labels:
+        if cfg.cutmix:  # blend and --cutmix exclude each other: "add --mix-labels blend" would send the user in a circle
+            raise UsageError(f"--mix-policy {cfg.mix_policy} says how --mix-labels blend mixes, and --cutmix mixes a "
+                             "label-map bank region-exactly instead: drop --mix-policy")
         raise UsageError(f"--mix-policy {cfg.mix_policy} says how --mix-labels blend mixes; add --mix-labels blend "
                          "or drop --mix-policy")
     if cfg.view_order != defaults.view_order and not cfg.replay_views:

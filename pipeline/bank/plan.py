@@ -108,6 +108,13 @@ def plan(images: int, classes: int, teachers: int = 1, views: int = 1, budget: i
     if min(images, classes, teachers, views) < 1:
         raise UsageError("--images, --classes, --teachers and --views must be >= 1")
     vectors = images * teachers * views
+    if bank:
+        from pipeline.bank.reader import LabelBank
+
+        have = LabelBank(bank).num_classes
+        if have != classes:  # bytes and fidelity per vector depend on C: another task's sample would mislead
+            raise UsageError(f"--classes {classes} but --bank {bank} has {have} classes: give a sample bank of the "
+                             f"task you plan for, or --classes {have}")
     measured = measure(bank, rows) if bank else {}
     out = []
     for label, fmt, k, s in CANDIDATES:

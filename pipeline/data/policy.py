@@ -157,9 +157,12 @@ def parse_mix_policy(text: str) -> ViewPolicy:
 
     Raises:
         UsageError: anything but mixup / cutmix parts, or neither."""
+    bad = f"--mix-policy '{text}' must be mixup(A), cutmix(A) or mixup(A)+cutmix(A)"
+    if not text.strip() or not all(p.strip().startswith(("mixup(", "cutmix(")) for p in text.split("+")):
+        raise UsageError(bad)  # checked here: the view-policy parser would quote a policy the user never typed
     policy = parse_view_policy(f"rrc+{text}")
     if not policy.mixes or policy.augment or policy.erasing:
-        raise UsageError(f"--mix-policy '{text}' must be mixup(A), cutmix(A) or mixup(A)+cutmix(A)")
+        raise UsageError(bad)
     return policy
 
 

@@ -55,6 +55,9 @@ def test_plan_matches_real_banks(one_chunk_bank: Path, tmp_path: Path, capsys):
     assert rows["dense fp16"]["resident_bytes"] == dense.nbytes
     # 10 classes: dense 20 B per vector, int8 12 B, top-k 5 40 B (6 kept + the tail statistics): a 5 kB budget
     assert [rows[f]["fits"] for f in ("dense fp16", "int8", "top-k 5")] == [False, True, False]
+    # a sample bank of another class count would scale its bytes to the wrong C: refused, naming both
+    assert labels(["plan", "--images", "300", "--classes", "1000", "--bank", str(demo_bank)]) == 2
+    assert "--classes 1000 but --bank" in capsys.readouterr().err
 
 
 def test_plan_without_a_bank_and_bad_input(capsys):

@@ -78,6 +78,9 @@ def test_augmented_views_are_checked_with_their_own_loader(policy_bank: Path, ca
 @pytest.mark.parametrize("extra,words", [
     (["--cutmix", "nan"], ["--cutmix nan"]),
     (["--mix-policy", "mixup(0.2)"], ["--mix-policy", "add --mix-labels blend"]),
+    (["--mix-policy", "mixup(0.2)", "--cutmix", "1"], ["drop --mix-policy"]),  # never "add blend" (refused next)
+    (["--mix-labels", "blend", "--mix-policy", "rrc+flip"], ["--mix-policy 'rrc+flip' must be mixup(A)"]),
+    (["--mix-labels", "blend", "--mix-policy", ""], ["--mix-policy '' must be mixup(A)"]),
     (["--view-order", "hash"], ["--view-order hash", "add --replay-views"]),
 ])
 def test_ignored_or_bad_stage2_flags_exit_2(demo_root: Path, demo_bank: Path, tmp_path: Path, capsys, extra, words):

@@ -49,6 +49,14 @@ def test_same_command_twice_is_a_noop(image_tree: Path, tmp_path: Path, capsys, 
     assert rc == 0 and third == first and file_mtimes(out) == before
 
 
+@pytest.mark.parametrize(("flags", "says"), [(["--views", "0"], "views=0 must be >= 1"),
+                                             (["--rows-per-chunk", "-3"], "rows_per_chunk=-3 must be >= 1"),
+                                             (["--workers", "0"], "workers=0 must be >= 1")])
+def test_counts_below_one_name_the_flag(image_tree: Path, tmp_path: Path, capsys, flags, says):
+    rc, _, err = _run(capsys, _args(image_tree, "--out", str(tmp_path / "b.zarr")) + flags)
+    assert rc == 2 and says in err and not (tmp_path / "b.zarr").exists(), err
+
+
 def test_kd_cache_default_location(image_tree: Path, tmp_path: Path, capsys, monkeypatch, make_ckpt):
     cache = tmp_path / "kd_cache"
     monkeypatch.setenv("KD_CACHE", str(cache))
