@@ -575,6 +575,23 @@ def _once_per_image(teacher: Callable[[dict[str, Any]], torch.Tensor],
     return logits
 
 
+def _same_eval_input(record: dict[str, Any], preset_name: str) -> bool:
+    """Whether a bank dumped with preprocessing ``record`` saw the val images as the run's preset evaluates them
+    (same name, or the same eval transform: resize, crop, mode, interpolation, normalization; presets that differ
+    only in training augmentation, such as ``demo`` and ``demo_rrc``, share val banks)."""
+    from pipeline.data.presets import PRESETS, Preprocess
+
+    if not isinstance(record, dict):
+        return False
+    if record.get("name") == preset_name:
+        return True
+    if preset_name not in PRESETS or "crop" not in record:
+        return False
+    have, want = Preprocess.from_record(record), PRESETS[preset_name]
+    return all(getattr(have, k) == getattr(want, k)
+               for k in ("resize", "crop", "mean", "std", "interpolation", "crop_mode"))
+
+
 def val_teacher(source: LabelSource, val: Manifest, preset_name: str, device: str,
                 data_flag: str = "ROOT") -> Callable[[dict[str, Any]], torch.Tensor] | None:
     """What evaluation compares the student with: batch -> the teachers' logits [B, T, C] on the val images, or
@@ -593,7 +610,7 @@ def val_teacher(source: LabelSource, val: Manifest, preset_name: str, device: st
     found = [b for b in cached_banks() if b.complete and b.fingerprint == val.fingerprint
              and [teacher_match(t) for t in b.attrs.get("teachers", [])] == want
              and b.attrs.get("views", {}).get("policy", "center") == "center"
-             and (b.attrs.get("preprocessing") or {}).get("name") == preset_name]
+             and _same_eval_input(b.attrs.get("preprocessing") or {}, preset_name)]
     if not found:
         weights = " ".join(f"--teacher {t.get('arch')} --weights {t.get('weights')}" for t in source.teachers)
         log.info("no val bank of the teachers in %s: teacher agreement and KL are n/a; make one with python -m "

@@ -144,15 +144,17 @@ def test_training_from_a_map_with_random_crops_and_cutmix(map_bank: Path, demo_r
     assert final["bank"] == str(map_bank)
 
 
+@pytest.mark.parametrize("val_preset", ["demo_rrc", "demo"])
 def test_a_map_run_reports_teacher_agreement_from_a_val_bank(map_bank: Path, demo_root: Path, tmp_path: Path,
-                                                             monkeypatch):
+                                                             monkeypatch, val_preset):
     """A label map has teachers, so evaluation compares the student with them on val, from a cached val bank of
-    the same teachers and preset (the map arm of the results had no agreement or KL)."""
+    the same teachers and eval transform (the map arm of the results had no agreement or KL): ``demo`` and
+    ``demo_rrc`` differ only in training augmentation, so either's val bank serves."""
     from pipeline.dump_logits import main as dump
 
     monkeypatch.setenv("KD_CACHE", str(tmp_path / "cache"))
     assert dump(["--teacher", "democnn_s", "--weights", "none", "--data", str(demo_root), "--split", "val",
-                 "--preset", "demo_rrc", "--batch-size", "32", "--workers", "1"]) == 0
+                 "--preset", val_preset, "--batch-size", "32", "--workers", "1"]) == 0
     out = tmp_path / "map"
     args = demo_args(demo_root, out, labels=(map_bank,))
     args[args.index("demo")] = "demo_rrc"
