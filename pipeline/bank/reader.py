@@ -119,9 +119,11 @@ class LabelBank:
                     got, exp = f"{len(got or [])} names", f"{len(exp)} names (first difference at "
                     diff = next((i for i, (a, b) in enumerate(zip(ds.get(field) or [], want[field])) if a != b), None)
                     exp += f"{diff})" if diff is not None else "end)"
+                made_on = f"{(self.attrs.get('config') or {}).get('data') or ds.get('name', '?')} ({ds.get('split', '?')})"
                 raise BankError(
                     f"label bank {self.path} does not match the dataset: field '{field}' is {got} in the bank, "
-                    f"{exp} in {manifest.root} ({manifest.split})"
+                    f"{exp} in {manifest.root} ({manifest.split}); the bank was dumped from {made_on}: give that "
+                    f"--data, or dump a bank of this dataset"
                 )
 
     # --- data --------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def test_dataset_changed_since_the_dump(edit, field, demo_root: Path, demo_bank:
     out = tmp_path / "run"
     capsys.readouterr()
     assert train_main(train_args(data, out, labels=[demo_bank])) == 2
-    assert_one_line_error(capsys.readouterr().err, field, str(demo_bank), "does not match")
+    assert_one_line_error(capsys.readouterr().err, field, str(demo_bank), "does not match",
+                          f"the bank was dumped from {demo_root} (train): give that --data")  # cause and fix
     assert not (out / "last.pt").exists()
 
 
