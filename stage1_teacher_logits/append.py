@@ -65,6 +65,11 @@ def append_config(cfg: Any) -> Any:
     for k in (*keys_where(type(cfg), resume=RESUME_MATCH), *_ALSO_FROM_SRC):
         if k != "views" and k in rec and merged[k] == defaults[k]:
             merged[k] = rec[k]
+    for k in ("teacher", "weights"):  # checked before the teachers are built (a checkpoint of another model fails)
+        if k in rec and list(merged[k] or []) != list(rec[k] or []):
+            raise UsageError(f"--append-views {src.path}: --{k} {' '.join(map(str, merged[k]))} is not the bank's "
+                             f"({' '.join(map(str, rec[k]))}); the appended bank has SRC's teachers: drop --{k} (other "
+                             "teachers make another bank: dump it)")
     if merged["preset"] == "auto":
         merged["preset"] = _recorded_preset(src.attrs)
     made_by = str(src.attrs.get("loader", "dali"))

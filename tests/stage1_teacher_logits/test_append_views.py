@@ -101,6 +101,7 @@ def test_bad_appends_exit_2(src_and_direct, demo_bank: Path, tmp_path: Path, cap
         (_append(tmp_path / "missing.zarr", tmp_path / "e.zarr", 4), "not found"),
         (_append(src, tmp_path / "f.zarr", 4, "--format", "topk", "--topk", "3"), "drop --format topk"),
         (_append(src, tmp_path / "g.zarr", 4, "--format", "int8"), "drop --format int8"),
+        (_append(src, tmp_path / "h.zarr", 4, "--teacher", "resnet8"), "--teacher resnet8 is not the bank's"),
     ]
     for argv, message in cases:
         rc = main(argv)
