@@ -131,8 +131,18 @@ def _run_info(args: argparse.Namespace) -> int:
         else:
             pairs = [f"{c} -> {i}" for c, i in zip(info["classes"], t["class_index"])]
             print(f"            outputs     class -> teacher output: {_abbreviate(pairs, 6)}")
+    def metric_line(head: str, name: str, m: dict, what: str) -> None:
+        print(f"{head:<12}{name}{what}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  nll {m['nll']:.4f}  "
+              f"ece {m['ece']:.4f}")
+
+    # what each line measures: a compact bank's metrics are of its reconstruction (a top-k tail spreads its mass
+    # evenly, so top-5 is not the teacher's), shown beside the teacher's own before encoding
+    stored = {"dense": "", "labelmap": " (each map's mean over its cells)"}.get(
+        info["format"], f" (the stored {info['format']} soft labels, as stage 2 reads them)")
+    for name, m in (info.get("source_metrics") or {}).items():
+        metric_line("metrics", name, m, " (the teacher, before encoding)")
     for name, m in (info["metrics"] or {}).items():
-        print(f"metrics     {name}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}")
+        metric_line("metrics" if not info.get("source_metrics") else "", name, m, stored)
     print(f"size        {info['bytes_on_disk'] / 1e6:.2f} MB  {info['bytes_per_sample']} B/sample  "
           f"{info['bytes_per_view']} B/view  skipped {info['skipped']}")
     for name, keys in info["missing_chunks"].items():
@@ -154,7 +164,7 @@ def _run_info(args: argparse.Namespace) -> int:
     if "fidelity" in info:
         from pipeline.bank.compact import format_fidelity
 
-        print(f"fidelity    {format_fidelity(info['fidelity'])}")
+        print(f"fidelity    {format_fidelity(info['fidelity'], info['format'])}")
     return 0
 
 

@@ -242,18 +242,24 @@ def fidelity_from_sums(s: np.ndarray, fmt: str = "topk") -> dict[str, float]:
     return {**out, "top1_agreement": float(s[-1] / n), "vectors": int(s[0])}
 
 
-def format_fidelity(f: dict) -> str:
+def format_fidelity(f: dict, fmt: str = "topk") -> str:
     """One line per temperature: ``T=4: KL 0.0712  TV 0.031  tail 0.42 (teacher 0.42)``, then the top-1
-    agreement; older banks' attrs may lack entries."""
+    agreement; older banks' attrs may lack entries. ``sampled``: the figures are of one draw (the target is
+    unbiased only in expectation; a draw's KL is infinite, so none is shown) and its uniform tail is 0 because
+    the sampled classes carry the teacher's tail, which the line says."""
+    sampled = fmt == "sampled"
     parts = []
     for tau in FIDELITY_TEMPERATURES:
         t = f"{tau:g}"
         items = [f"{name} {f[key]:.3g}" for name, key in (("KL", f"kl_t{t}"), ("TV", f"tv_t{t}")) if key in f]
         if f"tail_t{t}" in f:
-            items.append(f"tail {f[f'tail_t{t}']:.3g} (teacher {f[f'tail_dense_t{t}']:.3g})")
+            dense = f[f"tail_dense_t{t}"]
+            items.append(f"teacher's tail {dense:.3g} carried by the sampled classes" if sampled else
+                         f"tail {f[f'tail_t{t}']:.3g} (teacher {dense:.3g})")
         if items:
             parts.append(f"T={t}: " + "  ".join(items))
-    return "; ".join(parts) + f"; top-1 agreement {f['top1_agreement']:.4f}  ({f.get('vectors', 0):,} vectors)"
+    draw = " of one draw (unbiased over draws; no KL: infinite for a single draw)" if sampled else ""
+    return "; ".join(parts) + f"; top-1 agreement {f['top1_agreement']:.4f}{draw}  ({f.get('vectors', 0):,} vectors)"
 
 
 def raw_bytes_per_vector(fmt: str, num_classes: int, k: int | None, samples: int | None = None) -> int:

@@ -145,11 +145,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f = r["fidelity"] or {}
         kl = "/".join(f"{f[f'kl_t{t}']:.3g}" for t in ("1", "2", "4")) if "kl_t1" in f else "-"
         tail = f"{f['tail_t4']:.3g} ({f['tail_dense_t4']:.3g})" if "tail_t4" in f else "-"
+        agree = f"{f['top1_agreement']:.4f}" if "top1_agreement" in f else "-"
+        if r["format"].startswith("sampled") and "tail_t4" in f:  # one draw; the sampled classes carry the tail
+            tail, agree = f"sampled ({f['tail_dense_t4']:.3g})", f"{agree} (one draw)"
         lines.append(" | ".join([
             r["format"], _gb(r["resident_bytes"]), ("" if r["disk_measured"] else "<= ") + _gb(r["disk_bytes"]),
             "-" if r["encode_s"] is None else f"{r['encode_s'] / 60:.1f} min",
-            "-" if r["fits"] is None else ("yes" if r["fits"] else "no"), kl, tail,
-            f"{f['top1_agreement']:.4f}" if "top1_agreement" in f else "-"]))
+            "-" if r["fits"] is None else ("yes" if r["fits"] else "no"), kl, tail, agree]))
     return "\n".join(lines)
 
 

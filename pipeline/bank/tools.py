@@ -363,7 +363,7 @@ def _run_compact(args: argparse.Namespace) -> int:
                        args.progress, args.samples, args.sample_seed)
     info = LabelBank(out).attrs
     f = info["fidelity"]
-    print(f"{out}\nformat {fmt}  fidelity: {cp.format_fidelity(f)}")
+    print(f"{out}\nformat {fmt}  fidelity: {cp.format_fidelity(f, fmt)}")
     return 0
 
 

@@ -117,6 +117,12 @@ def test_int8_round_trip(src, tmp_path: Path, capsys) -> None:
     assert bank.attrs["source_metrics"] == LabelBank(path).attrs["metrics"]
     for name, m in bank.attrs["metrics"].items():
         assert m["top1"] == pytest.approx(bank.attrs["source_metrics"][name]["top1"], abs=1.5)
+    # labels info prints both, each saying what it measures (a top-k bank's top-5 is not the teacher's)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(the teacher, before encoding): top1" in text
+    assert "(the stored int8 soft labels, as stage 2 reads them): top1" in text
 
 
 def test_codec_edge_cases() -> None:

@@ -86,6 +86,18 @@ def test_compact_on_write_equals_labels_compact_of_the_dense_dump(ensemble_views
     assert a["key"] != LabelBank(dense).attrs["key"]
 
 
+def test_sampled_fidelity_says_it_is_one_draw():
+    """A sampled bank stores no uniform tail (the sampled classes carry the teacher's) and its figures are of one
+    draw: the line says so instead of printing "tail 0" beside the teacher's share."""
+    from pipeline.bank.compact import format_fidelity
+
+    f = {"tv_t1": 0.2, "tail_t1": 0.0, "tail_dense_t1": 0.44, "top1_agreement": 0.5, "vectors": 10}
+    line = format_fidelity(f, "sampled")
+    assert "teacher's tail 0.44 carried by the sampled classes" in line and "tail 0 " not in line
+    assert "top-1 agreement 0.5000 of one draw" in line
+    assert "tail 0 (teacher 0.44)" in format_fidelity(f, "topk")
+
+
 def test_info_reports_fidelity_at_recipe_temperatures(ensemble_views: dict, capsys):
     assert labels_main(["info", str(ensemble_views["topk"])]) == 0
     out = capsys.readouterr().out
