@@ -135,11 +135,15 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     _refuse_combinations(path, attrs)
     manifest = _manifest(bank, data)
     picked = sample_rows(bank.skipped(), rows, seed)
-    chosen_loader, rtol = _loader_and_slack(attrs, loader, device)
-    if "view_params" in bank.group and chosen_loader != attrs.get("loader", "dali"):
+    made_by = attrs.get("loader", "dali")
+    if "view_params" in bank.group and loader not in ("auto", "", None) and resolve_loader(loader) != made_by:
         raise UsageError(f"{path} stores augmented views, dumped with the {attrs.get('loader', 'dali')} loader: "
                          "check it with that loader (--loader auto); RandAugment, erasing and mixing amplify the "
                          "loaders' resampling differences beyond a tolerance that would still catch a wrong bank")
+    chosen_loader, rtol = _loader_and_slack(attrs, loader, device)  # refused above before its warning
+    if "view_params" in bank.group and chosen_loader != made_by:  # auto fell back: the dump's loader is missing
+        raise UsageError(f"{path} stores augmented views, dumped with the {made_by} loader, which is not installed "
+                         "here: check it where it is")
     require_chunks(bank, [*bank.payload_arrays, "labels", "views", "view_params", "view_partner",
                           *((bank.feature_meta or {}).get("arrays") or [])])
     pres = [Preprocess.from_record(p) for p in teacher_preprocessing(attrs)]

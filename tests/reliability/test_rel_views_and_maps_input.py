@@ -68,11 +68,13 @@ def test_append_refuses_a_damaged_source(demo_root: Path, tmp_path: Path, capsys
     assert_one_line_error(capsys.readouterr().err, "is damaged", "'logits'")
 
 
-def test_augmented_views_are_checked_with_their_own_loader(policy_bank: Path, capsys):
+def test_augmented_views_are_checked_with_their_own_loader(policy_bank: Path, capsys, caplog):
     assert labels_main(["check", str(policy_bank), "--rows", "8"]) == 0
     capsys.readouterr()
+    caplog.clear()
     assert labels_main(["check", str(policy_bank), "--rows", "8", "--loader", "torch"]) == 2
     assert_one_line_error(capsys.readouterr().err, "dumped with the dali loader", "--loader auto")
+    assert "allows rtol" not in caplog.text  # no "checking with a looser tolerance" before the refusal
 
 
 @pytest.mark.parametrize("extra,words", [
