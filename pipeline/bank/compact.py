@@ -307,3 +307,12 @@ def check_format_args(fmt: str, k: int | None, samples: int | None, num_classes:
     lo, hi = (1, num_classes) if fmt == "topk" else (0, num_classes - 2)
     if fmt in ("topk", "sampled") and not lo <= k <= hi:
         raise UsageError(f"--topk {k} out of range: {lo} <= K <= {hi} (--format {fmt}, {num_classes} classes)")
+    if fmt in ("topk", "sampled"):
+        size, dense = raw_bytes_per_vector(fmt, num_classes, k, samples), 2 * num_classes
+        if size >= dense:  # a compact format that is not compact: said, not silently accepted
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "--format %s --topk %d%s stores %d B per vector, more than a dense fp16 vector of %d classes (%d B): "
+                "use --format dense (or int8), or keep fewer classes", fmt, k,
+                f" --samples {samples}" if fmt == "sampled" else "", size, num_classes, dense)

@@ -86,6 +86,19 @@ def test_compact_on_write_equals_labels_compact_of_the_dense_dump(ensemble_views
     assert a["key"] != LabelBank(dense).attrs["key"]
 
 
+def test_a_compact_format_larger_than_dense_is_said(caplog):
+    """Top-k or sampled vectors that take more bytes than dense fp16 (few classes, large K or S) are accepted with a
+    warning naming both sizes; a format smaller than dense says nothing."""
+    from pipeline.bank.compact import check_format_args
+
+    with caplog.at_level("WARNING"):
+        check_format_args("sampled", 2, 100, 10)  # 100 draws from 10 classes
+        check_format_args("topk", 10, None, 1000)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "--samples 100 stores" in said[0] and "more than a dense fp16 vector of 10 classes (20 B)" \
+        in said[0], said
+
+
 def test_sampled_fidelity_says_it_is_one_draw():
     """A sampled bank stores no uniform tail (the sampled classes carry the teacher's) and its figures are of one
     draw: the line says so instead of printing "tail 0" beside the teacher's share."""
