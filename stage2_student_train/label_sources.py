@@ -587,9 +587,7 @@ def _same_eval_input(record: dict[str, Any], preset_name: str) -> bool:
         return True
     if preset_name not in PRESETS or "crop" not in record:
         return False
-    have, want = Preprocess.from_record(record), PRESETS[preset_name]
-    return all(getattr(have, k) == getattr(want, k)
-               for k in ("resize", "crop", "mean", "std", "interpolation", "crop_mode"))
+    return Preprocess.from_record(record).eval_transform() == PRESETS[preset_name].eval_transform()
 
 
 def val_teacher(source: LabelSource, val: Manifest, preset_name: str, device: str,

@@ -135,15 +135,14 @@ def check_bank(path: str, rows: int = 64, seed: int = 0, device: str = "cpu", lo
     _refuse_combinations(path, attrs)
     manifest = _manifest(bank, data)
     picked = sample_rows(bank.skipped(), rows, seed)
-    made_by = attrs.get("loader", "dali")
-    if "view_params" in bank.group and loader not in ("auto", "", None) and resolve_loader(loader) != made_by:
-        raise UsageError(f"{path} stores augmented views, dumped with the {attrs.get('loader', 'dali')} loader: "
-                         "check it with that loader (--loader auto); RandAugment, erasing and mixing amplify the "
-                         "loaders' resampling differences beyond a tolerance that would still catch a wrong bank")
-    chosen_loader, rtol = _loader_and_slack(attrs, loader, device)  # refused above before its warning
-    if "view_params" in bank.group and chosen_loader != made_by:  # auto fell back: the dump's loader is missing
-        raise UsageError(f"{path} stores augmented views, dumped with the {made_by} loader, which is not installed "
-                         "here: check it where it is")
+    made_by, chosen_loader = _replay_loader(attrs, loader)
+    if "view_params" in bank.group and chosen_loader != made_by:  # refused before the looser tolerance is announced
+        fix = ("check it with that loader (--loader auto)" if loader not in ("auto", "", None)
+               else "it is not installed here: check it where it is")
+        raise UsageError(f"{path} stores augmented views, dumped with the {made_by} loader: {fix}; RandAugment, "
+                         "erasing and mixing amplify the loaders' resampling differences beyond a tolerance that "
+                         "would still catch a wrong bank")
+    rtol = _replay_rtol(attrs, chosen_loader, device)
     require_chunks(bank, [*bank.payload_arrays, "labels", "views", "view_params", "view_partner",
                           *((bank.feature_meta or {}).get("arrays") or [])])
     pres = [Preprocess.from_record(p) for p in teacher_preprocessing(attrs)]
@@ -206,21 +205,27 @@ def _source_root(attrs: dict[str, Any]) -> str | None:
     return None
 
 
-def _loader_and_slack(attrs: dict[str, Any], loader: str, device: str) -> tuple[str, float]:
-    """The loader to replay with (``auto``: the bank's own where installed) and the compute slack ``rtol``: the
-    tight one only with the dump's loader and device."""
+def _replay_loader(attrs: dict[str, Any], loader: str) -> tuple[str, str]:
+    """(the loader the bank was dumped with, the loader to replay with: ``auto`` gives the bank's own where
+    installed)."""
     made_by = str(attrs.get("loader", "dali"))
     if loader in ("auto", "", None):
         loader = made_by if made_by != "dali" or dali_available() else "torch"
-    chosen = resolve_loader(loader)
+    return made_by, resolve_loader(loader)
+
+
+def _replay_rtol(attrs: dict[str, Any], chosen: str, device: str) -> float:
+    """The compute slack ``rtol`` of a check replayed with loader ``chosen`` on ``device``: the tight one only with
+    the dump's loader and device (a warning says when it is loosened)."""
+    made_by = str(attrs.get("loader", "dali"))
     dump_device = (attrs.get("config") or {}).get("device", "cpu")
     same_rtol = CUDA_RTOL if device == "cuda" else SAME_LOADER_RTOL
     if chosen == made_by and device == dump_device:
-        return chosen, same_rtol
+        return same_rtol
     log.warning("checking with the %s loader on %s, the bank was dumped with %s on %s: images are resampled "
                 "differently, so the check allows rtol %g instead of %g (docs/GPU.md)", chosen, device, made_by,
                 dump_device, OTHER_LOADER_RTOL, same_rtol)
-    return chosen, OTHER_LOADER_RTOL
+    return OTHER_LOADER_RTOL
 
 
 def sample_rows(skipped: np.ndarray, k: int, seed: int) -> np.ndarray:

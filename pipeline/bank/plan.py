@@ -66,9 +66,10 @@ def _compressed(arrays: dict[str, np.ndarray]) -> int:
     return total
 
 
-def measure(bank_path: str, rows: int) -> dict[str, dict[str, Any]]:
+def measure(bank_path: str, rows: int, classes: int | None = None) -> dict[str, dict[str, Any]]:
     """Per candidate, on up to ``rows`` rows of the dense bank spread over it: compressed bytes per vector,
-    encoding CPU seconds per vector, fidelity (:func:`pipeline.bank.compact.fidelity_from_sums`)."""
+    encoding CPU seconds per vector, fidelity (:func:`pipeline.bank.compact.fidelity_from_sums`). UsageError for
+    a compact bank, or one of another class count than ``classes`` (bytes and fidelity per vector depend on C)."""
     from pipeline.bank import compact as cp
     from pipeline.bank.reader import LabelBank
 
@@ -76,6 +77,9 @@ def measure(bank_path: str, rows: int) -> dict[str, dict[str, Any]]:
     if bank.format != "dense":
         raise UsageError(f"--bank {bank_path} is a {bank.format} bank: give a dense bank (plan measures every format "
                          "from the full logits)")
+    if classes is not None and bank.num_classes != classes:
+        raise UsageError(f"--classes {classes} but --bank {bank_path} has {bank.num_classes} classes: give a sample "
+                         f"bank of the task you plan for, or --classes {bank.num_classes}")
     n = bank.num_samples
     take = np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))
     logits = np.concatenate([bank.read_logits(int(i), int(i) + 1) for i in take]).astype(np.float32)
@@ -108,14 +112,7 @@ def plan(images: int, classes: int, teachers: int = 1, views: int = 1, budget: i
     if min(images, classes, teachers, views) < 1:
         raise UsageError("--images, --classes, --teachers and --views must be >= 1")
     vectors = images * teachers * views
-    if bank:
-        from pipeline.bank.reader import LabelBank
-
-        have = LabelBank(bank).num_classes
-        if have != classes:  # bytes and fidelity per vector depend on C: another task's sample would mislead
-            raise UsageError(f"--classes {classes} but --bank {bank} has {have} classes: give a sample bank of the "
-                             f"task you plan for, or --classes {have}")
-    measured = measure(bank, rows) if bank else {}
+    measured = measure(bank, rows, classes) if bank else {}
     out = []
     for label, fmt, k, s in CANDIDATES:
         if k is not None and k >= classes:

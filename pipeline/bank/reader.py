@@ -299,16 +299,16 @@ def missing_chunk_files(bank: "LabelBank") -> dict[str, list[str]]:
     incomplete bank (whose unwritten chunks are expected)."""
     if not bank.complete:
         return {}
-    g = bank.group
-    names = [x for x in ("logits", "labels", "views", *_extra_arrays(bank)) if x in g]
-    if bank.format != "dense" and "logits" in names:
-        names.remove("logits")
-    out: dict[str, list[str]] = {}
-    for name in names:
-        keys = ["/".join(map(str, idx)) for idx in _chunk_keys(g[name]) if not _chunk_exists(g, name, idx)]
-        if keys:
-            out[name] = keys
-    return out
+    payload = ["logits"] if bank.format == "dense" else []  # compact and map payloads are in _extra_arrays
+    lost = {name: _missing_keys(bank.group, name) for name in (*payload, "labels", "views", *_extra_arrays(bank))}
+    return {name: keys for name, keys in lost.items() if keys}
+
+
+def _missing_keys(g: zarr.Group, name: str) -> list[str]:
+    """Keys (``"3/0/0/0"``) of the chunk files of ``g[name]`` not stored; [] for an array ``g`` lacks."""
+    if name not in g:
+        return []
+    return ["/".join(map(str, idx)) for idx in _chunk_keys(g[name]) if not _chunk_exists(g, name, idx)]
 
 
 def verify_bank(path: str | Path) -> list[str]:
@@ -387,13 +387,10 @@ def require_chunks(bank: "LabelBank", names: list[str] | tuple[str, ...]) -> Non
     stored. A lost chunk reads back as the array's fill value (NaN boxes and parameters, partner -1 = "not
     mixed", NaN logits), which the readers would otherwise take for data. Checks existence only (one listing per
     chunk, no decoding); arrays the bank does not have are skipped."""
-    g = bank.group
     for name in names:
-        if name not in g:
-            continue
-        for idx in _chunk_keys(g[name]):
-            if not _chunk_exists(g, name, idx):
-                raise damaged(bank.path, f"array '{name}' chunk file {'/'.join(map(str, idx))} is missing")
+        keys = _missing_keys(bank.group, name)
+        if keys:
+            raise damaged(bank.path, f"array '{name}' chunk file {keys[0]} is missing")
 
 
 def _chunk_exists(g: zarr.Group, name: str, idx: tuple[int, ...]) -> bool:

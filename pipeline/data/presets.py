@@ -47,6 +47,11 @@ class Preprocess:
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    def eval_transform(self) -> tuple:
+        """What the eval transform depends on (resize, crop, crop mode, interpolation, normalization): presets equal
+        here see val images alike, whatever their training augmentation (``demo`` and ``demo_rrc``)."""
+        return self.resize, self.crop, self.crop_mode, self.interpolation, self.mean, self.std
+
     @classmethod
     def from_record(cls, rec: dict) -> "Preprocess":
         """The preprocessing a bank's ``preprocessing`` attr records (its other keys, e.g. ``teacher_amp``, are
